@@ -1,0 +1,75 @@
+"""The Python API: the same functions the CLI calls.
+
+    from twotower import RunConfig, train, Run
+    cfg = RunConfig.load("configs/ml-100k.toml")
+    result = train(cfg, "runs/ml100k")
+    Run("runs/ml100k").recommend([196], k=10)
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import artifacts
+from .config import RunConfig
+from .data.dataset import Dataset
+from .data.sources import load_dataset
+from .evaluation.evaluator import evaluate
+from .evaluation.ranking import embed_items
+from .training.trainer import Trainer
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path | None
+    trainer: Trainer
+    valid: dict[str, float]
+    test: dict[str, float] | None
+    seconds: float
+
+    @property
+    def model(self):
+        return self.trainer.model
+
+
+def train(cfg: RunConfig, out: str | Path | None = None, data_dir: str | Path | None = None, resume: bool = False,
+          quiet: bool = False, dataset: Dataset | None = None, evaluate_test: bool = True, log=None) -> TrainResult:
+    """Load the data, train with early stopping on validation, score the best model on test once,
+    and write the run directory (``out``) if given."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    ds = dataset if dataset is not None else load_dataset(cfg.data, data_dir)
+    s = ds.summary()
+    log(f"data: {s['name']}: {s['users']:,} users, {s['items']:,} items; train {s['train']:,}, valid {s['valid']:,}, test {s['test']:,}")
+    trainer = Trainer(cfg, ds, out, quiet=quiet, log=log)
+    state = trainer.fit(resume=resume)
+    hl = cfg.model.history_length
+    valid = evaluate(trainer.model, ds, "valid", cfg.eval, hl) if len(ds.valid) else {}
+    test = evaluate(trainer.model, ds, "test", cfg.eval, hl) if evaluate_test and len(ds.test) else None
+    seconds = time.perf_counter() - t0
+    if out is not None:
+        out = Path(out)
+        artifacts.save_numpy(out / "item_embeddings.npy", embed_items(trainer.model).numpy())
+        artifacts.write_json(out / "metrics.json", {
+            "best_epoch": state.best_epoch, "epochs_run": state.epoch, "stopped_early": state.stopped_early,
+            "valid": valid, "test": test, "seconds": seconds,
+            "seconds_per_epoch": float(np.mean([r["seconds"] for r in state.history])) if state.history else None,
+        })
+    return TrainResult(Path(out) if out is not None else None, trainer, valid, test, seconds)
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", data_dir: str | Path | None = None) -> dict[str, float]:
+    """Re-score a saved run on its data's ``split`` (the data is re-read and re-split from the saved config)."""
+    from .errors import ArtifactError
+    from .run import Run
+
+    run = Run(run_dir)
+    ds = load_dataset(run.config.data, data_dir)
+    if not (ds.users == run.users and ds.items == run.items):
+        raise ArtifactError(f"{run_dir}: the data under the data directory does not match the run's vocabularies "
+                            "(different files or data.seed); point TWOTOWER_DATA at the data the run was trained on")
+    return evaluate(run.model, ds, split, run.config.eval, run.config.model.history_length)

@@ -1,0 +1,212 @@
+"""Command line: ``twotower train | evaluate | recommend | demo``.
+
+Every subcommand is a thin shell over the Python API (``twotower.api``, ``twotower.run.Run``).
+User mistakes (bad data, bad config, bad run directory) print one message and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import TwotowerError
+
+EPILOG_TRAIN = """\
+examples:
+  twotower train configs/ml-100k.toml --out runs/ml100k
+  twotower train configs/gowalla.toml --out runs/gowalla --set train.epochs=5 --set model.temperature=0.07
+  twotower train configs/gowalla.toml --out runs/gowalla --resume     # continue after a crash
+
+The config has four sections: [data] (what to read and how to split it), [model] (the towers),
+[train] (optimiser, loss, early stopping) and [eval] (cut-offs K). Data paths are relative to the
+data directory: --data-dir, else $TWOTOWER_DATA, else ~/.local/share/twotower.
+"""
+
+
+def _data_dir(args) -> Path | None:
+    return Path(args.data_dir) if getattr(args, "data_dir", None) else None
+
+
+def _format_metrics(rows: dict[str, dict[str, float]], ks: list[int]) -> str:
+    names = ["recall", "ndcg", "hr", "precision", "mrr", "coverage", "tail_share", "popularity"]
+    cols = list(rows)
+    lines = [f"{'metric':<16}" + "".join(f"{c:>12}" for c in cols)]
+    for k in ks:
+        for n in names:
+            key = f"{n}@{k}"
+            if any(key in r for r in rows.values()):
+                lines.append(f"{key:<16}" + "".join(f"{rows[c].get(key, float('nan')):>12.4f}" for c in cols))
+    return "\n".join(lines)
+
+
+def cmd_train(args) -> int:
+    from .api import train
+    from .config import RunConfig
+
+    overrides = list(args.set or [])
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    cfg = RunConfig.load(args.config, overrides)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        raise TwotowerError(f"{out}: already exists and is not empty. Pass --resume to continue that run, or choose another --out")
+    res = train(cfg, out, _data_dir(args), resume=args.resume, quiet=args.quiet)
+    table = {"valid": res.valid}
+    if res.test is not None:
+        table["test"] = res.test
+    print(_format_metrics(table, [k for k in cfg.eval.ks if k <= 100]))
+    print(f"run written to {out} ({res.seconds:.0f}s)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .api import evaluate_run
+
+    m = evaluate_run(args.run, args.split, _data_dir(args))
+    if args.json:
+        print(json.dumps(m, indent=2, sort_keys=True))
+    else:
+        ks = sorted({int(k.split("@")[1].split("/")[0]) for k in m if "@" in k})
+        print(_format_metrics({args.split: m}, ks))
+    return 0
+
+
+def _read_user_file(path: Path) -> list[str]:
+    from .errors import DataError
+
+    if not path.is_file():
+        raise DataError(path, "users file not found", "pass a text file with one raw user id per line")
+    try:
+        ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not UTF-8 text (byte {e.start})", "save the file as UTF-8") from None
+    if not ids:
+        raise DataError(path, "no user ids in the file", "write one raw user id per line")
+    return ids
+
+
+def cmd_recommend(args) -> int:
+    import numpy as np
+
+    from . import artifacts
+    from .run import Run
+
+    run = Run(args.run)
+    if args.k < 1:
+        raise TwotowerError(f"-k must be at least 1, got {args.k}")
+    if args.user is not None:
+        try:
+            recs = run.recommend([args.user], k=args.k, exclude_seen=not args.include_seen)
+        except KeyError:
+            raise TwotowerError(f"user {args.user!r} is not in this run's vocabulary ({len(run.users):,} users); "
+                                "pass a user id from the training data") from None
+        hist = run.history_of(args.user)
+        print(f"user {args.user}: {len(hist)} known items" + (f", e.g. {', '.join(_label(run, i) for i in hist[-5:])}" if len(hist) else ""))
+        print(f"{'rank':>4}  {'item':>10}  {'score':>7}  title")
+        for r in recs.itertuples():
+            print(f"{r.rank:>4}  {str(r.item):>10}  {r.score:7.4f}  {run.title(r.item) or ''}")
+        return 0
+    if args.users_file:
+        users = run.users.coerce(_read_user_file(Path(args.users_file)))
+        unknown = run.users.encode(users) < 0
+        if unknown.any():
+            raise TwotowerError(f"{args.users_file}: {int(unknown.sum())} unknown user id(s), e.g. {users[unknown][:3].tolist()}; "
+                                "remove them or check the run")
+    elif args.all_users:
+        known = artifacts.load_tensors(run.path / "known.safetensors")
+        idx = known["test_users"].numpy() if args.scope == "test" else np.arange(len(run.users))
+        users = run.users.decode(idx)
+    else:
+        raise TwotowerError("say whom to recommend for: --user ID, --users-file FILE or --all-users")
+    if not args.out:
+        raise TwotowerError("batch recommendation writes a file: pass --out FILE.parquet or FILE.csv")
+    out = Path(args.out)
+    if out.suffix not in (".parquet", ".csv"):
+        raise TwotowerError(f"--out {out}: use a .parquet or .csv file name")
+    recs = run.recommend(users, k=args.k, exclude_seen=not args.include_seen)
+    with artifacts.atomic_path(out) as tmp:
+        if out.suffix == ".parquet":
+            recs.to_parquet(tmp, index=False)
+        else:
+            recs.to_csv(tmp, index=False)
+    print(f"wrote {len(recs):,} recommendations for {len(users):,} users to {out}")
+    return 0
+
+
+def _label(run, item) -> str:
+    t = run.title(item)
+    return f"{item} ({t})" if t else str(item)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(data_dir=_data_dir(args), out=Path(args.out) if args.out else None, quiet=args.quiet,
+                    offline=args.offline, synthetic=args.synthetic)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="twotower", description="Train, evaluate and use two-tower retrieval models.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Start with `twotower demo`; then `twotower train --help`.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model from a config file", epilog=EPILOG_TRAIN,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("config", help="TOML or YAML config (see configs/)")
+    t.add_argument("--out", required=True, help="run directory to write (config, vocabularies, weights, metrics)")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    t.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=N")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--data-dir", help="data directory (default: $TWOTOWER_DATA or ~/.local/share/twotower)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars (one line per epoch), for logs")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="score a trained run by full ranking")
+    e.add_argument("run", help="run directory written by `twotower train`")
+    e.add_argument("--split", choices=["test", "valid"], default="test")
+    e.add_argument("--data-dir")
+    e.add_argument("--json", action="store_true", help="print all metrics as JSON")
+    e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("recommend", help="top-k items for one user or for many (to a file)",
+                       epilog="examples:\n  twotower recommend runs/ml100k --user 196 -k 20\n"
+                              "  twotower recommend runs/ml100k --all-users -k 100 --out candidates.parquet",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("run")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--user", help="raw user id")
+    g.add_argument("--all-users", action="store_true", help="every user of the run's test split (see --scope)")
+    g.add_argument("--users-file", help="text file with one raw user id per line")
+    r.add_argument("--scope", choices=["test", "all"], default="test", help="with --all-users: test-split users or every user")
+    r.add_argument("-k", type=int, default=20, help="items per user (default 20)")
+    r.add_argument("--out", help="output file for batch mode: .parquet or .csv (columns user, item, score, rank)")
+    r.add_argument("--include-seen", action="store_true", help="do not exclude the user's training items")
+    r.set_defaults(func=cmd_recommend)
+
+    d = sub.add_parser("demo", help="train and evaluate end to end on MovieLens 100K (or synthetic data offline)")
+    d.add_argument("--data-dir")
+    d.add_argument("--out", help="run directory (default: a temporary folder)")
+    d.add_argument("--offline", action="store_true", help="do not try to download MovieLens 100K")
+    d.add_argument("--synthetic", action="store_true", help="use the generated synthetic dataset")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TwotowerError as e:
+        print(f"twotower {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Typed, validated configuration: one object tree for the CLI, the Python API and the run directory.
+
+A config file (TOML or YAML) maps one-to-one onto ``RunConfig``; ``--set section.key=value`` on the
+command line overrides any field; the resolved config is written to ``RUN/config.json``.
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the interactions come from and how they are split.
+
+    Paths are relative to the data directory (``TWOTOWER_DATA``) unless absolute.
+    """
+
+    dataset: Literal["files", "ml-100k", "gowalla", "grocery", "lightgcn", "synthetic"] = "files"
+    path: str | None = Field(None, description="Folder of a named dataset (default: its name under the data directory).")
+    interactions: str | None = Field(None, description="Interactions file (CSV, TSV or Parquet) for dataset='files'.")
+    test_interactions: str | None = Field(None, description="A given test file (split='given').")
+    user_col: str = "user"
+    item_col: str = "item"
+    time_col: str | None = None
+    weight_col: str | None = None
+    min_weight: float | None = Field(None, description="Drop interactions whose weight (e.g. rating) is below this.")
+    item_features: str | None = Field(None, description="Item-features table (CSV/TSV/Parquet).")
+    item_id_col: str = "item"
+    item_feature_cols: list[str] = Field(default_factory=list)
+    item_multi_valued: dict[str, str] = Field(default_factory=dict, description="column -> separator of its values")
+    item_title_col: str | None = None
+    user_features: str | None = None
+    user_id_col: str = "user"
+    user_feature_cols: list[str] = Field(default_factory=list)
+    user_multi_valued: dict[str, str] = Field(default_factory=dict)
+    split: Literal["given", "random", "temporal"] = "random"
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="split='random': share of each user's items held out")
+    leave_last: int = Field(1, ge=1, description="split='temporal': each user's last N interactions are the test set")
+    valid_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of each user's training items carved out for validation (random/given splits)")
+    valid_leave_last: int = Field(1, ge=0, description="split='temporal': the N interactions before the test ones are validation")
+    min_train_items: int = Field(1, ge=1, description="a user keeps at least this many training items when carving holdouts")
+    synthetic_users: int = 2000
+    synthetic_items: int = 1000
+    seed: int = 0
+
+
+class ModelConfig(_Section):
+    """The two towers. With ids only and no MLP the model is matrix factorisation."""
+
+    dim: int = Field(64, ge=1)
+    user_id: bool = Field(True, description="user tower uses a user-id embedding")
+    user_history: bool = Field(False, description="user tower pools the embeddings of the user's past items")
+    history_length: int = Field(50, ge=1)
+    share_item_table: bool = Field(True, description="history pooling reuses the item tower's id table")
+    user_features: list[str] | Literal["all"] = Field(default_factory=list)
+    item_id: bool = Field(True, description="item tower uses an item-id embedding")
+    item_features: list[str] | Literal["all"] = Field(default_factory=list)
+    mlp: list[int] = Field(default_factory=list, description="hidden layer sizes of each tower's MLP (empty: no MLP)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    temperature: float = Field(0.1, gt=0.0)
+    init_std: float = Field(0.1, gt=0.0)
+
+    @model_validator(mode="after")
+    def _towers_have_inputs(self):
+        if not (self.user_id or self.user_history or self.user_features):
+            raise ValueError("the user tower has no input: enable user_id, user_history or user_features")
+        if not (self.item_id or self.item_features):
+            raise ValueError("the item tower has no input: enable item_id or item_features")
+        return self
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(1024, ge=2)
+    optimizer: Literal["adam", "adamw", "sparse_adam", "adagrad", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(None, gt=0.0)
+    unique_users: bool = Field(False, description="put each user at most once in a batch")
+    logq: bool = Field(True, description="subtract log of the expected count of each shared candidate (Yi et al. 2019)")
+    logq_weight: float = Field(1.0, ge=0.0)
+    correct_positive: bool = Field(True, description="apply the logQ correction to the positive's logit too")
+    mask_user_history: bool = Field(False, description="mask candidates that are among the row user's training items")
+    patience: int = Field(3, ge=0, description="epochs without validation improvement before stopping (0: never stop early)")
+    monitor: str = Field("recall@20", description="validation metric used for early stopping and model selection")
+    eval_every: int = Field(1, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    threads: int | None = Field(None, ge=1)
+
+    @field_validator("monitor")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        name, _, k = v.partition("@")
+        if name not in {"recall", "ndcg", "hr", "precision", "mrr"} or not k.isdigit():
+            raise ValueError(f"monitor must look like 'recall@20' or 'ndcg@10', got {v!r}")
+        return v
+
+
+class EvalConfig(_Section):
+    ks: list[int] = Field(default_factory=lambda: [10, 20, 50, 100, 500])
+    batch_users: int = Field(1024, ge=1)
+    popularity_buckets: list[float] = Field(
+        default_factory=lambda: [0.2, 0.5],
+        description="cumulative item shares that cut items (most popular first) into head / torso / tail",
+    )
+
+    @field_validator("ks")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError("ks must be a non-empty list of positive integers")
+        return sorted(set(v))
+
+
+class RunConfig(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _monitor_is_evaluated(self):
+        k = int(self.train.monitor.split("@")[1])
+        if k not in self.eval.ks:
+            self.eval.ks = sorted(set(self.eval.ks) | {k})
+        return self
+
+    # ---- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "RunConfig":
+        try:
+            return cls.model_validate(d)
+        except ValidationError as e:
+            raise ConfigError(_format_validation(e, source)) from None
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> "RunConfig":
+        """Read a TOML, YAML or JSON config and apply ``section.key=value`` overrides."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found. Pass a TOML/YAML file, e.g. configs/ml-100k.toml")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix == ".toml":
+                d = tomllib.loads(text)
+            elif path.suffix in (".yaml", ".yml"):
+                d = yaml.safe_load(text) or {}
+            elif path.suffix == ".json":
+                d = json.loads(text)
+            else:
+                raise ConfigError(f"{path}: unknown config format {path.suffix!r}. Use .toml, .yaml or .json")
+        except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: cannot parse: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: the top level must be a table of sections (data, model, train, eval)")
+        apply_overrides(d, overrides or [])
+        return cls.from_dict(d, source=str(path))
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings; the value is parsed as TOML (``0.1``, ``true``, ``[1, 2]``, ``"x"``),
+    falling back to a bare string."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set train.epochs=5")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = d
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is not a section")
+        node[parts[-1]] = value
+    return d
+
+
+def _format_validation(e: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration:"]
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting (check the spelling; `twotower train --help` lists the sections)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)

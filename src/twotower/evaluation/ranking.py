@@ -1,0 +1,53 @@
+"""Exact top-k over the whole catalog, in blocks of users (one matrix product and one top-k per block)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..data.dataset import CSR
+from ..model.towers import TwoTowerModel
+
+
+@torch.no_grad()
+def embed_items(model: TwoTowerModel, batch: int = 65536) -> torch.Tensor:
+    """``g(j)`` for every item, ``[n_items, d]``."""
+    model.eval()
+    out = [model.encode_items(torch.arange(s, min(s + batch, model.n_items))) for s in range(0, model.n_items, batch)]
+    return torch.cat(out) if out else torch.empty(0, model.cfg.dim)
+
+
+@torch.no_grad()
+def embed_users(model: TwoTowerModel, users: np.ndarray, history: CSR, history_length: int) -> torch.Tensor:
+    """``f(u)`` for the given users with their most recent ``history_length`` items as history."""
+    model.eval()
+    hist, mask = history.last(users, history_length)
+    return model.encode_users(torch.from_numpy(np.asarray(users, dtype=np.int64)), torch.from_numpy(hist), torch.from_numpy(mask))
+
+
+def mask_rows(scores: torch.Tensor, rows: np.ndarray, exclude: CSR) -> None:
+    """Set ``scores[b, j] = -inf`` for every item ``j`` in ``exclude``'s row ``rows[b]`` (in place)."""
+    vals, _ = exclude.gather(rows)
+    lens = exclude.indptr[np.asarray(rows) + 1] - exclude.indptr[np.asarray(rows)]
+    r = torch.from_numpy(np.repeat(np.arange(len(rows)), lens))
+    scores[r, torch.from_numpy(vals)] = float("-inf")
+
+
+@torch.no_grad()
+def top_k_blocks(model: TwoTowerModel, users: np.ndarray, history: CSR, exclude: CSR | None, k: int,
+                 history_length: int, batch_users: int = 1024, item_vecs: torch.Tensor | None = None
+                 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Yield ``(block_users, top_scores [b, k], top_items [b, k])`` block by block, excluding each
+    user's ``exclude`` items. Scores are cosines (the ranking does not depend on the temperature)."""
+    if item_vecs is None:
+        item_vecs = embed_items(model)
+    k = min(k, item_vecs.shape[0])
+    for s in range(0, len(users), batch_users):
+        block = np.asarray(users[s : s + batch_users])
+        u = embed_users(model, block, history, history_length)
+        scores = u @ item_vecs.T
+        if exclude is not None:
+            mask_rows(scores, block, exclude)
+        top = torch.topk(scores, k, dim=1)
+        yield block, top.values, top.indices

@@ -1,0 +1,154 @@
+"""The user tower and the item tower.
+
+Each tower sums the embeddings of its inputs (ids, pooled history, categorical features), passes the
+sum through an optional MLP and L2-normalises it, so that ``<f(u), g(j)>`` is a cosine in [-1, 1]
+and the temperature alone sets the sharpness of the softmax. With ids only and no MLP the model is
+matrix factorisation on the unit sphere.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..data.dataset import EncodedFeatures
+
+
+def gather_rows(indptr: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries of CSR ``rows`` concatenated, and the offset where each row starts (EmbeddingBag input)."""
+    starts = indptr[rows]
+    lens = indptr[rows + 1] - starts
+    offsets = torch.cumsum(lens, 0) - lens
+    flat = torch.repeat_interleave(starts - offsets, lens) + torch.arange(int(lens.sum()), device=rows.device)
+    return indices[flat], offsets
+
+
+class FeatureBags(nn.Module):
+    """Sum over categorical features of the mean embedding of the entity's values
+    (multi-valued features such as genres are mean-pooled; a missing value contributes zero)."""
+
+    def __init__(self, features: EncodedFeatures, dim: int, init_std: float, sparse: bool = False):
+        super().__init__()
+        self.names = features.names
+        self.bags = nn.ModuleDict()
+        for k, name in enumerate(self.names):
+            bag = nn.EmbeddingBag(max(len(features.values[name]), 1), dim, mode="mean", sparse=sparse)
+            nn.init.normal_(bag.weight, std=init_std)
+            self.bags[f"f{k}"] = bag
+            csr = features.rows[name]
+            self.register_buffer(f"indptr{k}", torch.from_numpy(csr.indptr.copy()))
+            self.register_buffer(f"values{k}", torch.from_numpy(csr.indices.copy()))
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        out = 0
+        for k in range(len(self.names)):
+            vals, offsets = gather_rows(getattr(self, f"indptr{k}"), getattr(self, f"values{k}"), rows)
+            out = out + self.bags[f"f{k}"](vals, offsets)
+        return out
+
+
+def make_mlp(dim: int, hidden: list[int], dropout: float) -> nn.Module | None:
+    if not hidden:
+        return None
+    layers: list[nn.Module] = []
+    d = dim
+    for h in hidden:
+        layers += [nn.Linear(d, h), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        d = h
+    layers.append(nn.Linear(d, dim))
+    return nn.Sequential(*layers)
+
+
+class ItemTower(nn.Module):
+    """g(j): item-id embedding + categorical feature embeddings -> optional MLP -> L2 normalisation."""
+
+    def __init__(self, n_items: int, cfg: ModelConfig, features: EncodedFeatures | None, sparse: bool = False):
+        super().__init__()
+        self.id_embedding = None
+        if cfg.item_id:
+            self.id_embedding = nn.Embedding(n_items, cfg.dim, sparse=sparse)
+            nn.init.normal_(self.id_embedding.weight, std=cfg.init_std)
+        self.features = FeatureBags(features, cfg.dim, cfg.init_std, sparse) if features is not None and features.names else None
+        self.mlp = make_mlp(cfg.dim, cfg.mlp, cfg.dropout)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        x = 0
+        if self.id_embedding is not None:
+            x = self.id_embedding(items)
+        if self.features is not None:
+            x = x + self.features(items)
+        if self.mlp is not None:
+            x = self.mlp(x)
+        return F.normalize(x, dim=-1)
+
+
+class UserTower(nn.Module):
+    """f(u): user-id embedding + mean of the user's history items' embeddings + user features
+    -> optional MLP -> L2 normalisation. The history table is the item tower's id table when
+    shared (then it is passed in at call time, so each weight is stored once)."""
+
+    def __init__(self, n_users: int, n_items: int, cfg: ModelConfig, features: EncodedFeatures | None, sparse: bool = False):
+        super().__init__()
+        self.id_embedding = None
+        if cfg.user_id:
+            self.id_embedding = nn.Embedding(n_users, cfg.dim, sparse=sparse)
+            nn.init.normal_(self.id_embedding.weight, std=cfg.init_std)
+        self.use_history = cfg.user_history
+        self.history_table = None
+        if cfg.user_history and not (cfg.share_item_table and cfg.item_id):
+            self.history_table = nn.Embedding(n_items, cfg.dim, sparse=sparse)
+            nn.init.normal_(self.history_table.weight, std=cfg.init_std)
+        self.features = FeatureBags(features, cfg.dim, cfg.init_std, sparse) if features is not None and features.names else None
+        self.mlp = make_mlp(cfg.dim, cfg.mlp, cfg.dropout)
+
+    def forward(self, users: torch.Tensor, history: torch.Tensor | None = None, history_mask: torch.Tensor | None = None,
+                shared_table: nn.Embedding | None = None) -> torch.Tensor:
+        x = 0
+        if self.id_embedding is not None:
+            x = self.id_embedding(users)
+        if self.use_history and history is not None:
+            table = self.history_table if self.history_table is not None else shared_table
+            m = history_mask.to(table.weight.dtype).unsqueeze(-1)
+            pooled = (table(history) * m).sum(1) / m.sum(1).clamp_min(1.0)
+            x = x + pooled
+        if self.features is not None:
+            x = x + self.features(users)
+        if self.mlp is not None:
+            x = self.mlp(x)
+        return F.normalize(x, dim=-1)
+
+
+class TwoTowerModel(nn.Module):
+    """Both towers and the score ``s(u, j) = <f(u), g(j)> / tau``."""
+
+    def __init__(self, n_users: int, n_items: int, cfg: ModelConfig,
+                 item_features: EncodedFeatures | None = None, user_features: EncodedFeatures | None = None,
+                 sparse: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.n_users, self.n_items = n_users, n_items
+        self.item_tower = ItemTower(n_items, cfg, item_features, sparse)
+        self.user_tower = UserTower(n_users, n_items, cfg, user_features, sparse)
+        self.register_buffer("temperature", torch.tensor(float(cfg.temperature)))
+
+    def encode_items(self, items: torch.Tensor) -> torch.Tensor:
+        return self.item_tower(items)
+
+    def encode_users(self, users: torch.Tensor, history: torch.Tensor | None = None,
+                     history_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.user_tower(users, history, history_mask, shared_table=self.item_tower.id_embedding)
+
+    def score(self, user_vecs: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
+        # Dividing the [B, d] side costs B*d operations instead of B*C.
+        return (user_vecs / self.temperature) @ item_vecs.T
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Embedding tables (sparse gradients when built with ``sparse=True``)."""
+        return [m.weight for m in self.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        sparse_ids = {id(p) for p in self.sparse_parameters()}
+        return [p for p in self.parameters() if id(p) not in sparse_ids]

@@ -1,0 +1,73 @@
+"""Sampled-softmax loss, its sampling-bias correction and its masks, as small pure functions.
+
+Shapes: ``B`` rows (positive pairs) and ``C`` candidates. ``scores[b, c] = s(u_b, j_c)``;
+``target[b]`` is the column of row ``b``'s positive. Masks are boolean, ``True`` = excluded.
+None of these functions knows where candidates came from: the trainer's candidate-set builder
+assembles ids, log expected counts and masks; these functions only do the arithmetic.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_NEG_INF = float("-inf")
+
+
+def log_expected_count(p: torch.Tensor, batch_size: int, n_sampled: int = 0, r: torch.Tensor | None = None,
+                       bank_size: int = 0) -> torch.Tensor:
+    """Log of the expected number of times each candidate appears in the shared candidate set.
+
+    ``c(j) = log(B * p(j) + M * r(j) + Q * p(j))`` (Yi et al., "Sampling-Bias-Corrected Neural
+    Modeling for Large Corpus Item Recommendations", RecSys 2019; DESIGN.md), where ``p(j)`` is the
+    item's share of training positives (in-batch positives and memory-bank entries are drawn from
+    it), ``B`` the batch size, ``M`` items sampled from the proposal ``r`` (Yang et al., WWW 2020)
+    and ``Q`` the memory-bank size (Wang et al., SIGIR 2021). With in-batch only this is
+    ``log p(j) + log B``: the constant does not change the softmax.
+    """
+    expected = (batch_size + bank_size) * p
+    if n_sampled:
+        if r is None:
+            raise ValueError("n_sampled > 0 needs the proposal probabilities r")
+        expected = expected + n_sampled * r
+    return torch.log(expected.clamp_min(1e-30))
+
+
+def logq_corrected(scores: torch.Tensor, log_q: torch.Tensor, target: torch.Tensor,
+                   correct_positive: bool = True, weight: float = 1.0) -> torch.Tensor:
+    """``scores[b, c] - weight * log_q[c]``; with ``correct_positive=False`` the positive's logit
+    ``scores[b, target[b]]`` is left uncorrected (only negatives are corrected)."""
+    lq = weight * log_q.to(scores.dtype)
+    out = scores - lq  # broadcast over rows: no [B, C] correction tensor is materialised
+    if not correct_positive:
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        out[rows, target] = out[rows, target] + lq[target]
+    return out
+
+
+def accidental_hit_mask(positive_ids: torch.Tensor, candidate_ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``[B, C]`` True where candidate ``c`` is row ``b``'s positive item but is not its target column
+    (the same item twice in a batch, or again in a memory bank): scoring it as a negative would push
+    the positive away from itself."""
+    hit = positive_ids[:, None] == candidate_ids[None, :]
+    hit[torch.arange(len(target), device=target.device), target] = False
+    return hit
+
+
+def seen_item_mask(row_users: torch.Tensor, candidate_ids: torch.Tensor, target: torch.Tensor,
+                   seen_keys: torch.Tensor, n_items: int) -> torch.Tensor:
+    """``[B, C]`` True where candidate ``c`` is one of user ``u_b``'s training items (a false negative),
+    except the row's own target. ``seen_keys`` is the sorted tensor of ``user * n_items + item``
+    over the training data."""
+    keys = row_users[:, None] * n_items + candidate_ids[None, :]
+    pos = torch.searchsorted(seen_keys, keys).clamp_max(len(seen_keys) - 1)
+    seen = seen_keys[pos] == keys
+    seen[torch.arange(len(target), device=target.device), target] = False
+    return seen
+
+
+def sampled_softmax_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over rows of ``-log softmax(logits[b])[target[b]]`` with masked candidates removed
+    from the normaliser (their logits set to -inf). The target itself must not be masked."""
+    if mask is not None:
+        logits = logits.masked_fill(mask, _NEG_INF)
+    return F.cross_entropy(logits, target)

@@ -1,0 +1,304 @@
+"""The training loop: epochs of in-batch sampled softmax, validation, early stopping, checkpoints.
+
+Everything a step does is visible in ``Trainer.step``: encode the batch, build the candidate set,
+correct, mask, take the softmax loss, update. Only ``Trainer`` touches the run directory.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import artifacts
+from ..config import RunConfig
+from ..data.dataset import Dataset
+from ..errors import ArtifactError
+from ..evaluation.evaluator import evaluate
+from ..model.towers import TwoTowerModel
+from . import losses
+from .batching import epoch_batches
+from .candidates import in_batch
+from .frequency import counted_probabilities
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0                 # epochs completed
+    step: int = 0
+    best_epoch: int = 0
+    best_value: float = -math.inf
+    bad_evals: int = 0
+    stopped_early: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+class _Optimizers:
+    """A dense optimizer and, for sparse embedding tables, a sparse one, stepped together."""
+
+    def __init__(self, opts: list[torch.optim.Optimizer]):
+        self.opts = opts
+
+    def zero_grad(self):
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+
+    def step(self):
+        for o in self.opts:
+            o.step()
+
+    def state_dict(self):
+        return {str(i): o.state_dict() for i, o in enumerate(self.opts)}
+
+    def load_state_dict(self, state):
+        for i, o in enumerate(self.opts):
+            o.load_state_dict(state[str(i)])
+
+    @property
+    def param_groups(self):
+        return [g for o in self.opts for g in o.param_groups]
+
+
+def build_model(cfg: RunConfig, dataset: Dataset) -> TwoTowerModel:
+    m = cfg.model
+    item_feats = dataset.item_features
+    if item_feats is not None:
+        names = item_feats.names if m.item_features == "all" else m.item_features
+        _check_names(names, item_feats.names, "model.item_features", "item")
+        item_feats = item_feats.select(names) if names else None
+    elif m.item_features not in ("all", []):
+        raise _feature_error("model.item_features", m.item_features, [], "item")
+    user_feats = dataset.user_features
+    if user_feats is not None:
+        names = user_feats.names if m.user_features == "all" else m.user_features
+        _check_names(names, user_feats.names, "model.user_features", "user")
+        user_feats = user_feats.select(names) if names else None
+    elif m.user_features not in ("all", []):
+        raise _feature_error("model.user_features", m.user_features, [], "user")
+    return TwoTowerModel(dataset.n_users, dataset.n_items, m, item_feats, user_feats,
+                         sparse=cfg.train.optimizer == "sparse_adam")
+
+
+def _check_names(names, available, key, kind):
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise _feature_error(key, unknown, available, kind)
+
+
+def _feature_error(key, names, available, kind):
+    from ..errors import ConfigError
+    return ConfigError(f"{key}: unknown {kind} feature(s) {names}; the dataset has {list(available) or 'none'}")
+
+
+def make_optimizer(cfg: RunConfig, model: TwoTowerModel) -> _Optimizers:
+    t = cfg.train
+    if t.optimizer == "sparse_adam":
+        opts: list[torch.optim.Optimizer] = [torch.optim.SparseAdam(model.sparse_parameters(), lr=t.lr)]
+        dense = model.dense_parameters()
+        if dense:
+            opts.append(torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay))
+        return _Optimizers(opts)
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[t.optimizer]
+    return _Optimizers([cls(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)])
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate: linear warm-up, then constant, cosine or linear decay to 0."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+
+class Trainer:
+    """Trains a ``TwoTowerModel`` on a ``Dataset`` as configured; writes the run directory if given."""
+
+    def __init__(self, cfg: RunConfig, dataset: Dataset, run_dir: str | Path | None = None,
+                 quiet: bool = False, log=None):
+        self.cfg, self.dataset = cfg, dataset
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.quiet = quiet
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg, dataset)
+        self.optimizer = make_optimizer(cfg, self.model)
+        self.state = TrainState()
+        self.p = counted_probabilities(dataset.item_counts())
+        self.steps_per_epoch = len(epoch_batches(len(dataset.train), cfg.train.batch_size, np.random.default_rng(0),
+                                                 dataset.train.users if cfg.train.unique_users else None))
+        self._seen_keys = None
+        if cfg.train.mask_user_history:
+            h = dataset.history("train")
+            rows = np.repeat(np.arange(h.n_rows), h.lengths())
+            self._seen_keys = torch.from_numpy(np.unique(rows * dataset.n_items + h.indices))
+        self.best_weights: dict[str, torch.Tensor] | None = None
+
+    # ---- one step --------------------------------------------------------------------------------
+    def step(self, pairs: np.ndarray, rng: np.random.Generator) -> float:
+        cfg, ds, model = self.cfg, self.dataset, self.model
+        users = torch.from_numpy(ds.train.users[pairs])
+        items = torch.from_numpy(ds.train.items[pairs])
+        hist = mask = None
+        if cfg.model.user_history:
+            h, m = ds.pair_history(pairs, cfg.model.history_length, rng)
+            hist, mask = torch.from_numpy(h), torch.from_numpy(m)
+        u = model.encode_users(users, hist, mask)
+        v = model.encode_items(items)
+
+        cand = in_batch(v, items, self.p)
+        scores = model.score(u, cand.vectors)
+        if cfg.train.logq:
+            scores = losses.logq_corrected(scores, cand.log_q, cand.target, cfg.train.correct_positive, cfg.train.logq_weight)
+        excluded = losses.accidental_hit_mask(items, cand.ids, cand.target)
+        if self._seen_keys is not None:
+            excluded |= losses.seen_item_mask(users, cand.ids, cand.target, self._seen_keys, ds.n_items)
+        loss = losses.sampled_softmax_loss(scores, cand.target, excluded)
+
+        self.optimizer.zero_grad()
+        loss.backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in model.dense_parameters() if p.grad is not None] if cfg.train.optimizer == "sparse_adam"
+                                           else model.parameters(), cfg.train.grad_clip)
+        factor = lr_factor(self.state.step, cfg.train.epochs * self.steps_per_epoch, cfg.train.warmup_steps, cfg.train.schedule)
+        for g in self.optimizer.param_groups:
+            g["lr"] = cfg.train.lr * factor
+        self.optimizer.step()
+        self.state.step += 1
+        return float(loss.detach())
+
+    # ---- epochs ----------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict:
+        cfg, ds = self.cfg, self.dataset
+        # Seeded by (seed, epoch): an epoch resumed from a checkpoint replays exactly.
+        rng = np.random.default_rng([cfg.train.seed, epoch])
+        torch.manual_seed(cfg.train.seed * 100003 + epoch)
+        batches = epoch_batches(len(ds.train), cfg.train.batch_size, rng, ds.train.users if cfg.train.unique_users else None)
+        self.model.train()
+        t0 = time.perf_counter()
+        total, n = 0.0, 0
+        bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=self.quiet, leave=False, file=sys.stderr)
+        for k, pairs in enumerate(bar):
+            loss = self.step(pairs, rng)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"epoch {epoch}, batch {k}: loss is {loss}. Lower train.lr or raise model.temperature")
+            total += loss * len(pairs)
+            n += len(pairs)
+            if k % 20 == 0:
+                bar.set_postfix(loss=f"{total / n:.4f}", ex_s=f"{n / (time.perf_counter() - t0):,.0f}")
+        seconds = time.perf_counter() - t0
+        return {"epoch": epoch, "loss": total / max(n, 1), "seconds": seconds, "examples_per_s": n / max(seconds, 1e-9)}
+
+    def validate(self) -> dict[str, float]:
+        return evaluate(self.model, self.dataset, "valid", self.cfg.eval, self.cfg.model.history_length)
+
+    def fit(self, resume: bool = False) -> TrainState:
+        """Train until ``train.epochs`` or early stopping; keep the best weights (by validation)."""
+        cfg = self.cfg
+        if resume:
+            self._load_checkpoint()
+        elif self.run_dir is not None:
+            self._start_run_dir()
+        monitor = cfg.train.monitor
+        has_valid = len(self.dataset.valid) > 0
+        for epoch in range(self.state.epoch + 1, cfg.train.epochs + 1):
+            record = self.train_epoch(epoch)
+            if has_valid and (epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs):
+                t0 = time.perf_counter()
+                metrics = self.validate()
+                record["eval_seconds"] = time.perf_counter() - t0
+                record.update({f"valid/{k}": v for k, v in metrics.items()})
+                value = metrics[monitor]
+                if value > self.state.best_value:
+                    self.state.best_value, self.state.best_epoch, self.state.bad_evals = value, epoch, 0
+                    self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                    if self.run_dir is not None:
+                        artifacts.save_tensors(self.run_dir / "model.safetensors", self.best_weights)
+                else:
+                    self.state.bad_evals += 1
+            elif not has_valid:
+                self.state.best_epoch = epoch
+                self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                if self.run_dir is not None:
+                    artifacts.save_tensors(self.run_dir / "model.safetensors", self.best_weights)
+            self.state.epoch = epoch
+            self.state.history.append(record)
+            self._log_epoch(record)
+            if cfg.train.patience and self.state.bad_evals >= cfg.train.patience:
+                self.state.stopped_early = True
+            if self.run_dir is not None:
+                artifacts.append_jsonl(self.run_dir / "metrics.jsonl", record)
+                self._save_checkpoint()
+            if self.state.stopped_early:
+                self.log(f"early stop: no {monitor} improvement for {cfg.train.patience} evaluations; best epoch {self.state.best_epoch}")
+                break
+        if self.best_weights is not None:
+            self.model.load_state_dict(self.best_weights)
+        return self.state
+
+    def _log_epoch(self, r: dict) -> None:
+        m = self.cfg.train.monitor
+        val = f"  valid {m} {r[f'valid/{m}']:.4f}" if f"valid/{m}" in r else ""
+        self.log(f"epoch {r['epoch']:3d}  loss {r['loss']:.4f}  {r['seconds']:.1f}s  {r['examples_per_s']:,.0f} ex/s{val}")
+
+    # ---- run directory ---------------------------------------------------------------------------
+    def _start_run_dir(self) -> None:
+        d = self.run_dir
+        if (d / "checkpoint").exists() or (d / "metrics.jsonl").exists():
+            raise ArtifactError(f"{d}: already holds a run. Pass --resume to continue it, or choose another --out")
+        d.mkdir(parents=True, exist_ok=True)
+        write_run_metadata(d, self.cfg, self.dataset)
+
+    def _save_checkpoint(self) -> None:
+        ck = self.run_dir / "checkpoint"
+        artifacts.save_tensors(ck / "last.safetensors", self.model.state_dict())
+        artifacts.save_torch_state(ck / "optimizer.pt", self.optimizer.state_dict())
+        state = dict(self.state.__dict__)
+        state["best_value"] = None if not math.isfinite(state["best_value"]) else state["best_value"]
+        artifacts.write_json(ck / "state.json", state)
+
+    def _load_checkpoint(self) -> None:
+        d = self.run_dir
+        if d is None or not (d / "checkpoint" / "state.json").exists():
+            raise ArtifactError(f"{d}: no checkpoint to resume from. Start the run without --resume")
+        saved = artifacts.read_json(d / "config.json")
+        if saved != self.cfg.to_dict():
+            raise ArtifactError(f"{d}: the run was started with a different config; resume it with the same config "
+                                "(see {d}/config.json) or start a new run")
+        self.model.load_state_dict(artifacts.load_tensors(d / "checkpoint" / "last.safetensors"))
+        self.optimizer.load_state_dict(artifacts.load_torch_state(d / "checkpoint" / "optimizer.pt"))
+        st = artifacts.read_json(d / "checkpoint" / "state.json")
+        st["best_value"] = -math.inf if st["best_value"] is None else st["best_value"]
+        self.state = TrainState(**st)
+        if (d / "model.safetensors").exists():
+            self.best_weights = artifacts.load_tensors(d / "model.safetensors")
+        self.log(f"resuming {d} after epoch {self.state.epoch}")
+
+
+def write_run_metadata(d: Path, cfg: RunConfig, ds: Dataset) -> None:
+    """Config, vocabularies, known items per user and item counts: what serving and evaluation need."""
+    artifacts.write_text(d / "config.json", cfg.to_json() + "\n")
+    artifacts.write_json(d / "dataset.json", ds.summary())
+    artifacts.write_text(d / "users.json", ds.users.to_json())
+    artifacts.write_text(d / "items.json", ds.items.to_json())
+    known = ds.history("valid")
+    artifacts.save_tensors(d / "known.safetensors", {
+        "indptr": torch.from_numpy(known.indptr), "indices": torch.from_numpy(known.indices),
+        "item_counts": torch.from_numpy(ds.item_counts().astype(np.int64)),
+        "test_users": torch.from_numpy(np.unique(ds.test.users).astype(np.int64)),
+    })
+    feats = {}
+    for kind, f in (("item", ds.item_features), ("user", ds.user_features)):
+        if f is not None:
+            feats[kind] = {name: v.ids.tolist() for name, v in f.values.items()}
+    artifacts.write_json(d / "features.json", feats)
+    if ds.item_titles is not None:
+        artifacts.write_json(d / "titles.json", [None if t is None else str(t) for t in ds.item_titles])

@@ -1,0 +1,84 @@
+"""Every loss term, correction and mask against tiny hand-computed cases."""
+import math
+
+import torch
+
+from twotower.training import losses
+
+
+def test_log_expected_count_in_batch_only_is_log_B_p():
+    p = torch.tensor([0.5, 0.25, 0.25])
+    got = losses.log_expected_count(p, batch_size=4)
+    assert torch.allclose(got, torch.log(torch.tensor([2.0, 1.0, 1.0])))
+
+
+def test_log_expected_count_mixed_proposal_and_bank():
+    # B=2 in-batch, M=3 sampled from r, Q=4 bank entries: E[count] = (B + Q) p + M r
+    p = torch.tensor([0.5, 0.3, 0.2])
+    r = torch.tensor([1 / 3, 1 / 3, 1 / 3])
+    got = losses.log_expected_count(p, batch_size=2, n_sampled=3, r=r, bank_size=4)
+    expected = torch.log(torch.tensor([6 * 0.5 + 1.0, 6 * 0.3 + 1.0, 6 * 0.2 + 1.0]))
+    assert torch.allclose(got, expected)
+
+
+def test_logq_corrected_positive_and_negatives():
+    scores = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    log_q = torch.tensor([0.5, -1.0])
+    target = torch.tensor([0, 1])
+    both = losses.logq_corrected(scores, log_q, target, correct_positive=True)
+    assert torch.allclose(both, torch.tensor([[0.5, 3.0], [2.5, 5.0]]))
+    neg_only = losses.logq_corrected(scores, log_q, target, correct_positive=False)
+    assert torch.allclose(neg_only, torch.tensor([[1.0, 3.0], [2.5, 4.0]]))
+    half = losses.logq_corrected(scores, log_q, target, weight=0.5)
+    assert torch.allclose(half, torch.tensor([[0.75, 2.5], [2.75, 4.5]]))
+
+
+def test_accidental_hit_mask_masks_duplicates_not_target():
+    pos = torch.tensor([7, 3, 7])
+    cand = torch.tensor([7, 3, 7])
+    m = losses.accidental_hit_mask(pos, cand, torch.arange(3))
+    assert m.tolist() == [[False, False, True], [False, False, False], [True, False, False]]
+
+
+def test_accidental_hit_mask_against_bank_candidates():
+    pos = torch.tensor([1, 2])
+    cand = torch.tensor([1, 2, 2, 5, 1])  # in-batch (0, 1) then bank (2..4)
+    m = losses.accidental_hit_mask(pos, cand, torch.tensor([0, 1]))
+    assert m.tolist() == [[False, False, False, False, True], [False, False, True, False, False]]
+
+
+def test_seen_item_mask():
+    n_items = 10
+    # user 0 has items {1, 4}; user 1 has {4}
+    keys = torch.tensor(sorted([0 * n_items + 1, 0 * n_items + 4, 1 * n_items + 4]))
+    users = torch.tensor([0, 1])
+    cand = torch.tensor([1, 4, 6])
+    target = torch.tensor([0, 1])
+    m = losses.seen_item_mask(users, cand, target, keys, n_items)
+    # row 0: item 1 is its target (kept), item 4 is seen (masked); row 1: item 4 is its target
+    assert m.tolist() == [[False, True, False], [False, False, False]]
+
+
+def test_sampled_softmax_loss_by_hand():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]])
+    target = torch.tensor([0, 2])
+    mask = torch.tensor([[False, False, True], [True, False, False]])
+    got = losses.sampled_softmax_loss(logits, target, mask)
+    row0 = -(2.0 - math.log(math.exp(2.0) + math.exp(1.0)))
+    row1 = -(3.0 - math.log(math.exp(1.0) + math.exp(3.0)))
+    assert math.isclose(float(got), (row0 + row1) / 2, rel_tol=1e-6)
+    unmasked = losses.sampled_softmax_loss(logits, target)
+    row0u = -(2.0 - math.log(math.exp(2.0) + math.exp(1.0) + 1.0))
+    row1u = -(3.0 - math.log(1.0 + math.exp(1.0) + math.exp(3.0)))
+    assert math.isclose(float(unmasked), (row0u + row1u) / 2, rel_tol=1e-6)
+
+
+def test_logq_shifts_gradient_toward_popular_negatives():
+    # A popular negative (high p) gets its logit lowered by log(B p): the corrected loss is smaller,
+    # i.e. the model is penalised less for scoring popular items high.
+    scores = torch.tensor([[1.0, 1.0]])
+    log_q = losses.log_expected_count(torch.tensor([0.1, 0.9]), batch_size=1)
+    plain = losses.sampled_softmax_loss(scores, torch.tensor([0]))
+    corrected = losses.sampled_softmax_loss(losses.logq_corrected(scores, log_q, torch.tensor([0]), correct_positive=False), torch.tensor([0]))
+    assert math.isclose(float(plain), math.log(2), rel_tol=1e-6)
+    assert math.isclose(float(corrected), -math.log(math.exp(1) / (math.exp(1) + math.exp(1 - math.log(0.9)))), rel_tol=1e-6)
