@@ -53,7 +53,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, data_dir: str | Path | 
     seconds = time.perf_counter() - t0
     if out is not None:
         out = Path(out)
-        artifacts.save_numpy(out / "item_embeddings.npy", embed_items(trainer.model).numpy())
+        artifacts.save_numpy(out / "item_embeddings.npy", embed_items(trainer.model).cpu().numpy())
         artifacts.write_json(out / "metrics.json", {
             "best_epoch": state.best_epoch, "epochs_run": state.epoch, "stopped_early": state.stopped_early,
             "valid": valid, "test": test, "seconds": seconds,

@@ -37,7 +37,7 @@ def evaluate_split(model: TwoTowerModel, truth_split: Split, known: CSR, item_co
         raise ValueError("no user has held-out items in this split")
     ks = sorted(cfg.ks)
     max_k = min(max(ks), n_items)
-    counts = torch.from_numpy(np.asarray(item_counts, dtype=np.float64))
+    counts = torch.from_numpy(np.asarray(item_counts, dtype=np.float64))  # CPU: top-k blocks come back on CPU
     bucket = M.popularity_buckets(counts, cfg.popularity_buckets)
     n_buckets = len(cfg.popularity_buckets) + 1
     names = M.bucket_names(n_buckets)

@@ -10,12 +10,17 @@ from ..data.dataset import CSR
 from ..model.towers import TwoTowerModel
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def embed_items(model: TwoTowerModel, batch: int = 65536) -> torch.Tensor:
-    """``g(j)`` for every item, ``[n_items, d]``."""
+    """``g(j)`` for every item, ``[n_items, d]``, on the model's device."""
     model.eval()
-    out = [model.encode_items(torch.arange(s, min(s + batch, model.n_items))) for s in range(0, model.n_items, batch)]
-    return torch.cat(out) if out else torch.empty(0, model.cfg.dim)
+    dev = model_device(model)
+    out = [model.encode_items(torch.arange(s, min(s + batch, model.n_items), device=dev)) for s in range(0, model.n_items, batch)]
+    return torch.cat(out) if out else torch.empty(0, model.cfg.dim, device=dev)
 
 
 @torch.no_grad()
@@ -23,23 +28,26 @@ def embed_users(model: TwoTowerModel, users: np.ndarray, history: CSR, history_l
     """``f(u)`` for the given users with their most recent ``history_length`` items as history."""
     model.eval()
     hist, mask = history.last(users, history_length)
-    return model.encode_users(torch.from_numpy(np.asarray(users, dtype=np.int64)), torch.from_numpy(hist), torch.from_numpy(mask))
+    dev = model_device(model)
+    return model.encode_users(torch.from_numpy(np.asarray(users, dtype=np.int64)).to(dev),
+                              torch.from_numpy(hist).to(dev), torch.from_numpy(mask).to(dev))
 
 
 def mask_rows(scores: torch.Tensor, rows: np.ndarray, exclude: CSR) -> None:
     """Set ``scores[b, j] = -inf`` for every item ``j`` in ``exclude``'s row ``rows[b]`` (in place)."""
     vals, _ = exclude.gather(rows)
     lens = exclude.indptr[np.asarray(rows) + 1] - exclude.indptr[np.asarray(rows)]
-    r = torch.from_numpy(np.repeat(np.arange(len(rows)), lens))
-    scores[r, torch.from_numpy(vals)] = float("-inf")
+    r = torch.from_numpy(np.repeat(np.arange(len(rows)), lens)).to(scores.device)
+    scores[r, torch.from_numpy(vals).to(scores.device)] = float("-inf")
 
 
 @torch.no_grad()
 def top_k_blocks(model: TwoTowerModel, users: np.ndarray, history: CSR, exclude: CSR | None, k: int,
                  history_length: int, batch_users: int = 1024, item_vecs: torch.Tensor | None = None
                  ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-    """Yield ``(block_users, top_scores [b, k], top_items [b, k])`` block by block, excluding each
-    user's ``exclude`` items. Scores are cosines (the ranking does not depend on the temperature)."""
+    """Yield ``(block_users, top_scores [b, k], top_items [b, k])`` (CPU tensors) block by block,
+    excluding each user's ``exclude`` items. Scores are cosines (the ranking does not depend on the
+    temperature)."""
     if item_vecs is None:
         item_vecs = embed_items(model)
     k = min(k, item_vecs.shape[0])
@@ -50,4 +58,4 @@ def top_k_blocks(model: TwoTowerModel, users: np.ndarray, history: CSR, exclude:
         if exclude is not None:
             mask_rows(scores, block, exclude)
         top = torch.topk(scores, k, dim=1)
-        yield block, top.values, top.indices
+        yield block, top.values.cpu(), top.indices.cpu()

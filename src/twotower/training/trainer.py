@@ -107,6 +107,16 @@ def make_optimizer(cfg: RunConfig, model: TwoTowerModel) -> _Optimizers:
     return _Optimizers([cls(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)])
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without it is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from ..errors import ConfigError
+        raise ConfigError("train.device = \"cuda\" but PyTorch sees no CUDA device; use \"cpu\" or \"auto\"")
+    return torch.device(name)
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Multiplier of the base learning rate: linear warm-up, then constant, cosine or linear decay to 0."""
     if warmup and step < warmup:
@@ -129,28 +139,30 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model(cfg, dataset)
+        self.device = resolve_device(cfg.train.device)
+        self.model = build_model(cfg, dataset).to(self.device)
         self.optimizer = make_optimizer(cfg, self.model)
         self.state = TrainState()
-        self.p = counted_probabilities(dataset.item_counts())
+        self.p = counted_probabilities(dataset.item_counts()).to(self.device)
         self.steps_per_epoch = len(epoch_batches(len(dataset.train), cfg.train.batch_size, np.random.default_rng(0),
                                                  dataset.train.users if cfg.train.unique_users else None))
         self._seen_keys = None
         if cfg.train.mask_user_history:
             h = dataset.history("train")
             rows = np.repeat(np.arange(h.n_rows), h.lengths())
-            self._seen_keys = torch.from_numpy(np.unique(rows * dataset.n_items + h.indices))
+            self._seen_keys = torch.from_numpy(np.unique(rows * dataset.n_items + h.indices)).to(self.device)
         self.best_weights: dict[str, torch.Tensor] | None = None
 
     # ---- one step --------------------------------------------------------------------------------
     def step(self, pairs: np.ndarray, rng: np.random.Generator) -> float:
         cfg, ds, model = self.cfg, self.dataset, self.model
-        users = torch.from_numpy(ds.train.users[pairs])
-        items = torch.from_numpy(ds.train.items[pairs])
+        dev = self.device
+        users = torch.from_numpy(ds.train.users[pairs]).to(dev, non_blocking=True)
+        items = torch.from_numpy(ds.train.items[pairs]).to(dev, non_blocking=True)
         hist = mask = None
         if cfg.model.user_history:
             h, m = ds.pair_history(pairs, cfg.model.history_length, rng)
-            hist, mask = torch.from_numpy(h), torch.from_numpy(m)
+            hist, mask = torch.from_numpy(h).to(dev, non_blocking=True), torch.from_numpy(m).to(dev, non_blocking=True)
         u = model.encode_users(users, hist, mask)
         v = model.encode_items(items)
 
@@ -219,14 +231,14 @@ class Trainer:
                 value = metrics[monitor]
                 if value > self.state.best_value:
                     self.state.best_value, self.state.best_epoch, self.state.bad_evals = value, epoch, 0
-                    self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                    self.best_weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
                     if self.run_dir is not None:
                         artifacts.save_tensors(self.run_dir / "model.safetensors", self.best_weights)
                 else:
                     self.state.bad_evals += 1
             elif not has_valid:
                 self.state.best_epoch = epoch
-                self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                self.best_weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
                 if self.run_dir is not None:
                     artifacts.save_tensors(self.run_dir / "model.safetensors", self.best_weights)
             self.state.epoch = epoch
@@ -274,7 +286,7 @@ class Trainer:
             raise ArtifactError(f"{d}: the run was started with a different config; resume it with the same config "
                                 "(see {d}/config.json) or start a new run")
         self.model.load_state_dict(artifacts.load_tensors(d / "checkpoint" / "last.safetensors"))
-        self.optimizer.load_state_dict(artifacts.load_torch_state(d / "checkpoint" / "optimizer.pt"))
+        self.optimizer.load_state_dict(artifacts.load_torch_state(d / "checkpoint" / "optimizer.pt"))  # moved to param devices
         st = artifacts.read_json(d / "checkpoint" / "state.json")
         st["best_value"] = -math.inf if st["best_value"] is None else st["best_value"]
         self.state = TrainState(**st)
