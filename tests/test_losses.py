@@ -21,16 +21,40 @@ def test_log_expected_count_mixed_proposal_and_bank():
     assert torch.allclose(got, expected)
 
 
-def test_logq_corrected_positive_and_negatives():
+def _ce(rows):
+    """Mean of -log softmax for rows given as (logits list, target index)."""
+    return sum(-(z[t] - math.log(sum(math.exp(x) for x in z))) for z, t in rows) / len(rows)
+
+
+def test_logq_correction_positive_and_negatives_by_hand():
     scores = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     log_q = torch.tensor([0.5, -1.0])
     target = torch.tensor([0, 1])
-    both = losses.logq_corrected(scores, log_q, target, correct_positive=True)
-    assert torch.allclose(both, torch.tensor([[0.5, 3.0], [2.5, 5.0]]))
-    neg_only = losses.logq_corrected(scores, log_q, target, correct_positive=False)
-    assert torch.allclose(neg_only, torch.tensor([[1.0, 3.0], [2.5, 4.0]]))
-    half = losses.logq_corrected(scores, log_q, target, weight=0.5)
-    assert torch.allclose(half, torch.tensor([[0.75, 2.5], [2.75, 4.5]]))
+    both = losses.sampled_softmax_loss(scores, target, correction=log_q)
+    assert math.isclose(float(both), _ce([([0.5, 3.0], 0), ([2.5, 5.0], 1)]), rel_tol=1e-6)
+    neg_only = losses.sampled_softmax_loss(scores, target, correction=log_q, positive_correction=torch.zeros(2))
+    assert math.isclose(float(neg_only), _ce([([1.0, 3.0], 0), ([2.5, 4.0], 1)]), rel_tol=1e-6)
+    half = losses.sampled_softmax_loss(scores, target, correction=0.5 * log_q)
+    assert math.isclose(float(half), _ce([([0.75, 2.5], 0), ([2.75, 4.5], 1)]), rel_tol=1e-6)
+
+
+def test_fused_gradient_matches_composed_autograd():
+    torch.manual_seed(0)
+    scores = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 3, 2, 8, 4, 5])
+    corr = torch.randn(9, dtype=torch.float64)
+    mask = torch.rand(6, 9) < 0.3
+    mask[torch.arange(6), target] = False
+    for pos in (None, torch.zeros(6, dtype=torch.float64)):
+        got = losses.sampled_softmax_loss(scores, target, corr, mask, pos)
+        (g_got,) = torch.autograd.grad(got, scores)
+        z = scores - corr
+        if pos is not None:
+            z = z + torch.nn.functional.one_hot(target, 9) * corr[target][:, None]
+        ref = torch.nn.functional.cross_entropy(z.masked_fill(mask, float("-inf")), target)
+        (g_ref,) = torch.autograd.grad(ref, scores)
+        assert torch.allclose(got, ref) and torch.allclose(g_got, g_ref)
+        assert (g_got[mask] == 0).all()  # masked candidates get no gradient
 
 
 def test_accidental_hit_mask_masks_duplicates_not_target():
@@ -63,7 +87,7 @@ def test_sampled_softmax_loss_by_hand():
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]])
     target = torch.tensor([0, 2])
     mask = torch.tensor([[False, False, True], [True, False, False]])
-    got = losses.sampled_softmax_loss(logits, target, mask)
+    got = losses.sampled_softmax_loss(logits, target, mask=mask)
     row0 = -(2.0 - math.log(math.exp(2.0) + math.exp(1.0)))
     row1 = -(3.0 - math.log(math.exp(1.0) + math.exp(3.0)))
     assert math.isclose(float(got), (row0 + row1) / 2, rel_tol=1e-6)
@@ -79,6 +103,6 @@ def test_logq_shifts_gradient_toward_popular_negatives():
     scores = torch.tensor([[1.0, 1.0]])
     log_q = losses.log_expected_count(torch.tensor([0.1, 0.9]), batch_size=1)
     plain = losses.sampled_softmax_loss(scores, torch.tensor([0]))
-    corrected = losses.sampled_softmax_loss(losses.logq_corrected(scores, log_q, torch.tensor([0]), correct_positive=False), torch.tensor([0]))
+    corrected = losses.sampled_softmax_loss(scores, torch.tensor([0]), log_q, positive_correction=torch.zeros(1))
     assert math.isclose(float(plain), math.log(2), rel_tol=1e-6)
     assert math.isclose(float(corrected), -math.log(math.exp(1) / (math.exp(1) + math.exp(1 - math.log(0.9)))), rel_tol=1e-6)

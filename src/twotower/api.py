@@ -49,17 +49,35 @@ def train(cfg: RunConfig, out: str | Path | None = None, data_dir: str | Path | 
     state = trainer.fit(resume=resume)
     hl = cfg.model.history_length
     valid = evaluate(trainer.model, ds, "valid", cfg.eval, hl) if len(ds.valid) else {}
-    test = evaluate(trainer.model, ds, "test", cfg.eval, hl) if evaluate_test and len(ds.test) else None
+    final = trainer
+    if cfg.train.refit and len(ds.valid):
+        final = _refit(cfg, ds, state.best_epoch, out, resume, quiet, log)
+    test = evaluate(final.model, ds, "test", cfg.eval, hl) if evaluate_test and len(ds.test) else None
     seconds = time.perf_counter() - t0
     if out is not None:
         out = Path(out)
-        artifacts.save_numpy(out / "item_embeddings.npy", embed_items(trainer.model).cpu().numpy())
+        artifacts.save_numpy(out / "item_embeddings.npy", embed_items(final.model).cpu().numpy())
+        if final is not trainer:
+            artifacts.save_tensors(out / "model.safetensors", final.model.state_dict())
         artifacts.write_json(out / "metrics.json", {
             "best_epoch": state.best_epoch, "epochs_run": state.epoch, "stopped_early": state.stopped_early,
+            "refit": final is not trainer,
             "valid": valid, "test": test, "seconds": seconds,
             "seconds_per_epoch": float(np.mean([r["seconds"] for r in state.history])) if state.history else None,
         })
-    return TrainResult(Path(out) if out is not None else None, trainer, valid, test, seconds)
+    return TrainResult(Path(out) if out is not None else None, final, valid, test, seconds)
+
+
+def _refit(cfg: RunConfig, ds: Dataset, epochs: int, out, resume: bool, quiet: bool, log) -> Trainer:
+    """Retrain from scratch on train + validation for the epoch count validation chose.
+    Its checkpoints live in ``out/refit`` so that ``--resume`` continues whichever phase was cut."""
+    log(f"refit: training on train + validation for {epochs} epochs (the best epoch on validation)")
+    rcfg = cfg.model_copy(deep=True)
+    rcfg.train.epochs, rcfg.train.patience, rcfg.train.refit = max(epochs, 1), 0, False
+    rdir = Path(out) / "refit" if out is not None else None
+    refit = Trainer(rcfg, ds.with_valid_in_train(), rdir, quiet=quiet, log=log)
+    refit.fit(resume=resume and rdir is not None and (rdir / "checkpoint" / "state.json").exists())
+    return refit
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", data_dir: str | Path | None = None) -> dict[str, float]:

@@ -97,6 +97,8 @@ class TrainConfig(_Section):
     patience: int = Field(3, ge=0, description="epochs without validation improvement before stopping (0: never stop early)")
     monitor: str = Field("recall@20", description="validation metric used for early stopping and model selection")
     eval_every: int = Field(1, ge=1)
+    refit: bool = Field(False, description="after early stopping, retrain from scratch on train + validation for the "
+                                          "best number of epochs (selection stays on validation; more data for the final model)")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "cpu"
     threads: int | None = Field(None, ge=1)

@@ -216,6 +216,15 @@ class Dataset:
         valid = valid & (items != self.train.items[pairs][:, None])
         return np.where(valid, items, 0), valid
 
+    def with_valid_in_train(self) -> "Dataset":
+        """The same dataset with the validation part folded back into training (for a final refit
+        once validation has chosen the number of epochs)."""
+        merged = Split(np.r_[self.train.users, self.valid.users], np.r_[self.train.items, self.valid.items],
+                       None if not self.has_timestamps else np.r_[self.train.timestamps, self.valid.timestamps])
+        empty = self.valid.take(np.zeros(len(self.valid), dtype=bool))
+        return Dataset(self.name, self.users, self.items, merged, empty, self.test, self.item_features,
+                       self.user_features, self.item_titles)
+
     def summary(self) -> dict:
         return {
             "name": self.name, "users": self.n_users, "items": self.n_items,

@@ -54,7 +54,7 @@ def evaluate_split(model: TwoTowerModel, truth_split: Split, known: CSR, item_co
     item_vecs = embed_items(model)
     for block, _, top in top_k_blocks(model, users, known, known, max_k, history_length, cfg.batch_users, item_vecs):
         relevant = truth.to_dense_mask(block, n_items)
-        n_rel = relevant.sum(1)
+        n_rel = torch.from_numpy(truth.lengths()[block])
         hits = relevant.gather(1, top)
         top_bucket = bucket[top]
         bucket_total += torch.bincount(bucket[torch.from_numpy(truth.gather(block)[0])], minlength=n_buckets).double()

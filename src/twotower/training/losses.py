@@ -32,18 +32,6 @@ def log_expected_count(p: torch.Tensor, batch_size: int, n_sampled: int = 0, r: 
     return torch.log(expected.clamp_min(1e-30))
 
 
-def logq_corrected(scores: torch.Tensor, log_q: torch.Tensor, target: torch.Tensor,
-                   correct_positive: bool = True, weight: float = 1.0) -> torch.Tensor:
-    """``scores[b, c] - weight * log_q[c]``; with ``correct_positive=False`` the positive's logit
-    ``scores[b, target[b]]`` is left uncorrected (only negatives are corrected)."""
-    lq = weight * log_q.to(scores.dtype)
-    out = scores - lq  # broadcast over rows: no [B, C] correction tensor is materialised
-    if not correct_positive:
-        rows = torch.arange(scores.shape[0], device=scores.device)
-        out[rows, target] = out[rows, target] + lq[target]
-    return out
-
-
 def accidental_hit_mask(positive_ids: torch.Tensor, candidate_ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``[B, C]`` True where candidate ``c`` is row ``b``'s positive item but is not its target column
     (the same item twice in a batch, or again in a memory bank): scoring it as a negative would push
@@ -65,9 +53,44 @@ def seen_item_mask(row_users: torch.Tensor, candidate_ids: torch.Tensor, target:
     return seen
 
 
-def sampled_softmax_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over rows of ``-log softmax(logits[b])[target[b]]`` with masked candidates removed
-    from the normaliser (their logits set to -inf). The target itself must not be masked."""
-    if mask is not None:
-        logits = logits.masked_fill(mask, _NEG_INF)
-    return F.cross_entropy(logits, target)
+def sampled_softmax_loss(scores: torch.Tensor, target: torch.Tensor, correction: torch.Tensor | None = None,
+                         mask: torch.Tensor | None = None, positive_correction: torch.Tensor | None = None) -> torch.Tensor:
+    """Sampled softmax cross-entropy, averaged over rows:
+
+        z[b, c] = scores[b, c] - correction[c]         (logQ: correction = weight * log E[count], else 0)
+        z[b, target[b]] = scores[b, target[b]] - positive_correction[b]   (default: the same correction)
+        z[b, c] = -inf where mask[b, c]                (accidental hits, false negatives)
+        loss = mean_b( logsumexp_c z[b, c] - z[b, target[b]] )
+
+    ``positive_correction = zeros`` gives the variant that corrects only the negatives. The target
+    itself must not be masked. Forward and backward are fused by hand (the gradient is
+    ``softmax(z) - onehot(target)``): on a CPU the ``[B, C]`` element-wise passes, not the matrix
+    products, dominate a step, and this does about half as many as the composed operators.
+    """
+    return _SampledSoftmax.apply(scores, target, correction, mask, positive_correction)
+
+
+class _SampledSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, target, correction, mask, positive_correction):
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        z = scores.detach().clone() if correction is None else scores.detach() - correction.to(scores.dtype)
+        if positive_correction is not None:
+            shift = positive_correction.to(scores.dtype) - (correction[target].to(scores.dtype) if correction is not None else 0.0)
+            z[rows, target] -= shift
+        if mask is not None:
+            z.masked_fill_(mask, _NEG_INF)
+        lse = torch.logsumexp(z, dim=1)
+        loss = (lse - z[rows, target]).mean()
+        ctx.save_for_backward(z, lse, target)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        z, lse, target = ctx.saved_tensors
+        p = z.sub_(lse[:, None]).exp_()  # softmax, in the buffer the forward pass left behind
+        rows = torch.arange(p.shape[0], device=p.device)
+        p[rows, target] -= 1.0
+        p.mul_(grad / p.shape[0])
+        return p, None, None, None, None
