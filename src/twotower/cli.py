@@ -144,7 +144,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(data_dir=_data_dir(args), out=Path(args.out) if args.out else None, quiet=args.quiet,
-                    offline=args.offline, synthetic=args.synthetic)
+                    offline=args.offline, synthetic=args.synthetic, epochs=args.epochs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="run directory (default: a temporary folder)")
     d.add_argument("--offline", action="store_true", help="do not try to download MovieLens 100K")
     d.add_argument("--synthetic", action="store_true", help="use the generated synthetic dataset")
+    d.add_argument("--epochs", type=int, help="cap the number of epochs (default: the demo config's 30, early-stopped)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
     return p

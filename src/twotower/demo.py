@@ -25,7 +25,7 @@ def demo_config(dataset: str) -> RunConfig:
 
 
 def run_demo(data_dir: Path | None = None, out: Path | None = None, quiet: bool = False, offline: bool = False,
-             synthetic: bool = False) -> int:
+             synthetic: bool = False, epochs: int | None = None) -> int:
     from .api import train
     from .cli import _format_metrics, _label
     from .data.fetch import fetch_movielens_100k
@@ -46,6 +46,8 @@ def run_demo(data_dir: Path | None = None, out: Path | None = None, quiet: bool 
         print("demo: MovieLens 100K is not available (offline or --synthetic); using the generated synthetic dataset "
               "(2,000 users, 1,000 items, power-law popularity, 20 categories, 8 taste clusters)")
         cfg = demo_config("synthetic")
+    if epochs is not None:
+        cfg.train.epochs = epochs
     tmp = None
     if out is None:
         tmp = tempfile.TemporaryDirectory(prefix="twotower-demo-")

@@ -1,0 +1,54 @@
+"""Full-ranking evaluation on a hand-built model whose rankings are known."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from twotower.config import EvalConfig, ModelConfig
+from twotower.data.dataset import CSR, Split
+from twotower.evaluation.evaluator import evaluate_split
+from twotower.model.towers import TwoTowerModel
+
+
+def _model():
+    m = TwoTowerModel(2, 4, ModelConfig(dim=2, temperature=0.1))
+    with torch.no_grad():
+        m.user_tower.id_embedding.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        m.item_tower.id_embedding.weight.copy_(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]]))
+    return m
+
+
+def test_full_ranking_metrics_by_hand():
+    # user 0 ranks items 0 > 1 > 2 > 3 and has seen item 0; held out: item 2 -> ranks 1, 2, 3 = items 1, 2, 3
+    # user 1 ranks items 2 > 1 > 0 > 3 and has seen item 3; held out: items 1, 0 -> ranks 2 and 3
+    known = CSR.from_pairs(np.array([0, 1]), np.array([0, 3]), 2)
+    truth = Split(np.array([0, 1, 1]), np.array([2, 1, 0]))
+    counts = np.array([5, 1, 2, 10])
+    cfg = EvalConfig(ks=[1, 2, 3], popularity_buckets=[0.25, 0.5])  # head = item 3, torso = item 0, tail = 1, 2
+    m = evaluate_split(_model(), truth, known, counts, cfg)
+    assert m["users"] == 2
+    assert m["recall@1"] == 0.0
+    assert m["recall@2"] == pytest.approx((1.0 + 0.5) / 2)
+    assert m["recall@3"] == pytest.approx(1.0)
+    assert m["hr@2"] == 1.0 and m["hr@1"] == 0.0
+    assert m["precision@2"] == pytest.approx((0.5 + 0.5) / 2)
+    assert m["mrr@3"] == pytest.approx((0.5 + 0.5) / 2)
+    ndcg_u0 = (1 / math.log2(3)) / 1.0
+    ndcg_u1 = (1 / math.log2(3)) / (1 + 1 / math.log2(3))
+    assert m["ndcg@2"] == pytest.approx((ndcg_u0 + ndcg_u1) / 2)
+    # top-1 lists: user 0 -> item 1, user 1 -> item 2 (seen items never appear)
+    assert m["coverage@1"] == pytest.approx(2 / 4)
+    assert m["popularity@1"] == pytest.approx((1 + 2) / 2)
+    assert m["tail_share@1"] == 1.0
+    assert m["recall@2/tail"] == pytest.approx(1.0)   # items 2 (user 0) and 1 (user 1) found by rank 2
+    assert m["recall@2/torso"] == 0.0                 # item 0 for user 1 is at rank 3
+    assert m["recall@3/torso"] == 1.0
+    assert math.isnan(m["recall@2/head"])              # no held-out item in the head
+
+
+def test_seen_items_are_masked_even_when_best():
+    known = CSR.from_pairs(np.array([0, 0]), np.array([0, 1]), 2)
+    truth = Split(np.array([0]), np.array([2]))
+    m = evaluate_split(_model(), truth, known, np.ones(4), EvalConfig(ks=[1]))
+    assert m["recall@1"] == 1.0  # items 0 and 1 score higher but are the user's training items
