@@ -5,6 +5,7 @@ correct, mask, take the softmax loss, update. Only ``Trainer`` touches the run d
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -302,6 +303,9 @@ class Trainer:
         st = artifacts.read_json(d / "checkpoint" / "state.json")
         st["best_value"] = -math.inf if st["best_value"] is None else st["best_value"]
         self.state = TrainState(**st)
+        # The checkpoint's history is the record: a crash between writing metrics.jsonl and the
+        # checkpoint must not leave a line for an epoch that will be trained again.
+        artifacts.write_text(d / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.state.history))
         if (d / "model.safetensors").exists():
             self.best_weights = artifacts.load_tensors(d / "model.safetensors")
         self.log(f"resuming {d} after epoch {self.state.epoch}")
