@@ -65,6 +65,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, data_dir: str | Path | 
             "valid": valid, "test": test, "seconds": seconds,
             "seconds_per_epoch": float(np.mean([r["seconds"] for r in state.history])) if state.history else None,
         })
+        artifacts.write_manifest(out)
     return TrainResult(Path(out) if out is not None else None, final, valid, test, seconds)
 
 

@@ -6,6 +6,7 @@ the optimizer state goes through ``torch.save`` and is read back with ``weights_
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -98,6 +99,47 @@ def save_numpy(path: str | Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)
+
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(run_dir: str | Path) -> dict[str, str]:
+    """Record the sha256 of every file at the top of a finished run directory (the artifacts
+    serving and evaluation load; ``checkpoint/`` is working state for ``--resume``)."""
+    run_dir = Path(run_dir)
+    files = {p.name: sha256_file(p) for p in sorted(run_dir.iterdir())
+             if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+    write_json(run_dir / MANIFEST, {"sha256": files})
+    return files
+
+
+def verify_manifest(run_dir: str | Path) -> None:
+    """Refuse a run directory whose files do not match its manifest (corrupted, truncated, or
+    swapped in from another run)."""
+    run_dir = Path(run_dir)
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{run_dir}: no {MANIFEST}, so the run did not finish. Resume it with "
+                            "`twotower train CONFIG --out RUN --resume`, or load it unverified with Run(path, verify=False)")
+    recorded = read_json(path).get("sha256", {})
+    bad = []
+    for name, digest in recorded.items():
+        f = run_dir / name
+        if not f.is_file():
+            bad.append(f"{name} is missing")
+        elif sha256_file(f) != digest:
+            bad.append(f"{name} does not match its recorded sha256 (corrupted, truncated or from another run)")
+    if bad:
+        raise ArtifactError(f"{run_dir}: " + "; ".join(bad) + ". Re-run training, or restore the files from a backup")
 
 
 def _json_default(o: Any):

@@ -36,10 +36,12 @@ def _features_from_state(state: dict[str, torch.Tensor], prefix: str, vocabs: di
 class Run:
     """A run directory written by ``twotower train``."""
 
-    def __init__(self, path: str | Path, weights: str = "model.safetensors"):
+    def __init__(self, path: str | Path, weights: str = "model.safetensors", verify: bool = True):
         self.path = Path(path)
         if not self.path.is_dir():
             raise ArtifactError(f"{self.path}: not a directory. Pass the --out folder of `twotower train`")
+        if verify:
+            artifacts.verify_manifest(self.path)
         self.config = RunConfig.from_dict(artifacts.read_json(self.path / "config.json"), source=str(self.path / "config.json"))
         self.users = Vocabulary.from_json((self.path / "users.json").read_text(encoding="utf-8"))
         self.items = Vocabulary.from_json((self.path / "items.json").read_text(encoding="utf-8"))
