@@ -140,6 +140,19 @@ def _label(run, item) -> str:
     return f"{item} ({t})" if t else str(item)
 
 
+def cmd_compare(args) -> int:
+    from .evaluation.compare import load_variants, run_comparison, write_report
+
+    variants = load_variants(args.configs, args.set or [], args.grid or [])
+    out = Path(args.out)
+    print(f"comparing {len(variants)} variants: " + "; ".join(v.name for v in variants))
+    results = run_comparison(variants, out, _data_dir(args), quiet=args.quiet)
+    files = write_report(results, out, title=args.title or ", ".join(Path(c).stem for c in args.configs))
+    print((out / "report.md").read_text(encoding="utf-8").split("\n\n")[2])
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -185,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output file for batch mode: .parquet or .csv (columns user, item, score, rank)")
     r.add_argument("--include-seen", action="store_true", help="do not exclude the user's training items")
     r.set_defaults(func=cmd_recommend)
+
+    c = sub.add_parser("compare", help="train variants side by side and write a report (table + plots)",
+                       epilog="examples:\n  twotower compare configs/ml-100k.toml --grid 'model.temperature=[0.05, 0.1, 0.2]' "
+                              "--grid 'train.logq=[true, false]' --out reports/ml100k\n"
+                              "  twotower compare a.toml b.toml --out reports/ab\n\n"
+                              "A config may also carry the grid itself as a [grid] table: \"model.temperature\" = [0.05, 0.1].",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("configs", nargs="+", help="one or more configs (each crossed with its grid)")
+    c.add_argument("--out", required=True, help="report directory: report.md, results.json, PNG plots, runs/")
+    c.add_argument("--grid", action="append", metavar="SECTION.KEY=[V1, V2]", help="values to cross (repeatable)")
+    c.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override applied to every variant")
+    c.add_argument("--title")
+    c.add_argument("--data-dir")
+    c.add_argument("--quiet", action="store_true", help="one line per variant")
+    c.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("demo", help="train and evaluate end to end on MovieLens 100K (or synthetic data offline)")
     d.add_argument("--data-dir")

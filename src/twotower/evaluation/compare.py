@@ -1,0 +1,203 @@
+"""``twotower compare``: train several variants with the same data, seed and budget, and report
+them side by side (a Markdown table and PNG plots).
+
+Variants are whole configs, or a grid of ``section.key`` values crossed with each other.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import artifacts
+from ..config import RunConfig, apply_overrides
+from ..errors import ConfigError
+
+TABLE_METRICS = ["recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50",
+                 "coverage@20", "tail_share@20", "popularity@20"]
+BUCKETS = ["head", "torso", "tail"]
+
+
+@dataclass
+class Variant:
+    name: str
+    config: dict[str, Any]
+
+
+@dataclass
+class VariantResult:
+    name: str
+    valid: dict[str, float]
+    test: dict[str, float]
+    seconds_per_epoch: float
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+
+def _format_value(v: Any) -> str:
+    return json.dumps(v) if not isinstance(v, str) else v
+
+
+def expand_grid(base: dict[str, Any], grid: dict[str, list], prefix: str = "") -> list[Variant]:
+    """One variant per point of the cartesian product of ``grid`` (``section.key`` -> values),
+    each applied to a copy of ``base``; named ``key=value,key=value``."""
+    if not grid:
+        return [Variant(prefix or "base", json.loads(json.dumps(base)))]
+    for key, values in grid.items():
+        if "." not in key or not isinstance(values, list) or not values:
+            raise ConfigError(f"grid: {key!r} must be 'section.key' with a non-empty list of values")
+    keys = list(grid)
+    out = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        cfg = json.loads(json.dumps(base))
+        apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in zip(keys, combo)])
+        name = ",".join(f"{k.split('.')[-1]}={_format_value(v)}" for k, v in zip(keys, combo))
+        out.append(Variant(f"{prefix}{name}", cfg))
+    return out
+
+
+def load_variants(paths: list[str | Path], overrides: list[str], grid_flags: list[str]) -> list[Variant]:
+    """Variants from config files (each may carry a ``[grid]`` table) and ``--grid key=[...]`` flags."""
+    import tomllib
+
+    import yaml
+
+    extra_grid: dict[str, list] = {}
+    for flag in grid_flags:
+        key, sep, raw = flag.partition("=")
+        try:
+            values = tomllib.loads(f"v = {raw}")["v"] if sep else None
+        except tomllib.TOMLDecodeError:
+            values = None
+        if not isinstance(values, list):
+            raise ConfigError(f"--grid {flag!r}: expected section.key=[v1, v2, ...], e.g. --grid 'model.temperature=[0.05, 0.1]'")
+        extra_grid[key.strip()] = values
+    variants: list[Variant] = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        text = p.read_text(encoding="utf-8")
+        d = tomllib.loads(text) if p.suffix == ".toml" else (yaml.safe_load(text) or {})
+        grid = {**d.pop("grid", {}), **extra_grid}
+        apply_overrides(d, list(overrides))
+        prefix = f"{p.stem}:" if len(paths) > 1 else ""
+        for v in expand_grid(d, grid, prefix):
+            RunConfig.from_dict(v.config, source=f"{p} ({v.name})")  # validate every variant before training any
+            variants.append(v)
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"variant names are not unique: {names}; give the configs different file names")
+    return variants
+
+
+def run_comparison(variants: list[Variant], out: Path, data_dir=None, quiet: bool = True, log=print) -> list[VariantResult]:
+    """Train each variant (its own run directory under ``out/runs``) and collect its figures."""
+    from ..api import train
+    from ..data.sources import load_dataset
+
+    out.mkdir(parents=True, exist_ok=True)
+    datasets: dict[str, Any] = {}
+    results = []
+    for k, v in enumerate(variants, 1):
+        cfg = RunConfig.from_dict(v.config)
+        key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
+        if key not in datasets:  # variants that share the data config share one loaded dataset
+            datasets[key] = load_dataset(cfg.data, data_dir)
+        log(f"[{k}/{len(variants)}] {v.name}")
+        safe = "".join(c if c.isalnum() or c in "=.,-_" else "_" for c in v.name)
+        res = train(cfg, out / "runs" / safe, dataset=datasets[key], quiet=quiet, log=(lambda m: None) if quiet else log)
+        hist = res.trainer.state.history if not cfg.train.refit else _phase1_history(out / "runs" / safe)
+        mon = f"valid/{cfg.train.monitor}"
+        results.append(VariantResult(
+            v.name, res.valid, res.test or {},
+            float(sum(r["seconds"] for r in hist) / max(len(hist), 1)),
+            [(r["epoch"], r[mon]) for r in hist if mon in r]))
+    return results
+
+
+def _phase1_history(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(l) for l in lines if l.strip()]
+
+
+def report_markdown(results: list[VariantResult]) -> str:
+    head = ["variant", *TABLE_METRICS, *(f"recall@20/{b}" for b in BUCKETS), "valid recall@20", "s/epoch"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    best = {m: max((r.test.get(m, float("-inf")) for r in results), default=None) for m in TABLE_METRICS}
+    for r in results:
+        cells = [r.name]
+        for m in TABLE_METRICS:
+            val = r.test.get(m, float("nan"))
+            s = f"{val:.4f}" if m != "popularity@20" else f"{val:.1f}"
+            cells.append(f"**{s}**" if m.startswith(("recall", "ndcg")) and val == best[m] else s)
+        cells += [f"{r.test.get(f'recall@20/{b}', float('nan')):.4f}" for b in BUCKETS]
+        cells += [f"{r.valid.get('recall@20', float('nan')):.4f}", f"{r.seconds_per_epoch:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(results: list[VariantResult], out: Path, title: str = "Comparison") -> list[Path]:
+    """``report.md``, ``results.json`` and three PNG figures in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [r.name for r in results]
+    files = []
+    x = np.arange(len(results))
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(results) + 2), 4.5))
+    width = 0.25
+    for j, m in enumerate(["recall@20", "ndcg@20", "recall@50"]):
+        ax.bar(x + (j - 1) * width, [r.test.get(m, 0) for r in results], width, label=m)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("test metric")
+    ax.set_title(f"{title}: test metrics by variant")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    files.append(out / "metrics_by_variant.png")
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(results) + 2), 4.5))
+    width = 0.8 / len(results)
+    for j, r in enumerate(results):
+        ax.bar(np.arange(3) + (j - (len(results) - 1) / 2) * width,
+               [r.test.get(f"recall@20/{b}", 0) for b in BUCKETS], width, label=r.name)
+    ax.set_xticks(np.arange(3), ["head (top 20 %)", "torso (next 30 %)", "tail (last 50 %)"])
+    ax.set_ylabel("test Recall@20 of held-out items in the bucket")
+    ax.set_title(f"{title}: recall by item popularity")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    files.append(out / "recall_by_popularity.png")
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        if r.curve:
+            ep, val = zip(*r.curve)
+            ax.plot(ep, val, marker="o", ms=3, label=r.name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation Recall@20")
+    ax.set_title(f"{title}: validation curves")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    files.append(out / "validation_curves.png")
+    fig.savefig(files[-1], dpi=120)
+    plt.close(fig)
+
+    md = [f"# {title}", "", "Test metrics of each variant's best-on-validation model (same data, seed and budget).", "",
+          report_markdown(results), "",
+          "![metrics](metrics_by_variant.png)", "", "![recall by popularity](recall_by_popularity.png)", "",
+          "![validation curves](validation_curves.png)", ""]
+    artifacts.write_text(out / "report.md", "\n".join(md))
+    artifacts.write_json(out / "results.json", [r.__dict__ for r in results])
+    return [out / "report.md", out / "results.json", *files]
