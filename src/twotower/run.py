@@ -78,8 +78,7 @@ class Run:
         Every item the user has in the training data (validation part included) is excluded.
         Unknown user ids raise ``KeyError``.
         """
-        idx = self.users.encode(np.asarray(users), strict=True) if not isinstance(users, np.ndarray) or users.dtype.kind not in "iu" \
-            else self.users.encode(users, strict=True)
+        idx = self.users.encode(np.asarray(users), strict=True)
         frames = []
         hist_len = self.config.model.history_length
         for block, scores, items in top_k_blocks(self.model, idx, self.known, self.known if exclude_seen else None, k,
