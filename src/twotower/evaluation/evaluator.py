@@ -51,11 +51,14 @@ def evaluate_split(model: TwoTowerModel, truth_split: Split, known: CSR, item_co
     def add(key: str, values: torch.Tensor) -> None:
         sums[key] = sums.get(key, 0.0) + float(values.sum())
 
+    # Held-out (user, item) pairs as sorted keys: a hit is a binary-search match, no dense mask.
+    truth_keys = torch.from_numpy(np.sort(np.repeat(np.arange(truth.n_rows), truth.lengths()) * n_items + truth.indices))
     item_vecs = embed_items(model)
     for block, _, top in top_k_blocks(model, users, known, known, max_k, history_length, cfg.batch_users, item_vecs):
-        relevant = truth.to_dense_mask(block, n_items)
         n_rel = torch.from_numpy(truth.lengths()[block])
-        hits = relevant.gather(1, top)
+        keys = torch.from_numpy(block)[:, None] * n_items + top
+        pos = torch.searchsorted(truth_keys, keys).clamp_max(len(truth_keys) - 1)
+        hits = truth_keys[pos] == keys
         top_bucket = bucket[top]
         bucket_total += torch.bincount(bucket[torch.from_numpy(truth.gather(block)[0])], minlength=n_buckets).double()
         for k in ks:

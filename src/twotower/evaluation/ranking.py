@@ -51,10 +51,13 @@ def top_k_blocks(model: TwoTowerModel, users: np.ndarray, history: CSR, exclude:
     if item_vecs is None:
         item_vecs = embed_items(model)
     k = min(k, item_vecs.shape[0])
+    # One score buffer for all blocks: a fresh [block, n_items] allocation per block costs about a
+    # third of the matrix product's time in page faults on a CPU.
+    buf = torch.empty(min(batch_users, len(users)), item_vecs.shape[0], device=item_vecs.device, dtype=item_vecs.dtype)
     for s in range(0, len(users), batch_users):
         block = np.asarray(users[s : s + batch_users])
         u = embed_users(model, block, history, history_length)
-        scores = u @ item_vecs.T
+        scores = torch.mm(u, item_vecs.T, out=buf[: len(block)])
         if exclude is not None:
             mask_rows(scores, block, exclude)
         top = torch.topk(scores, k, dim=1)
