@@ -1,4 +1,4 @@
-"""Command line: ``twotower train | evaluate | recommend | demo``.
+"""Command line: ``twotower train | evaluate | recommend | compare | index | serve | demo``.
 
 Every subcommand is a thin shell over the Python API (``twotower.api``, ``twotower.run.Run``).
 User mistakes (bad data, bad config, bad run directory) print one message and exit with code 2.
@@ -96,18 +96,8 @@ def cmd_recommend(args) -> int:
     run = Run(args.run)
     if args.k < 1:
         raise TwotowerError(f"-k must be at least 1, got {args.k}")
-    if args.user is not None:
-        try:
-            recs = run.recommend([args.user], k=args.k, exclude_seen=not args.include_seen)
-        except KeyError:
-            raise TwotowerError(f"user {args.user!r} is not in this run's vocabulary ({len(run.users):,} users); "
-                                "pass a user id from the training data") from None
-        hist = run.history_of(args.user)
-        print(f"user {args.user}: {len(hist)} known items" + (f", e.g. {', '.join(_label(run, i) for i in hist[-5:])}" if len(hist) else ""))
-        print(f"{'rank':>4}  {'item':>10}  {'score':>7}  title")
-        for r in recs.itertuples():
-            print(f"{r.rank:>4}  {str(r.item):>10}  {r.score:7.4f}  {run.title(r.item) or ''}")
-        return 0
+    if args.user is not None or args.history is not None:
+        return _recommend_one(run, args)
     if args.users_file:
         users = run.users.coerce(_read_user_file(Path(args.users_file)))
         unknown = run.users.encode(users) < 0
@@ -125,13 +115,76 @@ def cmd_recommend(args) -> int:
     out = Path(args.out)
     if out.suffix not in (".parquet", ".csv"):
         raise TwotowerError(f"--out {out}: use a .parquet or .csv file name")
-    recs = run.recommend(users, k=args.k, exclude_seen=not args.include_seen)
+    from .serving.query import Recommender
+
+    rec = Recommender.load(run, args.index, category_feature=args.category_feature)
+    recs = rec.recommend_frame(users, k=args.k, exclude_seen=not args.include_seen, alpha=args.alpha, category=args.category)
     with artifacts.atomic_path(out) as tmp:
         if out.suffix == ".parquet":
             recs.to_parquet(tmp, index=False)
         else:
             recs.to_csv(tmp, index=False)
     print(f"wrote {len(recs):,} recommendations for {len(users):,} users to {out}")
+    return 0
+
+
+def _recommend_one(run, args) -> int:
+    """One user's top-k through the serving code path (``Recommender``): a known user by id, or a
+    new user by a history of item ids."""
+    from .serving.query import Query, Recommender, UnknownUserError
+
+    rec = Recommender.load(run, args.index, category_feature=args.category_feature)
+    if args.user is not None:
+        q = Query(user=args.user, k=args.k, alpha=args.alpha, exclude_seen=not args.include_seen, category=args.category)
+    else:
+        q = Query(history=[h.strip() for h in args.history.split(",") if h.strip()], k=args.k, alpha=args.alpha,
+                  exclude_seen=not args.include_seen, category=args.category)
+    try:
+        r = rec.recommend(q)
+    except UnknownUserError:
+        raise TwotowerError(f"user {args.user!r} is not in this run's vocabulary ({len(run.users):,} users); "
+                            "pass a user id from the training data, or a new user's items with --history ID,ID,...") from None
+    if args.user is not None:
+        hist = run.history_of(args.user)
+        print(f"user {args.user}: {len(hist)} known items" + (f", e.g. {', '.join(_label(run, i) for i in hist[-5:])}" if len(hist) else ""))
+    else:
+        print(f"new user: {len(q.history) - len(r.unknown_items)} known items"
+              + (f" ({len(r.unknown_items)} unknown ignored: {', '.join(map(str, r.unknown_items[:5]))})" if r.unknown_items else ""))
+    if r.fallback:
+        print(f"(no usable history: the most popular items{' of ' + str(args.category) if args.category else ''})")
+    print(f"{'rank':>4}  {'item':>10}  {'score':>7}  title")
+    for rank, (item, score) in enumerate(zip(r.items.tolist(), r.scores.tolist()), 1):
+        print(f"{rank:>4}  {str(item):>10}  {score:7.4f}  {run.title(item) or ''}")
+    return 0
+
+
+def cmd_index(args) -> int:
+    from .index.index import IndexParams
+    from .index.run_index import build_run_index
+    from .run import Run
+
+    run = Run(args.run)
+    params = IndexParams(kind=args.kind, nlist=args.nlist, nprobe=args.nprobe, M=args.M, ef_construction=args.ef_construction,
+                         ef_search=args.ef_search, pq_m=args.pq_m, pq_bits=args.pq_bits, refine=args.refine,
+                         target_recall=args.target_recall)
+    idx = build_run_index(run, params, args.out, sample=args.sample_users, seed=args.seed, progress=not args.quiet,
+                          log=lambda m: print(m, flush=True))
+    m = idx.info.get("measured", {})
+    print(f"{idx.kind}: {idx.n_items:,} items, dim {idx.dim}; "
+          + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("recall@"))
+          + f"; {m.get('ann_ms_p50', float('nan')):.3f} ms per query (exact {m.get('exact_ms_p50', float('nan')):.3f} ms)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serving.query import Recommender
+    from .serving.service import serve
+
+    rec = Recommender.load(args.run, args.index, category_feature=args.category_feature)
+    i = rec.index
+    saved = "" if i.info.get("saved", True) else " (no saved index: exact search; build one with `twotower index RUN`)"
+    print(f"serving {args.run}: {i.n_items:,} items, index {i.kind}{saved}; http://{args.host}:{args.port}/docs", flush=True)
+    serve(rec, host=args.host, port=args.port, log_level=args.log_level, max_batch=args.max_batch)
     return 0
 
 
@@ -193,11 +246,53 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--user", help="raw user id")
     g.add_argument("--all-users", action="store_true", help="every user of the run's test split (see --scope)")
     g.add_argument("--users-file", help="text file with one raw user id per line")
+    g.add_argument("--history", metavar="ID,ID,...", help="a new user: raw item ids, oldest first (unknown ones are ignored)")
     r.add_argument("--scope", choices=["test", "all"], default="test", help="with --all-users: test-split users or every user")
     r.add_argument("-k", type=int, default=20, help="items per user (default 20)")
     r.add_argument("--out", help="output file for batch mode: .parquet or .csv (columns user, item, score, rank)")
     r.add_argument("--include-seen", action="store_true", help="do not exclude the user's training items")
+    r.add_argument("--alpha", type=float, default=0.0, help="popularity correction: score - alpha * log p(item) (default 0)")
+    r.add_argument("--category", help="only items of this category (a value of the item feature)")
+    r.add_argument("--category-feature", help="item feature that --category refers to (default: the model's first item feature)")
+    r.add_argument("--index", help="index folder (default RUN/index if built, else exact search)")
     r.set_defaults(func=cmd_recommend)
+
+    ix = sub.add_parser("index", help="embed every item and build a FAISS index in the run directory",
+                        epilog="examples:\n  twotower index runs/ml100k                      # auto: flat below 50k items, HNSW up to 5M, IVF beyond\n"
+                               "  twotower index runs/gowalla --kind hnsw --M 32 --ef-search 128\n"
+                               "  twotower index runs/big --kind ivfpq --nlist 4096 --pq-m 16 --refine 4\n\n"
+                               "Search knobs not given (--nprobe, --ef-search) are tuned on real users to reach --target-recall.\n"
+                               "Recall@10/@100 against exact search and per-query latency are printed and stored in RUN/index/index.json.",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ix.add_argument("run")
+    ix.add_argument("--kind", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"], default="auto")
+    ix.add_argument("--nlist", type=int, help="IVF lists (default 4 * sqrt(items))")
+    ix.add_argument("--nprobe", type=int, help="IVF lists visited per query (default: tuned)")
+    ix.add_argument("--M", type=int, default=32, help="HNSW neighbours per node (default 32)")
+    ix.add_argument("--ef-construction", type=int, default=80, help="HNSW build-time candidate list (default 80)")
+    ix.add_argument("--ef-search", type=int, help="HNSW search-time candidate list (default: tuned; at least k is used)")
+    ix.add_argument("--pq-m", type=int, default=16, help="IVF-PQ sub-quantizers (default 16)")
+    ix.add_argument("--pq-bits", type=int, default=8, help="IVF-PQ bits per code (default 8)")
+    ix.add_argument("--refine", type=int, default=4, help="IVF-PQ: re-rank refine * k candidates exactly (default 4)")
+    ix.add_argument("--target-recall", type=float, default=0.95, help="tuning target for recall@10 and @100 (default 0.95)")
+    ix.add_argument("--sample-users", type=int, default=1000, help="real users to tune and measure recall on (default 1000)")
+    ix.add_argument("--seed", type=int, default=0)
+    ix.add_argument("--out", help="index folder (default RUN/index)")
+    ix.add_argument("--quiet", action="store_true", help="no progress bar")
+    ix.set_defaults(func=cmd_index)
+
+    sv = sub.add_parser("serve", help="HTTP API: recommendations, similar items, health, metadata (FastAPI + uvicorn)",
+                        epilog="examples:\n  twotower serve runs/ml100k                 # http://127.0.0.1:8000/docs\n"
+                               "  curl -s localhost:8000/recommend -d '{\"user\": 196, \"k\": 10}' -H 'content-type: application/json'",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sv.add_argument("run")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--index", help="index folder (default RUN/index if built, else exact search)")
+    sv.add_argument("--category-feature", help="item feature that requests' \"category\" refers to (default: the first)")
+    sv.add_argument("--max-batch", type=int, default=64, help="most concurrent requests computed together (default 64)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("compare", help="train variants side by side and write a report (table + plots)",
                        epilog="examples:\n  twotower compare configs/ml-100k.toml --grid 'model.temperature=[0.05, 0.1, 0.2]' "

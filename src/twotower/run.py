@@ -103,3 +103,30 @@ class Run:
     def history_of(self, user_raw) -> np.ndarray:
         u = self.users.encode([user_raw], strict=True)[0]
         return self.items.decode(self.known.row(u))
+
+    # ---- item categories (serving-time filters) ---------------------------------------------------
+    def item_feature_values(self) -> dict[str, list]:
+        """The values of each categorical item feature the item tower uses, from ``features.json``
+        (``{}`` when the item tower has no features)."""
+        bags = getattr(self.model.item_tower, "features", None)
+        if bags is None:
+            return {}
+        vocabs = artifacts.read_json(self.path / "features.json").get("item", {})
+        return {name: list(vocabs.get(name, [])) for name in bags.names}
+
+    def item_category_items(self, feature: str, value) -> np.ndarray:
+        """Sorted indices of the items whose ``feature`` includes ``value`` (multi-valued features
+        such as genres count every value). Raises ``KeyError`` naming the known features or values."""
+        values = self.item_feature_values()
+        if feature not in values:
+            raise KeyError(f"item feature {feature!r} is not in this model; known: {sorted(values) or 'none'}")
+        vocab = values[feature]
+        matches = [i for i, v in enumerate(vocab) if str(v) == str(value)]
+        if not matches:
+            raise KeyError(f"{feature} {value!r} is not a known value; known: {vocab[:20]}{' ...' if len(vocab) > 20 else ''}")
+        bags = self.model.item_tower.features
+        k = bags.names.index(feature)
+        indptr = getattr(bags, f"indptr{k}").cpu().numpy()
+        codes = getattr(bags, f"values{k}").cpu().numpy()
+        owners = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+        return np.unique(owners[codes == matches[0]]).astype(np.int64)

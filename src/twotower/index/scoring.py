@@ -1,0 +1,110 @@
+"""The served score as an inner product: the maths that lets one FAISS index answer every ``alpha``.
+
+DESIGN.md, "Serving-time popularity correction": the served score is
+
+    score(u, j) = <f(u), g(j)> / tau  +  b_j  -  alpha * log p(j)
+
+where ``<f(u), g(j)> / tau`` is the training logit (cosine over the temperature), ``b_j`` the
+learned item bias when the model has one, and ``alpha`` a per-request knob whose scale is relative
+to that logit. It fits an inner-product index exactly by appending dimensions:
+
+    item  x_j = [ g(j),   s_b * b_j,   s_p * (-log p(j) - c) ]
+    query q_u = [ f(u)/tau, 1 / s_b,   alpha / s_p           ]
+
+    <q_u, x_j> = <f(u), g(j)>/tau + b_j - alpha * log p(j) - alpha * c = score(u, j) - alpha * c
+
+The constant ``c`` (the mean of ``-log p``) is the same for every item, so it changes no ranking
+and is added back to report the score (``served_scores``). The positive scales ``s_p`` and ``s_b``
+cancel in the product; they keep the appended coordinates small (at most ``0.25`` in absolute
+value, ``ScoreLayout.fit``) so that item vectors stay close to the unit sphere, which approximate indexes (clusters,
+neighbour graphs) need: unscaled, ``-log p`` is 5 to 15 and would dominate every distance between
+items. With ``c = 0`` and scales of 1 this is the plain form ``[g, -log p]`` / ``[f/tau, alpha]``.
+
+``p(j)`` is the item's share of training positives with add-one smoothing (``log_popularity``),
+so items never seen in training have a finite ``log p``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+def log_popularity(counts: np.ndarray) -> np.ndarray:
+    """``log p(j)`` with add-one smoothing: ``p(j) = (n_j + 1) / (N + n_items)`` (float64).
+
+    ``counts`` are the training positives per item (``Run.item_counts``)."""
+    c = np.asarray(counts, dtype=np.float64) + 1.0
+    return np.log(c) - np.log(c.sum())
+
+
+def augment_items(vecs: np.ndarray, log_p: np.ndarray, bias: np.ndarray | None = None,
+                  offset: float = 0.0, scale: float = 1.0, bias_scale: float = 1.0) -> np.ndarray:
+    """Item side of the served score (module docstring): ``[g(j), s_b b_j, s_p (-log p(j) - c)]``,
+    float32 ``[n, d + 1]`` without a bias, ``[n, d + 2]`` with one."""
+    vecs = np.asarray(vecs, dtype=np.float32)
+    pop = (scale * (-np.asarray(log_p, dtype=np.float64) - offset)).astype(np.float32)[:, None]
+    cols = [vecs]
+    if bias is not None:
+        cols.append((bias_scale * np.asarray(bias, dtype=np.float64).reshape(-1)).astype(np.float32)[:, None])
+    cols.append(pop)
+    return np.ascontiguousarray(np.hstack(cols))
+
+
+def augment_queries(vecs: np.ndarray, alpha: float | np.ndarray, temperature: float = 1.0, scale: float = 1.0,
+                    bias_scale: float | None = None) -> np.ndarray:
+    """Query side of the served score (module docstring): ``[f(u)/tau, 1/s_b, alpha/s_p]`` per row;
+    ``alpha`` is a scalar or one value per query; ``bias_scale`` is ``None`` when items carry no bias."""
+    vecs = np.asarray(vecs, dtype=np.float32)
+    n = len(vecs)
+    a = np.broadcast_to(np.asarray(alpha, dtype=np.float64), (n,)) / scale
+    cols = [vecs / np.float32(temperature)]
+    if bias_scale is not None:
+        cols.append(np.full((n, 1), 1.0 / bias_scale, dtype=np.float32))
+    cols.append(a.astype(np.float32)[:, None])
+    return np.ascontiguousarray(np.hstack(cols))
+
+
+def served_scores(inner: np.ndarray, alpha: float | np.ndarray, offset: float) -> np.ndarray:
+    """``score(u, j)`` from the index's inner product ``<q_u, x_j>``: add back ``alpha * c``.
+    ``alpha`` is a scalar or one value per row of ``inner``."""
+    a = np.asarray(alpha, dtype=np.float64)
+    return (inner + (a[:, None] if a.ndim else a) * offset).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ScoreLayout:
+    """The constants of the served score's layout in the index (module docstring): the temperature,
+    the popularity offset ``c`` and scale ``s_p``, and the bias scale ``s_b`` (``None``: no bias)."""
+
+    temperature: float
+    offset: float = 0.0
+    scale: float = 1.0
+    bias_scale: float | None = None
+
+    @classmethod
+    def fit(cls, log_p: np.ndarray, temperature: float, bias: np.ndarray | None = None, bound: float = 0.25) -> "ScoreLayout":
+        """Centre ``-log p`` on its mean and scale the appended coordinates into ``[-bound, bound]``."""
+        neg = -np.asarray(log_p, dtype=np.float64)
+        offset = float(neg.mean()) if len(neg) else 0.0
+        spread = float(np.abs(neg - offset).max()) if len(neg) else 0.0
+        scale = bound / spread if spread > 0 else 1.0
+        bias_scale = None
+        if bias is not None:
+            m = float(np.abs(np.asarray(bias, dtype=np.float64)).max()) if len(bias) else 0.0
+            bias_scale = bound / m if m > 0 else 1.0
+        return cls(float(temperature), offset, scale, bias_scale)
+
+    def items(self, vecs: np.ndarray, log_p: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        if (bias is None) != (self.bias_scale is None):
+            raise ValueError("the layout and the items disagree on whether there is a learned bias")
+        return augment_items(vecs, log_p, bias, self.offset, self.scale, self.bias_scale or 1.0)
+
+    def queries(self, vecs: np.ndarray, alpha: float | np.ndarray) -> np.ndarray:
+        return augment_queries(vecs, alpha, self.temperature, self.scale, self.bias_scale)
+
+    def scores(self, inner: np.ndarray, alpha: float | np.ndarray) -> np.ndarray:
+        return served_scores(inner, alpha, self.offset)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

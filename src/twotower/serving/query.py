@@ -1,0 +1,461 @@
+"""The one query code path: raw ids in, the user tower online, one index search per batch, seen
+items and categories filtered, raw ids and served scores out. ``twotower recommend`` and the HTTP
+service both call ``Recommender``.
+
+Served score (DESIGN.md, "Serving-time popularity correction"; ``index.scoring``)::
+
+    score(u, j) = <f(u), g(j)> / tau + b_j - alpha * log p(j)
+
+computed exactly through the index's appended dimensions, so a per-request ``alpha`` changes which
+items are retrieved, not only their order in a short list.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import TwotowerError
+from ..index.index import IndexParams, ItemIndex
+from ..index.run_index import exact_run_index, load_run_index
+from ..index.scoring import log_popularity
+
+MAX_K = 1000
+MAX_HISTORY = 10_000
+
+
+class RequestError(TwotowerError):
+    """A request the caller can fix (HTTP 422): the message says what to change."""
+
+    status = 422
+
+
+class UnknownUserError(RequestError):
+    """The user id is not in the model's vocabulary (HTTP 404)."""
+
+    status = 404
+
+
+class UnknownItemError(RequestError):
+    """The item id is not in the model's vocabulary (HTTP 404)."""
+
+    status = 404
+
+
+@dataclass
+class Query:
+    """One recommendation request. Either ``user`` (a known raw user id) or ``history`` (raw item
+    ids, oldest first; unknown ones are ignored and reported) with optional user ``features``."""
+
+    user: Any = None
+    history: Sequence | None = None
+    features: dict[str, Any] | None = None
+    k: int = 10
+    alpha: float = 0.0
+    exclude_seen: bool = True
+    category: str | None = None
+
+
+@dataclass
+class Recommendation:
+    """Top items (raw ids, best first) with served scores, and what the service did with the request."""
+
+    items: np.ndarray
+    scores: np.ndarray
+    user: Any = None
+    k: int = 10
+    alpha: float = 0.0
+    exclude_seen: bool = True
+    category: str | None = None
+    unknown_items: list = field(default_factory=list)
+    unknown_features: dict = field(default_factory=dict)
+    fallback: str | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-ready: ``{"items": [{"item": id, "score": s}, ...], "user": ..., ...}``."""
+        return {
+            "items": [{"item": i, "score": s} for i, s in zip(self.items.tolist(), np.round(self.scores.astype(np.float64), 6).tolist())],
+            "user": _py(self.user), "k": self.k, "alpha": self.alpha, "exclude_seen": self.exclude_seen,
+            "category": self.category, "unknown_items": [_py(x) for x in self.unknown_items],
+            "unknown_features": self.unknown_features, "fallback": self.fallback,
+        }
+
+
+def _py(x):
+    return x.item() if isinstance(x, np.generic) else x
+
+
+# ---- the user tower for users the model has never seen ------------------------------------------
+@torch.no_grad()
+def encode_new_users(model, history: torch.Tensor, mask: torch.Tensor, feature_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                     item_vectors: torch.Tensor | None = None) -> torch.Tensor:
+    """``f(u)`` for users without a user id: ``UserTower.forward`` with the id embedding taken as
+    zero (the user's pooled history and feature embeddings through the tower's MLP, L2-normalised).
+
+    ``history [B, L]`` / ``mask [B, L]`` are item indices, oldest first; ``feature_values`` holds, per
+    user feature of the tower, ``(values, offsets)`` in ``EmbeddingBag`` layout. A tower that does
+    not pool history (ids only, matrix factorisation) cannot place a new user; then the user is
+    folded in as the normalised mean of the history items' ``g(j)`` (``item_vectors``), which is
+    the least-squares position of a user whose positives are those items on the unit sphere.
+    """
+    tower = model.user_tower
+    if not tower.use_history:
+        if item_vectors is None:
+            raise ValueError("a user tower without history needs item_vectors to fold a new user in")
+        m = mask.to(item_vectors.dtype).unsqueeze(-1)
+        return F.normalize((item_vectors[history] * m).sum(1), dim=-1)
+    table = tower.history_table if tower.history_table is not None else model.item_tower.id_embedding
+    m = mask.to(table.weight.dtype).unsqueeze(-1)
+    x = (table(history) * m).sum(1) / m.sum(1).clamp_min(1.0)
+    if tower.features is not None and feature_values:
+        for k, (vals, offsets) in enumerate(feature_values):
+            x = x + tower.features.bags[f"f{k}"](vals, offsets)
+    if tower.mlp is not None:
+        x = tower.mlp(x)
+    return F.normalize(x, dim=-1)
+
+
+class Recommender:
+    """Recommendations from a run and its item index; the code path of the CLI and the service.
+
+    ``recommend_many`` answers a batch with one user-tower pass per kind of user (known, new) and
+    one index search per category in the batch."""
+
+    def __init__(self, run, index: ItemIndex, category_feature: str | None = None, max_k: int = MAX_K):
+        self.run = run
+        self.index = index
+        self.max_k = int(max_k)
+        self.model = run.model
+        self.dim = int(run.config.model.dim)
+        self.history_length = int(run.config.model.history_length)
+        self.log_p = log_popularity(run.item_counts)
+        self._pop_order = np.argsort(-run.item_counts, kind="stable")
+        feats = run.item_feature_values()
+        if category_feature is not None and category_feature not in feats:
+            raise RequestError(f"category feature {category_feature!r} is not an item feature of this model; "
+                               f"known: {sorted(feats) or 'none'}")
+        self.category_feature = category_feature or (next(iter(feats)) if feats else None)
+        self.category_values = [str(v) for v in feats.get(self.category_feature, [])] if self.category_feature else []
+        self._categories: dict[str, tuple[np.ndarray, Any]] = {}
+        user_feats = getattr(self.model.user_tower, "features", None)
+        self.user_feature_names = list(user_feats.names) if user_feats is not None else []
+        if self.user_feature_names:
+            from .. import artifacts
+
+            vocabs = artifacts.read_json(Path(run.path) / "features.json").get("user", {})
+            self._user_feature_vocab = {n: {str(v): i for i, v in enumerate(vocabs.get(n, []))} for n in self.user_feature_names}
+        else:
+            self._user_feature_vocab = {}
+        self._item_vecs_t: torch.Tensor | None = None  # g(j) as a tensor, for folding in new users of an ids-only tower
+
+    @classmethod
+    def load(cls, run, index_dir: str | Path | None = None, category_feature: str | None = None,
+             require_index: bool = False, max_k: int = MAX_K) -> "Recommender":
+        """A recommender over ``run`` (a ``Run`` or its path) with its saved index (``RUN/index``
+        or ``index_dir``); without one, exact search over the run's items unless ``require_index``."""
+        from ..run import Run
+
+        run = run if not isinstance(run, (str, Path)) else Run(run)
+        index = load_run_index(run, index_dir, required=require_index or index_dir is not None)
+        return cls(run, index if index is not None else exact_run_index(run), category_feature, max_k)
+
+    # ---- requests --------------------------------------------------------------------------------
+    def recommend(self, query: Query) -> Recommendation:
+        """One request; a mistake in it raises ``RequestError`` (``UnknownUserError`` for an unknown user)."""
+        out = self.recommend_many([query])[0]
+        if isinstance(out, RequestError):
+            raise out
+        return out
+
+    def recommend_many(self, queries: Sequence[Query]) -> list[Recommendation | RequestError]:
+        """A batch of requests: per request a ``Recommendation`` or the ``RequestError`` that says
+        what to fix (one bad request does not fail the others)."""
+        n = len(queries)
+        results: list[Any] = [None] * n
+        plans = [self._plan(q) for q in queries]
+        user_rows, hist_rows, pop_rows = [], [], []
+        for i, p in enumerate(plans):
+            if isinstance(p, RequestError):
+                results[i] = p
+            elif p["kind"] == "user":
+                user_rows.append(i)
+            elif p["kind"] == "history":
+                hist_rows.append(i)
+            else:
+                pop_rows.append(i)
+        if user_rows:  # known users: one vectorised vocabulary lookup
+            raw = self.run.users.coerce([queries[i].user for i in user_rows])
+            idx = self.run.users.encode(raw)
+            for i, u in zip(user_rows, idx):
+                if u < 0:
+                    results[i] = UnknownUserError(
+                        f"user {queries[i].user!r} is not known to this model ({len(self.run.users):,} users). "
+                        "For a new user send {\"history\": [item ids, oldest first]} instead of \"user\"")
+                else:
+                    plans[i]["uidx"] = int(u)
+            user_rows = [i for i in user_rows if results[i] is None]
+        vec_rows = user_rows + hist_rows
+        if vec_rows:
+            vecs = np.empty((len(vec_rows), self.dim), dtype=np.float32)
+            if user_rows:
+                vecs[: len(user_rows)] = self._known_user_vectors(np.array([plans[i]["uidx"] for i in user_rows], dtype=np.int64))
+            if hist_rows:
+                vecs[len(user_rows):] = self._new_user_vectors([plans[i] for i in hist_rows])
+            self._search(vec_rows, vecs, queries, plans, results)
+        if pop_rows:
+            self._popular(pop_rows, queries, plans, results)
+        return results
+
+    def recommend_frame(self, users, k: int = 10, exclude_seen: bool = True, alpha: float = 0.0, category: str | None = None,
+                        chunk: int = 1024):
+        """Offline candidates for many known users (``twotower recommend --all-users``): a DataFrame
+        ``user, item, score, rank`` in raw ids, ``chunk`` users per index search."""
+        import pandas as pd
+
+        frames = []
+        users = list(users)
+        for s in range(0, len(users), chunk):
+            block = users[s : s + chunk]
+            res = self.recommend_many([Query(user=u, k=k, alpha=alpha, exclude_seen=exclude_seen, category=category) for u in block])
+            bad = next((r for r in res if isinstance(r, RequestError)), None)
+            if bad is not None:
+                raise bad
+            lens = np.array([len(r.items) for r in res], dtype=np.int64)
+            if lens.sum() == 0:
+                continue
+            frames.append(pd.DataFrame({
+                "user": np.repeat(np.asarray([r.user for r in res], dtype=object if not self.run.users.is_integer else np.int64), lens),
+                "item": np.concatenate([r.items for r in res]),
+                "score": np.concatenate([r.scores for r in res]),
+                "rank": np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens) + 1,
+            }))
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["user", "item", "score", "rank"])
+
+    def similar(self, item, k: int = 10, alpha: float = 0.0, category: str | None = None) -> Recommendation:
+        """Items nearest to ``item`` by ``<g(i), g(j)> / tau`` (plus the learned bias and
+        ``- alpha log p(j)``, as for users), the item itself excluded."""
+        self._check_k(k)
+        self._check_alpha(alpha)
+        raw = self.run.items.coerce([item])
+        idx = int(self.run.items.encode(raw)[0])
+        if idx < 0:
+            raise UnknownItemError(f"item {item!r} is not known to this model ({len(self.run.items):,} items); "
+                                   "pass an item id from the training data")
+        subset = self._category(category)[0] if category is not None else None
+        q = self.index.layout.queries(self.index.vectors[idx : idx + 1, : self.dim], float(alpha))
+        inner, ids = self.index.search(q, k + 1, subset=subset)
+        keep = (ids[0] >= 0) & (ids[0] != idx)
+        ids, inner = ids[0][keep][:k], inner[0][keep][:k]
+        scores = self.index.layout.scores(inner[None, :], float(alpha))[0]
+        return Recommendation(self.run.items.decode(ids), scores, None, k, float(alpha), True, category)
+
+    # ---- the steps -------------------------------------------------------------------------------
+    def _check_k(self, k) -> None:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.max_k:
+            raise RequestError(f"k must be an integer between 1 and {self.max_k}, got {k!r}")
+
+    @staticmethod
+    def _check_alpha(alpha) -> None:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)) or not math.isfinite(alpha) \
+                or abs(alpha) > 1e4:
+            raise RequestError(f"alpha must be a finite number (|alpha| <= 10000; 0 means no popularity correction), got {alpha!r}")
+
+    def _category(self, value) -> tuple[np.ndarray, Any]:
+        """Sorted item indices of a category value and a FAISS selector over them (built once)."""
+        if self.category_feature is None:
+            raise RequestError("this model has no item categories (its item tower uses no categorical feature); "
+                               "remove \"category\" from the request")
+        key = str(value)
+        if key not in self._categories:
+            if key not in self.category_values:
+                shown = ", ".join(self.category_values[:30]) + (" ..." if len(self.category_values) > 30 else "")
+                raise RequestError(f"category {value!r} is not a value of item feature {self.category_feature!r}; "
+                                   f"use one of: {shown} (GET /metadata lists them)")
+            subset = self.run.item_category_items(self.category_feature, key)
+            sel = None
+            if self.index.kind != "flat" and len(subset) > self.index.params.exact_subset_max:
+                import faiss
+
+                sel = faiss.IDSelectorBatch(subset)
+            self._categories[key] = (subset, sel)
+        return self._categories[key]
+
+    def _plan(self, q: Query) -> dict | RequestError:
+        """Check one request and decide how to answer it (known user, new user, or popularity)."""
+        try:
+            self._check_k(q.k)
+            self._check_alpha(q.alpha)
+            if not isinstance(q.exclude_seen, (bool, np.bool_)):
+                raise RequestError(f"exclude_seen must be true or false, got {q.exclude_seen!r}")
+            if q.category is not None:
+                self._category(q.category)
+            has_user, has_hist = q.user is not None, q.history is not None
+            if has_user == has_hist:
+                raise RequestError("send either \"user\" (a known user id) or \"history\" (a list of item ids, oldest first), "
+                                   + ("not both" if has_user else "one of them is required"))
+            if has_user:
+                if q.features:
+                    raise RequestError("\"features\" go with \"history\" (a new user); a known user's features are already in the model")
+                return {"kind": "user"}
+            if isinstance(q.history, (str, bytes)) or not isinstance(q.history, (list, tuple, np.ndarray)):
+                raise RequestError(f"history must be a list of item ids, got {type(q.history).__name__}")
+            if len(q.history) > MAX_HISTORY:
+                raise RequestError(f"history has {len(q.history):,} items; send at most {MAX_HISTORY:,} (the most recent)")
+            hist = self.run.items.encode(self.run.items.coerce(list(q.history))) if len(q.history) else np.empty(0, np.int64)
+            unknown = [x for x, i in zip(q.history, hist) if i < 0] if (hist < 0).any() else []
+            hist = hist[hist >= 0]
+            feats, unknown_feats = self._encode_features(q.features)
+            if len(hist) == 0:
+                return {"kind": "popular", "unknown": unknown, "unknown_features": unknown_feats}
+            return {"kind": "history", "hist": hist, "unknown": unknown, "feats": feats, "unknown_features": unknown_feats}
+        except RequestError as e:
+            return e
+
+    def _encode_features(self, features) -> tuple[list[list[int]], dict]:
+        """User feature values as indices per tower feature; unknown values are reported."""
+        if not features:
+            return [[] for _ in self.user_feature_names], {}
+        if not isinstance(features, dict):
+            raise RequestError("features must be an object {feature: value or [values]}")
+        extra = sorted(set(features) - set(self.user_feature_names))
+        if extra:
+            raise RequestError(f"unknown user feature(s) {extra}; this model's user features: {self.user_feature_names or 'none'}")
+        out, unknown = [], {}
+        for name in self.user_feature_names:
+            v = features.get(name)
+            vals = [] if v is None else (list(v) if isinstance(v, (list, tuple)) else [v])
+            vocab = self._user_feature_vocab[name]
+            out.append([vocab[str(x)] for x in vals if str(x) in vocab])
+            bad = [x for x in vals if str(x) not in vocab]
+            if bad:
+                unknown[name] = bad
+        return out, unknown
+
+    def _known_user_vectors(self, users: np.ndarray) -> np.ndarray:
+        hist, mask = self.run.known.last(users, self.history_length)
+        with torch.no_grad():
+            f = self.model.encode_users(torch.from_numpy(users), torch.from_numpy(hist), torch.from_numpy(mask))
+        return f.float().numpy()
+
+    def _new_user_vectors(self, plans: list[dict]) -> np.ndarray:
+        L = self.history_length
+        lens = np.array([min(len(p["hist"]), L) for p in plans], dtype=np.int64)
+        flat = np.concatenate([p["hist"][-L:] for p in plans])
+        rows = np.repeat(np.arange(len(plans)), lens)
+        cols = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
+        hist = np.zeros((len(plans), L), dtype=np.int64)
+        mask = np.zeros((len(plans), L), dtype=bool)
+        hist[rows, cols], mask[rows, cols] = flat, True
+        feature_values = None
+        if self.user_feature_names:
+            feature_values = []
+            for k in range(len(self.user_feature_names)):
+                per = [p["feats"][k] for p in plans]
+                fl = np.fromiter((v for vals in per for v in vals), dtype=np.int64)
+                ln = np.array([len(v) for v in per], dtype=np.int64)
+                feature_values.append((torch.from_numpy(fl), torch.from_numpy(np.cumsum(ln) - ln)))
+        if self._item_vecs_t is None and not self.model.user_tower.use_history:
+            self._item_vecs_t = torch.from_numpy(np.ascontiguousarray(self.index.vectors[:, : self.dim]))
+        f = encode_new_users(self.model, torch.from_numpy(hist), torch.from_numpy(mask), feature_values, self._item_vecs_t)
+        return f.float().numpy()
+
+    def _seen(self, rows: list[int], plans: list[dict], queries: Sequence[Query]) -> tuple[np.ndarray, np.ndarray]:
+        """``(row position, item)`` pairs to exclude, for the rows that exclude seen items."""
+        pos_parts, item_parts = [], []
+        known = [(r, plans[i]["uidx"]) for r, i in enumerate(rows) if queries[i].exclude_seen and "uidx" in plans[i]]
+        if known:
+            r, u = np.array(known, dtype=np.int64).T
+            vals, _ = self.run.known.gather(u)
+            pos_parts.append(np.repeat(r, self.run.known.indptr[u + 1] - self.run.known.indptr[u]))
+            item_parts.append(vals)
+        for r, i in enumerate(rows):
+            if queries[i].exclude_seen and "hist" in plans[i]:
+                pos_parts.append(np.full(len(plans[i]["hist"]), r, dtype=np.int64))
+                item_parts.append(plans[i]["hist"])
+        if not pos_parts:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.concatenate(pos_parts), np.concatenate(item_parts).astype(np.int64)
+
+    def _search(self, rows: list[int], vecs: np.ndarray, queries: Sequence[Query], plans: list[dict], results: list) -> None:
+        """One index search per category among ``rows``: over-fetch by the number of seen items
+        that are candidates, drop them, keep each request's top k."""
+        seen_pos, seen_items = self._seen(rows, plans, queries)
+        alphas = np.array([float(queries[i].alpha) for i in rows])
+        ks = np.array([int(queries[i].k) for i in rows], dtype=np.int64)
+        cats = [queries[i].category for i in rows]
+        n_items = self.index.n_items
+        for cat in dict.fromkeys(str(c) if c is not None else None for c in cats):
+            g = np.array([r for r, c in enumerate(cats) if (str(c) if c is not None else None) == cat], dtype=np.int64)
+            subset, sel = self._category(cat) if cat is not None else (None, None)
+            in_g = np.isin(seen_pos, g)
+            gp, gi = seen_pos[in_g], seen_items[in_g]
+            if subset is not None and len(gi):
+                ok = np.isin(gi, subset)
+                gp, gi = gp[ok], gi[ok]
+            n_seen = np.bincount(gp, minlength=len(rows))[g]
+            fetch = int((ks[g] + n_seen).max())
+            q = self.index.layout.queries(vecs[g], alphas[g])
+            inner, ids = self.index.search(q, fetch, subset=subset, selector=sel)
+            scores = self.index.layout.scores(inner, alphas[g])
+            drop = ids < 0
+            if len(gp):  # seen items of each row, as keys row * n_items + item
+                local = np.searchsorted(g, gp)
+                keys = np.arange(len(g), dtype=np.int64)[:, None] * n_items + np.where(ids >= 0, ids, 0)
+                drop |= np.isin(keys, local * n_items + gi)
+            order = np.argsort(drop, axis=1, kind="stable")
+            ids, scores, drop = (np.take_along_axis(a, order, 1) for a in (ids, scores, drop))
+            for j, r in enumerate(g):
+                i = rows[r]
+                k = int(ks[r])
+                keep = ~drop[j, :k]
+                results[i] = self._result(queries[i], plans[i], ids[j, :k][keep], scores[j, :k][keep])
+
+    def _popular(self, rows: list[int], queries: Sequence[Query], plans: list[dict], results: list) -> None:
+        """Empty history (after dropping unknown ids): the most popular items (of the category),
+        scored by ``log p(j)``, flagged ``fallback = "popularity"``."""
+        for cat in dict.fromkeys(str(queries[i].category) if queries[i].category is not None else None for i in rows):
+            order = self._pop_order
+            if cat is not None:
+                subset = self._category(cat)[0]
+                member = np.zeros(self.index.n_items, dtype=bool)
+                member[subset] = True
+                order = order[member[order]]
+            for i in rows:
+                c = queries[i].category
+                if (str(c) if c is not None else None) == cat:
+                    top = order[: int(queries[i].k)]
+                    results[i] = self._result(queries[i], plans[i], top, self.log_p[top].astype(np.float32), fallback="popularity")
+
+    def _result(self, q: Query, plan: dict, ids: np.ndarray, scores: np.ndarray, fallback: str | None = None) -> Recommendation:
+        return Recommendation(self.run.items.decode(ids), np.asarray(scores, dtype=np.float32), q.user, int(q.k), float(q.alpha),
+                              bool(q.exclude_seen), None if q.category is None else str(q.category),
+                              list(plan.get("unknown", [])), dict(plan.get("unknown_features", {})), fallback)
+
+    # ---- description -----------------------------------------------------------------------------
+    def metadata(self) -> dict:
+        """Model, dataset, index (kind, parameters, measured recall and latency), counts."""
+        cfg = self.run.config
+        idx = self.index
+        info = {k: v for k, v in idx.info.items() if k not in ("vectors_sha256", "index_sha256")}
+        return {
+            "run": str(self.run.path),
+            "model": {**cfg.model.model_dump(mode="json"), "temperature": float(self.model.temperature),
+                      "learned_item_bias": idx.layout.bias_scale is not None},
+            "dataset": {"name": cfg.data.dataset, "split": cfg.data.split},
+            "counts": {"users": len(self.run.users), "items": len(self.run.items),
+                       "known_interactions": int(len(self.run.known.indices))},
+            "index": {"kind": idx.kind, "params": idx.params.to_dict(), "dim": idx.dim, "layout": idx.layout.to_dict(),
+                      "saved": info.pop("saved", True), **info},
+            "score": "<f(u), g(j)> / temperature + b_j - alpha * log p(j), p(j) = (count_j + 1) / (N + n_items)",
+            "category_feature": self.category_feature, "categories": self.category_values,
+            "user_features": self.user_feature_names, "max_k": self.max_k, "max_history": MAX_HISTORY,
+        }
+
+
+__all__ = ["Query", "Recommendation", "Recommender", "RequestError", "UnknownUserError", "UnknownItemError",
+           "encode_new_users", "MAX_K", "IndexParams"]

@@ -1,0 +1,261 @@
+"""The HTTP service through real HTTP: a uvicorn server on a free loopback port, called with httpx.
+Recommendations for known and new users, seen items excluded, the popularity correction, the
+category filter, batches, similar items, metadata, and a 4xx that says what to fix for every
+client mistake."""
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from _trained import tiny_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_dir):
+    return tiny_run(tmp_path_factory, data_dir)
+
+
+@pytest.fixture(scope="module")
+def recommender(run_dir):
+    from twotower.index.index import IndexParams
+    from twotower.index.run_index import build_run_index
+    from twotower.run import Run
+    from twotower.serving.query import Recommender
+
+    run = Run(run_dir)
+    folder = run_dir.parent / "ivf-index"  # an ANN index, so that the service path runs through FAISS
+    build_run_index(run, IndexParams(kind="ivf", nlist=16), folder, sample=200, progress=False, log=lambda m: None)
+    return Recommender.load(run, folder)
+
+
+@pytest.fixture(scope="module")
+def server(recommender):
+    import uvicorn
+
+    from twotower.serving.service import create_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(recommender, max_body_bytes=200_000), log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.02)
+    assert srv.started, "server did not start"
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server, timeout=30) as c:
+        yield c
+
+
+def _items(resp):
+    assert resp.status_code == 200, resp.text
+    return [x["item"] for x in resp.json()["items"]]
+
+
+def test_known_user_gets_k_raw_ids_best_first(client, recommender):
+    r = client.post("/recommend", json={"user": 196, "k": 10})
+    body = r.json()
+    items = _items(r)
+    assert len(items) == 10 and body["user"] == 196 and body["fallback"] is None
+    assert set(items) <= set(recommender.run.items.ids.tolist())
+    scores = [x["score"] for x in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    # the same user as a string id is the same user
+    assert _items(client.post("/recommend", json={"user": "196", "k": 10})) == items
+
+
+def test_seen_items_are_excluded_unless_asked(client, recommender):
+    run = recommender.run
+    users = run.users.ids[:20].tolist()
+    included_any = False
+    for u in users:
+        seen = set(run.history_of(u).tolist())
+        assert not seen & set(_items(client.post("/recommend", json={"user": u, "k": 100})))
+        with_seen = _items(client.post("/recommend", json={"user": u, "k": 100, "exclude_seen": False}))
+        included_any |= bool(seen & set(with_seen))
+    assert included_any
+
+
+def test_new_user_by_history_ignores_and_reports_unknown_ids(client):
+    r = client.post("/recommend", json={"history": [1, 50, "no-such-item", 999999], "k": 20})
+    body = r.json()
+    items = _items(r)
+    assert len(items) == 20 and not {1, 50} & set(items)
+    assert body["unknown_items"] == ["no-such-item", 999999] and body["fallback"] is None
+    assert body["user"] is None
+
+
+def test_empty_history_falls_back_to_popularity(client, recommender):
+    r = client.post("/recommend", json={"history": ["nope"], "k": 5})
+    body = r.json()
+    assert body["fallback"] == "popularity" and body["unknown_items"] == ["nope"]
+    top = recommender.run.items.decode(np.argsort(-recommender.run.item_counts, kind="stable")[:5]).tolist()
+    assert _items(r) == top
+    assert client.post("/recommend", json={"history": [], "k": 3}).json()["fallback"] == "popularity"
+
+
+def test_larger_alpha_moves_results_to_less_popular_items(client, recommender):
+    run = recommender.run
+    users = run.users.ids[:60].tolist()
+    mean_log_p = []
+    for alpha in (0.0, 0.5, 2.0):
+        reqs = [{"user": u, "k": 20, "alpha": alpha} for u in users]
+        res = client.post("/recommend/batch", json={"requests": reqs}).json()["results"]
+        items = np.concatenate([run.items.encode([x["item"] for x in r["items"]]) for r in res])
+        mean_log_p.append(recommender.log_p[items].mean())
+    assert mean_log_p[0] > mean_log_p[1] > mean_log_p[2]
+
+
+def test_category_filter_returns_only_that_category(client, recommender):
+    run = recommender.run
+    drama = set(run.items.decode(run.item_category_items("genre", "Drama")).tolist())
+    for body in ({"user": 196, "k": 50, "category": "Drama"}, {"history": [1, 2, 3], "k": 50, "category": "Drama"},
+                 {"history": [], "k": 10, "category": "Drama"}):
+        items = _items(client.post("/recommend", json=body))
+        assert len(items) == body["k"] and set(items) <= drama
+    horror = set(run.items.decode(run.item_category_items("genre", "Horror")).tolist())
+    assert set(_items(client.post("/recommend", json={"user": 1, "k": 10, "category": "Horror", "alpha": 1.0}))) <= horror
+
+
+def test_batch_answers_each_request_and_isolates_errors(client):
+    reqs = [{"user": 196, "k": 5}, {"user": "nobody", "k": 5}, {"history": [50], "k": 3, "category": "Comedy"}]
+    res = client.post("/recommend/batch", json={"requests": reqs}).json()["results"]
+    assert len(res) == 3 and len(res[0]["items"]) == 5 and len(res[2]["items"]) == 3
+    assert res[1]["status"] == 404 and "history" in res[1]["detail"]
+    one = client.post("/recommend", json={"user": 196, "k": 5}).json()
+    assert res[0]["items"] == one["items"]
+
+
+def test_similar_items_health_metadata_and_docs(client, recommender):
+    r = client.get("/items/50/similar", params={"k": 5})
+    items = _items(r)
+    assert len(items) == 5 and 50 not in items and r.json()["item"] == 50
+    assert client.get("/health").json()["status"] == "ok"
+    meta = client.get("/metadata").json()
+    assert meta["index"]["kind"] == "ivf" and meta["index"]["params"]["nlist"] == 16
+    assert meta["index"]["measured"]["recall@10"] > 0.5 and meta["counts"]["items"] == len(recommender.run.items)
+    assert meta["category_feature"] == "genre" and "Drama" in meta["categories"] and meta["dataset"]["name"] == "ml-100k"
+    assert client.get("/docs").status_code == 200
+    assert "/recommend" in client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize("kwargs,status,needle", [
+    ({"content": b'{"user": 196, "k": '}, 400, "malformed JSON"),
+    ({"content": b"user=196"}, 400, "malformed JSON"),
+    ({"json": [196]}, 422, "expected a JSON object"),
+    ({"json": {"user": 196, "k": "ten"}}, 422, "k as an integer between 1 and 1000"),
+    ({"json": {"user": 196, "k": 0}}, 422, "between 1 and 1000"),
+    ({"json": {"user": 196, "k": 1001}}, 422, "between 1 and 1000"),
+    ({"json": {"user": 196, "k": 10.5}}, 422, "integer"),
+    ({"json": {"user": 196, "alpha": "high"}}, 422, "alpha"),
+    ({"json": {"user": 196, "exclude_seen": "yes"}}, 422, "true or false"),
+    ({"json": {"user": 196, "history": [1]}}, 422, "not both"),
+    ({"json": {"k": 10}}, 422, "send either"),
+    ({"json": {"user": 196, "topk": 10}}, 422, "unknown field 'topk'"),
+    ({"json": {"history": "1,2,3"}}, 422, "list of raw item ids"),
+    ({"json": {"user": 196, "category": "Cooking"}}, 422, "Drama"),
+    ({"json": {"user": 123456789}}, 404, "\"history\""),
+    ({"json": {"history": [1], "features": {"shoe_size": "42"}}}, 422, "unknown user feature"),
+])
+def test_client_mistakes_are_4xx_that_say_what_to_fix(client, kwargs, status, needle):
+    headers = {"content-type": "application/json"}
+    r = client.post("/recommend", headers=headers, **kwargs)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["detail"], r.json()
+
+
+def test_oversize_bodies_and_bad_batches_and_bad_similar_requests(client):
+    big = {"history": list(range(60_000)), "k": 10}
+    r = client.post("/recommend", json=big)
+    assert r.status_code == 413 and "bytes" in r.json()["detail"]
+    # a body without Content-Length (chunked) is counted while it is read
+    r = client.post("/recommend", content=iter([b'{"history": [' + b"1," * 150_000, b'1]}']),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = client.post("/recommend/batch", json={"requests": []})
+    assert r.status_code == 422 and "requests" in r.json()["detail"]
+    r = client.post("/recommend/batch", json={"requests": [{"user": 196, "k": -1}]})
+    assert r.status_code == 422 and "requests.0.k" in r.json()["detail"]
+    assert client.get("/items/no-such-item/similar").status_code == 404
+    r = client.get("/items/50/similar", params={"k": 0})
+    assert r.status_code == 422 and "k" in r.json()["detail"]
+    assert client.get("/items/50/similar", params={"category": "Cooking"}).status_code == 422
+    assert client.get("/health").status_code == 200  # still serving
+
+
+def test_serve_command_binds_localhost(run_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "twotower.cli", "serve", str(run_dir), "--port", str(port),
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 40
+        while time.time() < deadline:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.2)
+        assert r.json() == {"status": "ok", "items": 1682, "index": "flat"}
+        r = httpx.post(f"http://127.0.0.1:{port}/recommend", json={"user": 196, "k": 3})
+        assert len(r.json()["items"]) == 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("mlp", [[], [8]])
+def test_new_user_encoding_is_the_user_tower_with_a_zero_id_embedding(mlp):
+    """``encode_new_users`` mirrors ``UserTower.forward``: with the id embedding zeroed, the tower
+    gives the same vector for a known user's history and features."""
+    import torch
+
+    from twotower.config import ModelConfig
+    from twotower.data.dataset import CSR, EncodedFeatures
+    from twotower.data.vocab import Vocabulary
+    from twotower.model.towers import TwoTowerModel
+    from twotower.serving.query import encode_new_users
+
+    torch.manual_seed(0)
+    feats = EncodedFeatures({"age": Vocabulary(["a", "b", "c"], name="age")},
+                            {"age": CSR(np.array([0, 1, 2, 2, 3]), np.array([0, 2, 1]))})
+    model = TwoTowerModel(4, 30, ModelConfig(dim=8, user_history=True, user_features=["age"], mlp=mlp), None, feats).eval()
+    with torch.no_grad():
+        model.user_tower.id_embedding.weight.zero_()
+    users = torch.tensor([0, 1, 2, 3])
+    hist = torch.tensor([[3, 4, 0], [5, 0, 0], [7, 8, 9], [1, 2, 0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        expected = model.encode_users(users, hist, mask)
+    values = (torch.tensor([0, 2, 1]), torch.tensor([0, 1, 2, 2]))  # users' age codes in EmbeddingBag layout
+    got = encode_new_users(model, hist, mask, [values])
+    torch.testing.assert_close(got, expected)
+
+
+def test_new_user_of_an_ids_only_tower_is_folded_in_from_item_vectors():
+    import torch
+
+    from twotower.config import ModelConfig
+    from twotower.model.towers import TwoTowerModel
+    from twotower.serving.query import encode_new_users
+
+    model = TwoTowerModel(3, 10, ModelConfig(dim=4, user_history=False)).eval()
+    g = torch.nn.functional.normalize(torch.randn(10, 4), dim=-1)
+    got = encode_new_users(model, torch.tensor([[1, 2]]), torch.tensor([[True, True]]), None, g)
+    torch.testing.assert_close(got, torch.nn.functional.normalize(g[1] + g[2], dim=-1)[None])
