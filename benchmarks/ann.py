@@ -156,8 +156,8 @@ def plot(results: list[dict], path: Path) -> None:
 def markdown(results: list[dict]) -> str:
     lines = ["<!-- ann:begin -->", "## ANN search: recall against exact, latency, throughput", "",
              "Vectors are what the service searches: the item tower's output with the "
-             "popularity coordinate appended (`twotower.index.scoring`), queries at `alpha = 0`; approximate kinds "
-             "search through the inner-product-to-L2 reduction and return exact scores. Recall@k = overlap of the "
+             "popularity coordinate appended (`twotower.index.scoring`), queries at `alpha = 0`, inner-product "
+             "metric for every kind (`twotower.index.index`), the product's search path (`ItemIndex.search`). Recall@k = overlap of the "
              "top k with exact search's top k. Single-query latency: one query per call, one FAISS thread, p50 over "
              "the single-query sample. Batched: one call over all queries, every core. Build times separately.", ""]
     for res in results:
@@ -215,6 +215,16 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu})"
 
 
+def render(out_dir: Path, doc: Path) -> None:
+    """The doc section and the plot from every ``ann-*.json`` in ``out_dir``."""
+    every = [json.loads(f.read_text()) for f in sorted(out_dir.glob("ann-*.json"))]
+    every.sort(key=lambda r: r["slug"] != "synthetic")
+    for r in every:
+        r["best_at_0.95"] = best_at(r, 0.95)
+    plot(every, doc.parent / "img" / "ann-recall-latency.png")
+    write_section(doc, markdown(every), "<!-- ann:begin -->", "<!-- ann:end -->")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--items", type=int, default=1_000_000, help="synthetic catalog size (default 1M)")
@@ -224,7 +234,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-synthetic", action="store_true", help="only the --run catalog")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"), help="where ann-<catalog>.json go")
     p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"), help="Markdown file whose ANN section is (re)written")
+    p.add_argument("--render-only", action="store_true", help="only rewrite the doc section and plot from the result files")
     args = p.parse_args(argv)
+    if args.render_only:
+        render(Path(args.out_dir), Path(args.doc))
+        return 0
     log = lambda m: print(m, flush=True)  # noqa: E731
     results = []
     if args.run:
@@ -256,10 +270,7 @@ def main(argv=None) -> int:
     for res in results:  # one result file per catalog; the doc section shows every catalog benchmarked so far
         res["command"], res["machine"] = cmd, machine()
         artifacts.write_json(out_dir / f"ann-{res['slug']}.json", res)
-    every = [json.loads(f.read_text()) for f in sorted(out_dir.glob("ann-*.json"))]
-    every.sort(key=lambda r: r["slug"] != "synthetic")
-    plot(every, Path(args.doc).parent / "img" / "ann-recall-latency.png")
-    write_section(Path(args.doc), markdown(every), "<!-- ann:begin -->", "<!-- ann:end -->")
+    render(out_dir, Path(args.doc))
     for res in results:
         for k, b in res["best_at_0.95"].items():
             log(f"{res['catalog']}: fastest at recall@{k[1:]} >= 0.95: {b}")

@@ -145,23 +145,33 @@ def markdown(results: list[dict]) -> str:
              "over-fetches by the user's known items and filters), over loopback, against `twotower serve RUN` "
              "(uvicorn, one worker, micro-batching of requests in flight). Closed loop: each client sends its next "
              "request when the previous answer arrives. The load generator runs on the same machine and takes its share "
-             "of the cores.", ""]
+             "of the cores. Synthetic catalogs: the generator of the ANN section (`benchmarks/synthetic_catalog.py`) "
+             "wrapped in a run directory (an ids-only model whose embeddings are the catalog's vectors; 10,000 users "
+             "with 20 known items each).", ""]
     for res in results:
         idx = res["index"]
         m = idx.get("measured", {})
-        lines += [f"### {res['catalog']}: {res['n_items']:,} items, top-{res['k']}", "", "```bash", res["command"], "```", "",
-                  f"Machine: {res['machine']}. Client: {res['client']}, {res['duration_s']:g} s per level after a warm-up. "
+        title = f"### {res['catalog']}: {res['n_items']:,} items, top-{res['k']}" + (", httptools + uvloop" if res["slug"].endswith("-httptools") else "")
+        lines += [title, "", "```bash", res["command"], "```", "",
+                  f"Machine: {res['machine']}. Server: {res.get('server_stack', 'uvicorn')}, one worker. "
+                  f"Client: {res['client']}, {res['duration_s']:g} s per level after a warm-up. "
                   f"Index: {idx['kind']} {json.dumps({k: v for k, v in idx['params'].items() if k in ('nlist', 'nprobe', 'M', 'ef_search') and v is not None})}, "
                   f"recall@10 {m.get('recall@10', float('nan')):.4f} and recall@100 {m.get('recall@100', float('nan')):.4f} "
                   f"against exact search on {m.get('queries', '?')} real users (measured at build).", "",
                   "| concurrent clients | requests | throughput (req/s) | p50 (ms) | p95 (ms) | p99 (ms) | non-2xx |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
-        for c, r in res["levels"].items():
+        for c, r in sorted(res["levels"].items(), key=lambda kv: int(kv[0])):
             lines.append(f"| {c} | {r['requests']:,} | {r['throughput_rps']:,.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
                          f"{r['p99_ms']:.2f} | {r['non_2xx'] + r['socket_errors']} |")
         lines.append("")
     lines += ["Result files: `benchmarks/results/http-<catalog>.json`.", "<!-- http:end -->"]
     return "\n".join(lines)
+
+
+def render(out_dir: Path, doc: Path) -> None:
+    every = [json.loads(f.read_text()) for f in sorted(out_dir.glob("http-*.json"))]
+    every.sort(key=lambda r: (not r["slug"].startswith("synthetic"), -r["n_items"], r["slug"]))
+    write_section(doc, markdown(every), "<!-- http:begin -->", "<!-- http:end -->")
 
 
 def main(argv=None) -> int:
@@ -177,7 +187,11 @@ def main(argv=None) -> int:
     p.add_argument("--serve-args", default="", help="extra arguments for `twotower serve`, e.g. \"--max-batch 32\"")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--render-only", action="store_true", help="only rewrite the doc section from the result files")
     args = p.parse_args(argv)
+    if args.render_only:
+        render(Path(args.out_dir), Path(args.doc))
+        return 0
     log = lambda m: print(m, flush=True)  # noqa: E731
     client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "httpx")
     run = Path(args.run) if args.run else prepare_synthetic(Path(args.workdir), args.items, args.kind, log)
@@ -192,7 +206,7 @@ def main(argv=None) -> int:
 
         meta = httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=10).json()
         load = run_wrk if client == "wrk" else run_httpx
-        load(url, ids, args.k, 4, 2.0, seed=99)  # warm-up
+        load(url, ids, args.k, 8, 5.0, seed=99)  # warm-up: touch the index pages, fill caches
         levels = {}
         for c in args.concurrency:
             r = load(url, ids, args.k, c, args.duration, seed=c)
@@ -205,19 +219,23 @@ def main(argv=None) -> int:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-    slug = "synthetic" if not args.run else meta["dataset"]["name"]
+    import importlib.util
+
+    fast = all(importlib.util.find_spec(m) is not None for m in ("httptools", "uvloop"))
+    stack = "uvicorn with httptools + uvloop (uvicorn[standard])" if fast else "uvicorn with h11 + asyncio (the declared dependencies)"
+    slug = (f"synthetic-{meta['counts']['items']}" if not args.run else meta["dataset"]["name"]) + ("-httptools" if fast else "")
     cmd = ".venv/bin/python benchmarks/http_load.py" + (f" --run {args.run}" if args.run else "") + (
         f" --items {args.items}" if not args.run and args.items != 1_000_000 else "") + (
         f" --kind {args.kind}" if not args.run and args.kind != "auto" else "") + (f" -k {args.k}" if args.k != 100 else "") + (
         f" --client {args.client}" if args.client != "auto" else "") + (f" --serve-args \"{args.serve_args}\"" if args.serve_args else "")
+    if fast:
+        cmd = "# with httptools and uvloop importable by the server (what `pip install 'uvicorn[standard]'` adds)\n" + cmd
     res = {"catalog": "synthetic clustered" if not args.run else f"{slug} (trained run)", "slug": slug,
            "n_items": meta["counts"]["items"], "k": args.k, "client": client, "duration_s": args.duration,
-           "index": meta["index"], "levels": levels, "command": cmd, "machine": machine()}
+           "index": meta["index"], "levels": levels, "command": cmd, "machine": machine(), "server_stack": stack}
     out_dir = Path(args.out_dir)
     artifacts.write_json(out_dir / f"http-{slug}.json", res)
-    every = [json.loads(f.read_text()) for f in sorted(out_dir.glob("http-*.json"))]
-    every.sort(key=lambda r: r["slug"] != "synthetic")
-    write_section(Path(args.doc), markdown(every), "<!-- http:begin -->", "<!-- http:end -->")
+    render(out_dir, Path(args.doc))
     log(f"wrote {out_dir / f'http-{slug}.json'} and the HTTP section of {args.doc}")
     return 0
 

@@ -164,9 +164,17 @@ def cmd_index(args) -> int:
     from .run import Run
 
     run = Run(args.run)
+    if args.retune:
+        from .index.run_index import retune_run_index
+
+        idx = retune_run_index(run, args.out, args.ef_search, args.nprobe, args.target_recall, args.sample_users, args.seed,
+                               log=lambda m: print(m, flush=True))
+        m = idx.info.get("measured", {})
+        print(f"{idx.kind}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("recall@")))
+        return 0
     params = IndexParams(kind=args.kind, nlist=args.nlist, nprobe=args.nprobe, M=args.M, ef_construction=args.ef_construction,
                          ef_search=args.ef_search, pq_m=args.pq_m, pq_bits=args.pq_bits, refine=args.refine,
-                         target_recall=args.target_recall)
+                         target_recall=0.95 if args.target_recall is None else args.target_recall)
     idx = build_run_index(run, params, args.out, sample=args.sample_users, seed=args.seed, progress=not args.quiet,
                           log=lambda m: print(m, flush=True))
     m = idx.info.get("measured", {})
@@ -274,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--pq-m", type=int, default=16, help="IVF-PQ sub-quantizers (default 16)")
     ix.add_argument("--pq-bits", type=int, default=8, help="IVF-PQ bits per code (default 8)")
     ix.add_argument("--refine", type=int, default=4, help="IVF-PQ: re-rank refine * k candidates exactly (default 4)")
-    ix.add_argument("--target-recall", type=float, default=0.95, help="tuning target for recall@10 and @100 (default 0.95)")
+    ix.add_argument("--target-recall", type=float, default=None, help="tuning target for recall@10 and @100 (default 0.95)")
+    ix.add_argument("--retune", action="store_true", help="keep the built index; set --ef-search/--nprobe, or tune them again, and re-measure")
     ix.add_argument("--sample-users", type=int, default=1000, help="real users to tune and measure recall on (default 1000)")
     ix.add_argument("--seed", type=int, default=0)
     ix.add_argument("--out", help="index folder (default RUN/index)")

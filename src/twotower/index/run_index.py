@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from .. import artifacts
 from ..errors import ArtifactError
 from ..evaluation.ranking import embed_users
 from .embeddings import NUMPY, embed_all_items, item_bias, save_embeddings
-from .index import META_FILE, IndexParams, ItemIndex
+from .index import EF_GRID, META_FILE, IndexParams, ItemIndex
 from .scoring import ScoreLayout, log_popularity
 
 INDEX_DIR = "index"
@@ -66,14 +67,47 @@ def build_run_index(run, params: IndexParams, folder: str | Path | None = None, 
     idx = ItemIndex.build(vecs, params, layout, seed=seed)
     p = idx.params
     log(f"index: {p.kind} over {idx.n_items:,} items x {idx.dim} dims built in {idx.info['build_seconds']:.1f}s")
+    extra = {"embed_seconds": embed_s, "model_sha256": _model_digest(run)}
+    tune = p.kind == "hnsw" and params.ef_search is None or p.kind in ("ivf", "ivfpq") and params.nprobe is None
+    return _tune_measure_save(run, idx, folder, tune, sample, seed, log, extra)
+
+
+def retune_run_index(run, folder: str | Path | None = None, ef_search: int | None = None, nprobe: int | None = None,
+                     target_recall: float | None = None, sample: int = 1000, seed: int = 0, log=None) -> ItemIndex:
+    """Change a saved index's search knobs without rebuilding it: set ``ef_search`` / ``nprobe``
+    when given, else tune them again (to ``target_recall`` when given); measure and save."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    folder = Path(folder) if folder is not None else Path(run.path) / INDEX_DIR
+    idx = load_run_index(run, folder, required=True)
+    if target_recall is not None:
+        idx.params = replace(idx.params, target_recall=float(target_recall))
+    given = {k: v for k, v in (("ef_search", ef_search), ("nprobe", nprobe)) if v is not None}
+    if given:
+        idx.params = replace(idx.params, **given)
+    keep = {k: idx.info[k] for k in ("embed_seconds", "model_sha256", "build_seconds") if k in idx.info}
+    return _tune_measure_save(run, idx, folder, not given and idx.kind != "flat", sample, seed, log, keep)
+
+
+def _tune_measure_save(run, idx: ItemIndex, folder: Path, tune: bool, sample: int, seed: int, log, extra: dict) -> ItemIndex:
+    """Tune the search knob on half of a sample of real users (stepping further while the other
+    half's recall is below target), measure recall and latency on that other half, save."""
+    p, layout = idx.params, idx.layout
     users = sample_users(run, sample, seed)
     uv = user_vectors(run, users)
     queries = layout.queries(uv, 0.0)
     tune_q, eval_q = (queries[::2], queries[1::2]) if len(queries) >= 20 else (queries, queries)
     eval_u = uv[1::2] if len(queries) >= 20 else uv
     tuned = {}
-    if p.kind == "hnsw" and params.ef_search is None or p.kind in ("ivf", "ivfpq") and params.nprobe is None:
+    if tune:
         tuned = idx.tune(tune_q, ks=(10, 100))
+        # the held-out half must reach the target too (sampling noise): step up the grid while it does not
+        while min(idx.recall(eval_q).values()) < p.target_recall:
+            grid = [v for v in (EF_GRID if tuned["param"] == "ef_search" else [2 ** i for i in range(17)])
+                    if v > getattr(idx.params, tuned["param"])]
+            if not grid or tuned["param"] == "nprobe" and grid[0] > idx.params.nlist:
+                break
+            idx.params = replace(idx.params, **{tuned["param"]: grid[0]})
+            tuned["value"] = grid[0]
         log(f"index: tuned {tuned['param']} = {tuned['value']} for recall >= {p.target_recall} on {len(tune_q)} users")
     m = idx.measure(eval_q, ks=(10, 100))
     m["with_alpha"] = {str(a): idx.recall(layout.queries(eval_u, a)) for a in (0.5, 1.0)}
@@ -81,8 +115,8 @@ def build_run_index(run, params: IndexParams, folder: str | Path | None = None, 
         " (alpha 1: " + ", ".join(f"{k} {v:.4f}" for k, v in m["with_alpha"]["1.0"].items()) + ")" +
         f" against exact on {len(eval_q)} users; per query {m['ann_ms_p50']:.3f} ms (exact {m['exact_ms_p50']:.3f} ms), "
         f"k = {m['k']}, one thread")
-    idx.save(folder, {"measured": m, "tuning": tuned, "embed_seconds": embed_s, "model_sha256": _model_digest(run),
-                      "n_users_sampled": int(len(users)), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    idx.save(folder, {**extra, "measured": m, "tuning": tuned, "n_users_sampled": int(len(users)),
+                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     log(f"index: saved to {folder}")
     return idx
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TwotowerError
-from ..index.index import IndexParams, ItemIndex
+from ..index.index import ItemIndex
 from ..index.run_index import exact_run_index, load_run_index
 from ..index.scoring import log_popularity
 
@@ -458,4 +458,4 @@ class Recommender:
 
 
 __all__ = ["Query", "Recommendation", "Recommender", "RequestError", "UnknownUserError", "UnknownItemError",
-           "encode_new_users", "MAX_K", "IndexParams"]
+           "encode_new_users", "MAX_K"]
