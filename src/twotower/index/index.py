@@ -104,6 +104,48 @@ class IndexParams:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def new_faiss_index(p: IndexParams, d: int):
+    """An empty FAISS index of the resolved parameters ``p`` (no ``auto``) over ``d``-dimensional
+    vectors, inner-product metric. Its ``d`` is the dimension vectors must be zero-padded to before
+    ``train``/``add``/``search`` (IVF-PQ: a multiple of the sub-quantizers; no change to products)."""
+    import faiss
+
+    ip = faiss.METRIC_INNER_PRODUCT
+    if p.kind == "flat":
+        return faiss.IndexFlatIP(d)
+    if p.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, p.M, ip)
+        index.hnsw.efConstruction = p.ef_construction
+        return index
+    if p.kind == "ivf":
+        return faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, p.nlist, ip)
+    if p.kind == "ivfpq":
+        dp = -(-d // p.pq_m) * p.pq_m
+        return faiss.IndexRefineFlat(faiss.IndexIVFPQ(faiss.IndexFlatIP(dp), dp, p.nlist, p.pq_m, p.pq_bits, ip))
+    raise ConfigError(f"index kind {p.kind!r} is not resolved; call IndexParams.resolved(n_items) first")
+
+
+def train_size(p: IndexParams, n_items: int) -> int:
+    """How many vectors the IVF kinds' k-means trains on: ``train_size``, else 64 per list (at
+    least 10,000), at most the catalog."""
+    return int(min(n_items, p.train_size or max(64 * (p.nlist or 1), 10_000)))
+
+
+def with_search_defaults(p: IndexParams) -> IndexParams:
+    """``p`` with the search knobs left ``None`` given their untuned defaults."""
+    return replace(p, nprobe=p.nprobe or (min(16, p.nlist) if p.nlist else None),
+                   ef_search=p.ef_search or (128 if p.kind == "hnsw" else None))
+
+
+def vectors_digest(vectors: np.ndarray, rows: int = 1 << 16) -> str:
+    """sha256 of the float32 C-order bytes of ``vectors``, hashed ``rows`` rows at a time (the same
+    digest as hashing ``tobytes()``, without a copy of the whole array: ``vectors`` may be a memory map)."""
+    h = hashlib.sha256()
+    for s in range(0, len(vectors), rows):
+        h.update(np.ascontiguousarray(vectors[s : s + rows], dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
 def _pad(x: np.ndarray, d: int) -> np.ndarray:
     return x if x.shape[1] == d else np.ascontiguousarray(np.hstack([x, np.zeros((len(x), d - x.shape[1]), np.float32)]))
 
@@ -155,34 +197,17 @@ class ItemIndex:
     def build(cls, vectors: np.ndarray, params: IndexParams, layout: ScoreLayout, seed: int = 0) -> "ItemIndex":
         """Build the index of ``params.kind`` (``auto`` resolved by catalog size) over the augmented
         ``vectors``. Search knobs left ``None`` get defaults here (``tune`` sets them from recall)."""
-        import faiss
-
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         n, d = x.shape
         p = params.resolved(n)
         t0 = time.perf_counter()
-        ip = faiss.METRIC_INNER_PRODUCT
-        if p.kind == "flat":
-            index = faiss.IndexFlatIP(d)
-            index.add(x)
-        elif p.kind == "hnsw":
-            index = faiss.IndexHNSWFlat(d, p.M, ip)
-            index.hnsw.efConstruction = p.ef_construction
-            index.add(x)
-        else:
-            xp = x
-            if p.kind == "ivf":
-                index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, p.nlist, ip)
-            else:
-                dp = -(-d // p.pq_m) * p.pq_m  # zero-padded to a multiple of the sub-quantizers (no change to products)
-                xp = _pad(x, dp)
-                index = faiss.IndexRefineFlat(faiss.IndexIVFPQ(faiss.IndexFlatIP(dp), dp, p.nlist, p.pq_m, p.pq_bits, ip))
+        index = new_faiss_index(p, d)
+        if p.kind in ("ivf", "ivfpq"):
             rng = np.random.default_rng(seed)
-            m = min(n, p.train_size or max(64 * p.nlist, 10_000))
-            index.train(xp[np.sort(rng.choice(n, m, replace=False))] if m < n else xp)
-            index.add(xp)
-        p = replace(p, nprobe=p.nprobe or (min(16, p.nlist) if p.nlist else None),
-                    ef_search=p.ef_search or (128 if p.kind == "hnsw" else None))
+            m = train_size(p, n)
+            index.train(_pad(x[np.sort(rng.choice(n, m, replace=False))] if m < n else x, index.d))
+        index.add(_pad(x, index.d))
+        p = with_search_defaults(p)
         out = cls(index, p, layout, x)
         out.info["build_seconds"] = time.perf_counter() - t0
         return out
@@ -338,7 +363,7 @@ class ItemIndex:
         meta = {
             "kind": self.kind, "params": self.params.to_dict(), "layout": self.layout.to_dict(),
             "n_items": self.n_items, "dim": self.dim,
-            "vectors_sha256": hashlib.sha256(self.vectors.tobytes()).hexdigest(),
+            "vectors_sha256": vectors_digest(self.vectors),
             "index_sha256": artifacts.sha256_file(folder / INDEX_FILE),
             **self.info, **(extra or {}),
         }
@@ -365,7 +390,7 @@ class ItemIndex:
             raise ArtifactError(f"{path}: does not match the sha256 in {META_FILE} (corrupted or from another build). "
                                 "Rebuild it with `twotower index RUN`")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if hashlib.sha256(vectors.tobytes()).hexdigest() != meta.get("vectors_sha256"):
+        if vectors_digest(vectors) != meta.get("vectors_sha256"):
             raise ArtifactError(f"{folder}: the index was built from other item vectors than this run's "
                                 "(weights, item counts or embeddings changed). Rebuild it with `twotower index RUN`")
         try:
