@@ -1,4 +1,4 @@
-"""Command line: ``twotower train | evaluate | recommend | compare | index | serve | demo``.
+"""Command line: ``twotower train | evaluate | recommend | compare | index | embed | serve | demo``.
 
 Every subcommand is a thin shell over the Python API (``twotower.api``, ``twotower.run.Run``).
 User mistakes (bad data, bad config, bad run directory) print one message and exit with code 2.
@@ -22,6 +22,20 @@ examples:
 The config has four sections: [data] (what to read and how to split it), [model] (the towers),
 [train] (optimiser, loss, early stopping) and [eval] (cut-offs K). Data paths are relative to the
 data directory: --data-dir, else $TWOTOWER_DATA, else ~/.local/share/twotower.
+"""
+
+
+EPILOG_EMBED = """\
+examples:
+  twotower embed runs/big                                  # RUN/embeddings/part-00000.parquet, ... + embeddings.json
+  twotower embed runs/big --chunk-size 500000 --device cuda
+  for i in 0 1 2 3; do twotower embed runs/big --job $i/4 & done; wait   # four jobs, parts in parallel
+  twotower index runs/big --from-parts runs/big/embeddings --kind ivf   # then: twotower serve runs/big
+
+Part p holds the items with vocabulary index p*N .. (p+1)*N - 1 (N = --chunk-size): columns item
+(raw id) and vector (float32). Each part has a record part-NNNNN.json (range, size, sha256, the
+weights' sha256); embeddings.json lists every part and is written when the last one exists.
+Every file is written atomically: rerun an interrupted job and it keeps the parts already written.
 """
 
 
@@ -174,13 +188,36 @@ def cmd_index(args) -> int:
         return 0
     params = IndexParams(kind=args.kind, nlist=args.nlist, nprobe=args.nprobe, M=args.M, ef_construction=args.ef_construction,
                          ef_search=args.ef_search, pq_m=args.pq_m, pq_bits=args.pq_bits, refine=args.refine,
-                         target_recall=0.95 if args.target_recall is None else args.target_recall)
-    idx = build_run_index(run, params, args.out, sample=args.sample_users, seed=args.seed, progress=not args.quiet,
-                          log=lambda m: print(m, flush=True))
+                         target_recall=0.95 if args.target_recall is None else args.target_recall, train_size=args.train_size)
+    if args.from_parts:  # one part in memory at a time
+        from .index.parts import build_run_index_from_parts
+
+        idx = build_run_index_from_parts(run, args.from_parts, params, args.out, sample=args.sample_users, seed=args.seed,
+                                         progress=not args.quiet, log=lambda m: print(m, flush=True))
+    else:
+        idx = build_run_index(run, params, args.out, sample=args.sample_users, seed=args.seed, progress=not args.quiet,
+                              log=lambda m: print(m, flush=True))
     m = idx.info.get("measured", {})
     print(f"{idx.kind}: {idx.n_items:,} items, dim {idx.dim}; "
           + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("recall@"))
           + f"; {m.get('ann_ms_p50', float('nan')):.3f} ms per query (exact {m.get('exact_ms_p50', float('nan')):.3f} ms)")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from .index.parts import embed_run_to_parts, parse_job
+    from .run import Run
+
+    job, n_jobs = parse_job(args.job)
+    run = Run(args.run)
+    res = embed_run_to_parts(run, args.out, args.chunk_size, args.batch_size, job, n_jobs, args.device, args.overwrite,
+                             progress=not args.quiet, log=lambda m: print(m, flush=True))
+    if res["manifest"] is None:
+        print(f"job {job}/{n_jobs} done; {len(res['missing'])} part(s) still to be written by the other jobs")
+    else:
+        m = res["manifest"]
+        print(f"{m['n_items']:,} items x {m['dim']} dims in {m['n_parts']} part(s), {m['bytes'] / 2**20:,.1f} MiB: "
+              f"{Path(args.out or Path(args.run) / 'embeddings') / 'embeddings.json'}")
     return 0
 
 
@@ -268,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     ix = sub.add_parser("index", help="embed every item and build a FAISS index in the run directory",
                         epilog="examples:\n  twotower index runs/ml100k                      # auto: flat below 50k items, HNSW up to 5M, IVF beyond\n"
                                "  twotower index runs/gowalla --kind hnsw --M 32 --ef-search 128\n"
-                               "  twotower index runs/big --kind ivfpq --nlist 4096 --pq-m 16 --refine 4\n\n"
+                               "  twotower index runs/big --kind ivfpq --nlist 4096 --pq-m 16 --refine 4\n"
+                               "  twotower index runs/big --from-parts runs/big/embeddings --kind ivf   # parts of `twotower embed`\n\n"
                                "Search knobs not given (--nprobe, --ef-search) are tuned on real users to reach --target-recall.\n"
                                "Recall@10/@100 against exact search and per-query latency are printed and stored in RUN/index/index.json.",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -288,7 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--seed", type=int, default=0)
     ix.add_argument("--out", help="index folder (default RUN/index)")
     ix.add_argument("--quiet", action="store_true", help="no progress bar")
+    ix.add_argument("--from-parts", metavar="DIR", help="build from the Parquet parts of `twotower embed` (one part in memory at "
+                    "a time; IVF kinds train on a sample of all parts) instead of embedding every item in memory")
+    ix.add_argument("--train-size", type=int, metavar="N", help="IVF kinds: items k-means trains on (default 64 per list, at least 10,000)")
     ix.set_defaults(func=cmd_index)
+
+    em = sub.add_parser("embed", help="embed every item into Parquet parts (catalogs larger than memory)",
+                        epilog=EPILOG_EMBED, formatter_class=argparse.RawDescriptionHelpFormatter)
+    em.add_argument("run", help="run directory written by `twotower train`")
+    em.add_argument("--out", metavar="DIR", help="parts folder (default RUN/embeddings)")
+    em.add_argument("--chunk-size", type=int, default=1_000_000, metavar="N",
+                    help="items per part (default 1,000,000: 256 MB of float32 at 64 dims); one part is in memory at a time")
+    em.add_argument("--batch-size", type=int, default=16384, metavar="B", help="items per item-tower forward pass (default 16384)")
+    em.add_argument("--job", default="0/1", metavar="I/N", help="this is job I of N (from 0): write parts p with p %% N == I "
+                    "(default 0/1: all); the job that completes the set writes the manifest")
+    em.add_argument("--device", help="torch device for the item tower, e.g. cuda or cuda:1 (default cpu)")
+    em.add_argument("--overwrite", action="store_true", help="recompute this job's parts even when already written")
+    em.add_argument("--quiet", action="store_true", help="no progress bar")
+    em.set_defaults(func=cmd_embed)
 
     sv = sub.add_parser("serve", help="HTTP API: recommendations, similar items, health, metadata (FastAPI + uvicorn)",
                         epilog="examples:\n  twotower serve runs/ml100k                 # http://127.0.0.1:8000/docs\n"
