@@ -74,10 +74,15 @@ def _refit(cfg: RunConfig, ds: Dataset, epochs: int, out, resume: bool, quiet: b
     Its checkpoints live in ``out/refit`` so that ``--resume`` continues whichever phase was cut."""
     log(f"refit: training on train + validation for {epochs} epochs (the best epoch on validation)")
     rcfg = cfg.model_copy(deep=True)
-    rcfg.train.epochs, rcfg.train.patience, rcfg.train.refit = max(epochs, 1), 0, False
+    rcfg.train.patience, rcfg.train.refit = 0, False
+    stop = None
+    if cfg.mining.rounds:
+        stop = max(epochs, 1)  # the same schedule of mining rounds, cut at the chosen epoch
+    else:
+        rcfg.train.epochs = max(epochs, 1)
     rdir = Path(out) / "refit" if out is not None else None
     refit = Trainer(rcfg, ds.with_valid_in_train(), rdir, quiet=quiet, log=log)
-    refit.fit(resume=resume and rdir is not None and (rdir / "checkpoint" / "state.json").exists())
+    refit.fit(resume=resume and rdir is not None and (rdir / "checkpoint" / "state.json").exists(), max_epochs=stop)
     return refit
 
 

@@ -69,6 +69,8 @@ class ModelConfig(_Section):
     mlp: list[int] = Field(default_factory=list, description="hidden layer sizes of each tower's MLP (empty: no MLP)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     temperature: float = Field(0.1, gt=0.0)
+    learn_temperature: bool = Field(False, description="train tau too (as log tau, clamped to [0.01, 1]); `temperature` is its start")
+    item_bias: bool = Field(False, description="a learned per-item bias b_j added to every score (exported to serving)")
     init_std: float = Field(0.1, gt=0.0)
 
     @model_validator(mode="after")
@@ -93,6 +95,13 @@ class TrainConfig(_Section):
     logq: bool = Field(True, description="subtract log of the expected count of each shared candidate (Yi et al. 2019)")
     logq_weight: float = Field(1.0, ge=0.0)
     correct_positive: bool = Field(True, description="apply the logQ correction to the positive's logit too")
+    logq_form: Literal["expected_count", "neg_pos_ratio"] = Field(
+        "expected_count", description="expected_count: log E[count of j in the shared candidate set] under the combined "
+                                      "proposal; neg_pos_ratio: log(times j was a negative / times j was a positive), tracked")
+    frequency: Literal["counts", "streaming"] = Field(
+        "counts", description="p(j) from exact counts over the training data, or the streaming estimator of Yi et al. 2019")
+    streaming_lr: float = Field(0.05, gt=0.0, le=1.0, description="streaming estimator: learning rate a of the gap estimate")
+    streaming_buckets: int = Field(1 << 20, ge=1, description="streaming estimator: size of the hashed arrays")
     mask_user_history: bool = Field(False, description="mask candidates that are among the row user's training items")
     patience: int = Field(3, ge=0, description="epochs without validation improvement before stopping (0: never stop early)")
     monitor: str = Field("recall@20", description="validation metric used for early stopping and model selection")
@@ -110,6 +119,56 @@ class TrainConfig(_Section):
         if name not in {"recall", "ndcg", "hr", "precision", "mrr"} or not k.isdigit():
             raise ValueError(f"monitor must look like 'recall@20' or 'ndcg@10', got {v!r}")
         return v
+
+
+class NegativesConfig(_Section):
+    """Negative sources beyond the batch's own positives; the trainer composes them (DESIGN.md)."""
+
+    sampled: int = Field(0, ge=0, description="M items per batch from the proposal, shared by all rows (Yang et al. 2020)")
+    proposal: Literal["uniform", "frequency"] = Field("uniform", description="sampled negatives: uniform, or count^beta")
+    beta: float = Field(0.75, ge=0.0, description="exponent of the frequency proposal")
+    bank_size: int = Field(0, ge=0, description="Q: memory bank of the last Q positives' item embeddings (Wang et al. 2021)")
+    bank_warmup_steps: int = Field(0, ge=0, description="steps before the memory bank is used (its entries go stale fastest early)")
+    hard: Literal["none", "category", "mined", "exposure"] = Field(
+        "none", description="per-row hard negatives: same category as the positive, mined by the model (see [mining]), "
+                            "or shown-but-not-engaged items from an impressions file")
+    hard_k: int = Field(0, ge=0, description="K hard negatives per row")
+    category_feature: str | None = Field(None, description="hard = category: the item feature holding categories "
+                                                           "(default: the only item feature)")
+    exposure_file: str | None = Field(None, description="hard = exposure: impressions file (CSV/TSV/Parquet, raw ids); "
+                                                        "`twotower mine` writes one in the same format")
+    exposure_user_col: str = "user"
+    exposure_item_col: str = "item"
+    hard_warmup_steps: int = Field(0, ge=0, description="curriculum: steps before hard negatives begin")
+    hard_ramp_steps: int = Field(0, ge=0, description="curriculum: steps over which hard negatives ramp up after the warm-up")
+    hard_ramp: Literal["count", "weight"] = Field("count", description="ramp the number of hard negatives, or their weight")
+    hard_weight: float = Field(1.0, gt=0.0, description="weight w of a hard negative in the softmax (its logit + log w)")
+
+    @model_validator(mode="after")
+    def _hard_is_complete(self):
+        if self.hard != "none" and self.hard_k == 0:
+            raise ValueError(f"hard = {self.hard!r} needs hard_k > 0 (hard negatives per row)")
+        if self.hard == "exposure" and not self.exposure_file:
+            raise ValueError("hard = 'exposure' needs exposure_file (user, item impressions)")
+        return self
+
+
+class MiningConfig(_Section):
+    """Hard-negative mining in rounds: after ``train.epochs``, each round embeds every item, retrieves the
+    top R for every training user, drops the user's positives, keeps ranks in [window_lo, window_hi) and
+    trains ``epochs_per_round`` more epochs sampling ``negatives.hard_k`` per row from them."""
+
+    rounds: int = Field(0, ge=0)
+    epochs_per_round: int = Field(2, ge=1)
+    top_r: int = Field(200, ge=1)
+    window_lo: int = Field(10, ge=0, description="skip the very top, where unlabelled positives (false negatives) live")
+    window_hi: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _window(self):
+        if not self.window_lo < self.window_hi <= self.top_r:
+            raise ValueError(f"need window_lo < window_hi <= top_r, got {self.window_lo}, {self.window_hi}, {self.top_r}")
+        return self
 
 
 class EvalConfig(_Section):
@@ -132,7 +191,17 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    negatives: NegativesConfig = Field(default_factory=NegativesConfig)
+    mining: MiningConfig = Field(default_factory=MiningConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _mining_has_a_source(self):
+        if self.mining.rounds and self.negatives.hard != "mined":
+            raise ValueError("mining.rounds > 0 needs negatives.hard = \"mined\" (and negatives.hard_k)")
+        if self.negatives.hard == "mined" and not self.mining.rounds:
+            raise ValueError("negatives.hard = \"mined\" needs mining.rounds > 0")
+        return self
 
     @model_validator(mode="after")
     def _monitor_is_evaluated(self):
@@ -174,7 +243,7 @@ class RunConfig(_Section):
         except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}: cannot parse: {e}") from None
         if not isinstance(d, dict):
-            raise ConfigError(f"{path}: the top level must be a table of sections (data, model, train, eval)")
+            raise ConfigError(f"{path}: the top level must be a table of sections (data, model, train, negatives, mining, eval)")
         apply_overrides(d, overrides or [])
         return cls.from_dict(d, source=str(path))
 

@@ -143,6 +143,30 @@ def build_dataset(name: str, frame: pd.DataFrame, test_frame: pd.DataFrame | Non
     return Dataset(name, users, items, train, valid, test, item_feats, user_feats, titles)
 
 
+def load_impressions(path: str | Path, ds: Dataset, user_col: str = "user", item_col: str = "item",
+                     data_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Shown-but-not-engaged items (an impressions file with raw ``user`` and ``item`` columns, CSV,
+    TSV or Parquet) as a CSR ``(indptr [n_users + 1], indices)`` over ``ds``'s user and item indices.
+
+    Rows naming a user or item the dataset does not know are dropped (they can be neither a row nor
+    a candidate); a file where none is known is an error, since it most likely belongs to other data.
+    """
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    p = resolve(str(path), data_dir)
+    frame = read_interactions(p, user_col, item_col).frame
+    u = ds.users.encode(frame["user"].to_numpy())
+    i = ds.items.encode(frame["item"].to_numpy())
+    ok = (u >= 0) & (i >= 0)
+    if len(frame) and not ok.any():
+        raise DataError(str(p), f"none of the {len(frame):,} impressions names a user and an item of the training data",
+                        "check that the file's ids are the dataset's raw ids (and user_col / item_col)")
+    pairs = np.unique(u[ok] * ds.n_items + i[ok])
+    users, items = pairs // ds.n_items, pairs % ds.n_items
+    indptr = np.zeros(ds.n_users + 1, dtype=np.int64)
+    np.add.at(indptr, users + 1, 1)
+    return np.cumsum(indptr), items.astype(np.int64)
+
+
 def _same_kind(arrays: list[np.ndarray]) -> np.ndarray:
     """Concatenate id arrays; if one of them holds strings, all become strings (so '7' == 7)."""
     if all(np.asarray(a).dtype.kind in "iu" for a in arrays):

@@ -47,9 +47,10 @@ def top_k_blocks(model: TwoTowerModel, users: np.ndarray, history: CSR, exclude:
                  ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     """Yield ``(block_users, top_scores [b, k], top_items [b, k])`` (CPU tensors) block by block,
     excluding each user's ``exclude`` items. Scores are cosines (the ranking does not depend on the
-    temperature)."""
+    temperature), or the training logits ``cos / tau + b_j`` when the model learns an item bias."""
     if item_vecs is None:
         item_vecs = embed_items(model)
+    bias = model.bias(torch.arange(item_vecs.shape[0], device=item_vecs.device)) if model.item_bias is not None else None
     k = min(k, item_vecs.shape[0])
     # One score buffer for all blocks: a fresh [block, n_items] allocation per block costs about a
     # third of the matrix product's time in page faults on a CPU.
@@ -57,7 +58,11 @@ def top_k_blocks(model: TwoTowerModel, users: np.ndarray, history: CSR, exclude:
     for s in range(0, len(users), batch_users):
         block = np.asarray(users[s : s + batch_users])
         u = embed_users(model, block, history, history_length)
+        if bias is not None:
+            u = u / model.temperature
         scores = torch.mm(u, item_vecs.T, out=buf[: len(block)])
+        if bias is not None:
+            scores += bias
         if exclude is not None:
             mask_rows(scores, block, exclude)
         top = torch.topk(scores, k, dim=1)

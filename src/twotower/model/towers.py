@@ -7,6 +7,8 @@ matrix factorisation on the unit sphere.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -122,7 +124,12 @@ class UserTower(nn.Module):
 
 
 class TwoTowerModel(nn.Module):
-    """Both towers and the score ``s(u, j) = <f(u), g(j)> / tau``."""
+    """Both towers and the score ``s(u, j) = <f(u), g(j)> / tau (+ b_j)``.
+
+    ``tau`` is fixed, or learned as ``log tau`` (clamped to [0.01, 1], the range CLIP allows its logit
+    scale) when ``learn_temperature``; the ``temperature`` buffer always holds its current value for
+    evaluation and serving. ``b_j`` is an optional learned per-item bias (DESIGN.md), zero at start.
+    """
 
     def __init__(self, n_users: int, n_items: int, cfg: ModelConfig,
                  item_features: EncodedFeatures | None = None, user_features: EncodedFeatures | None = None,
@@ -133,6 +140,23 @@ class TwoTowerModel(nn.Module):
         self.item_tower = ItemTower(n_items, cfg, item_features, sparse)
         self.user_tower = UserTower(n_users, n_items, cfg, user_features, sparse)
         self.register_buffer("temperature", torch.tensor(float(cfg.temperature)))
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.temperature))) if cfg.learn_temperature else None
+        self.item_bias = None
+        if cfg.item_bias:
+            self.item_bias = nn.Embedding(n_items, 1, sparse=sparse)
+            nn.init.zeros_(self.item_bias.weight)
+
+    def tau(self) -> torch.Tensor:
+        if self.log_temperature is None:
+            return self.temperature
+        tau = self.log_temperature.exp().clamp(0.01, 1.0)
+        with torch.no_grad():
+            self.temperature.copy_(tau)
+        return tau
+
+    def bias(self, items: torch.Tensor) -> torch.Tensor | None:
+        """``b_j`` for ``items`` (any shape), or None without a learned bias."""
+        return None if self.item_bias is None else self.item_bias(items).squeeze(-1)
 
     def encode_items(self, items: torch.Tensor) -> torch.Tensor:
         return self.item_tower(items)
@@ -141,9 +165,18 @@ class TwoTowerModel(nn.Module):
                      history_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.user_tower(users, history, history_mask, shared_table=self.item_tower.id_embedding)
 
-    def score(self, user_vecs: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
+    def score(self, user_vecs: torch.Tensor, item_vecs: torch.Tensor, item_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, C]`` scores of every user against every (shared) candidate."""
         # Dividing the [B, d] side costs B*d operations instead of B*C.
-        return (user_vecs / self.temperature) @ item_vecs.T
+        s = (user_vecs / self.tau()) @ item_vecs.T
+        b = self.bias(item_ids) if item_ids is not None else None
+        return s if b is None else s + b
+
+    def score_rows(self, user_vecs: torch.Tensor, item_vecs: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, K]`` scores of each user against its own ``K`` candidates (``item_vecs`` ``[B, K, d]``)."""
+        s = torch.einsum("bd,bkd->bk", user_vecs / self.tau(), item_vecs)
+        b = self.bias(item_ids)
+        return s if b is None else s + b
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Embedding tables (sparse gradients when built with ``sparse=True``)."""

@@ -1,24 +1,47 @@
 """The candidate-set builder: the one place that decides which items every row is scored against.
 
-For now the candidate set is the batch's own positives (in-batch negatives). Each source adds
-candidate vectors, their ids and their log expected counts; masks are derived from the ids, so a
-new source (sampled, memory bank, hard) plugs in here without touching the loss.
+Shared candidates (scored by every row, one matrix product):
+- in-batch: the batch's own positives (column ``b`` is row ``b``'s positive);
+- sampled: ``M`` items drawn once per batch from the proposal ``r`` (Yang et al., WWW 2020);
+- memory bank: the item embeddings of the last ``Q`` positives, detached (Wang et al., SIGIR 2021).
+Each shared candidate carries the log of its expected count in the shared set under the combined
+proposal, ``log(B p(j) + M r(j) + Q p(j))`` (``losses.log_expected_count``), or the tracked
+negative/positive ratio, as configured.
+
+Per-row candidates: ``K`` hard negatives for each row (same category, mined, or exposed), with no
+correction, a weight from the curriculum, and a mask for rows that have none to offer and for
+items the user is known to like.
+
+The loss never sees where a column came from: it gets scores, a correction per column and a mask.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from ..config import RunConfig
+from ..data.dataset import Dataset
+from ..errors import ConfigError
 from . import losses
+from .frequency import NegPosRatio, StreamingFrequency, counted_probabilities, proposal_probabilities
+from .hard_negatives import CategorySampler, ListSampler, hard_schedule
+from .memory_bank import MemoryBank
 
 
 @dataclass
 class CandidateSet:
-    vectors: torch.Tensor   # [C, d] item-tower outputs
-    ids: torch.Tensor       # [C] item indices
-    log_q: torch.Tensor     # [C] log expected count of each candidate in the shared set
-    target: torch.Tensor    # [B] column of each row's positive
+    vectors: torch.Tensor            # [C, d] shared candidates' item-tower outputs
+    ids: torch.Tensor                # [C] their item indices
+    log_q: torch.Tensor | None       # [C] correction of each shared candidate (None: logQ off)
+    target: torch.Tensor             # [B] column of each row's positive
+    hard_ids: torch.Tensor | None = None      # [B, K] per-row hard negatives (-1: none)
+    hard_vectors: torch.Tensor | None = None  # [B, K, d]
+    hard_log_weight: float = 0.0              # log w of the curriculum's weight
+    n_sampled: int = 0
+    n_bank: int = 0
 
 
 def in_batch(item_vecs: torch.Tensor, item_ids: torch.Tensor, p: torch.Tensor) -> CandidateSet:
@@ -26,3 +49,130 @@ def in_batch(item_vecs: torch.Tensor, item_ids: torch.Tensor, p: torch.Tensor) -
     b = len(item_ids)
     return CandidateSet(item_vecs, item_ids, losses.log_expected_count(p[item_ids], b),
                         torch.arange(b, device=item_ids.device))
+
+
+class CandidateBuilder:
+    """Owns the negative sources and their state (frequency estimates, memory bank, hard samplers)."""
+
+    def __init__(self, cfg: RunConfig, dataset: Dataset, device: torch.device, dim: int,
+                 exposure: tuple[np.ndarray, np.ndarray] | None = None):
+        t, neg = cfg.train, cfg.negatives
+        self.cfg, self.device = cfg, device
+        self.n_items = dataset.n_items
+        counts = dataset.item_counts()
+        self.p = counted_probabilities(counts).to(device)
+        self.streaming = None
+        if t.frequency == "streaming":
+            self.streaming = StreamingFrequency(t.streaming_buckets, t.streaming_lr,
+                                                init_gap=max(1.0, dataset.n_items / t.batch_size), device=device)
+        self.ratio = NegPosRatio(dataset.n_items, device) if t.logq and t.logq_form == "neg_pos_ratio" else None
+        self.r = proposal_probabilities(counts, neg.proposal, neg.beta).to(device) if neg.sampled else None
+        self.bank = MemoryBank(neg.bank_size, dim, neg.bank_warmup_steps, device) if neg.bank_size else None
+        self.hard = None
+        if neg.hard == "category":
+            self.hard = _category_sampler(dataset, neg.category_feature, device)
+        elif neg.hard == "exposure":
+            if exposure is None:
+                raise ConfigError("negatives.hard = \"exposure\": no impressions were loaded")
+            self.hard = ListSampler(*exposure, device=device)
+        self.seen_keys: torch.Tensor | None = None
+        if t.mask_user_history or neg.hard != "none":
+            h = dataset.history("train")
+            rows = np.repeat(np.arange(h.n_rows), h.lengths())
+            self.seen_keys = torch.from_numpy(np.unique(rows * dataset.n_items + h.indices)).to(device)
+
+    def set_mined(self, indptr: np.ndarray, indices: np.ndarray) -> None:
+        """Hard negatives for the next mining round (``mining.mine_negatives``' CSR)."""
+        self.hard = ListSampler(indptr, indices, device=self.device)
+
+    # ---- per step -----------------------------------------------------------------------------
+    def build(self, model, users: torch.Tensor, items: torch.Tensor, item_vecs: torch.Tensor, step: int,
+              gen: torch.Generator | None = None) -> CandidateSet:
+        cfg, neg = self.cfg, self.cfg.negatives
+        b = len(items)
+        vecs, ids = [item_vecs], [items]
+        m = q = 0
+        if neg.sampled:
+            m = neg.sampled
+            drawn = torch.multinomial(self.r, m, replacement=True, generator=gen) if neg.proposal == "frequency" \
+                else torch.randint(self.n_items, (m,), generator=gen, device=self.device)
+            vecs.append(model.encode_items(drawn))
+            ids.append(drawn)
+        if self.bank is not None and self.bank.active(step):
+            bank_vecs, bank_ids = self.bank.entries()
+            q = len(bank_ids)
+            vecs.append(bank_vecs.to(item_vecs.dtype))
+            ids.append(bank_ids)
+        cand_ids = torch.cat(ids) if len(ids) > 1 else items
+        cand = CandidateSet(torch.cat(vecs) if len(vecs) > 1 else item_vecs, cand_ids, None,
+                            torch.arange(b, device=items.device), n_sampled=m, n_bank=q)
+        if cfg.train.logq:
+            if self.ratio is not None:
+                cand.log_q = self.ratio.correction(cand_ids)
+            else:
+                if self.streaming is not None:
+                    self.streaming.update(items, step)
+                    p = self.streaming.probabilities(cand_ids, b)
+                else:
+                    p = self.p[cand_ids]
+                cand.log_q = losses.log_expected_count(p, b, m, self.r[cand_ids] if m else None, q)
+        if self.hard is not None:
+            k, w = hard_schedule(step, neg.hard_k, neg.hard_warmup_steps, neg.hard_ramp_steps, neg.hard_ramp, neg.hard_weight)
+            if k and w > 0:
+                hard = self.hard.sample(users if isinstance(self.hard, ListSampler) else items, k, gen)
+                cand.hard_ids = hard
+                cand.hard_vectors = model.encode_items(hard.clamp_min(0).reshape(-1)).view(b, k, -1)
+                cand.hard_log_weight = math.log(w)
+        return cand
+
+    def hard_mask(self, users: torch.Tensor, items: torch.Tensor, cand: CandidateSet) -> torch.Tensor:
+        """``[B, K]`` True where a hard column must not count: nothing sampled, the row's positive,
+        or any of the user's training items (a hard negative the user liked is the worst kind)."""
+        h = cand.hard_ids
+        bad = (h < 0) | (h == items[:, None])
+        if self.seen_keys is not None:
+            bad |= losses.seen_item_mask(users, h, None, self.seen_keys, self.n_items)
+        return bad
+
+    def after_step(self, items: torch.Tensor, item_vecs: torch.Tensor, cand: CandidateSet, excluded: torch.Tensor) -> None:
+        """Enqueue the batch's positives in the bank; count negatives and positives for the ratio form."""
+        if self.ratio is not None:
+            c = len(cand.ids)
+            shared = excluded[:, :c]
+            negative_rows = len(items) - shared.sum(0) - (torch.arange(c, device=items.device) < len(items)).long()
+            self.ratio.update(items, cand.ids, negative_rows)
+        if self.bank is not None:
+            self.bank.push(item_vecs.detach(), items)
+
+    # ---- checkpoint ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, part in (("bank", self.bank), ("streaming", self.streaming), ("ratio", self.ratio)):
+            if part is not None:
+                out.update({f"{name}.{k}": v.detach().cpu() for k, v in part.state_dict().items()})
+        if isinstance(self.hard, ListSampler) and self.cfg.negatives.hard == "mined":
+            out["mined.indptr"], out["mined.indices"] = self.hard.indptr.cpu(), self.hard.indices.cpu()
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, part in (("bank", self.bank), ("streaming", self.streaming), ("ratio", self.ratio)):
+            if part is not None:
+                part.load_state_dict({k.split(".", 1)[1]: v.to(self.device) for k, v in state.items() if k.startswith(name + ".")})
+        if "mined.indptr" in state:
+            self.set_mined(state["mined.indptr"].numpy(), state["mined.indices"].numpy())
+
+
+def _category_sampler(dataset: Dataset, feature: str | None, device) -> CategorySampler:
+    feats = dataset.item_features
+    names = feats.names if feats is not None else []
+    if feature is None:
+        if len(names) != 1:
+            raise ConfigError("negatives.hard = \"category\": set negatives.category_feature to one of the item features "
+                              f"{names or '(the dataset has none: give data.item_features)'}")
+        feature = names[0]
+    if feature not in names:
+        raise ConfigError(f"negatives.category_feature = {feature!r}: not an item feature; the dataset has {names or 'none'}")
+    csr = feats.rows[feature]
+    if len(csr.indices) == 0:
+        raise ConfigError(f"negatives.category_feature = {feature!r}: no item has a value")
+    return CategorySampler(csr.indptr, csr.indices, len(feats.values[feature]), device)

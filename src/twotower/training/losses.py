@@ -41,15 +41,18 @@ def accidental_hit_mask(positive_ids: torch.Tensor, candidate_ids: torch.Tensor,
     return hit
 
 
-def seen_item_mask(row_users: torch.Tensor, candidate_ids: torch.Tensor, target: torch.Tensor,
+def seen_item_mask(row_users: torch.Tensor, candidate_ids: torch.Tensor, target: torch.Tensor | None,
                    seen_keys: torch.Tensor, n_items: int) -> torch.Tensor:
     """``[B, C]`` True where candidate ``c`` is one of user ``u_b``'s training items (a false negative),
-    except the row's own target. ``seen_keys`` is the sorted tensor of ``user * n_items + item``
-    over the training data."""
-    keys = row_users[:, None] * n_items + candidate_ids[None, :]
+    except the row's own target column. ``candidate_ids`` is ``[C]`` (shared by all rows) or ``[B, C]``
+    (per row; ``target`` None when no column is a target). ``seen_keys`` is the sorted tensor of
+    ``user * n_items + item`` over the training data."""
+    ids = candidate_ids if candidate_ids.dim() == 2 else candidate_ids[None, :]
+    keys = row_users[:, None] * n_items + ids
     pos = torch.searchsorted(seen_keys, keys).clamp_max(len(seen_keys) - 1)
     seen = seen_keys[pos] == keys
-    seen[torch.arange(len(target), device=target.device), target] = False
+    if target is not None:
+        seen[torch.arange(len(target), device=target.device), target] = False
     return seen
 
 

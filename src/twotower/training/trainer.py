@@ -24,8 +24,8 @@ from ..evaluation.evaluator import evaluate
 from ..model.towers import TwoTowerModel
 from . import losses
 from .batching import epoch_batches
-from .candidates import in_batch
-from .frequency import counted_probabilities
+from .candidates import CandidateBuilder
+from .mining import mine_negatives
 
 
 @dataclass
@@ -149,14 +149,11 @@ class Trainer:
         self.model = build_model(cfg, dataset).to(self.device)
         self.optimizer = make_optimizer(cfg, self.model)
         self.state = TrainState()
-        self.p = counted_probabilities(dataset.item_counts()).to(self.device)
+        self.candidates = CandidateBuilder(cfg, dataset, self.device, cfg.model.dim, exposure=_exposure(cfg, dataset))
         self.steps_per_epoch = len(epoch_batches(len(dataset.train), cfg.train.batch_size, np.random.default_rng(0),
                                                  dataset.train.users if cfg.train.unique_users else None))
-        self._seen_keys = None
-        if cfg.train.mask_user_history:
-            h = dataset.history("train")
-            rows = np.repeat(np.arange(h.n_rows), h.lengths())
-            self._seen_keys = torch.from_numpy(np.unique(rows * dataset.n_items + h.indices)).to(self.device)
+        # Mining rounds extend training: train.epochs, then epochs_per_round more after each round.
+        self.total_epochs = cfg.train.epochs + cfg.mining.rounds * cfg.mining.epochs_per_round
         self.best_weights: dict[str, torch.Tensor] | None = None
 
     # ---- one step --------------------------------------------------------------------------------
@@ -172,16 +169,25 @@ class Trainer:
         u = model.encode_users(users, hist, mask)
         v = model.encode_items(items)
 
-        cand = in_batch(v, items, self.p)
-        scores = model.score(u, cand.vectors)
+        # Candidates: in-batch + sampled + memory bank (shared by all rows), hard (per row).
+        cand = self.candidates.build(model, users, items, v, self.state.step)
+        scores = model.score(u, cand.vectors, cand.ids)
         correction = positive_correction = None
-        if cfg.train.logq:
+        if cand.log_q is not None:
             correction = cfg.train.logq_weight * cand.log_q
             if not cfg.train.correct_positive:
                 positive_correction = torch.zeros(len(pairs), device=dev)
         excluded = losses.accidental_hit_mask(items, cand.ids, cand.target)
-        if self._seen_keys is not None:
-            excluded |= losses.seen_item_mask(users, cand.ids, cand.target, self._seen_keys, ds.n_items)
+        if cfg.train.mask_user_history:
+            excluded |= losses.seen_item_mask(users, cand.ids, cand.target, self.candidates.seen_keys, ds.n_items)
+        if cand.hard_ids is not None:
+            # Hard columns: no logQ (not drawn from a known distribution); the curriculum's weight w
+            # enters as + log w, i.e. a correction of - log w.
+            k = cand.hard_ids.shape[1]
+            scores = torch.cat([scores, model.score_rows(u, cand.hard_vectors, cand.hard_ids.clamp_min(0))], dim=1)
+            base = correction if correction is not None else torch.zeros(len(cand.ids), device=dev)
+            correction = torch.cat([base, torch.full((k,), -cand.hard_log_weight, device=dev)])
+            excluded = torch.cat([excluded, self.candidates.hard_mask(users, items, cand)], dim=1)
         loss = losses.sampled_softmax_loss(scores, cand.target, correction, excluded, positive_correction)
 
         self.optimizer.zero_grad()
@@ -189,10 +195,11 @@ class Trainer:
         if cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.dense_parameters() if p.grad is not None] if cfg.train.optimizer == "sparse_adam"
                                            else model.parameters(), cfg.train.grad_clip)
-        factor = lr_factor(self.state.step, cfg.train.epochs * self.steps_per_epoch, cfg.train.warmup_steps, cfg.train.schedule)
+        factor = lr_factor(self.state.step, self.total_epochs * self.steps_per_epoch, cfg.train.warmup_steps, cfg.train.schedule)
         for g in self.optimizer.param_groups:
             g["lr"] = cfg.train.lr * factor
         self.optimizer.step()
+        self.candidates.after_step(items, v, cand, excluded)
         self.state.step += 1
         return float(loss.detach())
 
@@ -225,8 +232,39 @@ class Trainer:
         quick = self.cfg.eval.model_copy(update={"ks": [k]})
         return evaluate(self.model, self.dataset, "valid", quick, self.cfg.model.history_length)
 
-    def fit(self, resume: bool = False) -> TrainState:
-        """Train until ``train.epochs`` or early stopping; keep the best weights (by validation)."""
+    def mine(self) -> dict:
+        """One mining round (DESIGN.md): embed every item with the current model, take each training
+        user's top R, drop the user's positives, keep ranks in the window; the next epochs sample
+        their hard negatives from these lists."""
+        from ..evaluation.ranking import embed_items, embed_users
+
+        mc, ds = self.cfg.mining, self.dataset
+        t0 = time.perf_counter()
+        users = np.unique(ds.train.users)
+        hist = ds.history("train")
+        with torch.no_grad():
+            items = embed_items(self.model).float().cpu().numpy()
+            uv = torch.cat([embed_users(self.model, users[s : s + 8192], hist, self.cfg.model.history_length)
+                            for s in range(0, len(users), 8192)]).float().cpu().numpy()
+        self.model.train()
+        indptr, indices = mine_negatives(uv, items, users, hist.indptr, hist.indices, mc.top_r, mc.window_lo,
+                                         mc.window_hi, ds.n_users)
+        self.candidates.set_mined(indptr, indices)
+        info = {"mined_negatives": int(len(indices)), "mining_seconds": time.perf_counter() - t0}
+        self.log(f"mining: {len(indices):,} negatives for {len(users):,} users (ranks {mc.window_lo} to {mc.window_hi - 1} "
+                 f"of the top {mc.top_r}, positives dropped) in {info['mining_seconds']:.1f}s")
+        return info
+
+    def _mining_round(self, epoch: int) -> int | None:
+        """The round that starts with ``epoch`` (1-based), or None."""
+        mc, first = self.cfg.mining, self.cfg.train.epochs + 1
+        if not mc.rounds or epoch < first or (epoch - first) % mc.epochs_per_round:
+            return None
+        return (epoch - first) // mc.epochs_per_round + 1
+
+    def fit(self, resume: bool = False, max_epochs: int | None = None) -> TrainState:
+        """Train until ``train.epochs`` (plus the mining rounds' epochs) or early stopping; keep the best
+        weights (by validation). ``max_epochs`` stops sooner without changing the schedule."""
         cfg = self.cfg
         if resume:
             self._load_checkpoint()
@@ -234,9 +272,14 @@ class Trainer:
             self._start_run_dir()
         monitor = cfg.train.monitor
         has_valid = len(self.dataset.valid) > 0
-        for epoch in range(self.state.epoch + 1, cfg.train.epochs + 1):
+        last = self.total_epochs if max_epochs is None else min(max_epochs, self.total_epochs)
+        for epoch in range(self.state.epoch + 1, last + 1):
+            round_ = self._mining_round(epoch)
+            mined = self.mine() if round_ is not None else {}
             record = self.train_epoch(epoch)
-            if has_valid and (epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs):
+            if round_ is not None:
+                record.update({"mining_round": round_, **mined})
+            if has_valid and (epoch % cfg.train.eval_every == 0 or epoch == last):
                 t0 = time.perf_counter()
                 metrics = self.validate()
                 record["eval_seconds"] = time.perf_counter() - t0
@@ -272,7 +315,9 @@ class Trainer:
     def _log_epoch(self, r: dict) -> None:
         m = self.cfg.train.monitor
         val = f"  valid {m} {r[f'valid/{m}']:.4f}" if f"valid/{m}" in r else ""
-        self.log(f"epoch {r['epoch']:3d}  loss {r['loss']:.4f}  {r['seconds']:.1f}s  {r['examples_per_s']:,.0f} ex/s{val}")
+        rnd = f"  (mining round {r['mining_round']})" if "mining_round" in r else ""
+        tau = f"  tau {float(self.model.temperature):.4f}" if self.model.log_temperature is not None else ""
+        self.log(f"epoch {r['epoch']:3d}  loss {r['loss']:.4f}  {r['seconds']:.1f}s  {r['examples_per_s']:,.0f} ex/s{val}{tau}{rnd}")
 
     # ---- run directory ---------------------------------------------------------------------------
     def _start_run_dir(self) -> None:
@@ -288,6 +333,9 @@ class Trainer:
         artifacts.save_torch_state(ck / "optimizer.pt", self.optimizer.state_dict())
         state = dict(self.state.__dict__)
         state["best_value"] = None if not math.isfinite(state["best_value"]) else state["best_value"]
+        extra = self.candidates.state_dict()
+        if extra:  # memory bank, streaming frequencies, ratio counts, mined lists: resume replays exactly
+            artifacts.save_tensors(ck / "negatives.safetensors", extra)
         artifacts.write_json(ck / "state.json", state)
 
     def _load_checkpoint(self) -> None:
@@ -303,12 +351,24 @@ class Trainer:
         st = artifacts.read_json(d / "checkpoint" / "state.json")
         st["best_value"] = -math.inf if st["best_value"] is None else st["best_value"]
         self.state = TrainState(**st)
+        if (d / "checkpoint" / "negatives.safetensors").exists():
+            self.candidates.load_state_dict(artifacts.load_tensors(d / "checkpoint" / "negatives.safetensors"))
         # The checkpoint's history is the record: a crash between writing metrics.jsonl and the
         # checkpoint must not leave a line for an epoch that will be trained again.
         artifacts.write_text(d / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.state.history))
         if (d / "model.safetensors").exists():
             self.best_weights = artifacts.load_tensors(d / "model.safetensors")
         self.log(f"resuming {d} after epoch {self.state.epoch}")
+
+
+def _exposure(cfg: RunConfig, ds: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
+    """The impressions file of ``negatives.hard = "exposure"`` as a per-user CSR of item indices."""
+    neg = cfg.negatives
+    if neg.hard != "exposure":
+        return None
+    from ..data.sources import load_impressions
+
+    return load_impressions(neg.exposure_file, ds, neg.exposure_user_col, neg.exposure_item_col)
 
 
 def write_run_metadata(d: Path, cfg: RunConfig, ds: Dataset) -> None:

@@ -1,0 +1,244 @@
+"""Negative sources: streaming frequencies, the ratio correction, the memory bank, hard negatives
+(category, exposure, mined), the curriculum, and how the candidate builder composes them."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from twotower.config import RunConfig
+from twotower.data.sources import load_dataset, load_impressions
+from twotower.errors import ConfigError, DataError
+from twotower.training import losses
+from twotower.training.candidates import CandidateBuilder
+from twotower.training.frequency import NegPosRatio, StreamingFrequency, proposal_probabilities
+from twotower.training.hard_negatives import CategorySampler, ListSampler, hard_schedule
+from twotower.training.memory_bank import MemoryBank
+from twotower.training.mining import mine_negatives
+from twotower.training.trainer import Trainer, build_model
+
+
+# ---- frequencies --------------------------------------------------------------------------------
+def test_streaming_estimator_by_hand():
+    f = StreamingFrequency(buckets=1 << 10, lr=0.5, init_gap=10.0)
+    f.update(torch.tensor([3, 3, 5]), step=0)       # first sighting: no gap yet, a repeat counts once
+    assert f.gap[f.bucket(torch.tensor([3]))].item() == 10.0
+    f.update(torch.tensor([3]), step=4)             # gap 4: G = 0.5 * 10 + 0.5 * 4 = 7
+    f.update(torch.tensor([3]), step=6)             # gap 2: G = 0.5 * 7 + 0.5 * 2 = 4.5
+    assert f.gap[f.bucket(torch.tensor([3]))].item() == pytest.approx(4.5)
+    # p = 1 / (B G): with B = 2, item 3 -> 1 / 9, item 5 (never a gap) -> 1 / 20
+    assert f.probabilities(torch.tensor([3, 5]), batch_size=2).tolist() == pytest.approx([1 / 9, 1 / 20])
+
+
+def test_streaming_estimator_converges_on_a_stream_with_known_frequencies():
+    # Item j is in a batch with probability q_j; the estimate 1 / G must approach q_j.
+    rng = np.random.default_rng(0)
+    q = np.array([0.5, 0.2, 0.1, 0.05, 0.02])
+    f = StreamingFrequency(buckets=1 << 12, lr=0.02, init_gap=1.0)
+    for t in range(20000):
+        present = np.flatnonzero(rng.random(len(q)) < q)
+        if len(present):
+            f.update(torch.from_numpy(present), step=t)
+    est = 1.0 / f.gap[f.bucket(torch.arange(len(q)))].numpy()
+    assert np.allclose(est, q, rtol=0.25), (est, q)
+    # and the ordering is exact
+    assert list(np.argsort(-est)) == list(range(len(q)))
+
+
+def test_proposals():
+    counts = np.array([9.0, 1.0, 0.0, 0.0])
+    assert proposal_probabilities(counts, "uniform").tolist() == [0.25] * 4
+    r = proposal_probabilities(counts, "frequency", beta=0.5)   # sqrt: 3, 1, 0, 0
+    assert r.tolist() == pytest.approx([0.75, 0.25, 0.0, 0.0])
+
+
+def test_neg_pos_ratio_by_hand():
+    t = NegPosRatio(4)
+    # positives 0, 0, 1; candidates [0, 0, 1, 3] were negatives for 2, 2, 1, 3 rows
+    t.update(torch.tensor([0, 0, 1]), torch.tensor([0, 0, 1, 3]), torch.tensor([2, 2, 1, 3]))
+    # item 0: neg 4, pos 2 -> log(5/3); item 1: log(2/2) = 0; item 3: log(4/1); item 2: log(1/1)
+    assert t.correction(torch.tensor([0, 1, 2, 3])).tolist() == pytest.approx([math.log(5 / 3), 0.0, 0.0, math.log(4)])
+
+
+# ---- memory bank --------------------------------------------------------------------------------
+def test_memory_bank_fifo_order_and_warmup():
+    bank = MemoryBank(size=4, dim=2, warmup_steps=3)
+    assert not bank.active(10)  # empty
+    vec = lambda ids: torch.tensor([[float(i), 0.0] for i in ids])  # noqa: E731
+    bank.push(vec([1, 2, 3]), torch.tensor([1, 2, 3]))
+    assert not bank.active(2) and bank.active(3)
+    assert bank.entries()[1].tolist() == [1, 2, 3]
+    bank.push(vec([4, 5]), torch.tensor([4, 5]))          # 1 leaves first
+    v, ids = bank.entries()
+    assert ids.tolist() == [2, 3, 4, 5] and v[:, 0].tolist() == [2, 3, 4, 5]
+    bank.push(vec([6, 7, 8, 9, 10]), torch.tensor([6, 7, 8, 9, 10]))  # larger than the bank: its last 4
+    assert bank.entries()[1].tolist() == [7, 8, 9, 10]
+    # entries are detached copies of what was pushed
+    x = torch.ones(1, 2, requires_grad=True)
+    bank.push(x * 2, torch.tensor([11]))
+    assert not bank.entries()[0].requires_grad
+    state = bank.state_dict()
+    other = MemoryBank(size=4, dim=2)
+    other.load_state_dict(state)
+    assert other.entries()[1].tolist() == [8, 9, 10, 11]
+
+
+# ---- hard negatives -----------------------------------------------------------------------------
+def test_category_sampler_stays_in_category_and_never_returns_the_positive():
+    # items 0..5; categories: 0 -> {0}, 1 -> {0, 1}, 2 -> {1}, 3 -> {2}, 4 -> {}, 5 -> {1, 3}
+    item_cats = [[0], [0, 1], [1], [2], [], [1, 3]]
+    indptr = np.concatenate([[0], np.cumsum([len(c) for c in item_cats])])
+    flat = np.array([c for cs in item_cats for c in cs])
+    s = CategorySampler(indptr, flat, n_categories=4)
+    members = {0: {0, 1}, 1: {1, 2, 5}, 2: {3}, 3: {5}}
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.tensor([0, 1, 2, 3, 4, 5] * 50)
+    out = s.sample(pos, 8, gen)
+    assert out.shape == (300, 8)
+    for p, row in zip(pos.tolist(), out.tolist()):
+        allowed = set().union(*(members[c] for c in item_cats[p])) - {p} if item_cats[p] else set()
+        for j in row:
+            assert j != p
+            assert j == -1 or j in allowed, (p, j, allowed)
+        if item_cats[p] and all(members[c] - {p} for c in item_cats[p]):
+            assert all(j != -1 for j in row)      # categories with other items always yield one
+        elif not allowed:
+            assert all(j == -1 for j in row)      # item 3 is alone in its category; item 4 has none
+    # multi-valued: item 5's negatives come from both of its categories (1 -> {1, 2}; 3 -> only 5 itself)
+    got = set(out[pos == 1].flatten().tolist())
+    assert got == {0, 2, 5}
+
+
+def test_list_sampler_draws_from_the_row_users_list():
+    # user 0: [4, 7], user 1: [], user 2: [9]
+    s = ListSampler(np.array([0, 2, 2, 3]), np.array([4, 7, 9]))
+    out = s.sample(torch.tensor([0, 1, 2, 0]), 50, torch.Generator().manual_seed(1))
+    assert set(out[0].tolist()) == {4, 7} and set(out[3].tolist()) == {4, 7}
+    assert out[1].tolist() == [-1] * 50 and out[2].tolist() == [9] * 50
+
+
+def test_curriculum_warmup_and_ramps():
+    assert hard_schedule(4, k=8, warmup_steps=5, ramp_steps=0, ramp="count", weight=1.0) == (0, 0.0)
+    assert hard_schedule(5, k=8, warmup_steps=5, ramp_steps=0, ramp="count", weight=0.5) == (8, 0.5)
+    # count ramp over 4 steps: ceil(8 * 1/4) = 2, ..., 8
+    assert [hard_schedule(s, 8, 5, 4, "count", 1.0)[0] for s in range(5, 10)] == [2, 4, 6, 8, 8]
+    # weight ramp: all 8 at weight f * w
+    assert [hard_schedule(s, 8, 0, 4, "weight", 2.0) for s in (0, 3, 9)] == [(8, 0.5), (8, 2.0), (8, 2.0)]
+
+
+def test_mined_negatives_skip_positives_and_keep_the_window():
+    # 1-d scores: item j scores -j for user 0 (order 0, 1, 2, ...), +j for user 1 (order 9, 8, ...)
+    items = np.stack([np.arange(10, dtype=np.float32), np.ones(10, np.float32)], axis=1)
+    users = np.array([0, 1])
+    uv = np.array([[-1.0, 20.0], [1.0, 0.0]], np.float32)
+    # positives: user 0 -> {1, 3}; user 1 -> {9}
+    indptr, indices = np.array([0, 2, 3]), np.array([1, 3, 9])
+    ip, neg = mine_negatives(uv, items, users, indptr, indices, top_r=6, lo=1, hi=4, n_users=2)
+    row = lambda u: neg[ip[u]:ip[u + 1]].tolist()  # noqa: E731
+    # user 0 ranks 0, 1, 2, 3, 4, 5, ...; without positives 1, 3: 0, 2, 4, 5, 6 -> ranks 1..3 = 2, 4, 5
+    assert row(0) == [2, 4, 5]
+    # user 1 ranks 9, 8, 7, 6, ...; without 9: 8, 7, 6, 5 -> ranks 1..3 = 7, 6, 5
+    assert row(1) == [7, 6, 5]
+
+
+def test_impressions_file_read_into_user_lists(tmp_path):
+    cfg = RunConfig.from_dict({"data": {"dataset": "synthetic", "synthetic_users": 50, "synthetic_items": 40}})
+    ds = load_dataset(cfg.data)
+    u_raw, i_raw = ds.users.ids, ds.items.ids
+    f = tmp_path / "impressions.csv"
+    f.write_text("user,item\n" + f"{u_raw[3]},{i_raw[5]}\n{u_raw[3]},{i_raw[7]}\n{u_raw[3]},{i_raw[5]}\n"
+                 f"{u_raw[10]},{i_raw[0]}\nnobody,{i_raw[1]}\n")
+    indptr, items = load_impressions(f, ds)
+    assert indptr[-1] == 3                                   # duplicate and unknown user dropped
+    assert items[indptr[3]:indptr[4]].tolist() == [5, 7] and items[indptr[10]:indptr[11]].tolist() == [0]
+    bad = tmp_path / "other.csv"
+    bad.write_text("user,item\nx,y\n")
+    with pytest.raises(DataError, match="none of the 1 impressions"):
+        load_impressions(bad, ds)
+
+
+# ---- the builder composes the sources -----------------------------------------------------------
+def _tiny(overrides: dict) -> tuple[RunConfig, object]:
+    d = {"data": {"dataset": "synthetic", "synthetic_users": 200, "synthetic_items": 120},
+         "model": {"dim": 8, "item_features": "all"}, "train": {"batch_size": 32, "epochs": 1}}
+    for sec, kv in overrides.items():
+        d.setdefault(sec, {}).update(kv)
+    cfg = RunConfig.from_dict(d)
+    return cfg, load_dataset(cfg.data)
+
+
+def test_builder_corrects_every_shared_candidate_by_its_expected_count_under_the_combined_proposal():
+    cfg, ds = _tiny({"negatives": {"sampled": 5, "proposal": "frequency", "beta": 1.0, "bank_size": 7}})
+    torch.manual_seed(0)
+    model = build_model(cfg, ds)
+    b = CandidateBuilder(cfg, ds, torch.device("cpu"), cfg.model.dim)
+    items = torch.from_numpy(ds.train.items[:32])
+    users = torch.from_numpy(ds.train.users[:32])
+    v = model.encode_items(items)
+    first = b.build(model, users, items, v, step=0)
+    assert len(first.ids) == 32 + 5 and first.n_bank == 0           # bank empty at first
+    b.after_step(items, v, first, torch.zeros(32, len(first.ids), dtype=torch.bool))
+    c = b.build(model, users, items, v, step=1)
+    assert len(c.ids) == 32 + 5 + 7 and c.n_bank == 7
+    p = b.p[c.ids].double()
+    r = b.r[c.ids].double()
+    expected = torch.log(32 * p + 5 * r + 7 * p)
+    assert torch.allclose(c.log_q.double(), expected, atol=1e-5)
+    assert c.ids[-7:].tolist() == items[-7:].tolist()            # the bank holds the last 7 positives
+    assert not c.vectors[-7:].requires_grad or c.vectors.requires_grad  # (bank rows are detached copies)
+    assert torch.equal(c.target, torch.arange(32))
+
+
+def test_training_with_every_source_composed(tmp_path):
+    cfg, ds = _tiny({"negatives": {"sampled": 16, "bank_size": 64, "bank_warmup_steps": 2, "hard": "category", "hard_k": 3,
+                                   "hard_warmup_steps": 1, "hard_ramp_steps": 3},
+                     "model": {"item_bias": True, "learn_temperature": True}, "train": {"epochs": 2, "lr": 0.05}})
+    tr = Trainer(cfg, ds, tmp_path / "run", quiet=True, log=lambda m: None)
+    state = tr.fit()
+    assert all(math.isfinite(r["loss"]) for r in state.history)
+    assert float(tr.model.temperature) != pytest.approx(0.1)          # learned
+    assert tr.model.item_bias.weight.abs().sum() > 0                   # learned
+    assert (tmp_path / "run" / "checkpoint" / "negatives.safetensors").exists()
+
+
+def test_mining_rounds_train_on_mined_negatives(tmp_path):
+    cfg, ds = _tiny({"negatives": {"hard": "mined", "hard_k": 2}, "mining": {"rounds": 2, "epochs_per_round": 1,
+                                                                              "top_r": 30, "window_lo": 2, "window_hi": 20}})
+    logs = []
+    tr = Trainer(cfg, ds, None, quiet=True, log=logs.append)
+    state = tr.fit()
+    assert [r.get("mining_round") for r in state.history] == [None, 1, 2]
+    assert all("valid/recall@20" in r for r in state.history)            # validation after every round
+    assert sum("mining:" in m for m in logs) == 2
+    assert state.history[1]["mined_negatives"] > 0
+
+
+def test_negative_config_errors():
+    with pytest.raises(ConfigError, match="hard_k"):
+        RunConfig.from_dict({"negatives": {"hard": "category"}})
+    with pytest.raises(ConfigError, match="exposure_file"):
+        RunConfig.from_dict({"negatives": {"hard": "exposure", "hard_k": 2}})
+    with pytest.raises(ConfigError, match="mining.rounds"):
+        RunConfig.from_dict({"negatives": {"hard": "mined", "hard_k": 2}})
+    with pytest.raises(ConfigError, match="window"):
+        RunConfig.from_dict({"mining": {"window_lo": 50, "window_hi": 10}})
+    cfg, ds = _tiny({"negatives": {"hard": "category", "hard_k": 2, "category_feature": "nope"}})
+    with pytest.raises(ConfigError, match="not an item feature"):
+        CandidateBuilder(cfg, ds, torch.device("cpu"), 8)
+
+
+def test_hard_mask_excludes_the_positive_and_the_users_items():
+    cfg, ds = _tiny({"negatives": {"hard": "category", "hard_k": 2}})
+    b = CandidateBuilder(cfg, ds, torch.device("cpu"), 8)
+    h = ds.history("train")
+    u = 0
+    liked = h.indices[h.indptr[u]:h.indptr[u + 1]]
+    other = next(j for j in range(ds.n_items) if j not in set(liked.tolist()))
+    from twotower.training.candidates import CandidateSet
+    cand = CandidateSet(torch.zeros(1, 8), torch.tensor([int(liked[0])]), None, torch.tensor([0]),
+                        hard_ids=torch.tensor([[int(liked[0]), int(liked[-1]), other, -1]]))
+    mask = b.hard_mask(torch.tensor([u]), torch.tensor([int(liked[0])]), cand)
+    assert mask.tolist() == [[True, True, False, True]]
+    # and seen_item_mask accepts per-row ids
+    keys = b.seen_keys
+    assert losses.seen_item_mask(torch.tensor([u]), torch.tensor([[other, int(liked[-1])]]), None, keys, ds.n_items).tolist() == [[False, True]]
