@@ -39,7 +39,9 @@ def server(recommender):
 
     from twotower.serving.service import create_app
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say TCP (with proto 0 every
+    # answer waits ~40 ms for a delayed ACK)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     srv = uvicorn.Server(uvicorn.Config(create_app(recommender, max_body_bytes=200_000), log_level="warning"))
@@ -170,6 +172,21 @@ def test_similar_items_health_metadata_and_docs(client, recommender):
     ({"json": {"user": 196, "category": "Cooking"}}, 422, "Drama"),
     ({"json": {"user": 123456789}}, 404, "\"history\""),
     ({"json": {"history": [1], "features": {"shoe_size": "42"}}}, 422, "unknown user feature"),
+    ({"content": b""}, 400, "malformed JSON"),
+    ({"content": b'{"user": 196}{"user": 1}'}, 400, "malformed JSON"),
+    ({"content": b'{"user": 196, "alpha": NaN}'}, 422, "finite number"),
+    ({"content": b"null"}, 422, "expected a JSON object"),
+    ({"json": {"user": 196, "k": -5}}, 422, "between 1 and 1000"),
+    ({"json": {"user": 196, "k": 10**30}}, 422, "between 1 and 1000"),
+    ({"json": {"user": 196, "k": True}}, 422, "integer"),
+    ({"json": {"user": 196, "alpha": 1e300}}, 422, "alpha"),
+    ({"json": {"user": [196]}}, 422, "raw user id"),
+    ({"json": {"user": 196.5}}, 422, "raw user id"),
+    ({"json": {"history": [1.5]}}, 422, "list of raw item ids"),
+    ({"json": {"history": list(range(10_001))}}, 422, "at most 10000"),
+    ({"json": {"history": [1], "features": ["age"]}}, 422, "features"),
+    ({"json": {"user": 2**64}}, 404, "not known"),  # beyond int64: unknown, not an overflow
+    ({"json": {"user": -1}}, 404, "not known"),
 ])
 def test_client_mistakes_are_4xx_that_say_what_to_fix(client, kwargs, status, needle):
     headers = {"content-type": "application/json"}
@@ -195,6 +212,84 @@ def test_oversize_bodies_and_bad_batches_and_bad_similar_requests(client):
     assert r.status_code == 422 and "k" in r.json()["detail"]
     assert client.get("/items/50/similar", params={"category": "Cooking"}).status_code == 422
     assert client.get("/health").status_code == 200  # still serving
+
+
+def test_client_mistakes_in_batches_and_similar_requests_are_4xx(client):
+    h = {"content-type": "application/json"}
+    r = client.post("/recommend/batch", content=b'{"requests": [', headers=h)
+    assert r.status_code == 400 and "malformed JSON" in r.json()["detail"]
+    r = client.post("/recommend/batch", content=b'{"requests": [{"user": 196}]}', headers={"content-type": "text/plain"})
+    assert r.status_code == 422 and "Content-Type: application/json" in r.json()["detail"]
+    r = client.post("/recommend/batch", json={"requests": [{"user": 196}] * 1001})
+    assert r.status_code == 422 and "1 to 1000" in r.json()["detail"]
+    r = client.post("/recommend/batch", json={"requests": {"user": 196}})
+    assert r.status_code == 422 and "requests" in r.json()["detail"]
+    # ids beyond int64 and lone surrogates (valid JSON, not UTF-8) are unknown ids, never a 500
+    body = b'{"requests": [{"user": 18446744073709551616}, {"history": [18446744073709551616, "\\ud800", 50], "k": 3}]}'
+    res = client.post("/recommend/batch", content=body, headers=h).json()["results"]
+    assert res[0]["status"] == 404 and "not known" in res[0]["detail"]
+    assert len(res[1]["items"]) == 3 and res[1]["unknown_items"] == [2**64, "\ud800"]
+    for path, params, status in [("/items/99999999999999999999999/similar", {}, 404), ("/items/50/similar", {"k": -1}, 422),
+                                 ("/items/50/similar", {"k": 10**30}, 422), ("/items/50/similar", {"k": "ten"}, 422),
+                                 ("/items/50/similar", {"alpha": "nan"}, 422), ("/items/50/similar", {"alpha": "inf"}, 422)]:
+        r = client.get(path, params=params)
+        assert r.status_code == status and r.json()["detail"], (path, params, r.text)
+    assert client.put("/recommend").status_code == 405 and client.get("/no-such-route").status_code == 404
+
+
+def test_500_concurrent_mixed_requests_get_no_5xx(server, recommender):
+    """Behaviour under load, not timing: 500 requests from 32 concurrent clients over real HTTP, a mix
+    of known users, new users by history, batches, similar items and deliberately bad requests (in
+    the same micro-batches as good ones). Every good request gets 200, every bad one its 4xx, none a
+    5xx, and the server answers afterwards. (`benchmarks/load_test.py` is the 10,000-request version.)"""
+    import asyncio
+
+    run = recommender.run
+    users, items = run.users.ids[:100].tolist(), run.items.ids[:300].tolist()
+    rng = np.random.default_rng(0)
+    bad = [("POST", "/recommend", {"content": b'{"user": ', "headers": {"content-type": "application/json"}}, 400),
+           ("POST", "/recommend", {"json": {"user": 196, "k": 0}}, 422),
+           ("POST", "/recommend", {"json": {"user": "nobody", "k": 5}}, 404),
+           ("POST", "/recommend", {"json": {"history": [1, 2], "category": "Cooking"}}, 422),
+           ("GET", "/items/no-such-item/similar", {}, 404),
+           ("POST", "/recommend/batch", {"json": {"requests": []}}, 422)]
+
+    def make(i):
+        kind = i % 10
+        if kind < 4:
+            return "POST", "/recommend", {"json": {"user": users[rng.integers(len(users))], "k": 20}}, 200
+        if kind < 6:
+            hist = rng.choice(items, size=int(rng.integers(1, 30))).tolist()
+            return "POST", "/recommend", {"json": {"history": hist, "k": 20, "alpha": 0.5}}, 200
+        if kind == 6:
+            reqs = [{"user": u, "k": 10} for u in rng.choice(users, size=8).tolist()]
+            return "POST", "/recommend/batch", {"json": {"requests": reqs}}, 200
+        if kind < 9:
+            return "GET", f"/items/{items[rng.integers(len(items))]}/similar", {"params": {"k": 10}}, 200
+        return bad[(i // 10) % len(bad)]
+
+    plan = [make(i) for i in range(500)]
+    order = rng.permutation(len(plan))
+
+    async def main():
+        got = [None] * len(plan)
+        queue = list(order)
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+        async with httpx.AsyncClient(base_url=server, timeout=60, limits=limits) as c:
+            async def worker():
+                while queue:
+                    i = queue.pop()
+                    method, path, kw, _ = plan[i]
+                    got[i] = (await c.request(method, path, **kw)).status_code
+            await asyncio.gather(*(worker() for _ in range(32)))
+        return got
+
+    statuses = asyncio.run(main())
+    assert not [s for s in statuses if s >= 500]
+    wrong = [(plan[i][:2], plan[i][3], s) for i, s in enumerate(statuses) if s != plan[i][3]]
+    assert not wrong, wrong[:5]
+    assert sum(s >= 400 for s in statuses) == 50
+    assert httpx.get(f"{server}/health").status_code == 200
 
 
 def test_serve_command_binds_localhost(run_dir):

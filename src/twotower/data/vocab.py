@@ -48,7 +48,7 @@ class Vocabulary:
             for k, v in enumerate(arr):  # small inputs only (request-sized)
                 try:
                     out[k] = int(v)
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):  # not an integer, or beyond int64: unknown
                     ok[k], out[k] = False, -1
             return np.where(ok, out, np.iinfo(np.int64).min)
         return np.array([str(v) for v in arr], dtype=object)

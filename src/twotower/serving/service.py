@@ -82,7 +82,10 @@ class ErrorResponse(BaseModel):
 
 
 def _dumps(obj) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800", valid JSON, not UTF-8) echoed from a request: escape it
+        return json.dumps(obj, separators=(",", ":")).encode("utf-8")
 
 
 def _json(obj, status: int = 200) -> Response:
@@ -107,7 +110,7 @@ def _encode(r: Recommendation | RequestError) -> bytes | dict:
         items = ",".join(map('{"item":%s,"score":%.6g}'.__mod__, zip(map(json.dumps, r.items.tolist()), r.scores.tolist())))
     rest = {"user": _py(r.user), "k": r.k, "alpha": r.alpha, "exclude_seen": r.exclude_seen, "category": r.category,
             "unknown_items": [_py(x) for x in r.unknown_items], "unknown_features": r.unknown_features, "fallback": r.fallback}
-    return ('{"items":[' + items + "]," + json.dumps(rest, separators=(",", ":"), ensure_ascii=False)[1:]).encode("utf-8")
+    return b'{"items":[' + items.encode("utf-8") + b"]," + _dumps(rest)[1:]
 
 
 def _py(x):
@@ -145,6 +148,10 @@ def _describe(errors: list[dict]) -> tuple[int, str]:
             continue
         field = ".".join(loc) or "body"
         got = e.get("input")
+        if not loc and isinstance(got, (bytes, bytearray)):  # FastAPI did not parse it: no JSON content type
+            parts.append("the body was not read as JSON; send it with the header Content-Type: application/json, "
+                         "e.g. {\"requests\": [{\"user\": 196, \"k\": 10}]}")
+            continue
         got_s = json.dumps(got)[:60] if isinstance(got, (int, float, str, bool, type(None), list, dict)) else repr(got)[:60]
         top = loc[1] if len(loc) > 1 and loc[0] == "requests" and len(loc) > 2 else (loc[0] if loc else "")
         top = loc[-1] if loc and loc[-1] in HINTS else top
