@@ -51,6 +51,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _PARQUET_MAGIC = b"PAR1"
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _INT_ID_RE = r"^(0|-?[1-9][0-9]*)$"
+_MISSING_MARKERS = pa.array(["nan", "-nan", "na", "n/a", "#n/a", "null", "none", "<na>"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,7 +107,8 @@ def _check_file(path: Path) -> None:
         raise DataError(
             path,
             f"file not found{hint}",
-            "check the path (config: data.path), or download the data first",
+            "check the path (relative paths in a config are under the data directory: --data-dir, "
+            "else $TWOTOWER_DATA), or download the data first",
         )
     if path.is_dir():
         raise DataError(path, "is a directory, not a file", "give the path of the data file itself")
@@ -160,8 +162,8 @@ def _decode(path: Path, raw: bytes, encoding: str = "utf-8") -> str:
         raise DataError(
             path,
             f"byte 0x{bad.hex()} at byte offset {exc.start} is not valid {encoding}",
-            f"save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or pass the file's encoding "
-            f"with encoding=... (config: data.encoding)",
+            f"save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8); from Python, "
+            f"pass the file's real encoding, e.g. encoding='latin-1'",
             where=f"line {line}, column {col}",
         ) from None
     except LookupError:
@@ -260,14 +262,21 @@ def _column_hint(wanted: str, found: Sequence[str]) -> str:
     return ""
 
 
+# (role, reader parameter) -> the DataConfig field that sets it, where the names differ
+_CONFIG_KEYS = {("item id", "id_col"): "item_id_col", ("user id", "id_col"): "user_id_col",
+                ("item feature", "columns"): "item_feature_cols", ("user feature", "columns"): "user_feature_cols",
+                ("item title", "title_col"): "item_title_col"}
+
+
 def _missing_column_error(
     path: Path, wanted: str, role: str, param: str, found: list[str], where: str, sep: str | None
 ) -> DataError:
-    fix = f"map the {role} column with {param}=... (config: data.{param})"
+    key = _CONFIG_KEYS.get((role, param), param)
+    fix = f"map the {role} column with {param}=... (config: data.{key})"
     if sep is not None and len(found) == 1:
         fix += (
-            f"; only one column was found with separator {sep!r}: pass sep=... if the file uses "
-            f"another separator"
+            f"; only one column was found with separator {sep!r}: write the file with tabs or commas "
+            f"(the separator is taken from the header line), or pass sep=... from Python"
         )
     if found and all(re.fullmatch(r"-?\d+(\.\d+)?", c.strip() or "x") for c in found):
         fix += "; the first line looks like data: csv/tsv files need a header row naming columns"
@@ -314,6 +323,7 @@ def _load_table(
             raise _missing_column_error(path, col, role, param, found, "header (line 1)", sep)
         positions[col] = found.index(col)
     usecols = sorted(set(positions.values()))
+    _check_field_counts(path, raw, text, sep, len(found), encoding)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", pd.errors.ParserWarning)
@@ -343,8 +353,46 @@ def _load_table(
     return _Table(path, columns, len(df), locate, found)
 
 
+_ASCII_COMPATIBLE = {"utf8", "utf8sig", "latin1", "iso88591", "ascii", "cp1252", "l1"}
+
+
+def _check_field_counts(path: Path, raw: bytes, text: str, sep: str, n_fields: int, encoding: str) -> None:
+    """Refuse a line with more fields than the header. Reading only the needed columns would drop
+    the extra fields silently, and an unquoted separator inside a value (a comma in a title) shifts
+    every later field of its row into the wrong column."""
+    if len(sep) != 1:  # a regex separator: pandas' python engine checks nothing here either
+        return
+    if ('"' in text or re.sub(r"[-_]", "", encoding.lower()) not in _ASCII_COMPATIBLE
+            or raw.count(b"\r") != raw.count(b"\r\n")):
+        # quoted values may hold the separator (or lines end in a bare CR): the tokenizer counts
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", pd.errors.ParserWarning)
+                pd.read_csv(io.StringIO(text), sep=sep, header=0, dtype=str, keep_default_na=False,
+                            na_filter=False, index_col=False)
+        except pd.errors.ParserError as exc:
+            raise _parser_error(path, exc) from None
+        return
+    # separators per physical line, counted on the bytes (ASCII-compatible encodings only)
+    buf = np.frombuffer(raw, dtype=np.uint8)
+    newlines = np.flatnonzero(buf == 10)
+    per_line = np.bincount(np.searchsorted(newlines, np.flatnonzero(buf == ord(sep))),
+                           minlength=len(newlines) + 1)
+    over = np.flatnonzero(per_line > n_fields - 1)
+    if over.size:
+        line = int(over[0])
+        raise DataError(
+            path,
+            f"line has {int(per_line[line]) + 1} fields, the header has {n_fields} "
+            f"({over.size} such line(s))",
+            f"a separator {sep!r} inside a value (e.g. in a title) shifts the fields after it: quote "
+            f"that value (\"...\") or remove the extra separator",
+            where=f"line {line + 1}",
+        )
+
+
 def _parser_error(path: Path, exc: Exception) -> DataError:
-    msg = str(exc).replace("Error tokenizing data. C error: ", "")
+    msg = str(exc).replace("Error tokenizing data. C error: ", "").strip()
     where = None
     m = re.search(r"\bline (\d+)", msg)
     if m:
@@ -446,7 +494,8 @@ def _to_ids(
         raise DataError(
             path,
             f"column {col!r} holds true/false values, not {role} ids",
-            f"map the {role} id column with {param}=... (config: data.{param})",
+            f"map the {role} id column with {param}=... "
+            f"(config: data.{_CONFIG_KEYS.get((f'{role} id', param), param)})",
             where="schema",
         )
     if pd.api.types.is_integer_dtype(dtype):
@@ -461,7 +510,7 @@ def _to_ids(
             row = int(np.flatnonzero(bad)[0])
             raise DataError(
                 path,
-                f"{role} id {values[row]!r} in column {col!r} is not an integer",
+                f"{role} id {_show(values[row])} in column {col!r} is not an integer",
                 "ids must be integers or strings; fix the id column",
                 where=table.locate(row),
             )
@@ -471,6 +520,18 @@ def _to_ids(
     if missing.any():
         raise empty_error(missing)
     is_int = pc.match_substring_regex(arr, _INT_ID_RE)
+    if not pc.all(is_int).as_py():
+        # integer ids but for a few NaN / NA / null: missing values written out as text, not ids
+        marker = pc.is_in(pc.utf8_lower(arr), value_set=_MISSING_MARKERS).to_numpy(zero_copy_only=False)
+        if marker.any() and (is_int.to_numpy(zero_copy_only=False) | marker).all():
+            row = int(np.flatnonzero(marker)[0])
+            raise DataError(
+                path,
+                f"{role} id {arr[row].as_py()!r} in column {col!r} is a missing value (the other ids are "
+                f"integers; {int(marker.sum())} row(s) like it)",
+                f"fill in the {role} id or drop the row(s)",
+                where=table.locate(row),
+            )
     if pc.all(is_int).as_py():
         try:
             return pc.cast(arr, pa.int64()).to_numpy(zero_copy_only=False)
