@@ -242,3 +242,37 @@ def test_hard_mask_excludes_the_positive_and_the_users_items():
     # and seen_item_mask accepts per-row ids
     keys = b.seen_keys
     assert losses.seen_item_mask(torch.tensor([u]), torch.tensor([[other, int(liked[-1])]]), None, keys, ds.n_items).tolist() == [[False, True]]
+
+
+def test_mine_command_writes_an_impressions_file_that_training_reads(tmp_path_factory, data_dir, tmp_path):
+    from _trained import tiny_run
+
+    from twotower.cli import main
+    from twotower.run import Run
+
+    run = tiny_run(tmp_path_factory, data_dir)
+    out = tmp_path / "mined.csv"
+    assert main(["mine", str(run), "--out", str(out), "--top-r", "60", "--window", "5", "40"]) == 0
+    import pandas as pd
+    mined = pd.read_csv(out)
+    r = Run(run)
+    known = {(int(u), int(i)) for u, i in zip(r.users.decode(np.repeat(np.arange(len(r.users)), r.known.lengths())),
+                                               r.items.decode(r.known.indices))}
+    pairs = set(zip(mined["user"].tolist(), mined["item"].tolist()))
+    assert pairs and not pairs & known                       # no known positive is mined
+    per_user = mined.groupby("user").size()
+    assert per_user.max() <= 35                              # window [5, 40): at most 35 per user
+    # bad window: exit 2, nothing written
+    assert main(["mine", str(run), "--out", str(tmp_path / "x.csv"), "--window", "50", "10"]) == 2
+    assert not (tmp_path / "x.csv").exists()
+    # the next training reads it as exposure negatives
+    from _trained import CONFIG
+    import json
+    d = json.loads(json.dumps(CONFIG))
+    d["train"]["epochs"] = 1
+    d["negatives"] = {"hard": "exposure", "hard_k": 4, "exposure_file": str(out)}
+    cfg = RunConfig.from_dict(d)
+    ds = load_dataset(cfg.data, data_dir)
+    tr = Trainer(cfg, ds, None, quiet=True, log=lambda m: None)
+    assert tr.candidates.hard.n_entries == len(pairs)
+    assert math.isfinite(tr.fit().history[0]["loss"])

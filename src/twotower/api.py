@@ -86,6 +86,44 @@ def _refit(cfg: RunConfig, ds: Dataset, epochs: int, out, resume: bool, quiet: b
     return refit
 
 
+def mine(run_dir: str | Path, out: str | Path, top_r: int = 200, lo: int = 10, hi: int = 200, log=None) -> dict:
+    """Mine hard negatives with a trained run: each known user's top ``top_r`` items by the model's
+    score, the user's known items dropped, ranks ``[lo, hi)`` kept; written to ``out`` (Parquet or
+    CSV, columns ``user``, ``item``: raw ids), the impressions format that ``negatives.hard =
+    "exposure"`` reads, so the next training can use them."""
+    import pandas as pd
+    import torch
+
+    from .errors import TwotowerError
+    from .evaluation.ranking import embed_users
+    from .run import Run
+    from .training.mining import mine_negatives, scoring_vectors
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = Path(out)
+    if out.suffix not in (".parquet", ".csv"):
+        raise TwotowerError(f"--out {out}: use a .parquet or .csv file name")
+    if not 0 <= lo < hi <= top_r:
+        raise TwotowerError(f"need 0 <= --window LO < HI <= --top-r, got {lo}, {hi}, {top_r}")
+    t0 = time.perf_counter()
+    run = Run(run_dir)
+    users = np.flatnonzero(run.known.lengths() > 0)
+    hl = run.config.model.history_length
+    uv = torch.cat([embed_users(run.model, users[s : s + 8192], run.known, hl) for s in range(0, len(users), 8192)])
+    bias = run.model.bias(torch.arange(len(run.items))) if run.model.item_bias is not None else None
+    q, items = scoring_vectors(uv.float().numpy(), run.item_vectors.float().numpy(), float(run.model.temperature),
+                               None if bias is None else bias.detach().float().numpy())
+    indptr, neg = mine_negatives(q, items, users, run.known.indptr, run.known.indices, top_r, lo, hi, len(run.users))
+    rows = np.repeat(np.arange(len(run.users)), np.diff(indptr))
+    frame = pd.DataFrame({"user": run.users.decode(rows), "item": run.items.decode(neg)})
+    with artifacts.atomic_path(out) as tmp:
+        frame.to_parquet(tmp, index=False) if out.suffix == ".parquet" else frame.to_csv(tmp, index=False)
+    info = {"users": int(len(users)), "negatives": int(len(frame)), "seconds": time.perf_counter() - t0}
+    log(f"mined {len(frame):,} negatives for {len(users):,} users (ranks {lo} to {hi - 1} of the top {top_r}, "
+        f"known items dropped) in {info['seconds']:.1f}s -> {out}")
+    return info
+
+
 def evaluate_run(run_dir: str | Path, split: str = "test", data_dir: str | Path | None = None) -> dict[str, float]:
     """Re-score a saved run on its data's ``split`` (the data is re-read and re-split from the saved config)."""
     from .errors import ArtifactError

@@ -1,4 +1,4 @@
-"""Command line: ``twotower train | evaluate | recommend | compare | index | embed | serve | demo``.
+"""Command line: ``twotower train | evaluate | recommend | mine | compare | index | embed | serve | demo``.
 
 Every subcommand is a thin shell over the Python API (``twotower.api``, ``twotower.run.Run``).
 User mistakes (bad data, bad config, bad run directory) print one message and exit with code 2.
@@ -238,6 +238,14 @@ def _label(run, item) -> str:
     return f"{item} ({t})" if t else str(item)
 
 
+def cmd_mine(args) -> int:
+    from .api import mine
+
+    lo, hi = args.window
+    mine(args.run, args.out, top_r=args.top_r, lo=lo, hi=hi, log=lambda m: print(m, flush=True))
+    return 0
+
+
 def cmd_compare(args) -> int:
     from .evaluation.compare import load_variants, run_comparison, write_report
 
@@ -357,6 +365,23 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=64, help="most concurrent requests computed together (default 64)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     sv.set_defaults(func=cmd_serve)
+
+    mn = sub.add_parser("mine", help="mine hard negatives with a trained run (for the next training)",
+                        description="Each user's top R items by the run's model, the user's known items dropped, "
+                                    "ranks [LO, HI) kept (the very top is skipped: unlabelled positives live there). "
+                                    "The file has raw ids (user, item): train on it with negatives.hard = \"exposure\" "
+                                    "and negatives.exposure_file = FILE. For mining rounds inside one training, "
+                                    "see mining.rounds instead.",
+                        epilog="example:\n  twotower mine runs/gowalla --out runs/gowalla/mined.parquet --top-r 200 --window 10 200\n"
+                               "  twotower train configs/gowalla.toml --out runs/gowalla-hard --set negatives.hard='\"exposure\"' \\\n"
+                               "      --set negatives.hard_k=8 --set negatives.exposure_file='\"/abs/path/mined.parquet\"'",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    mn.add_argument("run", help="a trained run directory")
+    mn.add_argument("--out", required=True, help="output file: .parquet or .csv (columns user, item)")
+    mn.add_argument("--top-r", type=int, default=200, help="items retrieved per user (default 200)")
+    mn.add_argument("--window", type=int, nargs=2, default=[10, 200], metavar=("LO", "HI"),
+                    help="keep ranks LO <= rank < HI among the non-positive items (default 10 200)")
+    mn.set_defaults(func=cmd_mine)
 
     c = sub.add_parser("compare", help="train variants side by side and write a report (table + plots)",
                        epilog="examples:\n  twotower compare configs/ml-100k.toml --grid 'model.temperature=[0.05, 0.1, 0.2]' "

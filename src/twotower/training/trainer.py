@@ -25,7 +25,7 @@ from ..model.towers import TwoTowerModel
 from . import losses
 from .batching import epoch_batches
 from .candidates import CandidateBuilder
-from .mining import mine_negatives
+from .mining import mine_negatives, scoring_vectors
 
 
 @dataclass
@@ -246,6 +246,8 @@ class Trainer:
             items = embed_items(self.model).float().cpu().numpy()
             uv = torch.cat([embed_users(self.model, users[s : s + 8192], hist, self.cfg.model.history_length)
                             for s in range(0, len(users), 8192)]).float().cpu().numpy()
+            bias = self.model.bias(torch.arange(ds.n_items, device=self.device)) if self.model.item_bias is not None else None
+            uv, items = scoring_vectors(uv, items, float(self.model.temperature), None if bias is None else bias.float().cpu().numpy())
         self.model.train()
         indptr, indices = mine_negatives(uv, items, users, hist.indptr, hist.indices, mc.top_r, mc.window_lo,
                                          mc.window_hi, ds.n_users)
