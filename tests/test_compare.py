@@ -38,3 +38,27 @@ def test_compare_writes_table_and_plots(tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     assert len(res) == 2 and all(len(r["curve"]) == 2 for r in res)
     assert res[0]["test"]["recall@20"] != res[1]["test"]["recall@20"]
+
+
+def test_variants_table_names_recipes_and_crosses_the_grid(tmp_path):
+    cfg = tmp_path / "recipes.toml"
+    cfg.write_text('[data]\ndataset = "synthetic"\n[model]\ndim = 8\n'
+                   '[variants.in-batch]\n'
+                   '[variants.mixed]\n"negatives.sampled" = 64\n"negatives.proposal" = "uniform"\n'
+                   '[variants.no-logq]\n"train.logq" = false\n')
+    vs = load_variants([cfg], ["model.dim=16"], [])
+    assert [v.name for v in vs] == ["in-batch", "mixed", "no-logq"]
+    assert vs[0].config["model"]["dim"] == 16 and "negatives" not in vs[0].config
+    assert vs[1].config["negatives"] == {"sampled": 64, "proposal": "uniform"}
+    assert vs[2].config["train"]["logq"] is False
+    crossed = load_variants([cfg], [], ["model.temperature=[0.05, 0.1]"])
+    assert [v.name for v in crossed][:2] == ["in-batch,temperature=0.05", "in-batch,temperature=0.1"]
+    assert len(crossed) == 6
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[data]\ndataset = "synthetic"\n[variants]\nmixed = 3\n')
+    with pytest.raises(ConfigError, match=r"\[variants.mixed\]"):
+        load_variants([bad], [], [])
+    typo = tmp_path / "typo.toml"
+    typo.write_text('[data]\ndataset = "synthetic"\n[variants.x]\n"negatives.sampeld" = 3\n')
+    with pytest.raises(ConfigError, match="sampeld"):
+        load_variants([typo], [], [])

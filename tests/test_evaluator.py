@@ -52,3 +52,20 @@ def test_seen_items_are_masked_even_when_best():
     truth = Split(np.array([0]), np.array([2]))
     m = evaluate_split(_model(), truth, known, np.ones(4), EvalConfig(ks=[1]))
     assert m["recall@1"] == 1.0  # items 0 and 1 score higher but are the user's training items
+
+
+def test_alpha_ranks_by_the_served_score_with_popularity_correction():
+    # user 0 (vector [1, 0]) has seen item 0; logits cos/tau for items 1, 2, 3 are 8, 0, -10.
+    # counts [5, 1, 2, 10] -> log p(j) = log((n_j + 1) / 22): items 1, 2, 3 -> log(2/22), log(3/22), log(11/22).
+    known = CSR.from_pairs(np.array([0]), np.array([0]), 2)
+    truth = Split(np.array([0]), np.array([3]))  # the held-out item is the most popular one
+    counts = np.array([5, 1, 2, 10])
+    plain = evaluate_split(_model(), truth, known, counts, EvalConfig(ks=[1, 2, 3]))
+    assert plain["recall@2"] == 0.0 and plain["recall@3"] == 1.0
+    # alpha = -50 promotes popular items: 8 + 50 log(2/22) = -111.9, 0 + 50 log(3/22) = -99.6,
+    # -10 + 50 log(11/22) = -44.7, so item 3 comes first.
+    pro_pop = evaluate_split(_model(), truth, known, counts, EvalConfig(ks=[1, 2, 3], alpha=-50.0))
+    assert pro_pop["recall@1"] == 1.0 and pro_pop["popularity@1"] == 10.0
+    # alpha = 5 demotes them: 8 + 5 * 2.398 = 19.99, 0 + 5 * 1.992 = 9.96, -10 + 5 * 0.693 = -6.53.
+    damped = evaluate_split(_model(), truth, known, counts, EvalConfig(ks=[1, 2], alpha=5.0))
+    assert damped["recall@2"] == 0.0 and damped["popularity@2"] == pytest.approx((1 + 2) / 2)

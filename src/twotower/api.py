@@ -124,8 +124,12 @@ def mine(run_dir: str | Path, out: str | Path, top_r: int = 200, lo: int = 10, h
     return info
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", data_dir: str | Path | None = None) -> dict[str, float]:
-    """Re-score a saved run on its data's ``split`` (the data is re-read and re-split from the saved config)."""
+def evaluate_run(run_dir: str | Path, split: str = "test", data_dir: str | Path | None = None,
+                 alpha: float | None = None) -> dict[str, float]:
+    """Re-score a saved run on its data's ``split`` (the data is re-read and re-split from the saved config).
+
+    ``alpha`` ranks by the served score with popularity correction ``score - alpha * log p(item)``
+    (``None``: the run's ``eval.alpha``)."""
     from .errors import ArtifactError
     from .run import Run
 
@@ -134,4 +138,5 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data_dir: str | Path 
     if not (ds.users == run.users and ds.items == run.items):
         raise ArtifactError(f"{run_dir}: the data under the data directory does not match the run's vocabularies "
                             "(different files or data.seed); point TWOTOWER_DATA at the data the run was trained on")
-    return evaluate(run.model, ds, split, run.config.eval, run.config.model.history_length)
+    cfg = run.config.eval if alpha is None else run.config.eval.model_copy(update={"alpha": float(alpha)})
+    return evaluate(run.model, ds, split, cfg, run.config.model.history_length)

@@ -78,7 +78,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .api import evaluate_run
 
-    m = evaluate_run(args.run, args.split, _data_dir(args))
+    m = evaluate_run(args.run, args.split, _data_dir(args), alpha=args.alpha)
     if args.json:
         print(json.dumps(m, indent=2, sort_keys=True))
     else:
@@ -288,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["test", "valid"], default="test")
     e.add_argument("--data-dir")
     e.add_argument("--json", action="store_true", help="print all metrics as JSON")
+    e.add_argument("--alpha", type=float, default=None,
+                   help="rank by the served score with popularity correction, score - alpha * log p(item), as "
+                        "`serve` does (default: the run's eval.alpha, normally 0). Raising it trades head-item "
+                        "recall for tail-item recall: see the bucket rows")
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("recommend", help="top-k items for one user or for many (to a file)",

@@ -174,6 +174,8 @@ class MiningConfig(_Section):
 class EvalConfig(_Section):
     ks: list[int] = Field(default_factory=lambda: [10, 20, 50, 100, 500])
     batch_users: int = Field(1024, ge=1)
+    alpha: float = Field(0.0, description="rank by the served score with popularity correction, score - alpha * log p(item) "
+                                         "(as `serve`/`recommend --alpha`); 0 ranks by the training score")
     popularity_buckets: list[float] = Field(
         default_factory=lambda: [0.2, 0.5],
         description="cumulative item shares that cut items (most popular first) into head / torso / tail",

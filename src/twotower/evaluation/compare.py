@@ -57,8 +57,24 @@ def expand_grid(base: dict[str, Any], grid: dict[str, list], prefix: str = "") -
     return out
 
 
+def named_variants(base: dict[str, Any], table: dict[str, Any], prefix: str = "") -> list[Variant]:
+    """One variant per entry of a ``[variants]`` table: ``name -> {"section.key": value, ...}``,
+    each applied to a copy of ``base`` (an empty table is the base itself). Recipes that are not a
+    cartesian product (in-batch only; + mixed negatives; + memory bank; ...) are written this way."""
+    out = []
+    for name, changes in table.items():
+        if not isinstance(changes, dict) or any("." not in k for k in changes):
+            raise ConfigError(f"[variants.{name}] must be a table of \"section.key\" = value overrides, "
+                              f"e.g. [variants.mixed] \"negatives.sampled\" = 1024")
+        cfg = json.loads(json.dumps(base))
+        apply_overrides(cfg, [f"{k}={json.dumps(v)}" for k, v in changes.items()])
+        out.append(Variant(f"{prefix}{name}", cfg))
+    return out
+
+
 def load_variants(paths: list[str | Path], overrides: list[str], grid_flags: list[str]) -> list[Variant]:
-    """Variants from config files (each may carry a ``[grid]`` table) and ``--grid key=[...]`` flags."""
+    """Variants from config files (each may carry a ``[grid]`` table, or a ``[variants]`` table of
+    named override sets, crossed with the grid) and ``--grid key=[...]`` flags."""
     import tomllib
 
     import yaml
@@ -81,9 +97,16 @@ def load_variants(paths: list[str | Path], overrides: list[str], grid_flags: lis
         text = p.read_text(encoding="utf-8")
         d = tomllib.loads(text) if p.suffix == ".toml" else (yaml.safe_load(text) or {})
         grid = {**d.pop("grid", {}), **extra_grid}
+        table = d.pop("variants", None)
         apply_overrides(d, list(overrides))
         prefix = f"{p.stem}:" if len(paths) > 1 else ""
-        for v in expand_grid(d, grid, prefix):
+        bases = named_variants(d, table) if table else [Variant("", d)]
+        expanded = []
+        for b in bases:
+            for v in expand_grid(b.config, grid):
+                parts = [x for x in (b.name, v.name if grid else "") if x]
+                expanded.append(Variant(prefix + ",".join(parts) if parts else (prefix or "base"), v.config))
+        for v in expanded:
             RunConfig.from_dict(v.config, source=f"{p} ({v.name})")  # validate every variant before training any
             variants.append(v)
     names = [v.name for v in variants]

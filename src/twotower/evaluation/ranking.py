@@ -43,14 +43,18 @@ def mask_rows(scores: torch.Tensor, rows: np.ndarray, exclude: CSR) -> None:
 
 @torch.no_grad()
 def top_k_blocks(model: TwoTowerModel, users: np.ndarray, history: CSR, exclude: CSR | None, k: int,
-                 history_length: int, batch_users: int = 1024, item_vecs: torch.Tensor | None = None
-                 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+                 history_length: int, batch_users: int = 1024, item_vecs: torch.Tensor | None = None,
+                 item_offset: torch.Tensor | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     """Yield ``(block_users, top_scores [b, k], top_items [b, k])`` (CPU tensors) block by block,
     excluding each user's ``exclude`` items. Scores are cosines (the ranking does not depend on the
-    temperature), or the training logits ``cos / tau + b_j`` when the model learns an item bias."""
+    temperature), or, when the model learns an item bias or ``item_offset`` (one additive term per
+    item, e.g. ``-alpha * log p(j)``) is given, ``cos / tau + b_j + item_offset_j``: the served score."""
     if item_vecs is None:
         item_vecs = embed_items(model)
     bias = model.bias(torch.arange(item_vecs.shape[0], device=item_vecs.device)) if model.item_bias is not None else None
+    if item_offset is not None:
+        item_offset = item_offset.to(device=item_vecs.device, dtype=item_vecs.dtype)
+        bias = item_offset if bias is None else bias + item_offset
     k = min(k, item_vecs.shape[0])
     # One score buffer for all blocks: a fresh [block, n_items] allocation per block costs about a
     # third of the matrix product's time in page faults on a CPU.

@@ -29,13 +29,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-
-def log_popularity(counts: np.ndarray) -> np.ndarray:
-    """``log p(j)`` with add-one smoothing: ``p(j) = (n_j + 1) / (N + n_items)`` (float64).
-
-    ``counts`` are the training positives per item (``Run.item_counts``)."""
-    c = np.asarray(counts, dtype=np.float64) + 1.0
-    return np.log(c) - np.log(c.sum())
+# Defined with the other item-probability estimates; re-exported here because the served score uses it.
+from ..training.frequency import log_popularity  # noqa: F401
 
 
 def augment_items(vecs: np.ndarray, log_p: np.ndarray, bias: np.ndarray | None = None,

@@ -14,6 +14,16 @@ import torch
 _HASH_MULT = 2654435761
 
 
+def log_popularity(counts: np.ndarray) -> np.ndarray:
+    """``log p(j)`` with add-one smoothing: ``p(j) = (n_j + 1) / (N + n_items)`` (float64).
+
+    ``counts`` are the training positives per item. This is the popularity that serving and
+    evaluation subtract, ``score - alpha * log p(j)`` (DESIGN.md, "Serving-time popularity
+    correction"); items never seen in training get a finite value."""
+    c = np.asarray(counts, dtype=np.float64) + 1.0
+    return np.log(c) - np.log(c.sum())
+
+
 def counted_probabilities(counts: np.ndarray, smoothing: float = 0.0) -> torch.Tensor:
     """``p(j) = (count(j) + smoothing) / sum_k (count(k) + smoothing)`` as a float tensor.
 
