@@ -20,6 +20,7 @@ from .data.dataset import Dataset
 from .data.sources import load_dataset
 from .evaluation.evaluator import evaluate
 from .evaluation.ranking import embed_items
+from .training import distributed
 from .training.trainer import Trainer
 
 
@@ -39,8 +40,13 @@ class TrainResult:
 def train(cfg: RunConfig, out: str | Path | None = None, data_dir: str | Path | None = None, resume: bool = False,
           quiet: bool = False, dataset: Dataset | None = None, evaluate_test: bool = True, log=None) -> TrainResult:
     """Load the data, train with early stopping on validation, score the best model on test once,
-    and write the run directory (``out``) if given."""
+    and write the run directory (``out``) if given.
+
+    Under ``torchrun`` every rank calls this; rank 0 alone logs, evaluates and writes (the others
+    get its metrics and return once the run directory is complete)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if not distributed.is_main():
+        log, quiet = (lambda msg: None), True
     t0 = time.perf_counter()
     ds = dataset if dataset is not None else load_dataset(cfg.data, data_dir)
     s = ds.summary()
@@ -48,13 +54,13 @@ def train(cfg: RunConfig, out: str | Path | None = None, data_dir: str | Path | 
     trainer = Trainer(cfg, ds, out, quiet=quiet, log=log)
     state = trainer.fit(resume=resume)
     hl = cfg.model.history_length
-    valid = evaluate(trainer.model, ds, "valid", cfg.eval, hl) if len(ds.valid) else {}
+    valid = trainer.par.on_main(lambda: evaluate(trainer.model, ds, "valid", cfg.eval, hl)) if len(ds.valid) else {}
     final = trainer
     if cfg.train.refit and len(ds.valid):
         final = _refit(cfg, ds, state.best_epoch, out, resume, quiet, log)
-    test = evaluate(final.model, ds, "test", cfg.eval, hl) if evaluate_test and len(ds.test) else None
+    test = final.par.on_main(lambda: evaluate(final.model, ds, "test", cfg.eval, hl)) if evaluate_test and len(ds.test) else None
     seconds = time.perf_counter() - t0
-    if out is not None:
+    if out is not None and final.par.main:
         out = Path(out)
         artifacts.save_numpy(out / "item_embeddings.npy", embed_items(final.model).cpu().numpy())
         if final is not trainer:
@@ -66,6 +72,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, data_dir: str | Path | 
             "seconds_per_epoch": float(np.mean([r["seconds"] for r in state.history])) if state.history else None,
         })
         artifacts.write_manifest(out)
+    final.par.barrier()
     return TrainResult(Path(out) if out is not None else None, final, valid, test, seconds)
 
 

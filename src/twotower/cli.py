@@ -18,6 +18,11 @@ examples:
   twotower train configs/ml-100k.toml --out runs/ml100k
   twotower train configs/gowalla.toml --out runs/gowalla --set train.epochs=5 --set model.temperature=0.07
   twotower train configs/gowalla.toml --out runs/gowalla --resume     # continue after a crash
+  torchrun --standalone --nproc-per-node 2 -m twotower train configs/gowalla.toml --out runs/gowalla-2
+
+Under torchrun (gloo on CPU, NCCL on CUDA) train.batch_size is the global batch: each rank takes
+batch_size / N rows of it, in-batch negatives are gathered across ranks, and rank 0 alone writes
+the run directory and evaluates; --resume works the same way.
 
 The config has four sections: [data] (what to read and how to split it), [model] (the towers),
 [train] (optimiser, loss, early stopping) and [eval] (cut-offs K). Data paths are relative to the
@@ -58,15 +63,23 @@ def _format_metrics(rows: dict[str, dict[str, float]], ks: list[int]) -> str:
 def cmd_train(args) -> int:
     from .api import train
     from .config import RunConfig
+    from .training import distributed
 
     overrides = list(args.set or [])
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
+    if args.device is not None:
+        overrides.append(f'train.device="{args.device}"')
     cfg = RunConfig.load(args.config, overrides)
     out = Path(args.out)
+    # Under torchrun every rank checks before any writes: rank 0 writes only after all ranks have
+    # joined the process group (in the trainer), so none can see a directory it created.
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise TwotowerError(f"{out}: already exists and is not empty. Pass --resume to continue that run, or choose another --out")
     res = train(cfg, out, _data_dir(args), resume=args.resume, quiet=args.quiet)
+    distributed.shutdown()
+    if not distributed.is_main():
+        return 0
     table = {"valid": res.valid}
     if res.test is not None:
         table["test"] = res.test
@@ -279,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     t.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=N")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="shorthand for --set train.device=...: auto picks CUDA "
+                   "when available (under torchrun: one GPU per rank, cuda:LOCAL_RANK)")
     t.add_argument("--data-dir", help="data directory (default: $TWOTOWER_DATA or ~/.local/share/twotower)")
     t.add_argument("--quiet", action="store_true", help="no progress bars (one line per epoch), for logs")
     t.set_defaults(func=cmd_train)

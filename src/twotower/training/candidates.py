@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from . import losses
 from .frequency import NegPosRatio, StreamingFrequency, counted_probabilities, proposal_probabilities
 from .hard_negatives import CategorySampler, ListSampler, hard_schedule
 from .memory_bank import MemoryBank
+
+if TYPE_CHECKING:
+    from .distributed import GlobalBatch
 
 
 @dataclass
@@ -87,15 +91,23 @@ class CandidateBuilder:
 
     # ---- per step -----------------------------------------------------------------------------
     def build(self, model, users: torch.Tensor, items: torch.Tensor, item_vecs: torch.Tensor, step: int,
-              gen: torch.Generator | None = None) -> CandidateSet:
+              gen: torch.Generator | None = None, shared: GlobalBatch | None = None) -> CandidateSet:
+        """Candidates for this process's rows (``users``, ``items``, ``item_vecs``). ``shared`` is the
+        global batch under torchrun (``distributed.GlobalBatch``): its positives are the in-batch
+        candidates of every row, the logQ batch size is its size, and sampled negatives come from its
+        generator (the same draws on every rank). ``gen`` drives per-row draws (hard negatives)."""
         cfg, neg = self.cfg, self.cfg.negatives
         b = len(items)
-        vecs, ids = [item_vecs], [items]
+        all_items, all_vecs = (shared.items, shared.vectors) if shared is not None else (items, item_vecs)
+        offset = shared.offset if shared is not None else 0
+        n = len(all_items)
+        vecs, ids = [all_vecs], [all_items]
         m = q = 0
         if neg.sampled:
             m = neg.sampled
-            drawn = torch.multinomial(self.r, m, replacement=True, generator=gen) if neg.proposal == "frequency" \
-                else torch.randint(self.n_items, (m,), generator=gen, device=self.device)
+            draw = shared.generator if shared is not None else gen
+            drawn = torch.multinomial(self.r, m, replacement=True, generator=draw) if neg.proposal == "frequency" \
+                else torch.randint(self.n_items, (m,), generator=draw, device=self.device)
             vecs.append(model.encode_items(drawn))
             ids.append(drawn)
         if self.bank is not None and self.bank.active(step):
@@ -103,25 +115,26 @@ class CandidateBuilder:
             q = len(bank_ids)
             vecs.append(bank_vecs.to(item_vecs.dtype))
             ids.append(bank_ids)
-        cand_ids = torch.cat(ids) if len(ids) > 1 else items
-        cand = CandidateSet(torch.cat(vecs) if len(vecs) > 1 else item_vecs, cand_ids, None,
-                            torch.arange(b, device=items.device), n_sampled=m, n_bank=q)
+        cand_ids = torch.cat(ids) if len(ids) > 1 else all_items
+        cand = CandidateSet(torch.cat(vecs) if len(vecs) > 1 else all_vecs, cand_ids, None,
+                            offset + torch.arange(b, device=items.device), n_sampled=m, n_bank=q)
         if cfg.train.logq:
             if self.ratio is not None:
                 cand.log_q = self.ratio.correction(cand_ids)
             else:
                 if self.streaming is not None:
-                    self.streaming.update(items, step)
-                    p = self.streaming.probabilities(cand_ids, b)
+                    self.streaming.update(all_items, step)
+                    p = self.streaming.probabilities(cand_ids, n)
                 else:
                     p = self.p[cand_ids]
-                cand.log_q = losses.log_expected_count(p, b, m, self.r[cand_ids] if m else None, q)
+                cand.log_q = losses.log_expected_count(p, n, m, self.r[cand_ids] if m else None, q)
         if self.hard is not None:
             k, w = hard_schedule(step, neg.hard_k, neg.hard_warmup_steps, neg.hard_ramp_steps, neg.hard_ramp, neg.hard_weight)
             if k and w > 0:
                 hard = self.hard.sample(users if isinstance(self.hard, ListSampler) else items, k, gen)
                 cand.hard_ids = hard
-                cand.hard_vectors = model.encode_items(hard.clamp_min(0).reshape(-1)).view(b, k, -1)
+                # An explicit width: a rank can hold no row of a tiny last batch (b = 0).
+                cand.hard_vectors = model.encode_items(hard.clamp_min(0).reshape(-1)).view(b, k, item_vecs.shape[-1])
                 cand.hard_log_weight = math.log(w)
         return cand
 
@@ -134,15 +147,21 @@ class CandidateBuilder:
             bad |= losses.seen_item_mask(users, h, None, self.seen_keys, self.n_items)
         return bad
 
-    def after_step(self, items: torch.Tensor, item_vecs: torch.Tensor, cand: CandidateSet, excluded: torch.Tensor) -> None:
-        """Enqueue the batch's positives in the bank; count negatives and positives for the ratio form."""
+    def after_step(self, items: torch.Tensor, item_vecs: torch.Tensor, cand: CandidateSet, excluded: torch.Tensor,
+                   shared: GlobalBatch | None = None) -> None:
+        """Enqueue the batch's positives in the bank; count negatives and positives for the ratio form.
+        Under torchrun both see the global batch, so every rank's state stays the same."""
+        all_items, all_vecs = (shared.items, shared.vectors) if shared is not None else (items, item_vecs)
         if self.ratio is not None:
             c = len(cand.ids)
-            shared = excluded[:, :c]
-            negative_rows = len(items) - shared.sum(0) - (torch.arange(c, device=items.device) < len(items)).long()
-            self.ratio.update(items, cand.ids, negative_rows)
+            is_target = torch.zeros(c, dtype=torch.long, device=items.device)
+            is_target[cand.target] = 1
+            negative_rows = len(items) - excluded[:, :c].sum(0) - is_target
+            if shared is not None:
+                negative_rows = shared.sum(negative_rows)
+            self.ratio.update(all_items, cand.ids, negative_rows)
         if self.bank is not None:
-            self.bank.push(item_vecs.detach(), items)
+            self.bank.push(all_vecs.detach(), all_items)
 
     # ---- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from ..data.dataset import Dataset
 from ..errors import ArtifactError
 from ..evaluation.evaluator import evaluate
 from ..model.towers import TwoTowerModel
-from . import losses
+from . import distributed, losses
 from .batching import epoch_batches
 from .candidates import CandidateBuilder
 from .mining import mine_negatives, scoring_vectors
@@ -145,8 +145,12 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
-        self.device = resolve_device(cfg.train.device)
+        self.device = distributed.setup(resolve_device(cfg.train.device))
         self.model = build_model(cfg, dataset).to(self.device)
+        # Under torchrun: DDP over the towers, this rank's rows of each batch, the global batch's gathers.
+        self.par = distributed.Parallel(self.model, self.device, cfg.train.seed, sparse=cfg.train.optimizer == "sparse_adam")
+        if not self.par.main:
+            self.quiet, self.log = True, (lambda msg: None)
         self.optimizer = make_optimizer(cfg, self.model)
         self.state = TrainState()
         self.candidates = CandidateBuilder(cfg, dataset, self.device, cfg.model.dim, exposure=_exposure(cfg, dataset))
@@ -160,17 +164,19 @@ class Trainer:
     def step(self, pairs: np.ndarray, rng: np.random.Generator) -> float:
         cfg, ds, model = self.cfg, self.dataset, self.model
         dev = self.device
-        users = torch.from_numpy(ds.train.users[pairs]).to(dev, non_blocking=True)
-        items = torch.from_numpy(ds.train.items[pairs]).to(dev, non_blocking=True)
+        shard = self.par.shard(pairs)  # ``pairs`` is the global batch; this rank encodes its own rows
+        pairs = shard.rows
+        users = distributed.to_device(ds.train.users[pairs], dev)
+        items = distributed.to_device(ds.train.items[pairs], dev)
         hist = mask = None
         if cfg.model.user_history:
             h, m = ds.pair_history(pairs, cfg.model.history_length, rng)
-            hist, mask = torch.from_numpy(h).to(dev, non_blocking=True), torch.from_numpy(m).to(dev, non_blocking=True)
-        u = model.encode_users(users, hist, mask)
-        v = model.encode_items(items)
+            hist, mask = distributed.to_device(h, dev), distributed.to_device(m, dev)
+        u, v = self.par.encode(users, items, hist, mask)
+        everyone = shard.global_batch(items, v, ds.train.items, self.state.step)
 
         # Candidates: in-batch + sampled + memory bank (shared by all rows), hard (per row).
-        cand = self.candidates.build(model, users, items, v, self.state.step)
+        cand = self.candidates.build(model, users, items, v, self.state.step, shared=everyone)
         scores = model.score(u, cand.vectors, cand.ids)
         correction = positive_correction = None
         if cand.log_q is not None:
@@ -191,7 +197,7 @@ class Trainer:
         loss = losses.sampled_softmax_loss(scores, cand.target, correction, excluded, positive_correction)
 
         self.optimizer.zero_grad()
-        loss.backward()
+        (loss * shard.loss_weight).backward()
         if cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.dense_parameters() if p.grad is not None] if cfg.train.optimizer == "sparse_adam"
                                            else model.parameters(), cfg.train.grad_clip)
@@ -199,16 +205,17 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = cfg.train.lr * factor
         self.optimizer.step()
-        self.candidates.after_step(items, v, cand, excluded)
+        self.candidates.after_step(items, v, cand, excluded, shared=everyone)
         self.state.step += 1
-        return float(loss.detach())
+        return shard.mean_loss(loss)
 
     # ---- epochs ----------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
         cfg, ds = self.cfg, self.dataset
         # Seeded by (seed, epoch): an epoch resumed from a checkpoint replays exactly.
         rng = np.random.default_rng([cfg.train.seed, epoch])
-        torch.manual_seed(cfg.train.seed * 100003 + epoch)
+        # Per rank: dropout masks and hard-negative draws of different rows must not be copies.
+        torch.manual_seed(cfg.train.seed * 100003 + epoch + 7919 * self.par.rank)
         batches = epoch_batches(len(ds.train), cfg.train.batch_size, rng, ds.train.users if cfg.train.unique_users else None)
         self.model.train()
         t0 = time.perf_counter()
@@ -230,7 +237,7 @@ class Trainer:
         # less than the top-500 of the final report.
         k = int(self.cfg.train.monitor.split("@")[1])
         quick = self.cfg.eval.model_copy(update={"ks": [k]})
-        return evaluate(self.model, self.dataset, "valid", quick, self.cfg.model.history_length)
+        return self.par.on_main(lambda: evaluate(self.model, self.dataset, "valid", quick, self.cfg.model.history_length))
 
     def mine(self) -> dict:
         """One mining round (DESIGN.md): embed every item with the current model, take each training
@@ -241,16 +248,19 @@ class Trainer:
         mc, ds = self.cfg.mining, self.dataset
         t0 = time.perf_counter()
         users = np.unique(ds.train.users)
-        hist = ds.history("train")
-        with torch.no_grad():
-            items = embed_items(self.model).float().cpu().numpy()
-            uv = torch.cat([embed_users(self.model, users[s : s + 8192], hist, self.cfg.model.history_length)
-                            for s in range(0, len(users), 8192)]).float().cpu().numpy()
-            bias = self.model.bias(torch.arange(ds.n_items, device=self.device)) if self.model.item_bias is not None else None
-            uv, items = scoring_vectors(uv, items, float(self.model.temperature), None if bias is None else bias.float().cpu().numpy())
+
+        def lists():
+            hist = ds.history("train")
+            with torch.no_grad():
+                items = embed_items(self.model).float().cpu().numpy()
+                uv = torch.cat([embed_users(self.model, users[s : s + 8192], hist, self.cfg.model.history_length)
+                                for s in range(0, len(users), 8192)]).float().cpu().numpy()
+                bias = self.model.bias(torch.arange(ds.n_items, device=self.device)) if self.model.item_bias is not None else None
+                uv, items = scoring_vectors(uv, items, float(self.model.temperature), None if bias is None else bias.float().cpu().numpy())
+            return mine_negatives(uv, items, users, hist.indptr, hist.indices, mc.top_r, mc.window_lo, mc.window_hi, ds.n_users)
+
+        indptr, indices = self.par.on_main(lists)  # every rank samples from the lists rank 0 mined
         self.model.train()
-        indptr, indices = mine_negatives(uv, items, users, hist.indptr, hist.indices, mc.top_r, mc.window_lo,
-                                         mc.window_hi, ds.n_users)
         self.candidates.set_mined(indptr, indices)
         info = {"mined_negatives": int(len(indices)), "mining_seconds": time.perf_counter() - t0}
         self.log(f"mining: {len(indices):,} negatives for {len(users):,} users (ranks {mc.window_lo} to {mc.window_hi - 1} "
@@ -270,7 +280,7 @@ class Trainer:
         cfg = self.cfg
         if resume:
             self._load_checkpoint()
-        elif self.run_dir is not None:
+        elif self._writes:
             self._start_run_dir()
         monitor = cfg.train.monitor
         has_valid = len(self.dataset.valid) > 0
@@ -290,21 +300,21 @@ class Trainer:
                 if value > self.state.best_value:
                     self.state.best_value, self.state.best_epoch, self.state.bad_evals = value, epoch, 0
                     self.best_weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-                    if self.run_dir is not None:
+                    if self._writes:
                         artifacts.save_tensors(self.run_dir / "model.safetensors", self.best_weights)
                 else:
                     self.state.bad_evals += 1
             elif not has_valid:
                 self.state.best_epoch = epoch
                 self.best_weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-                if self.run_dir is not None:
+                if self._writes:
                     artifacts.save_tensors(self.run_dir / "model.safetensors", self.best_weights)
             self.state.epoch = epoch
             self.state.history.append(record)
             self._log_epoch(record)
             if cfg.train.patience and self.state.bad_evals >= cfg.train.patience:
                 self.state.stopped_early = True
-            if self.run_dir is not None:
+            if self._writes:
                 artifacts.append_jsonl(self.run_dir / "metrics.jsonl", record)
                 self._save_checkpoint()
             if self.state.stopped_early:
@@ -322,6 +332,11 @@ class Trainer:
         self.log(f"epoch {r['epoch']:3d}  loss {r['loss']:.4f}  {r['seconds']:.1f}s  {r['examples_per_s']:,.0f} ex/s{val}{tau}{rnd}")
 
     # ---- run directory ---------------------------------------------------------------------------
+    @property
+    def _writes(self) -> bool:
+        """Rank 0 alone writes the run directory; every rank reads it (``--resume``)."""
+        return self.run_dir is not None and self.par.main
+
     def _start_run_dir(self) -> None:
         d = self.run_dir
         if (d / "checkpoint").exists() or (d / "metrics.jsonl").exists():
@@ -357,7 +372,8 @@ class Trainer:
             self.candidates.load_state_dict(artifacts.load_tensors(d / "checkpoint" / "negatives.safetensors"))
         # The checkpoint's history is the record: a crash between writing metrics.jsonl and the
         # checkpoint must not leave a line for an epoch that will be trained again.
-        artifacts.write_text(d / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.state.history))
+        if self._writes:
+            artifacts.write_text(d / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.state.history))
         if (d / "model.safetensors").exists():
             self.best_weights = artifacts.load_tensors(d / "model.safetensors")
         self.log(f"resuming {d} after epoch {self.state.epoch}")
