@@ -62,3 +62,24 @@ def test_variants_table_names_recipes_and_crosses_the_grid(tmp_path):
     typo.write_text('[data]\ndataset = "synthetic"\n[variants.x]\n"negatives.sampeld" = 3\n')
     with pytest.raises(ConfigError, match="sampeld"):
         load_variants([typo], [], [])
+
+
+def test_resume_reads_back_finished_variants_and_retrains_changed_ones(tmp_path, capsys):
+    cfg = tmp_path / "syn.toml"
+    body = ('[data]\ndataset = "synthetic"\nsynthetic_users = 200\nsynthetic_items = 100\n'
+            '[model]\ndim = 8\n[train]\nepochs = 1\nbatch_size = 128\n[eval]\nks = [10, 20, 50]\n')
+    cfg.write_text(body + '[variants.a]\n[variants.b]\n"train.logq" = false\n')
+    out = tmp_path / "report"
+    assert main(["compare", str(cfg), "--out", str(out), "--quiet"]) == 0
+    first = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    # b changes; c is new; a is unchanged and must not be retrained
+    cfg.write_text(body + '[variants.a]\n[variants.b]\n"train.logq" = false\n"model.dim" = 4\n[variants.c]\n"model.dim" = 16\n')
+    assert main(["compare", str(cfg), "--out", str(out), "--quiet", "--resume"]) == 0
+    log = capsys.readouterr().out
+    assert "a (finished before: read back)" in log
+    assert "b (finished before" not in log and "c (finished before" not in log
+    second = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in second] == ["a", "b", "c"]
+    assert second[0]["test"] == first[0]["test"]
+    assert json.loads((out / "runs" / "b" / "config.json").read_text())["model"]["dim"] == 4

@@ -265,7 +265,7 @@ def cmd_compare(args) -> int:
     variants = load_variants(args.configs, args.set or [], args.grid or [])
     out = Path(args.out)
     print(f"comparing {len(variants)} variants: " + "; ".join(v.name for v in variants))
-    results = run_comparison(variants, out, _data_dir(args), quiet=args.quiet)
+    results = run_comparison(variants, out, _data_dir(args), quiet=args.quiet, resume=args.resume)
     files = write_report(results, out, title=args.title or ", ".join(Path(c).stem for c in args.configs))
     print((out / "report.md").read_text(encoding="utf-8").split("\n\n")[2])
     print("wrote " + ", ".join(str(f) for f in files))
@@ -406,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  twotower compare configs/ml-100k.toml --grid 'model.temperature=[0.05, 0.1, 0.2]' "
                               "--grid 'train.logq=[true, false]' --out reports/ml100k\n"
                               "  twotower compare a.toml b.toml --out reports/ab\n\n"
-                              "A config may also carry the grid itself as a [grid] table: \"model.temperature\" = [0.05, 0.1].",
+                              "A config may also carry the grid itself as a [grid] table: \"model.temperature\" = [0.05, 0.1],\n"
+                              "or named recipes as [variants.NAME] tables of overrides: [variants.mixed] \"negatives.sampled\" = 1024.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("configs", nargs="+", help="one or more configs (each crossed with its grid)")
     c.add_argument("--out", required=True, help="report directory: report.md, results.json, PNG plots, runs/")
@@ -415,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--title")
     c.add_argument("--data-dir")
     c.add_argument("--quiet", action="store_true", help="one line per variant")
+    c.add_argument("--resume", action="store_true",
+                   help="reuse variants already finished in OUT/runs with the same config (after an interruption, or "
+                        "after adding variants); unfinished ones are trained again")
     c.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("demo", help="train and evaluate end to end on MovieLens 100K (or synthetic data offline)")

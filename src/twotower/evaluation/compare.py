@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,21 @@ def load_variants(paths: list[str | Path], overrides: list[str], grid_flags: lis
     return variants
 
 
-def run_comparison(variants: list[Variant], out: Path, data_dir=None, quiet: bool = True, log=print) -> list[VariantResult]:
-    """Train each variant (its own run directory under ``out/runs``) and collect its figures."""
+def _finished(run_dir: Path, cfg: RunConfig) -> dict | None:
+    """The final metrics of a run directory that completed with exactly ``cfg``, else None."""
+    if not ((run_dir / "metrics.json").is_file() and (run_dir / "config.json").is_file()):
+        return None
+    if artifacts.read_json(run_dir / "config.json") != cfg.to_dict():
+        return None
+    return artifacts.read_json(run_dir / "metrics.json")
+
+
+def run_comparison(variants: list[Variant], out: Path, data_dir=None, quiet: bool = True, log=print,
+                   resume: bool = False) -> list[VariantResult]:
+    """Train each variant (its own run directory under ``out/runs``) and collect its figures.
+
+    ``resume``: a variant whose run directory already finished with the same config is read back,
+    not retrained; one left unfinished (or trained with another config) is trained again."""
     from ..api import train
     from ..data.sources import load_dataset
 
@@ -128,13 +142,23 @@ def run_comparison(variants: list[Variant], out: Path, data_dir=None, quiet: boo
         key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
         if key not in datasets:  # variants that share the data config share one loaded dataset
             datasets[key] = load_dataset(cfg.data, data_dir)
-        log(f"[{k}/{len(variants)}] {v.name}")
         safe = "".join(c if c.isalnum() or c in "=.,-_" else "_" for c in v.name)
-        res = train(cfg, out / "runs" / safe, dataset=datasets[key], quiet=quiet, log=(lambda m: None) if quiet else log)
-        hist = res.trainer.state.history if not cfg.train.refit else _phase1_history(out / "runs" / safe)
+        run_dir = out / "runs" / safe
+        done = _finished(run_dir, cfg) if resume else None
         mon = f"valid/{cfg.train.monitor}"
+        if done is not None:
+            log(f"[{k}/{len(variants)}] {v.name} (finished before: read back)")
+            hist = _phase1_history(run_dir)
+            valid, test = done.get("valid") or {}, done.get("test") or {}
+        else:
+            log(f"[{k}/{len(variants)}] {v.name}")
+            if resume and run_dir.exists():
+                shutil.rmtree(run_dir)  # unfinished or another config: our own output, trained again
+            res = train(cfg, run_dir, dataset=datasets[key], quiet=quiet, log=(lambda m: None) if quiet else log)
+            hist = res.trainer.state.history if not cfg.train.refit else _phase1_history(run_dir)
+            valid, test = res.valid, res.test or {}
         results.append(VariantResult(
-            v.name, res.valid, res.test or {},
+            v.name, valid, test,
             float(sum(r["seconds"] for r in hist) / max(len(hist), 1)),
             [(r["epoch"], r[mon]) for r in hist if mon in r]))
     return results
