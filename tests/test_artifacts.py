@@ -1,11 +1,15 @@
 """Run directories: atomic writes, a sha256 manifest, and refusal of damaged or mixed artifacts."""
 import json
+import os
 import shutil
+import stat
 
+import numpy as np
 import pytest
 
 from twotower import RunConfig, train
-from twotower.artifacts import atomic_path, verify_manifest, write_text
+from twotower.artifacts import (atomic_path, committed_dir, replace_dir, save_numpy, staging_dir, verify_manifest,
+                                 write_text)
 from twotower.errors import ArtifactError
 from twotower.run import Run
 
@@ -75,3 +79,91 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("crash")
     assert p.read_text() == "old" and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("name", ["config.json", "users.json", "items.json", "known.safetensors", "metrics.json",
+                                  "item_embeddings.npy"])
+def test_every_artifact_in_the_manifest_is_verified(run_dir, tmp_path, name):
+    d = tmp_path / "copy"
+    shutil.copytree(run_dir, d)
+    data = (d / name).read_bytes()
+    (d / name).write_bytes(data[: len(data) - 1])
+    with pytest.raises(ArtifactError, match=f"{name} does not match its recorded sha256"):
+        Run(d)
+
+
+def test_index_from_another_run_is_refused(run_dir, tmp_path):
+    """A whole index folder copied from a run with other weights (same data, same shapes, another
+    seed) is refused by everything that loads an index, with the command that rebuilds it."""
+    from twotower.cli import main
+    from twotower.index.index import IndexParams
+    from twotower.index.run_index import build_run_index, load_run_index
+    from twotower.serving.query import Recommender
+
+    other = tmp_path / "other"
+    cfg = _cfg()
+    cfg.train.seed = 1
+    train(cfg, other, quiet=True, log=lambda m: None)
+    build_run_index(Run(other), IndexParams(kind="flat"), sample=50, progress=False, log=lambda m: None)
+    d = tmp_path / "mixed"
+    shutil.copytree(run_dir, d)
+    shutil.copytree(other / "index", d / "index")
+    Run(d)  # the run's own files are intact: only the index is foreign
+    with pytest.raises(ArtifactError, match=r"built from other weights.*twotower index"):
+        load_run_index(Run(d))
+    with pytest.raises(ArtifactError, match="other weights"):
+        Recommender.load(d)
+    user = str(Run(d).users.ids[0])
+    assert main(["recommend", str(d), "--user", user, "-k", "3"]) == 2
+
+
+def test_artifacts_get_the_umask_mode_not_0600(tmp_path):
+    """Temporary files are private (0600) where mkstemp makes them; the renamed artifact must not
+    be, or a run trained by one account cannot be served by another."""
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.json", "{}")
+        save_numpy(tmp_path / "b.npy", np.zeros(3))
+    finally:
+        os.umask(old)
+    for name in ("a.json", "b.npy"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def _folder(path, version: int, complete: bool = True):
+    path.mkdir()
+    (path / "weights").write_text(str(version))
+    if complete:
+        (path / "state.json").write_text(str(version))
+
+
+@pytest.mark.parametrize("crash", ["writing new", "new complete", "between renames", "old not removed"])
+def test_checkpoint_folder_swap_survives_a_crash_at_each_step(tmp_path, crash):
+    """A checkpoint is a folder whose files must change together. Whichever step of the swap a crash
+    cuts, one complete version (old or new, never a mix) is found, and the next swap goes through."""
+    final = tmp_path / "checkpoint"
+    new, old = tmp_path / "checkpoint.new", tmp_path / "checkpoint.old"
+    _folder(final, 1)
+    if crash == "writing new":
+        _folder(new, 2, complete=False)
+        expect = 1
+    elif crash == "new complete":
+        _folder(new, 2)
+        expect = 1
+    elif crash == "between renames":
+        os.replace(final, old)
+        _folder(new, 2)
+        expect = 2
+    else:
+        os.replace(final, old)
+        _folder(final, 2)
+        expect = 2
+    found = committed_dir(final, "state.json")
+    assert (found / "weights").read_text() == (found / "state.json").read_text() == str(expect)
+    staged = staging_dir(final, "state.json")
+    assert (final / "state.json").read_text() == str(expect)  # the complete copy was put in place, not cleared
+    (staged / "weights").write_text("3")
+    (staged / "state.json").write_text("3")
+    replace_dir(staged, final)
+    assert (final / "weights").read_text() == "3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]

@@ -89,7 +89,7 @@ def _refit(cfg: RunConfig, ds: Dataset, epochs: int, out, resume: bool, quiet: b
         rcfg.train.epochs = max(epochs, 1)
     rdir = Path(out) / "refit" if out is not None else None
     refit = Trainer(rcfg, ds.with_valid_in_train(), rdir, quiet=quiet, log=log)
-    refit.fit(resume=resume and rdir is not None and (rdir / "checkpoint" / "state.json").exists(), max_epochs=stop)
+    refit.fit(resume=resume, max_epochs=stop)  # a refit killed before its first checkpoint starts over
     return refit
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,8 +27,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_temp_file(path)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -35,6 +35,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _new_temp_file(path: Path) -> Path:
+    # Not tempfile.mkstemp: it creates mode 0600, and the rename would carry that onto the artifact,
+    # so a run trained by one account could not be served by another. 0666 minus the umask is what
+    # a plain open() gives.
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: cannot create a temporary file beside {path.name}")
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -99,6 +113,44 @@ def save_numpy(path: str | Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)
+
+
+def committed_dir(final: str | Path, marker: str) -> Path | None:
+    """The complete copy of a folder written with ``replace_dir``: ``final`` if it holds ``marker``,
+    else the copy a crash left beside it mid-swap, else ``None``. Reads only, so every process of a
+    multi-process run may call it."""
+    final = Path(final)
+    for d in (final, final.with_name(final.name + ".new"), final.with_name(final.name + ".old")):
+        if (d / marker).is_file():
+            return d
+    return None
+
+
+def staging_dir(final: str | Path, marker: str) -> Path:
+    """An empty ``FINAL.new`` to write the next version of ``final`` into, its ``marker`` file last.
+    A swap cut short by a crash is finished first, so the one complete copy is never the one cleared."""
+    final = Path(final)
+    new, old = final.with_name(final.name + ".new"), final.with_name(final.name + ".old")
+    done = committed_dir(final, marker)
+    if done is not None and done != final:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(done, final)
+    shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    new.mkdir(parents=True)
+    return new
+
+
+def replace_dir(new: str | Path, final: str | Path) -> None:
+    """Put the completed folder ``new`` in place of ``final``. Folders cannot be renamed over one
+    another, so this takes two renames; a crash between them leaves both copies beside ``final``
+    and ``committed_dir`` finds the complete one."""
+    new, final = Path(new), Path(final)
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 MANIFEST = "manifest.json"

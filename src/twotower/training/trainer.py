@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -278,13 +279,15 @@ class Trainer:
         """Train until ``train.epochs`` (plus the mining rounds' epochs) or early stopping; keep the best
         weights (by validation). ``max_epochs`` stops sooner without changing the schedule."""
         cfg = self.cfg
-        if resume:
+        if resume and self._checkpoint() is not None:
             self._load_checkpoint()
         elif self._writes:
-            self._start_run_dir()
+            self._start_run_dir(restart=resume)
         monitor = cfg.train.monitor
         has_valid = len(self.dataset.valid) > 0
         last = self.total_epochs if max_epochs is None else min(max_epochs, self.total_epochs)
+        if self.state.stopped_early:  # resumed after early stopping: training ended there
+            last = self.state.epoch
         for epoch in range(self.state.epoch + 1, last + 1):
             round_ = self._mining_round(epoch)
             mined = self.mine() if round_ is not None else {}
@@ -337,16 +340,41 @@ class Trainer:
         """Rank 0 alone writes the run directory; every rank reads it (``--resume``)."""
         return self.run_dir is not None and self.par.main
 
-    def _start_run_dir(self) -> None:
+    def _start_run_dir(self, restart: bool = False) -> None:
+        """``restart``: --resume found no checkpoint (the run died before its first one), so it
+        starts over in the same directory, provided the config is the same."""
         d = self.run_dir
-        if (d / "checkpoint").exists() or (d / "metrics.jsonl").exists():
+        if restart:
+            self._check_same_config()
+            # what the dead process left: a half-written first checkpoint, an epoch line
+            for stale in ("checkpoint", "checkpoint.new", "checkpoint.old"):
+                shutil.rmtree(d / stale, ignore_errors=True)
+            (d / "metrics.jsonl").unlink(missing_ok=True)
+            if d.exists():
+                self.log(f"no checkpoint in {d} yet: starting the run from the beginning")
+        elif (d / "checkpoint").exists() or (d / "metrics.jsonl").exists():
             raise ArtifactError(f"{d}: already holds a run. Pass --resume to continue it, or choose another --out")
         d.mkdir(parents=True, exist_ok=True)
         write_run_metadata(d, self.cfg, self.dataset)
 
+    def _checkpoint(self) -> Path | None:
+        return None if self.run_dir is None else artifacts.committed_dir(self.run_dir / "checkpoint", "state.json")
+
+    def _check_same_config(self) -> None:
+        d = self.run_dir
+        if (d / "config.json").is_file() and artifacts.read_json(d / "config.json") != self.cfg.to_dict():
+            raise ArtifactError(f"{d}: the run was started with a different config; resume it with the same config "
+                                f"(see {d}/config.json) or start a new run")
+
     def _save_checkpoint(self) -> None:
-        ck = self.run_dir / "checkpoint"
+        # The files of a checkpoint must change together: weights of epoch E with the state of
+        # epoch E - 1 would replay epoch E from the wrong start. So each checkpoint is written whole
+        # into checkpoint.new (state.json last) and swapped in.
+        final = self.run_dir / "checkpoint"
+        ck = artifacts.staging_dir(final, "state.json")
         artifacts.save_tensors(ck / "last.safetensors", self.model.state_dict())
+        if self.best_weights is not None:  # not model.safetensors: a refit replaces that with its own weights
+            artifacts.save_tensors(ck / "best.safetensors", self.best_weights)
         artifacts.save_torch_state(ck / "optimizer.pt", self.optimizer.state_dict())
         state = dict(self.state.__dict__)
         state["best_value"] = None if not math.isfinite(state["best_value"]) else state["best_value"]
@@ -354,28 +382,27 @@ class Trainer:
         if extra:  # memory bank, streaming frequencies, ratio counts, mined lists: resume replays exactly
             artifacts.save_tensors(ck / "negatives.safetensors", extra)
         artifacts.write_json(ck / "state.json", state)
+        artifacts.replace_dir(ck, final)
 
     def _load_checkpoint(self) -> None:
-        d = self.run_dir
-        if d is None or not (d / "checkpoint" / "state.json").exists():
+        d, ck = self.run_dir, self._checkpoint()
+        if ck is None:
             raise ArtifactError(f"{d}: no checkpoint to resume from. Start the run without --resume")
-        saved = artifacts.read_json(d / "config.json")
-        if saved != self.cfg.to_dict():
-            raise ArtifactError(f"{d}: the run was started with a different config; resume it with the same config "
-                                "(see {d}/config.json) or start a new run")
-        self.model.load_state_dict(artifacts.load_tensors(d / "checkpoint" / "last.safetensors"))
-        self.optimizer.load_state_dict(artifacts.load_torch_state(d / "checkpoint" / "optimizer.pt"))  # moved to param devices
-        st = artifacts.read_json(d / "checkpoint" / "state.json")
+        self._check_same_config()
+        self.model.load_state_dict(artifacts.load_tensors(ck / "last.safetensors"))
+        self.optimizer.load_state_dict(artifacts.load_torch_state(ck / "optimizer.pt"))  # moved to param devices
+        st = artifacts.read_json(ck / "state.json")
         st["best_value"] = -math.inf if st["best_value"] is None else st["best_value"]
         self.state = TrainState(**st)
-        if (d / "checkpoint" / "negatives.safetensors").exists():
-            self.candidates.load_state_dict(artifacts.load_tensors(d / "checkpoint" / "negatives.safetensors"))
+        if (ck / "negatives.safetensors").exists():
+            self.candidates.load_state_dict(artifacts.load_tensors(ck / "negatives.safetensors"))
         # The checkpoint's history is the record: a crash between writing metrics.jsonl and the
         # checkpoint must not leave a line for an epoch that will be trained again.
         if self._writes:
             artifacts.write_text(d / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.state.history))
-        if (d / "model.safetensors").exists():
-            self.best_weights = artifacts.load_tensors(d / "model.safetensors")
+        best = ck / "best.safetensors" if (ck / "best.safetensors").exists() else d / "model.safetensors"
+        if best.exists():
+            self.best_weights = artifacts.load_tensors(best)
         self.log(f"resuming {d} after epoch {self.state.epoch}")
 
 
