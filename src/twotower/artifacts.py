@@ -153,6 +153,19 @@ def replace_dir(new: str | Path, final: str | Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def load_numpy(path: str | Path, fix: str = "re-run the command that wrote it") -> np.ndarray:
+    """An ``.npy`` array, never unpickled: an object array (a pickle inside) is refused like a
+    truncated or foreign file, with ``fix`` in the message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; {fix}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ArtifactError(f"{path}: cannot read ({e}); the file is corrupted, truncated or holds Python "
+                            f"objects, which are never unpickled. {fix[:1].upper()}{fix[1:]}") from None
+
+
 MANIFEST = "manifest.json"
 
 

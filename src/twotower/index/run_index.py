@@ -137,7 +137,7 @@ def load_run_index(run, folder: str | Path | None = None, required: bool = False
     path = folder / NUMPY
     if not path.is_file():
         raise ArtifactError(f"{path}: missing. Rebuild the index with `twotower index {run.path}`")
-    emb = np.load(path, allow_pickle=False)
+    emb = artifacts.load_numpy(path, f"rebuild the index with `twotower index {run.path}`")
     vecs, _ = item_vectors(run, emb)
     return ItemIndex.load(folder, vecs)
 
