@@ -213,6 +213,21 @@ def test_mining_rounds_train_on_mined_negatives(tmp_path):
     assert state.history[1]["mined_negatives"] > 0
 
 
+def test_early_stopping_of_the_first_phase_goes_on_to_the_mining_rounds():
+    # A learning rate this high stops improving within a few epochs, far before epoch 40.
+    cfg, ds = _tiny({"negatives": {"hard": "mined", "hard_k": 2},
+                     "mining": {"rounds": 1, "epochs_per_round": 2, "top_r": 30, "window_lo": 2, "window_hi": 20},
+                     "train": {"epochs": 40, "patience": 1, "lr": 0.5}})
+    logs = []
+    state = Trainer(cfg, ds, None, quiet=True, log=logs.append).fit()
+    epochs = [r["epoch"] for r in state.history]
+    first_round = epochs.index(41)                       # the round's first epoch is train.epochs + 1
+    assert 0 < first_round and epochs[first_round - 1] < 40  # reached by a jump, not by 40 epochs
+    assert state.history[first_round]["mining_round"] == 1
+    assert any("mining rounds begin" in m for m in logs)
+    assert sum("mining:" in m for m in logs) == 1
+
+
 def test_negative_config_errors():
     with pytest.raises(ConfigError, match="hard_k"):
         RunConfig.from_dict({"negatives": {"hard": "category"}})

@@ -288,7 +288,9 @@ class Trainer:
         last = self.total_epochs if max_epochs is None else min(max_epochs, self.total_epochs)
         if self.state.stopped_early:  # resumed after early stopping: training ended there
             last = self.state.epoch
-        for epoch in range(self.state.epoch + 1, last + 1):
+        epoch = self.state.epoch
+        while epoch < last:
+            epoch += 1
             round_ = self._mining_round(epoch)
             mined = self.mine() if round_ is not None else {}
             record = self.train_epoch(epoch)
@@ -317,6 +319,15 @@ class Trainer:
             self._log_epoch(record)
             if cfg.train.patience and self.state.bad_evals >= cfg.train.patience:
                 self.state.stopped_early = True
+                if cfg.mining.rounds and epoch < cfg.train.epochs:
+                    # The first phase has converged: go on to the mining rounds from its best weights
+                    # rather than skip them (mining needs a trained model, not a fixed epoch number).
+                    self.log(f"early stop of the first phase at epoch {epoch}; mining rounds begin from epoch "
+                             f"{self.state.best_epoch}'s weights")
+                    self.model.load_state_dict(self.best_weights)
+                    self.state.stopped_early, self.state.bad_evals = False, 0
+                    epoch = cfg.train.epochs
+                    self.state.epoch = epoch
             if self._writes:
                 artifacts.append_jsonl(self.run_dir / "metrics.jsonl", record)
                 self._save_checkpoint()
