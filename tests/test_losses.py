@@ -106,3 +106,65 @@ def test_logq_shifts_gradient_toward_popular_negatives():
     corrected = losses.sampled_softmax_loss(scores, torch.tensor([0]), log_q, positive_correction=torch.zeros(1))
     assert math.isclose(float(plain), math.log(2), rel_tol=1e-6)
     assert math.isclose(float(corrected), -math.log(math.exp(1) / (math.exp(1) + math.exp(1 - math.log(0.9)))), rel_tol=1e-6)
+
+
+def test_accidental_hits_are_the_dense_masks_true_entries():
+    torch.manual_seed(1)
+    pos = torch.randint(0, 6, (9,))
+    cand = torch.cat([pos, torch.randint(0, 6, (5,))])  # in-batch columns, then sampled/bank ones
+    target = torch.arange(9)
+    rows, cols = losses.accidental_hits(pos, cand, target)
+    dense = losses.accidental_hit_mask(pos, cand, target)
+    assert rows.tolist() == sorted(rows.tolist())
+    assert sorted(zip(rows.tolist(), cols.tolist())) == [tuple(x) for x in dense.nonzero().tolist()]
+
+
+def _composed(query, vectors, target, offset, mask, shift, extra, extra_mask):
+    scores = query @ vectors.T + (offset if offset is not None else 0)
+    full = scores if extra is None else torch.cat([scores, extra], 1)
+    m = mask if extra is None else torch.cat([mask, extra_mask], 1)
+    pos = None
+    if shift is not None:  # positive_correction - correction[target] = shift, with correction 0
+        pos = shift
+    return losses.sampled_softmax_loss(full, target, None if pos is None else torch.zeros(full.shape[1], dtype=full.dtype),
+                                       m, pos)
+
+
+def test_shared_softmax_loss_matches_the_composed_loss_in_value_and_gradients():
+    torch.manual_seed(0)
+    B, C, d, K = 13, 17, 5, 3
+    dt = torch.float64
+    ids = torch.randint(0, 8, (C,))
+    target = torch.randperm(C)[:B]
+    pos_ids = ids[target]
+    hits = losses.accidental_hits(pos_ids, ids, target)
+    mask = losses.accidental_hit_mask(pos_ids, ids, target)
+    seen = torch.rand(B, C) < 0.2
+    seen[torch.arange(B), target] = False
+    mask |= seen
+    excluded = losses.merge_coordinates(hits, losses.mask_coordinates(seen), n_cols=C)
+    for with_extra in (False, True):
+        for block in (1, 4, 64):
+            q = torch.randn(B, d, dtype=dt, requires_grad=True)
+            v = torch.randn(C, d, dtype=dt, requires_grad=True)
+            off = torch.randn(C, dtype=dt, requires_grad=True)
+            shift = torch.randn(B, dtype=dt)
+            extra = torch.randn(B, K, dtype=dt, requires_grad=True) if with_extra else None
+            extra_mask = torch.rand(B, K) < 0.3 if with_extra else None
+            got = losses.shared_softmax_loss(q, v, target, off, excluded, shift, extra, extra_mask, block_rows=block)
+            ins = [q, v, off] + ([extra] if with_extra else [])
+            g_got = torch.autograd.grad(3 * got, ins)
+            ref = _composed(q, v, target, off, mask, shift, extra, extra_mask)
+            g_ref = torch.autograd.grad(3 * ref, ins)
+            assert torch.allclose(got, ref)
+            for a, b in zip(g_got, g_ref):
+                assert torch.allclose(a, b)
+
+
+def test_shared_softmax_loss_of_an_empty_batch_gives_no_gradient():
+    v = torch.randn(4, 3, requires_grad=True)
+    q = torch.zeros(0, 3, requires_grad=True)
+    loss = losses.shared_softmax_loss(q, v, torch.zeros(0, dtype=torch.long))
+    (loss * 0.0).backward()
+    assert torch.equal(v.grad, torch.zeros(4, 3))
+

@@ -147,16 +147,19 @@ class CandidateBuilder:
             bad |= losses.seen_item_mask(users, h, None, self.seen_keys, self.n_items)
         return bad
 
-    def after_step(self, items: torch.Tensor, item_vecs: torch.Tensor, cand: CandidateSet, excluded: torch.Tensor,
-                   shared: GlobalBatch | None = None) -> None:
+    def after_step(self, items: torch.Tensor, item_vecs: torch.Tensor, cand: CandidateSet,
+                   excluded: torch.Tensor | tuple[torch.Tensor, torch.Tensor], shared: GlobalBatch | None = None) -> None:
         """Enqueue the batch's positives in the bank; count negatives and positives for the ratio form.
-        Under torchrun both see the global batch, so every rank's state stays the same."""
+        ``excluded``: the step's mask over the shared columns, dense ``[B, C]`` or as the ``(rows, cols)``
+        of its True entries (each once). Under torchrun both see the global batch, so every rank's
+        state stays the same."""
         all_items, all_vecs = (shared.items, shared.vectors) if shared is not None else (items, item_vecs)
         if self.ratio is not None:
             c = len(cand.ids)
             is_target = torch.zeros(c, dtype=torch.long, device=items.device)
             is_target[cand.target] = 1
-            negative_rows = len(items) - excluded[:, :c].sum(0) - is_target
+            masked = torch.bincount(excluded[1], minlength=c)[:c] if isinstance(excluded, tuple) else excluded[:, :c].sum(0)
+            negative_rows = len(items) - masked - is_target
             if shared is not None:
                 negative_rows = shared.sum(negative_rows)
             self.ratio.update(all_items, cand.ids, negative_rows)

@@ -97,3 +97,133 @@ class _SampledSoftmax(torch.autograd.Function):
         p[rows, target] -= 1.0
         p.mul_(grad / p.shape[0])
         return p, None, None, None, None
+
+
+def accidental_hits(positive_ids: torch.Tensor, candidate_ids: torch.Tensor, target: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The True entries of ``accidental_hit_mask`` as ``(rows, cols)``, rows ascending.
+
+    Hits are rare (a few per thousand entries), so finding them by sorting the candidate ids costs
+    ``O((B + C) log C)`` instead of a ``[B, C]`` comparison and a ``[B, C]`` boolean pass later.
+    """
+    dev = candidate_ids.device
+    order = torch.argsort(candidate_ids, stable=True)
+    sorted_ids = candidate_ids[order]
+    lo = torch.searchsorted(sorted_ids, positive_ids)
+    n = torch.searchsorted(sorted_ids, positive_ids, right=True) - lo
+    rows = torch.repeat_interleave(torch.arange(len(positive_ids), device=dev), n)
+    first = torch.repeat_interleave(lo - (torch.cumsum(n, 0) - n), n)
+    cols = order[first + torch.arange(len(rows), device=dev)]
+    keep = cols != target[rows]
+    return rows[keep], cols[keep]
+
+
+def mask_coordinates(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense ``[B, C]`` mask as ``(rows, cols)``, rows ascending (``shared_softmax_loss``'s form)."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    return rows, cols
+
+
+def merge_coordinates(*parts: tuple[torch.Tensor, torch.Tensor], n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Union of several ``(rows, cols)`` sets, rows ascending, each entry once."""
+    keys = torch.unique(torch.cat([r * n_cols + c for r, c in parts]))
+    return keys // n_cols, keys % n_cols
+
+
+def shared_softmax_loss(query: torch.Tensor, vectors: torch.Tensor, target: torch.Tensor,
+                        offset: torch.Tensor | None = None,
+                        excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        positive_shift: torch.Tensor | None = None,
+                        extra: torch.Tensor | None = None, extra_mask: torch.Tensor | None = None,
+                        block_rows: int | None = None) -> torch.Tensor:
+    """``sampled_softmax_loss`` over shared candidates, with the score product inside:
+
+        z[b, c] = <query_b, vectors_c> + offset[c]      shared columns (offset: bias - correction)
+        z[b, target[b]] -= positive_shift[b]
+        z[b, c] = -inf at the ``excluded`` coordinates  (rows ascending; see ``accidental_hits``)
+        z[b, C + k] = extra[b, k], -inf where extra_mask   (per-row columns, e.g. hard negatives)
+        loss = mean_b( logsumexp_c z[b, c] - z[b, target[b]] )
+
+    Same value and gradients as building ``scores = query @ vectors.T + offset`` and calling
+    ``sampled_softmax_loss``, but the ``[B, C]`` matrix never exists: rows are processed in blocks
+    that stay in cache, and each block's gradient (``softmax - onehot``) is multiplied into the
+    gradients of ``query``, ``vectors`` and ``offset`` as soon as it is known. On a CPU this turns
+    a step bound by memory passes over ``[B, C]`` into one bound by the three matrix products and
+    one ``exp`` per entry. Gradients are computed in the forward pass (the loss is a scalar, so
+    they only need scaling afterwards); the target must not be excluded.
+    """
+    B, C = query.shape[0], vectors.shape[0]
+    if block_rows is None:
+        # Measured on the 2-core CPU (B = 1024 to 4096, C = B): 512-row blocks run the products at
+        # 150 to 165 GFLOP/s against 110 to 125 for the whole matrix at once, and smaller blocks lose
+        # to per-operation overhead. Capped at 32 MB of scores for very wide candidate sets.
+        block_rows = max(64, min(512, (1 << 23) // max(C, 1)))
+    hit_rows = hit_cols = None
+    if excluded is not None and len(excluded[0]):
+        hit_rows, hit_cols = excluded
+    return _SharedSoftmax.apply(query, vectors, offset, extra, target, hit_rows, hit_cols, positive_shift,
+                                extra_mask, int(block_rows))
+
+
+class _SharedSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, vectors, offset, extra, target, hit_rows, hit_cols, positive_shift, extra_mask, block):
+        q, v = query.detach(), vectors.detach()
+        B, C = q.shape[0], v.shape[0]
+        dev, dtype = q.device, q.dtype
+        grad_q = torch.empty_like(q)
+        grad_v = torch.zeros_like(v)
+        grad_off = torch.zeros(C, dtype=dtype, device=dev) if offset is not None and ctx.needs_input_grad[2] else None
+        grad_extra = torch.empty_like(extra) if extra is not None else None
+        off = offset.detach().to(dtype) if offset is not None else None
+        buf = torch.empty(min(block, max(B, 1)), C, dtype=dtype, device=dev)
+        total = torch.zeros((), dtype=torch.float64, device=dev)
+        starts = list(range(0, B, block))
+        if hit_rows is not None:
+            bounds = torch.searchsorted(hit_rows, torch.tensor(starts + [B], device=hit_rows.device)).tolist()
+        for i, s in enumerate(starts):
+            e = min(s + block, B)
+            n = e - s
+            z = torch.mm(q[s:e], v.T, out=buf[:n])
+            if off is not None:
+                z.add_(off)
+            r = torch.arange(n, device=dev)
+            t = target[s:e]
+            if positive_shift is not None:
+                z[r, t] -= positive_shift[s:e].to(dtype)
+            z_target = z[r, t]
+            if hit_rows is not None and bounds[i + 1] > bounds[i]:
+                a, b = bounds[i], bounds[i + 1]
+                z[hit_rows[a:b] - s, hit_cols[a:b]] = _NEG_INF
+            m = z.amax(1)
+            x = None
+            if extra is not None:
+                x = extra[s:e].detach().to(dtype)
+                x = x.masked_fill(extra_mask[s:e], _NEG_INF) if extra_mask is not None else x.clone()
+                m = torch.maximum(m, x.amax(1))
+            z.sub_(m[:, None]).exp_()
+            denom = z.sum(1)
+            if x is not None:
+                denom += x.sub_(m[:, None]).exp_().sum(1)
+            total += (denom.log() + m - z_target).sum()
+            inv = denom.reciprocal_()
+            z.mul_(inv[:, None])  # softmax
+            z[r, t] -= 1.0        # minus the one-hot target: d loss_b / d z[b, :]
+            torch.mm(z, v, out=grad_q[s:e])
+            grad_v.addmm_(z.T, q[s:e])
+            if grad_off is not None:
+                grad_off += z.sum(0)
+            if x is not None:
+                grad_extra[s:e] = x.mul_(inv[:, None])
+        ctx.save_for_backward(grad_q, grad_v, grad_off, grad_extra)
+        ctx.rows = B
+        return (total / B).to(dtype) if B else torch.full((), float("nan"), dtype=dtype, device=dev)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        grad_q, grad_v, grad_off, grad_extra = ctx.saved_tensors
+        # An empty batch (a rank with no rows of a tiny last batch) contributes nothing.
+        scale = grad / ctx.rows if ctx.rows else torch.zeros_like(grad)
+        return (grad_q * scale, grad_v * scale, None if grad_off is None else grad_off * scale,
+                None if grad_extra is None else grad_extra * scale, None, None, None, None, None, None)
