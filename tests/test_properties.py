@@ -9,9 +9,13 @@ from twotower.config import DataConfig
 from twotower.data.readers import read_interactions
 from twotower.data.sources import build_dataset
 
+# Spellings of a missing value: among integer ids the reader refuses them with a message
+# (tests/test_malformed.py), so a round trip is only promised for ids that are not one of them.
+_MISSING = {"nan", "-nan", "na", "n/a", "#n/a", "null", "none", "<na>"}
 ids = st.one_of(st.integers(min_value=0, max_value=10**12),
                 st.text(alphabet=st.characters(min_codepoint=48, max_codepoint=122, blacklist_characters=",\"'\\`"),
-                        min_size=1, max_size=8).filter(lambda s: not s.strip().isdigit() and s == s.strip()))
+                        min_size=1, max_size=8).filter(lambda s: not s.strip().isdigit() and s == s.strip()
+                                                       and s.lower() not in _MISSING))
 
 rows = st.lists(st.tuples(st.integers(0, 30), st.integers(0, 40), st.integers(0, 10**9)), min_size=1, max_size=300)
 
