@@ -4,10 +4,13 @@
 
 1. Matrix-multiply GFLOP/s (float32, 2048^3) at 1 and at all threads; memory read bandwidth
    (sum over a 512 MB array).
-2. The in-batch step at B = 1024 and 4096, d = 64: user and item vectors -> scores [B, B] ->
-   logQ-corrected, masked sampled softmax -> backward to both vector sets. FLOPs counted as
-   6 * B^2 * d (one product forward, two backward); achieved GFLOP/s as a share of the measured
-   matrix-multiply limit.
+2. The in-batch step at B = 1024 and 4096, d = 64: user and item vectors -> logQ-corrected,
+   accidental-hit-masked sampled softmax -> gradients of both vector sets, two ways:
+   ``fused``, the trainer's ``losses.shared_softmax_loss`` (the score product inside, rows in
+   blocks, no [B, B] matrix stored), and ``composed``, scores = u @ v.T then
+   ``losses.sampled_softmax_loss`` (the [B, B] matrix in memory). FLOPs counted as 6 * B^2 * d
+   (one product forward, two backward); achieved GFLOP/s as a share of the matrix-multiply limit
+   measured in the same run.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ def read_bandwidth_gbs(mb: int = 512) -> float:
     return x.numel() * 4 / t / 1e9
 
 
-def in_batch_step(b: int, d: int = 64, tau: float = 0.1) -> dict:
+def in_batch_step(b: int, how: str, d: int = 64, tau: float = 0.1) -> dict:
     torch.manual_seed(0)
     u = torch.nn.functional.normalize(torch.randn(b, d), dim=1).requires_grad_()
     v = torch.nn.functional.normalize(torch.randn(b, d), dim=1).requires_grad_()
@@ -54,16 +57,20 @@ def in_batch_step(b: int, d: int = 64, tau: float = 0.1) -> dict:
     log_q = losses.log_expected_count(torch.full((40_000,), 1 / 40_000)[items], b)
     target = torch.arange(b)
 
-    def step():
-        scores = (u / tau) @ v.T
-        mask = losses.accidental_hit_mask(items, items, target)
-        loss = losses.sampled_softmax_loss(scores, target, log_q, mask)
-        loss.backward()
+    def fused():
+        hits = losses.accidental_hits(items, items, target)
+        losses.shared_softmax_loss(u / tau, v, target, -log_q, hits).backward()
         u.grad = v.grad = None
 
-    t = best_of(step, repeat=10, warmup=3)
+    def composed():
+        scores = (u / tau) @ v.T
+        mask = losses.accidental_hit_mask(items, items, target)
+        losses.sampled_softmax_loss(scores, target, log_q, mask).backward()
+        u.grad = v.grad = None
+
+    t = best_of(fused if how == "fused" else composed, repeat=10, warmup=3)
     flops = 6 * b * b * d
-    return {"batch": b, "dim": d, "seconds": t, "gflops": flops / t / 1e9}
+    return {"loss": how, "batch": b, "dim": d, "seconds": t, "gflops": flops / t / 1e9}
 
 
 def main() -> None:
@@ -76,13 +83,13 @@ def main() -> None:
     res["matmul_gflops_all_threads"] = matmul_gflops(all_threads)
     torch.set_num_threads(all_threads)
     res["read_bandwidth_gbs"] = read_bandwidth_gbs()
-    res["steps"] = [in_batch_step(b) for b in (1024, 4096)]
+    res["steps"] = [in_batch_step(b, how) for how in ("fused", "composed") for b in (1024, 4096)]
     for s in res["steps"]:
         s["share_of_matmul_limit"] = s["gflops"] / res["matmul_gflops_all_threads"]
     print(f"matmul: {res['matmul_gflops_1_thread']:.1f} GFLOP/s on 1 thread, "
           f"{res['matmul_gflops_all_threads']:.1f} on {all_threads}; read bandwidth {res['read_bandwidth_gbs']:.1f} GB/s")
     for s in res["steps"]:
-        print(f"in-batch step B={s['batch']} d={s['dim']}: {s['seconds'] * 1e3:.1f} ms, {s['gflops']:.1f} GFLOP/s "
+        print(f"{s['loss']} in-batch step B={s['batch']} d={s['dim']}: {s['seconds'] * 1e3:.1f} ms, {s['gflops']:.1f} GFLOP/s "
               f"(6*B^2*d), {100 * s['share_of_matmul_limit']:.0f} % of the matmul limit")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
