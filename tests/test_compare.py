@@ -5,7 +5,7 @@ import pytest
 
 from twotower.cli import main
 from twotower.errors import ConfigError
-from twotower.evaluation.compare import expand_grid, load_variants
+from twotower.evaluation.compare import VariantResult, expand_grid, load_variants, report_markdown
 
 
 def test_expand_grid_crosses_values():
@@ -83,3 +83,13 @@ def test_resume_reads_back_finished_variants_and_retrains_changed_ones(tmp_path,
     assert [r["name"] for r in second] == ["a", "b", "c"]
     assert second[0]["test"] == first[0]["test"]
     assert json.loads((out / "runs" / "b" / "config.json").read_text())["model"]["dim"] == 4
+
+
+def test_report_leaves_out_cut_offs_no_variant_measured():
+    r = VariantResult("a", {"recall@20": 0.2}, {"recall@20": 0.15, "ndcg@20": 0.1, "recall@20/head": 0.3}, 1.5, [])
+    table = report_markdown([r])
+    header = table.splitlines()[0]
+    assert "recall@10" not in header and "recall@50" not in header
+    assert "| recall@20 | ndcg@20 |" in header
+    assert "nan" not in table.splitlines()[2].split("|")[1:3]
+    assert "**0.1500**" in table

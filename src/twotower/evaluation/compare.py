@@ -170,12 +170,14 @@ def _phase1_history(run_dir: Path) -> list[dict]:
 
 
 def report_markdown(results: list[VariantResult]) -> str:
-    head = ["variant", *TABLE_METRICS, *(f"recall@20/{b}" for b in BUCKETS), "valid recall@20", "s/epoch"]
+    # Columns no variant measured (eval.ks without that cut-off) are left out, not shown as nan.
+    metrics = [m for m in TABLE_METRICS if any(m in r.test for r in results)]
+    head = ["variant", *metrics, *(f"recall@20/{b}" for b in BUCKETS), "valid recall@20", "s/epoch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    best = {m: max((r.test.get(m, float("-inf")) for r in results), default=None) for m in TABLE_METRICS}
+    best = {m: max((r.test.get(m, float("-inf")) for r in results), default=None) for m in metrics}
     for r in results:
         cells = [r.name]
-        for m in TABLE_METRICS:
+        for m in metrics:
             val = r.test.get(m, float("nan"))
             s = f"{val:.4f}" if m != "popularity@20" else f"{val:.1f}"
             cells.append(f"**{s}**" if m.startswith(("recall", "ndcg")) and val == best[m] else s)
