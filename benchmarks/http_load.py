@@ -16,6 +16,7 @@ each) and indexed with ``twotower index RUN`` (``auto``: HNSW at 1M items, efSea
 from __future__ import annotations
 
 import argparse
+import shlex
 import asyncio
 import json
 import os
@@ -125,7 +126,7 @@ def run_httpx(url, ids, k, concurrency, duration, seed) -> dict:
     return asyncio.run(_httpx_load(url, ids, k, concurrency, duration, seed))
 
 
-def prepare_synthetic(workdir: Path, n_items: int, kind: str, log) -> Path:
+def prepare_synthetic(workdir: Path, n_items: int, kind: str, log, index_args: str = "") -> Path:
     from synthetic_catalog import write_run
 
     run = workdir / f"synthetic-{n_items}"
@@ -133,9 +134,11 @@ def prepare_synthetic(workdir: Path, n_items: int, kind: str, log) -> Path:
         log(f"writing a synthetic run with {n_items:,} items to {run}")
         write_run(run, n_items=n_items)
     meta = run / "index" / "index.json"
-    if not meta.is_file() or kind != "auto" and json.loads(meta.read_text())["kind"] != kind:
-        log(f"building the {kind} index: twotower index {run} --kind {kind}")
-        subprocess.run([sys.executable, "-m", "twotower.cli", "index", str(run), "--kind", kind, "--quiet"], check=True)
+    # Extra index arguments always rebuild: the stored index may have been built with others.
+    if not meta.is_file() or index_args or kind != "auto" and json.loads(meta.read_text())["kind"] != kind:
+        log(f"building the {kind} index: twotower index {run} --kind {kind} {index_args}")
+        subprocess.run([sys.executable, "-m", "twotower.cli", "index", str(run), "--kind", kind, *shlex.split(index_args), "--quiet"],
+                       check=True)
     return run
 
 
@@ -151,11 +154,13 @@ def markdown(results: list[dict]) -> str:
     for res in results:
         idx = res["index"]
         m = idx.get("measured", {})
-        title = f"### {res['catalog']}: {res['n_items']:,} items, top-{res['k']}" + (", httptools + uvloop" if res["slug"].endswith("-httptools") else "")
+        title = (f"### {res['catalog']}: {res['n_items']:,} items, top-{res['k']}, {res['index']['kind'].upper()}"
+                 + (" fast-scan" if res["index"]["params"].get("fast_scan") else "")
+                 + (", httptools + uvloop" if res["slug"].endswith("-httptools") else ""))
         lines += [title, "", "```bash", res["command"], "```", "",
                   f"Machine: {res['machine']}. Server: {res.get('server_stack', 'uvicorn')}, one worker. "
                   f"Client: {res['client']}, {res['duration_s']:g} s per level after a warm-up. "
-                  f"Index: {idx['kind']} {json.dumps({k: v for k, v in idx['params'].items() if k in ('nlist', 'nprobe', 'M', 'ef_search') and v is not None})}, "
+                  f"Index: {idx['kind']} {json.dumps({k: v for k, v in idx['params'].items() if k in {'hnsw': ('M', 'ef_search'), 'ivf': ('nlist', 'nprobe'), 'ivfpq': ('nlist', 'nprobe', 'pq_m', 'pq_bits', 'refine', 'fast_scan')}.get(idx['kind'], ()) and v is not None})}, "
                   f"recall@10 {m.get('recall@10', float('nan')):.4f} and recall@100 {m.get('recall@100', float('nan')):.4f} "
                   f"against exact search on {m.get('queries', '?')} real users (measured at build).", "",
                   "| concurrent clients | requests | throughput (req/s) | p50 (ms) | p95 (ms) | p99 (ms) | non-2xx |",
@@ -179,6 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--run", help="a run directory to serve (default: a synthetic 1M-item run in --workdir)")
     p.add_argument("--items", type=int, default=1_000_000, help="synthetic catalog size (default 1M)")
     p.add_argument("--kind", default="auto", help="index kind built for the synthetic run (default auto: HNSW at 1M items)")
+    p.add_argument("--index-args", default="", help="extra arguments for `twotower index` on the synthetic run, e.g. "
+                   "\"--fast-scan --pq-m 32 --nlist 4096\" (rebuilds the index)")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "twotower-bench"))
     p.add_argument("-k", type=int, default=100)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -194,7 +201,7 @@ def main(argv=None) -> int:
         return 0
     log = lambda m: print(m, flush=True)  # noqa: E731
     client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "httpx")
-    run = Path(args.run) if args.run else prepare_synthetic(Path(args.workdir), args.items, args.kind, log)
+    run = Path(args.run) if args.run else prepare_synthetic(Path(args.workdir), args.items, args.kind, log, args.index_args)
     users = json.loads((run / "users.json").read_text())["ids"]
     ids = [users[i] for i in np.random.default_rng(0).choice(len(users), min(len(users), 5000), replace=False)]
     port = free_port()
@@ -223,10 +230,12 @@ def main(argv=None) -> int:
 
     fast = all(importlib.util.find_spec(m) is not None for m in ("httptools", "uvloop"))
     stack = "uvicorn with httptools + uvloop (uvicorn[standard])" if fast else "uvicorn with h11 + asyncio (the declared dependencies)"
-    slug = (f"synthetic-{meta['counts']['items']}" if not args.run else meta["dataset"]["name"]) + ("-httptools" if fast else "")
+    slug = (f"synthetic-{meta['counts']['items']}" if not args.run else meta["dataset"]["name"]) + (
+        f"-{args.kind}" if not args.run and args.kind != "auto" else "") + ("-httptools" if fast else "")
     cmd = ".venv/bin/python benchmarks/http_load.py" + (f" --run {args.run}" if args.run else "") + (
         f" --items {args.items}" if not args.run and args.items != 1_000_000 else "") + (
-        f" --kind {args.kind}" if not args.run and args.kind != "auto" else "") + (f" -k {args.k}" if args.k != 100 else "") + (
+        f" --kind {args.kind}" if not args.run and args.kind != "auto" else "") + (
+        f" --index-args \"{args.index_args}\"" if not args.run and args.index_args else "") + (f" -k {args.k}" if args.k != 100 else "") + (
         f" --client {args.client}" if args.client != "auto" else "") + (f" --serve-args \"{args.serve_args}\"" if args.serve_args else "")
     if fast:
         cmd = "# with httptools and uvloop importable by the server (what `pip install 'uvicorn[standard]'` adds)\n" + cmd

@@ -77,7 +77,8 @@ def test_per_query_alpha_in_one_search_and_larger_alpha_means_less_popular():
 
 
 @pytest.mark.parametrize("kind,params", [("hnsw", {"ef_search": 128}), ("ivf", {"nprobe": 16}),
-                                         ("ivfpq", {"nprobe": 16, "pq_m": 6, "refine": 8})])
+                                         ("ivfpq", {"nprobe": 16, "pq_m": 6, "refine": 8}),
+                                         ("ivfpq", {"nprobe": 16, "pq_m": 6, "pq_bits": 4, "fast_scan": True, "refine": 8})])
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
 def test_ann_kinds_reach_high_recall_and_report_exact_scores(kind, params, alpha):
     items, users, counts = _data(n=6000)
@@ -91,6 +92,24 @@ def test_ann_kinds_reach_high_recall_and_report_exact_scores(kind, params, alpha
     assert recall_at(ids, exact, 10) >= 0.9 and recall_at(ids, exact, 100) >= 0.85
     np.testing.assert_allclose(inner, np.einsum("bd,bkd->bk", q, index.vectors[ids]), rtol=1e-5, atol=1e-4)
     assert np.all(np.diff(inner, axis=1) <= 1e-6)
+
+
+def test_fast_scan_needs_ivfpq_with_4_bit_codes_and_survives_save_and_load(tmp_path):
+    with pytest.raises(ConfigError, match="pq_bits 4"):
+        IndexParams(kind="ivfpq", pq_bits=8, fast_scan=True)
+    with pytest.raises(ConfigError, match="kind 'ivfpq'"):
+        IndexParams(kind="hnsw", pq_bits=4, fast_scan=True)
+    items, users, counts = _data(n=3000)
+    log_p = log_popularity(counts)
+    layout = ScoreLayout.fit(log_p, 0.1)
+    x = layout.items(items, log_p)
+    index = ItemIndex.build(x, IndexParams(kind="ivfpq", nprobe=8, pq_m=6, pq_bits=4, fast_scan=True), layout)
+    import faiss
+    assert isinstance(faiss.downcast_index(index.faiss_index.base_index), faiss.IndexIVFPQFastScan)
+    index.save(tmp_path)
+    again = ItemIndex.load(tmp_path, x)
+    q = layout.queries(users, 0.0)
+    assert again.params.fast_scan and np.array_equal(again.search(q, 10)[1], index.search(q, 10)[1])
 
 
 def test_tune_reaches_target_and_measure_reports_recall_and_latency():
