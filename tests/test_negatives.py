@@ -226,6 +226,14 @@ def test_early_stopping_of_the_first_phase_goes_on_to_the_mining_rounds():
     assert state.history[first_round]["mining_round"] == 1
     assert any("mining rounds begin" in m for m in logs)
     assert sum("mining:" in m for m in logs) == 1
+    assert state.phase_one_best == max(range(first_round), key=lambda i: state.history[i]["valid/recall@20"]) + 1
+
+    # A refit replays the same jump: the first phase up to the epoch the rounds started from,
+    # then the rounds, up to the chosen epoch; not the 40 nominal epochs of the first phase.
+    refit = Trainer(cfg, ds.with_valid_in_train(), None, quiet=True, log=logs.append)
+    rstate = refit.fit(max_epochs=41, jump_after=state.phase_one_best)
+    assert [r["epoch"] for r in rstate.history] == [*range(1, state.phase_one_best + 1), 41]
+    assert rstate.history[-1]["mining_round"] == 1
 
 
 def test_negative_config_errors():

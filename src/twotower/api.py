@@ -57,7 +57,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, data_dir: str | Path | 
     valid = trainer.par.on_main(lambda: evaluate(trainer.model, ds, "valid", cfg.eval, hl)) if len(ds.valid) else {}
     final = trainer
     if cfg.train.refit and len(ds.valid):
-        final = _refit(cfg, ds, state.best_epoch, out, resume, quiet, log)
+        final = _refit(cfg, ds, state.best_epoch, out, resume, quiet, log, jump_after=state.phase_one_best)
     test = final.par.on_main(lambda: evaluate(final.model, ds, "test", cfg.eval, hl)) if evaluate_test and len(ds.test) else None
     seconds = time.perf_counter() - t0
     if out is not None and final.par.main:
@@ -76,9 +76,12 @@ def train(cfg: RunConfig, out: str | Path | None = None, data_dir: str | Path | 
     return TrainResult(Path(out) if out is not None else None, final, valid, test, seconds)
 
 
-def _refit(cfg: RunConfig, ds: Dataset, epochs: int, out, resume: bool, quiet: bool, log) -> Trainer:
+def _refit(cfg: RunConfig, ds: Dataset, epochs: int, out, resume: bool, quiet: bool, log,
+           jump_after: int | None = None) -> Trainer:
     """Retrain from scratch on train + validation for the epoch count validation chose.
-    Its checkpoints live in ``out/refit`` so that ``--resume`` continues whichever phase was cut."""
+    Its checkpoints live in ``out/refit`` so that ``--resume`` continues whichever phase was cut.
+    With mining rounds after an early-stopped first phase, the first phase is cut where the chosen
+    run's rounds began (``jump_after``), so the refit trains the same epochs."""
     log(f"refit: training on train + validation for {epochs} epochs (the best epoch on validation)")
     rcfg = cfg.model_copy(deep=True)
     rcfg.train.patience, rcfg.train.refit = 0, False
@@ -89,7 +92,7 @@ def _refit(cfg: RunConfig, ds: Dataset, epochs: int, out, resume: bool, quiet: b
         rcfg.train.epochs = max(epochs, 1)
     rdir = Path(out) / "refit" if out is not None else None
     refit = Trainer(rcfg, ds.with_valid_in_train(), rdir, quiet=quiet, log=log)
-    refit.fit(resume=resume, max_epochs=stop)  # a refit killed before its first checkpoint starts over
+    refit.fit(resume=resume, max_epochs=stop, jump_after=jump_after if cfg.mining.rounds else None)  # a refit killed before its first checkpoint starts over
     return refit
 
 

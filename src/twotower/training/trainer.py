@@ -39,6 +39,9 @@ class TrainState:
     bad_evals: int = 0
     stopped_early: bool = False
     history: list[dict] = field(default_factory=list)
+    # With mining rounds: the best epoch of a first phase that early-stopped, whose weights the
+    # rounds started from (a refit replays the same jump).
+    phase_one_best: int | None = None
 
 
 class _Optimizers:
@@ -278,9 +281,11 @@ class Trainer:
             return None
         return (epoch - first) // mc.epochs_per_round + 1
 
-    def fit(self, resume: bool = False, max_epochs: int | None = None) -> TrainState:
+    def fit(self, resume: bool = False, max_epochs: int | None = None, jump_after: int | None = None) -> TrainState:
         """Train until ``train.epochs`` (plus the mining rounds' epochs) or early stopping; keep the best
-        weights (by validation). ``max_epochs`` stops sooner without changing the schedule."""
+        weights (by validation). ``max_epochs`` stops sooner without changing the schedule.
+        ``jump_after``: with mining rounds, end the first phase after this epoch and go on to the
+        rounds (a refit replaying a run whose first phase early-stopped; ``TrainState.phase_one_best``)."""
         cfg = self.cfg
         if resume and self._checkpoint() is not None:
             self._load_checkpoint()
@@ -329,8 +334,15 @@ class Trainer:
                              f"{self.state.best_epoch}'s weights")
                     self.model.load_state_dict(self.best_weights)
                     self.state.stopped_early, self.state.bad_evals = False, 0
+                    self.state.phase_one_best = self.state.best_epoch
                     epoch = cfg.train.epochs
                     self.state.epoch = epoch
+            elif jump_after is not None and cfg.mining.rounds and epoch == jump_after < cfg.train.epochs:
+                self.log(f"first phase ends at epoch {epoch}, as in the run being replayed"
+                         + ("; mining rounds begin" if cfg.train.epochs < last else ""))
+                self.state.phase_one_best = epoch
+                epoch = cfg.train.epochs
+                self.state.epoch = epoch
             if self._writes:
                 artifacts.append_jsonl(self.run_dir / "metrics.jsonl", record)
                 self._save_checkpoint()
