@@ -11,3 +11,16 @@ def data_dir() -> Path:
     if not (DATA_DIR / "ml-100k" / "u.data").is_file():
         pytest.skip(f"real datasets not found under {DATA_DIR} (set TWOTOWER_DATA)")
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def synthetic_run(tmp_path_factory) -> Path:
+    """A one-epoch run on a tiny generated dataset (no files needed), for tests that only read a
+    run directory or copy it before changing it."""
+    from twotower import RunConfig, train
+
+    out = tmp_path_factory.mktemp("synthetic") / "run"
+    cfg = RunConfig.from_dict({"data": {"dataset": "synthetic", "synthetic_users": 200, "synthetic_items": 100},
+                               "model": {"dim": 8}, "train": {"epochs": 1, "batch_size": 256}, "eval": {"ks": [10]}})
+    train(cfg, out, quiet=True, log=lambda m: None)
+    return out

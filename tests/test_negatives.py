@@ -177,7 +177,8 @@ def test_builder_corrects_every_shared_candidate_by_its_expected_count_under_the
     v = model.encode_items(items)
     first = b.build(model, users, items, v, step=0)
     assert len(first.ids) == 32 + 5 and first.n_bank == 0           # bank empty at first
-    b.after_step(items, v, first, torch.zeros(32, len(first.ids), dtype=torch.bool))
+    none = torch.empty(0, dtype=torch.long)
+    b.after_step(items, v, first, (none, none))
     c = b.build(model, users, items, v, step=1)
     assert len(c.ids) == 32 + 5 + 7 and c.n_bank == 7
     p = b.p[c.ids].double()

@@ -25,16 +25,7 @@ class _Payload:
         return (Path.touch, (self.marker,))
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pickle") / "run"
-    cfg = RunConfig.from_dict({"data": {"dataset": "synthetic", "synthetic_users": 200, "synthetic_items": 100},
-                               "model": {"dim": 8}, "train": {"epochs": 1, "batch_size": 256}, "eval": {"ks": [10]}})
-    train(cfg, out, quiet=True, log=lambda m: None)
-    return out
-
-
-def test_optimizer_state_is_read_with_weights_only(run_dir, tmp_path):
+def test_optimizer_state_is_read_with_weights_only(tmp_path):
     from twotower.artifacts import load_torch_state
 
     marker = tmp_path / "ran"
@@ -44,9 +35,9 @@ def test_optimizer_state_is_read_with_weights_only(run_dir, tmp_path):
     assert not marker.exists()
 
 
-def test_resume_refuses_a_planted_pickle_in_the_checkpoint(run_dir, tmp_path):
+def test_resume_refuses_a_planted_pickle_in_the_checkpoint(synthetic_run, tmp_path):
     d = tmp_path / "run"
-    shutil.copytree(run_dir, d)
+    shutil.copytree(synthetic_run, d)
     marker = tmp_path / "ran"
     torch.save({"0": _Payload(marker)}, d / "checkpoint" / "optimizer.pt")
     cfg = RunConfig.load(d / "config.json")
@@ -55,14 +46,14 @@ def test_resume_refuses_a_planted_pickle_in_the_checkpoint(run_dir, tmp_path):
     assert not marker.exists()
 
 
-def test_index_embeddings_holding_objects_are_refused_with_a_message(run_dir, tmp_path, capsys):
+def test_index_embeddings_holding_objects_are_refused_with_a_message(synthetic_run, tmp_path, capsys):
     from twotower.cli import main
     from twotower.index.index import IndexParams
     from twotower.index.run_index import build_run_index
     from twotower.run import Run
 
     d = tmp_path / "run"
-    shutil.copytree(run_dir, d)
+    shutil.copytree(synthetic_run, d)
     build_run_index(Run(d), IndexParams(kind="flat"), sample=50, progress=False, log=lambda m: None)
     marker = tmp_path / "ran"
     np.save(d / "index" / "item_embeddings.npy", np.array([_Payload(marker)], dtype=object), allow_pickle=True)

@@ -10,18 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from twotower import RunConfig, train
 
 PROC_TCP = Path("/proc/net/tcp")
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bind") / "run"
-    cfg = RunConfig.from_dict({"data": {"dataset": "synthetic", "synthetic_users": 200, "synthetic_items": 100},
-                               "model": {"dim": 8}, "train": {"epochs": 1, "batch_size": 256}, "eval": {"ks": [10]}})
-    train(cfg, out, quiet=True, log=lambda m: None)
-    return out
 
 
 def _listening_addresses(port: int) -> list[str]:
@@ -41,8 +31,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(run_dir, port, *extra):
-    proc = subprocess.Popen([sys.executable, "-m", "twotower.cli", "serve", str(run_dir), "--port", str(port),
+def _serve(synthetic_run, port, *extra):
+    proc = subprocess.Popen([sys.executable, "-m", "twotower.cli", "serve", str(synthetic_run), "--port", str(port),
                              "--log-level", "warning", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -64,9 +54,9 @@ def test_the_default_host_is_loopback():
 
 @pytest.mark.skipif(not PROC_TCP.is_file(), reason="needs Linux /proc/net/tcp")
 @pytest.mark.parametrize("host,expected", [(None, ["127.0.0.1"]), ("0.0.0.0", ["0.0.0.0"])])
-def test_serve_listens_where_it_is_told_and_on_loopback_by_default(run_dir, host, expected):
+def test_serve_listens_where_it_is_told_and_on_loopback_by_default(synthetic_run, host, expected):
     port = _free_port()
-    proc = _serve(run_dir, port, *(["--host", host] if host else []))
+    proc = _serve(synthetic_run, port, *(["--host", host] if host else []))
     try:
         assert _listening_addresses(port) == expected
     finally:

@@ -148,18 +148,17 @@ class CandidateBuilder:
         return bad
 
     def after_step(self, items: torch.Tensor, item_vecs: torch.Tensor, cand: CandidateSet,
-                   excluded: torch.Tensor | tuple[torch.Tensor, torch.Tensor], shared: GlobalBatch | None = None) -> None:
+                   excluded: tuple[torch.Tensor, torch.Tensor], shared: GlobalBatch | None = None) -> None:
         """Enqueue the batch's positives in the bank; count negatives and positives for the ratio form.
-        ``excluded``: the step's mask over the shared columns, dense ``[B, C]`` or as the ``(rows, cols)``
-        of its True entries (each once). Under torchrun both see the global batch, so every rank's
+        ``excluded``: the ``(rows, cols)`` of the step's excluded shared entries, each once
+        (``losses.accidental_hits``). Under torchrun both see the global batch, so every rank's
         state stays the same."""
         all_items, all_vecs = (shared.items, shared.vectors) if shared is not None else (items, item_vecs)
         if self.ratio is not None:
             c = len(cand.ids)
             is_target = torch.zeros(c, dtype=torch.long, device=items.device)
             is_target[cand.target] = 1
-            masked = torch.bincount(excluded[1], minlength=c)[:c] if isinstance(excluded, tuple) else excluded[:, :c].sum(0)
-            negative_rows = len(items) - masked - is_target
+            negative_rows = len(items) - torch.bincount(excluded[1], minlength=c)[:c] - is_target
             if shared is not None:
                 negative_rows = shared.sum(negative_rows)
             self.ratio.update(all_items, cand.ids, negative_rows)

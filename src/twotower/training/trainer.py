@@ -334,15 +334,11 @@ class Trainer:
                              f"{self.state.best_epoch}'s weights")
                     self.model.load_state_dict(self.best_weights)
                     self.state.stopped_early, self.state.bad_evals = False, 0
-                    self.state.phase_one_best = self.state.best_epoch
-                    epoch = cfg.train.epochs
-                    self.state.epoch = epoch
+                    epoch = self._end_first_phase(self.state.best_epoch)
             elif jump_after is not None and cfg.mining.rounds and epoch == jump_after < cfg.train.epochs:
                 self.log(f"first phase ends at epoch {epoch}, as in the run being replayed"
                          + ("; mining rounds begin" if cfg.train.epochs < last else ""))
-                self.state.phase_one_best = epoch
-                epoch = cfg.train.epochs
-                self.state.epoch = epoch
+                epoch = self._end_first_phase(epoch)
             if self._writes:
                 artifacts.append_jsonl(self.run_dir / "metrics.jsonl", record)
                 self._save_checkpoint()
@@ -352,6 +348,13 @@ class Trainer:
         if self.best_weights is not None:
             self.model.load_state_dict(self.best_weights)
         return self.state
+
+    def _end_first_phase(self, best: int) -> int:
+        """Skip to the end of the first phase (``train.epochs``): the next epoch is the first mining
+        round's. ``best`` is the epoch whose weights the rounds start from. Returns the new epoch."""
+        self.state.phase_one_best = best
+        self.state.epoch = self.cfg.train.epochs
+        return self.state.epoch
 
     def _log_epoch(self, r: dict) -> None:
         m = self.cfg.train.monitor
