@@ -30,7 +30,8 @@ def run_steps(cfg: RunConfig, batches: list[np.ndarray]) -> dict:
     losses, grads = [], []
     for pairs in batches:
         losses.append(tr.step(pairs, rng))
-        grads.append({n: p.grad.detach().clone() for n, p in tr.model.named_parameters() if p.grad is not None})
+        grads.append({n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).detach().clone()
+                      for n, p in tr.model.named_parameters() if p.grad is not None})
     return {"losses": losses, "grads": grads, "negatives": tr.candidates.state_dict(),
             "params": {k: v.detach().clone() for k, v in tr.model.state_dict().items()}}
 

@@ -3,7 +3,8 @@
 - Equivalence: 2 ranks, each with its half of every global batch, give the loss and the gradients
   of 1 process with the whole batch (in-batch negatives gathered across ranks, logQ and masks on the
   global candidate set), also with sampled negatives, a memory bank, the streaming frequency
-  estimate, the neg/pos-ratio correction, uneven halves and a rank left with no row.
+  estimate, the neg/pos-ratio correction, row-wise tables with deferred Adam (sparse gradients),
+  uneven halves and a rank left with no row.
 - Only rank 0 writes the run directory.
 - ``torchrun -m twotower train`` end to end on MovieLens 100K, stopped after its first epoch and
   resumed under torchrun.
@@ -47,6 +48,9 @@ def _cases() -> list[dict]:
     ratio = {"data": SYNTH, "model": {"dim": 8},
              "train": {"batch_size": 64, "logq_form": "neg_pos_ratio"},
              "negatives": {"sampled": 5, "proposal": "frequency", "bank_size": 16}}
+    # row-wise tables: sparse gradients all-reduced by gloo, deferred Adam moves on every rank
+    deferred = {"data": SYNTH, "model": {"dim": 8, "item_bias": True},
+                "train": {"batch_size": 64, "optimizer": "deferred_adam", "lr": 0.05}}
     rng = np.random.default_rng(7)
     perm = rng.permutation(5008)
     # Global batches of 64 (even halves), 33 (17 + 16), 1 (a rank with no row) and 64 again.
@@ -54,7 +58,8 @@ def _cases() -> list[dict]:
     even = [perm[s : s + 64] for s in range(0, 256, 64)]
     return [{"name": "logq", "config": base, "batches": [b.tolist() for b in even]},
             {"name": "composed", "config": composed, "batches": [b.tolist() for b in uneven]},
-            {"name": "ratio", "config": ratio, "batches": [b.tolist() for b in uneven]}]
+            {"name": "ratio", "config": ratio, "batches": [b.tolist() for b in uneven]},
+            {"name": "deferred", "config": deferred, "batches": [b.tolist() for b in uneven]}]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +76,7 @@ def two_ranks(tmp_path_factory):
     return out, spec
 
 
-@pytest.mark.parametrize("case", ["logq", "composed", "ratio"])
+@pytest.mark.parametrize("case", ["logq", "composed", "ratio", "deferred"])
 def test_two_ranks_with_half_batches_match_one_process_with_the_whole_batch(two_ranks, case):
     from _distributed_worker import run_steps
 

@@ -2,7 +2,11 @@
 import torch
 from torch import nn
 
-from twotower.training.optim import RowAdam
+import math
+
+import pytest
+
+from twotower.training.optim import DeferredAdam, RowAdam
 
 
 def test_row_adam_matches_sparse_adam_and_leaves_untouched_rows_alone():
@@ -35,3 +39,108 @@ def test_row_adam_refuses_dense_gradients():
         assert "sparse" in str(e)
     else:
         raise AssertionError("dense gradient accepted")
+
+
+def _touch_steps(emb, opt, lrs, seed, steps):
+    """Steps ``steps`` (a range) of a fixed sequence of lookups: rows 0..5 often, 0..29 rarely (the
+    deferred moves of long gaps are exercised), 30.. never."""
+    g = torch.Generator().manual_seed(seed)
+    draws = [torch.cat([torch.randint(0, 6, (8,), generator=g), torch.randint(0, 30, (3,), generator=g)]) for _ in lrs]
+    for s in steps:
+        for group in opt.param_groups:
+            group["lr"] = lrs[s]
+        opt.zero_grad()
+        (emb(draws[s]) ** 2 * torch.arange(1, 5)).sum().backward()
+        opt.step()
+
+
+def test_deferred_adam_follows_dense_adam_with_a_varying_learning_rate():
+    torch.manual_seed(0)
+    dense = nn.Embedding(40, 4)
+    rows = nn.Embedding(40, 4, sparse=True)
+    rows.load_state_dict(dense.state_dict())
+    od = torch.optim.Adam(dense.parameters(), lr=0.05, foreach=False)
+    orows = DeferredAdam(rows.parameters(), lr=0.05, window=64)  # window < steps: the truncation is exercised
+    hooks = orows.attach(rows)
+    lrs = [0.05 * (0.5 + 0.5 * math.cos(math.pi * s / 120)) for s in range(120)]
+    _touch_steps(dense, od, lrs, 1, range(120))
+    _touch_steps(rows, orows, lrs, 1, range(120))
+    # rows not read lately have not moved yet; after flush every row is where dense Adam put it
+    assert not torch.allclose(dense.weight, rows.weight, atol=1e-4)
+    orows.flush()
+    assert torch.allclose(dense.weight, rows.weight, atol=2e-6, rtol=1e-5)
+    assert torch.allclose(od.state[dense.weight]["exp_avg"], orows.state[rows.weight]["exp_avg"], atol=1e-7)
+    assert torch.equal(rows.weight[30:], dense.weight[30:])  # never read: no moments, no move
+    # the state round-trips through state_dict mid-way (deferred moves pending), and a flush
+    # between steps changes nothing
+    _touch_steps(dense, od, lrs, 2, range(30))
+    _touch_steps(rows, orows, lrs, 2, range(10))
+    again = DeferredAdam(rows.parameters(), lr=0.05)
+    again.load_state_dict(orows.state_dict())
+    for h in hooks:
+        h.remove()
+    again.attach(rows)
+    _touch_steps(rows, again, lrs, 2, range(10, 20))
+    again.flush()
+    _touch_steps(rows, again, lrs, 2, range(20, 30))
+    again.flush()
+    assert torch.allclose(dense.weight, rows.weight, atol=5e-6, rtol=1e-5)
+
+
+def test_deferred_adam_differs_from_lazy_adam_where_rows_are_rare():
+    # one touch, then 20 steps without: dense (and deferred) Adam keep moving the row by momentum,
+    # lazy Adam leaves it where the touch put it
+    emb_d, emb_l = nn.Embedding(3, 2, sparse=True), nn.Embedding(3, 2, sparse=True)
+    emb_l.load_state_dict(emb_d.state_dict())
+    od, ol = DeferredAdam(emb_d.parameters(), lr=0.1), RowAdam(emb_l.parameters(), lr=0.1)
+    od.attach(emb_d)
+    for s in range(21):
+        ix = torch.tensor([0, 1]) if s == 0 else torch.tensor([1])
+        for emb, opt in ((emb_d, od), (emb_l, ol)):
+            opt.zero_grad()
+            emb(ix).sum().backward()
+            opt.step()
+    od.flush()
+    # row 0: gradient 1 at step 1 -> m = 0.1, v = 0.001; dense Adam's step s moves it by
+    # lr/c1_s * 0.9^(s-1) 0.1 / (sqrt(0.999^(s-1) 0.001 / c2_s) + eps)
+    b1, b2, expected = 0.9, 0.999, 0.0
+    for s in range(1, 22):
+        c1, c2 = 1 - b1**s, 1 - b2**s
+        expected += 0.1 / c1 * b1 ** (s - 1) * 0.1 / (math.sqrt(b2 ** (s - 1) * 0.001 / c2) + 1e-8)
+    moved_d = (emb_l.weight.detach()[0] * 0 + emb_d.weight.detach()[0])
+    start = emb_l.weight.detach()[0] + 0.1  # lazy Adam moved row 0 once, by lr * 1
+    assert torch.allclose(start - moved_d, torch.full((2,), expected), atol=1e-5)
+
+
+def test_trainer_with_deferred_adam_follows_adam_and_resumes(tmp_path):
+    # the same run with dense Adam and with deferred Adam (item bias and features' tables included):
+    # the same losses and metrics up to float rounding; a run resumed from its epoch-2 checkpoint
+    # ends where the uninterrupted one does
+    from twotower import RunConfig, train
+
+    def cfg(opt):
+        return RunConfig.from_dict({"data": {"dataset": "synthetic", "synthetic_users": 300, "synthetic_items": 120},
+                                    "model": {"dim": 8, "item_bias": True},
+                                    "train": {"epochs": 3, "batch_size": 128, "optimizer": opt, "lr": 0.01,
+                                              "schedule": "cosine", "patience": 0},
+                                    "eval": {"ks": [10]}})
+
+    runs = {opt: train(cfg(opt), tmp_path / opt, quiet=True, log=lambda m: None) for opt in ("adam", "deferred_adam")}
+    la = [h["loss"] for h in runs["adam"].trainer.state.history]
+    ld = [h["loss"] for h in runs["deferred_adam"].trainer.state.history]
+    assert la == pytest.approx(ld, rel=1e-4)
+    assert runs["adam"].valid["recall@10"] == pytest.approx(runs["deferred_adam"].valid["recall@10"], abs=1e-3)
+    wa = runs["adam"].model.item_tower.id_embedding.weight
+    wd = runs["deferred_adam"].model.item_tower.id_embedding.weight
+    assert torch.allclose(wa, wd, atol=1e-4)
+
+    from twotower.api import load_dataset
+    from twotower.training.trainer import Trainer
+
+    part = tmp_path / "resumed"
+    c = cfg("deferred_adam")
+    ds = load_dataset(c.data, None)
+    Trainer(c, ds, part, quiet=True, log=lambda m: None).fit(max_epochs=2)
+    resumed = Trainer(c, ds, part, quiet=True, log=lambda m: None)
+    resumed.fit(resume=True)
+    assert [h["loss"] for h in resumed.state.history] == pytest.approx(ld, rel=1e-6)

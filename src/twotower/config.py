@@ -85,7 +85,11 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(1024, ge=2)
-    optimizer: Literal["adam", "adamw", "sparse_adam", "adagrad", "sgd"] = "adam"
+    optimizer: Literal["adam", "adamw", "deferred_adam", "sparse_adam", "adagrad", "sgd"] = Field(
+        "adam", description="adam: dense (fused) Adam; deferred_adam: the same trajectory, embedding rows updated "
+                            "when touched with their skipped steps in closed form (faster on large tables); "
+                            "sparse_adam: lazy Adam, untouched rows frozen (torch.optim.SparseAdam's rule). "
+                            "The two row-wise ones apply weight_decay to dense layers only")
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     schedule: Literal["constant", "cosine", "linear"] = "constant"
@@ -119,6 +123,11 @@ class TrainConfig(_Section):
         if name not in {"recall", "ndcg", "hr", "precision", "mrr"} or not k.isdigit():
             raise ValueError(f"monitor must look like 'recall@20' or 'ndcg@10', got {v!r}")
         return v
+
+    @property
+    def sparse_embeddings(self) -> bool:
+        """Embedding tables with sparse gradients, updated row-wise (deferred_adam, sparse_adam)."""
+        return self.optimizer in ("deferred_adam", "sparse_adam")
 
 
 class NegativesConfig(_Section):

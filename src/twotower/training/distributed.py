@@ -171,7 +171,7 @@ class Parallel:
             if sparse and dist.get_backend() == "nccl":
                 from ..errors import ConfigError
 
-                raise ConfigError("train.optimizer = \"sparse_adam\" under torchrun on GPUs: NCCL cannot all-reduce "
+                raise ConfigError("train.optimizer = \"deferred_adam\" or \"sparse_adam\" under torchrun on GPUs: NCCL cannot all-reduce "
                                   "sparse gradients; use \"adam\" (or gloo on CPU)")
             # Parameters other than the towers' (the item bias, a learned temperature) are used after
             # the forward call; with find_unused_parameters off DDP waits for every gradient anyway.

@@ -1,10 +1,16 @@
-"""Lazy (row-wise) Adam for embedding tables with sparse gradients.
+"""Row-wise Adam for embedding tables with sparse gradients.
 
 A step of in-batch softmax touches about ``2B`` rows of tables that hold every user and item.
 Dense Adam reads and writes all of them (parameter, gradient and both moments) every step, which
-on a CPU costs more than the rows that changed; lazy Adam updates the touched rows only. Its
-moments of an untouched row neither decay nor move the row (the usual trade of lazy Adam, as in
-``torch.optim.SparseAdam``, whose update rule and state this reproduces).
+costs more than the rows that changed, and at millions of rows dominates the step. Two row-wise
+updates:
+
+- ``DeferredAdam``: dense Adam's trajectory. The moves of a row without gradient are summed in
+  closed form and applied when the row is next read (or at ``flush``).
+- ``RowAdam``: lazy Adam, as ``torch.optim.SparseAdam``: the moments of an untouched row neither
+  decay nor move it (a different optimizer, and on in-batch softmax a worse one).
+
+``benchmarks/optimizer.py`` measures both against fused dense Adam by table size.
 """
 from __future__ import annotations
 
@@ -57,3 +63,163 @@ class RowAdam(torch.optim.Optimizer):
                 # Rows are unique: a gather, an update and a copy beat index_add_ into the whole table.
                 p.index_copy_(0, rows, p.index_select(0, rows).addcdiv_(m, v.sqrt_().add_(group["eps"]), value=-step_size))
         return loss
+
+
+class DeferredAdam(torch.optim.Optimizer):
+    """Dense Adam's trajectory for embedding tables, paid for on the rows a step reads.
+
+    A row that gets no gradient at step ``s`` still moves under dense Adam, because its moments are
+    not zero (Kingma & Ba 2015, with ``torch.optim.Adam``'s placement of ``eps``)::
+
+        m_s = b1 m_{s-1},   v_s = b2 v_{s-1},
+        p_s = p_{s-1} - (lr_s / c1_s) m_s / (sqrt(v_s / c2_s) + eps),   c1_s = 1 - b1^s, c2_s = 1 - b2^s.
+
+    After its last gradient at step ``a`` the moments are ``m_a b1^(s-a)`` and ``v_a b2^(s-a)``, so
+    the moves of the steps ``a+1 .. t`` sum in closed form::
+
+        p_t = p_a - m_a / (sqrt(v_a) + eps') * sum_{s=a+1..t} H_s rho^(s-a),
+        H_s = lr_s sqrt(c2_s) / c1_s,   rho = b1 / sqrt(b2),   eps' = eps sqrt(c2_{a+1}),
+
+    exact except that ``eps`` is taken at the first deferred step (it matters only where
+    ``sqrt(v)`` is as small as ``eps``). The sum is kept for every ``a`` at once, ``R_k = sum_{s=k..t}
+    H_s rho^(s-k)``, updated by one vectorised pass over the last ``window`` steps each step (older
+    terms are below ``rho^window``, 1e-93 at the default).
+
+    A row must be current when it is read, since its gradient is taken there: ``attach(module)``
+    hooks every embedding table of the module that this optimizer updates, so that a lookup first
+    applies the deferred moves of the rows it reads (without it the update is only approximately
+    Adam's: gradients are taken at stale rows). ``flush()`` brings every row up to date, and
+    must be called before the tables are read whole (the trainer does at the end of each epoch).
+    Unlike lazy Adam (``torch.optim.SparseAdam``, ``RowAdam``), rare rows keep the momentum dense
+    Adam gives them. No weight decay: it would move every row every step.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 window: int = 2048):
+        if lr < 0 or eps < 0 or not all(0 <= b < 1 for b in betas) or window < 1:
+            raise ValueError(f"invalid DeferredAdam hyper-parameters: lr={lr}, betas={betas}, eps={eps}, window={window}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        self.window = int(window)
+
+    def attach(self, module: torch.nn.Module) -> list:
+        """Hook the embedding tables of ``module`` whose weights this optimizer updates; returns the
+        hook handles."""
+        handles = []
+        for m in module.modules():
+            if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and self._group(m.weight) is not None:
+                handles.append(m.register_forward_pre_hook(self._on_read))
+        return handles
+
+    def _group(self, p: torch.Tensor) -> dict | None:
+        # looked up each time: load_state_dict replaces the group dicts
+        return next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
+
+    @torch.no_grad()
+    def _on_read(self, module, args) -> None:
+        p = module.weight
+        state = self.state.get(p)
+        if state:
+            rows = torch.unique(args[0].reshape(-1))
+            g = self._group(p)
+            self._catch_up(p, state, rows, int(state["step"]), *g["betas"], g["eps"])
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts every non-step state tensor to the parameter's dtype; the step bookkeeping
+        # must keep its own (integer steps, float64 sums)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, saved in state_dict["state"].items():
+            st, p = self.state[params[int(i)]], params[int(i)]
+            for key, dtype in (("last", torch.int64), ("base", torch.int64), ("tail", torch.float64)):
+                if key in saved:
+                    st[key] = saved[key].to(dtype=dtype, device=p.device if key != "base" else "cpu")
+
+    def _state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["last"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)  # step of the row's last move
+            state["base"] = torch.tensor(0)  # R_k is tail[k - base - 1], for k = base+1 .. step
+            state["tail"] = torch.zeros(0, dtype=torch.float64, device=p.device)
+        return state
+
+    @staticmethod
+    def _catch_up(p, state, rows: torch.Tensor, upto: int, beta1: float, beta2: float, eps: float) -> None:
+        """Apply to ``rows`` the moves of the steps after their last move, up to ``upto``."""
+        last = state["last"][rows]
+        due = last < upto
+        if not bool(due.any()):
+            return
+        rows, last = rows[due], last[due]
+        rho = beta1 / math.sqrt(beta2)
+        tail, base = state["tail"].double(), int(state["base"])
+        # last >= base (a flush moves every row to base): R_{last+1} is tail[last - base].
+        s = rho * tail[last - base]
+        m = state["exp_avg"].index_select(0, rows)
+        v = state["exp_avg_sq"].index_select(0, rows)
+        eps_first = eps * torch.sqrt(1 - torch.pow(torch.tensor(beta2, dtype=torch.float64, device=p.device), last + 1))
+        # clamp: a row with no gradient yet has m = v = 0 (and no move), even with eps = 0
+        move = m / (v.sqrt() + eps_first.to(v.dtype)[:, None]).clamp_min_(1e-30) * s.to(m.dtype)[:, None]
+        p.index_copy_(0, rows, p.index_select(0, rows).sub_(move))
+        gap = (upto - last).to(torch.float64)
+        state["exp_avg"].index_copy_(0, rows, m.mul_(torch.pow(beta1, gap).to(m.dtype)[:, None]))
+        state["exp_avg_sq"].index_copy_(0, rows, v.mul_(torch.pow(beta2, gap).to(v.dtype)[:, None]))
+        state["last"][rows] = upto
+
+    def _advance(self, state, h: float, rho: float) -> None:
+        """Add the step just taken (``H_t = h``) to every ``R_k`` within the window, and start ``R_t``."""
+        tail = state["tail"].double()
+        n = len(tail)
+        lo = max(0, n - self.window)
+        if n > lo:  # R_k += H_t rho^(t-k), for k = t-n+lo .. t-1
+            powers = torch.arange(n - lo, 0, -1, dtype=torch.float64, device=tail.device)
+            tail[lo:] += h * torch.pow(torch.tensor(rho, dtype=torch.float64, device=tail.device), powers)
+        state["tail"] = torch.cat([tail, torch.tensor([h], dtype=torch.float64, device=tail.device)])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps = group["lr"], group["eps"]
+            for p in group["params"]:
+                state = self._state(p)
+                t = int(state["step"]) + 1
+                c1, c2 = 1 - beta1**t, 1 - beta2**t
+                if p.grad is not None:
+                    if not p.grad.is_sparse:
+                        raise RuntimeError("DeferredAdam needs sparse gradients: build the embedding with sparse=True")
+                    rows, where = torch.unique(p.grad._indices()[0], return_inverse=True)
+                    if rows.numel():
+                        # Rows this process did not read (another rank's, in an all-reduced
+                        # gradient) are brought up to date here, as every rank does alike.
+                        self._catch_up(p, state, rows, t - 1, beta1, beta2, eps)
+                        values = p.grad._values()
+                        grad = torch.zeros(len(rows), *values.shape[1:], dtype=values.dtype, device=values.device)
+                        grad.index_add_(0, where, values)
+                        m = state["exp_avg"].index_select(0, rows).lerp_(grad, 1 - beta1)
+                        v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                        state["exp_avg"].index_copy_(0, rows, m)
+                        state["exp_avg_sq"].index_copy_(0, rows, v)
+                        denom = v.sqrt_().div_(math.sqrt(c2)).add_(eps)
+                        p.index_copy_(0, rows, p.index_select(0, rows).addcdiv_(m, denom, value=-lr / c1))
+                        state["last"][rows] = t
+                state["step"] += 1
+                self._advance(state, lr * math.sqrt(c2) / c1, beta1 / math.sqrt(beta2))
+        return loss
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Bring every row up to the current step (call before reading the tables whole)."""
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                t = int(state["step"])
+                self._catch_up(p, state, torch.arange(p.shape[0], device=p.device), t, beta1, beta2, group["eps"])
+                state["base"] = torch.tensor(t)
+                state["tail"] = state["tail"][:0]

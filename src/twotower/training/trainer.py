@@ -27,7 +27,7 @@ from . import distributed, losses
 from .batching import epoch_batches
 from .candidates import CandidateBuilder
 from .mining import mine_negatives, scoring_vectors
-from .optim import RowAdam
+from .optim import DeferredAdam, RowAdam
 
 
 @dataclass
@@ -58,6 +58,12 @@ class _Optimizers:
         for o in self.opts:
             o.step()
 
+    def flush(self):
+        """Apply deferred updates (``DeferredAdam``) so that every parameter is current."""
+        for o in self.opts:
+            if hasattr(o, "flush"):
+                o.flush()
+
     def state_dict(self):
         return {str(i): o.state_dict() for i, o in enumerate(self.opts)}
 
@@ -87,7 +93,7 @@ def build_model(cfg: RunConfig, dataset: Dataset) -> TwoTowerModel:
     elif m.user_features not in ("all", []):
         raise _feature_error("model.user_features", m.user_features, [], "user")
     return TwoTowerModel(dataset.n_users, dataset.n_items, m, item_feats, user_feats,
-                         sparse=cfg.train.optimizer == "sparse_adam")
+                         sparse=cfg.train.sparse_embeddings)
 
 
 def _check_names(names, available, key, kind):
@@ -103,8 +109,13 @@ def _feature_error(key, names, available, kind):
 
 def make_optimizer(cfg: RunConfig, model: TwoTowerModel) -> _Optimizers:
     t = cfg.train
-    if t.optimizer == "sparse_adam":
-        opts: list[torch.optim.Optimizer] = [RowAdam(model.sparse_parameters(), lr=t.lr)]
+    if t.sparse_embeddings:
+        if t.optimizer == "sparse_adam":
+            opts: list[torch.optim.Optimizer] = [RowAdam(model.sparse_parameters(), lr=t.lr)]
+        else:
+            rows = DeferredAdam(model.sparse_parameters(), lr=t.lr)
+            rows.attach(model)  # a table lookup first applies its rows' deferred moves
+            opts = [rows]
         dense = model.dense_parameters()
         if dense:
             opts.append(torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay, fused=True))
@@ -153,7 +164,7 @@ class Trainer:
         self.device = distributed.setup(resolve_device(cfg.train.device))
         self.model = build_model(cfg, dataset).to(self.device)
         # Under torchrun: DDP over the towers, this rank's rows of each batch, the global batch's gathers.
-        self.par = distributed.Parallel(self.model, self.device, cfg.train.seed, sparse=cfg.train.optimizer == "sparse_adam")
+        self.par = distributed.Parallel(self.model, self.device, cfg.train.seed, sparse=cfg.train.sparse_embeddings)
         if not self.par.main:
             self.quiet, self.log = True, (lambda msg: None)
         self.optimizer = make_optimizer(cfg, self.model)
@@ -206,7 +217,7 @@ class Trainer:
         self.optimizer.zero_grad()
         (loss * shard.loss_weight).backward()
         if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in model.dense_parameters() if p.grad is not None] if cfg.train.optimizer == "sparse_adam"
+            torch.nn.utils.clip_grad_norm_([p for p in model.dense_parameters() if p.grad is not None] if cfg.train.sparse_embeddings
                                            else model.parameters(), cfg.train.grad_clip)
         factor = lr_factor(self.state.step, self.total_epochs * self.steps_per_epoch, cfg.train.warmup_steps, cfg.train.schedule)
         for g in self.optimizer.param_groups:
@@ -236,6 +247,7 @@ class Trainer:
             n += len(pairs)
             if k % 20 == 0:
                 bar.set_postfix(loss=f"{total / n:.4f}", ex_s=f"{n / (time.perf_counter() - t0):,.0f}")
+        self.optimizer.flush()  # validation, mining and checkpoints read every row
         seconds = time.perf_counter() - t0
         return {"epoch": epoch, "loss": total / max(n, 1), "seconds": seconds, "examples_per_s": n / max(seconds, 1e-9)}
 

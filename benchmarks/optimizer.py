@@ -1,0 +1,90 @@
+"""The embedding update per training step: dense fused Adam against the row-wise optimizers, by
+table size.
+
+    .venv/bin/python benchmarks/optimizer.py [--rows 70000 1000000 4000000] [--out benchmarks/results/optimizer.json]
+
+One table of ``rows x 64`` float32; each step looks up ``2 x 2048`` random rows (an in-batch step's
+users and items hit two such tables), takes a loss, backpropagates and updates:
+
+- ``adam``: ``torch.optim.Adam(fused=True)`` on the dense gradient (every row read and written);
+- ``deferred_adam``: ``training.optim.DeferredAdam``, dense Adam's trajectory on the touched rows
+  (the table hooked so that a lookup applies its rows' deferred moves);
+- ``sparse_adam``: ``training.optim.RowAdam``, lazy Adam (untouched rows frozen; a different rule).
+
+The optimizers run interleaved in blocks of steps so that the machine's drift hits all alike; the
+median block is reported (ms per step, forward and backward included). Prints a table and writes
+the figures to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from twotower.training.optim import DeferredAdam, RowAdam
+
+KINDS = ("adam", "deferred_adam", "sparse_adam")
+
+
+def make(kind: str, rows: int, dim: int, seed: int):
+    torch.manual_seed(seed)
+    emb = nn.Embedding(rows, dim, sparse=kind != "adam")
+    if kind == "adam":
+        opt = torch.optim.Adam(emb.parameters(), lr=1e-3, fused=True)
+    elif kind == "deferred_adam":
+        opt = DeferredAdam(emb.parameters(), lr=1e-3)
+        opt.attach(emb)
+    else:
+        opt = RowAdam(emb.parameters(), lr=1e-3)
+    return emb, opt
+
+
+def block(emb, opt, ids: list[torch.Tensor]) -> float:
+    t = time.perf_counter()
+    for ix in ids:
+        opt.zero_grad(set_to_none=True)
+        emb(ix).square().sum().backward()
+        opt.step()
+    return (time.perf_counter() - t) / len(ids) * 1e3
+
+
+def measure(rows: int, dim: int = 64, touched: int = 4096, steps: int = 20, blocks: int = 6) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, rows, (touched,), generator=g) for _ in range(steps * (blocks + 1))]
+    runs = {k: make(k, rows, dim, 0) for k in KINDS}
+    ms = {k: [] for k in KINDS}
+    for b in range(blocks + 1):  # block 0 warms up
+        for k, (emb, opt) in runs.items():
+            t = block(emb, opt, ids[b * steps : (b + 1) * steps])
+            if b:
+                ms[k].append(t)
+    runs["deferred_adam"][1].flush()
+    return {k: {"ms_per_step": float(np.median(v)), "blocks": v} for k, v in ms.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[70_000, 1_000_000, 4_000_000])
+    p.add_argument("--out", default="benchmarks/results/optimizer.json")
+    args = p.parse_args(argv)
+    res = {"command": "python benchmarks/optimizer.py", "machine": platform.processor() or platform.machine(),
+           "threads": torch.get_num_threads(), "dim": 64, "touched_per_step": 4096, "tables": {}}
+    print(f"{'rows':>10} " + " ".join(f"{k:>15}" for k in KINDS) + "   (ms per step, median of 6 interleaved blocks)")
+    for n in args.rows:
+        r = measure(n)
+        res["tables"][str(n)] = r
+        print(f"{n:>10,} " + " ".join(f"{r[k]['ms_per_step']:>15.2f}" for k in KINDS), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
