@@ -82,11 +82,12 @@ class DeferredAdam(torch.optim.Optimizer):
     After its last gradient at step ``a`` the moments are ``m_a b1^(s-a)`` and ``v_a b2^(s-a)``, so
     the moves of the steps ``a+1 .. t`` sum in closed form::
 
-        p_t = p_a - m_a / (sqrt(v_a) + eps) * sum_{s=a+1..t} H_s rho^(s-a),
+        p_t = p_a - m_a / (sqrt(v_a) + eps') * sum_{s=a+1..t} H_s rho^(s-a),
         H_s = lr_s sqrt(c2_s) / c1_s,   rho = b1 / sqrt(b2),
 
-    exact except for ``eps``, taken as ``eps`` instead of ``eps sqrt(c2_s) b2^((a-s)/2)`` (it
-    matters only where ``sqrt(v)`` is as small as ``eps``). The sums are kept for every start at
+    with ``eps`` in the sum taken as it stands at the first deferred step, ``eps sqrt(c2_s)
+    b2^((a-s)/2)`` at ``s = moved+1`` (exact for one deferred step; it drifts only where ``sqrt(v)``
+    is as small as ``eps``). The sums are kept for every start at
     once, ``R_k = sum_{s=k..t} H_s rho^(s-k)``, updated by one vectorised pass over the last
     ``window`` steps each step (older terms are below ``rho^window``, 1e-93 at the default).
 
@@ -165,9 +166,13 @@ class DeferredAdam(torch.optim.Optimizer):
         rho = beta1 / math.sqrt(beta2)
         # moved >= base (a flush moves every row to base): R_{moved+1} is tail[moved - base].
         s = state["tail"][moved - int(state["base"])].mul_(torch.pow(rho, (moved + 1 - last).double())).to(p.dtype)
+        # eps as it stands in the first deferred step's denominator: eps sqrt(c2_s) b2^((a-s)/2)
+        first = (moved + 1).double()
+        eps_row = (eps * torch.sqrt(1 - torch.pow(beta2, first)) * torch.pow(beta2, (last - first) / 2)).to(p.dtype)
         m, v = _rows(state["exp_avg"], rows), _rows(state["exp_avg_sq"], rows)
         # clamp: a row with no gradient yet has m = v = 0 (and no move), even with eps = 0
-        p.index_copy_(0, rows, _rows(p, rows).addcdiv_(m.mul_(s[:, None]), v.sqrt_().add_(eps).clamp_min_(1e-30), value=-1.0))
+        p.index_copy_(0, rows, _rows(p, rows).addcdiv_(m.mul_(s[:, None]), v.sqrt_().add_(eps_row[:, None]).clamp_min_(1e-30),
+                                                       value=-1.0))
         state["moved"].index_fill_(0, rows, upto)
 
     def _advance(self, state, h: float, rho: float) -> None:
