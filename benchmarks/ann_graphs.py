@@ -20,27 +20,11 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ann import single_query_ms  # noqa: E402
 from synthetic_catalog import catalog  # noqa: E402
 
-
-def truth(items: np.ndarray, q: np.ndarray, k: int = 100) -> np.ndarray:
-    gt = np.empty((len(q), k), np.int64)
-    for s in range(0, len(q), 250):
-        gt[s : s + 250] = np.argpartition(-(q[s : s + 250] @ items.T), k - 1, axis=1)[:, :k]
-    return gt
-
-
-def recall(ids: np.ndarray, gt: np.ndarray) -> float:
-    return float(np.mean([len(set(a) & set(b)) / gt.shape[1] for a, b in zip(ids, gt)]))
-
-
-def latency_ms(index, q: np.ndarray, params, calls: int) -> float:
-    ts = []
-    for i in range(calls):
-        t0 = time.perf_counter()
-        index.search(q[i : i + 1], 100, params=params)
-        ts.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(ts))
+from twotower.index import recall_at  # noqa: E402
+from twotower.index.index import exact_top_k  # noqa: E402
 
 
 def hnsw(items, metric: str, M: int, efc: int):
@@ -66,7 +50,7 @@ def ivf(items, nlist: int, m: int, residual: bool):
 def main(specs: list[str]) -> None:
     items, users, _ = catalog(1_000_000)
     q = np.ascontiguousarray(users[:1000])
-    gt = truth(items, q)
+    _, gt = exact_top_k(q, items, 100)
     for spec in specs:
         kind, *a = spec.split(":")
         faiss.omp_set_num_threads(2)
@@ -74,10 +58,12 @@ def main(specs: list[str]) -> None:
         index, knobs, calls = (hnsw(items, a[0], int(a[1]), int(a[2])) if kind == "hnsw"
                                else ivf(items, int(a[0]), int(a[1]), a[2] == "r"))
         print(f"{spec} build {time.perf_counter() - t:.0f} s", flush=True)
-        faiss.omp_set_num_threads(1)
         for name, params in knobs:
-            _, ids = index.search(q, 100, params=params)
-            print(f"{spec} {name} recall@100 {recall(ids, gt):.4f} ms {latency_ms(index, q, params, calls):.3f}", flush=True)
+            def search(x, k, params=params):
+                return index.search(x, k, params=params)
+
+            ms = single_query_ms(search, q[:calls], 100)["ms_p50"]  # one FAISS thread
+            print(f"{spec} {name} recall@100 {recall_at(search(q, 100)[1], gt, 100):.4f} ms {ms:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def _refit(cfg: RunConfig, ds: Dataset, epochs: int, out, resume: bool, quiet: b
         rcfg.train.epochs = max(epochs, 1)
     rdir = Path(out) / "refit" if out is not None else None
     refit = Trainer(rcfg, ds.with_valid_in_train(), rdir, quiet=quiet, log=log)
-    refit.fit(resume=resume, max_epochs=stop, jump_after=jump_after if cfg.mining.rounds else None)  # a refit killed before its first checkpoint starts over
+    refit.fit(resume=resume, max_epochs=stop, jump_after=jump_after)  # a refit killed before its first checkpoint starts over
     return refit
 
 

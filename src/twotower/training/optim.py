@@ -24,6 +24,17 @@ def _rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.embedding(rows, table)
 
 
+def _summed_rows(grad: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of a sparse gradient, each once, and their summed gradients (cheaper than
+    ``grad.coalesce()``)."""
+    if not grad.is_sparse:
+        raise RuntimeError(f"{name} needs sparse gradients: build the embedding with sparse=True")
+    rows, where = torch.unique(grad._indices()[0], return_inverse=True)
+    values = grad._values()
+    summed = torch.zeros(len(rows), *values.shape[1:], dtype=values.dtype, device=values.device)
+    return rows, summed.index_add_(0, where, values)
+
+
 class RowAdam(torch.optim.Optimizer):
     """``torch.optim.SparseAdam``'s update (bias-corrected step size, ``eps`` after the square root),
     done with one gather and one scatter per moment instead of masked sparse additions. Gowalla's two
@@ -44,8 +55,7 @@ class RowAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if not p.grad.is_sparse:
-                    raise RuntimeError("RowAdam needs sparse gradients: build the embedding with sparse=True")
+                rows, grad = _summed_rows(p.grad, "RowAdam")
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
@@ -53,13 +63,8 @@ class RowAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 step = float(state["step"])
-                # Each touched row once, its gradients summed (cheaper than grad.coalesce()).
-                rows, where = torch.unique(p.grad._indices()[0], return_inverse=True)
                 if rows.numel() == 0:
                     continue
-                values = p.grad._values()
-                grad = torch.zeros(len(rows), *values.shape[1:], dtype=values.dtype, device=values.device)
-                grad.index_add_(0, where, values)
                 m = state["exp_avg"].index_select(0, rows).lerp_(grad, 1 - beta1)
                 v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 state["exp_avg"].index_copy_(0, rows, m)
@@ -198,17 +203,12 @@ class DeferredAdam(torch.optim.Optimizer):
                 t = int(state["step"]) + 1
                 c1, c2 = 1 - beta1**t, 1 - beta2**t
                 if p.grad is not None:
-                    if not p.grad.is_sparse:
-                        raise RuntimeError("DeferredAdam needs sparse gradients: build the embedding with sparse=True")
-                    rows, where = torch.unique(p.grad._indices()[0], return_inverse=True)
+                    rows, grad = _summed_rows(p.grad, "DeferredAdam")
                     if rows.numel():
                         # Rows this process did not read (another rank's, in an all-reduced
                         # gradient) are brought up to date here, as every rank does alike.
                         if bool((state["moved"][rows] < t - 1).any()):
                             self._catch_up(p, state, rows, t - 1, beta1, beta2, eps)
-                        values = p.grad._values()
-                        grad = torch.zeros(len(rows), *values.shape[1:], dtype=values.dtype, device=values.device)
-                        grad.index_add_(0, where, values)
                         gap = (t - state["last"][rows]).to(p.dtype)  # moments decayed from their last gradient
                         m = _rows(state["exp_avg"], rows).mul_(torch.pow(beta1, gap)[:, None]).add_(grad, alpha=1 - beta1)
                         v = _rows(state["exp_avg_sq"], rows).mul_(torch.pow(beta2, gap)[:, None]).addcmul_(grad, grad, value=1 - beta2)
