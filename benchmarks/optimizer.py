@@ -2,6 +2,7 @@
 table size.
 
     .venv/bin/python benchmarks/optimizer.py [--rows 70000 1000000 4000000] [--out benchmarks/results/optimizer.json]
+    .venv/bin/python benchmarks/optimizer.py --gowalla [--data-dir ../shared/data]
 
 One table of ``rows x 64`` float32; each step looks up ``2 x 2048`` random rows (an in-batch step's
 users and items hit two such tables), takes a loss, backpropagates and updates:
@@ -14,6 +15,10 @@ users and items hit two such tables), takes a loss, backpropagates and updates:
 The optimizers run interleaved in blocks of steps so that the machine's drift hits all alike; the
 median block is reported (ms per step, forward and backward included). Prints a table and writes
 the figures to ``--out``.
+
+``--gowalla``: whole training steps instead (``Trainer.step`` on Gowalla, ``configs/gowalla.toml`` at
+d = 64, B = 2048), one trainer per optimizer, interleaved in blocks of 50 steps, the median block's
+ms per step printed (nothing written: a figure for the docs' prose, not a results table).
 """
 from __future__ import annotations
 
@@ -68,11 +73,44 @@ def measure(rows: int, dim: int = 64, touched: int = 4096, steps: int = 20, bloc
     return {k: {"ms_per_step": float(np.median(v)), "blocks": v} for k, v in ms.items()}
 
 
+def gowalla_steps(data_dir: str | None, blocks: int = 6, steps: int = 50) -> dict:
+    from twotower.api import load_dataset
+    from twotower.config import RunConfig
+    from twotower.training.batching import epoch_batches
+    from twotower.training.trainer import Trainer
+
+    trainers, ds = {}, None
+    for kind in KINDS:
+        cfg = RunConfig.load("configs/gowalla.toml", ["model.dim=64", f'train.optimizer="{kind}"'])
+        ds = ds or load_dataset(cfg.data, data_dir)
+        trainers[kind] = Trainer(cfg, ds, None, quiet=True)
+        trainers[kind].model.train()
+    batches = list(epoch_batches(len(ds.train), cfg.train.batch_size, np.random.default_rng(0), None))
+    ms = {k: [] for k in KINDS}
+    for b in range(blocks + 1):  # block 0 warms up
+        for k, tr in trainers.items():
+            rng = np.random.default_rng(b)
+            t = time.perf_counter()
+            for pairs in batches[b * steps : (b + 1) * steps]:
+                tr.step(pairs, rng)
+            tr.optimizer.flush()
+            if b:
+                ms[k].append((time.perf_counter() - t) / steps * 1e3)
+    return {k: float(np.median(v)) for k, v in ms.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[70_000, 1_000_000, 4_000_000])
     p.add_argument("--out", default="benchmarks/results/optimizer.json")
+    p.add_argument("--gowalla", action="store_true", help="whole Gowalla training steps per optimizer instead")
+    p.add_argument("--data-dir", default=None, help="datasets folder (default: $TWOTOWER_DATA)")
     args = p.parse_args(argv)
+    if args.gowalla:
+        r = gowalla_steps(args.data_dir)
+        print("Gowalla training step, ms (median of 6 interleaved blocks of 50): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in r.items()))
+        return 0
     res = {"command": "python benchmarks/optimizer.py", "machine": platform.processor() or platform.machine(),
            "threads": torch.get_num_threads(), "dim": 64, "touched_per_step": 4096, "tables": {}}
     print(f"{'rows':>10} " + " ".join(f"{k:>15}" for k in KINDS) + "   (ms per step, median of 6 interleaved blocks)")
