@@ -161,6 +161,39 @@ def test_shared_softmax_loss_matches_the_composed_loss_in_value_and_gradients():
                 assert torch.allclose(a, b)
 
 
+def test_row_shift_bounds_each_row_without_reading_the_logits():
+    q2 = torch.tensor([[3.0, 4.0], [15.0, 20.0], [0.0, 0.0]])  # |q2_b| = 5, 25, 0
+    v = torch.tensor([[1.0, 0.0], [0.0, 2.0]])                  # max |v_c| = 2
+    off2 = torch.tensor([-1.0, 20.0])
+    # rows' logits lie in [-|q2| 2 - 1, |q2| 2 + 20]: [-11, 30], [-51, 70], [-1, 20]; the second
+    # reaches above 64 and is shifted down by 70 - 64
+    shift = losses._row_shift(q2, v, off2)
+    assert torch.equal(shift, torch.tensor([0.0, 6.0, 0.0]))
+    # a row spreading over more than 184 (base-2 units) has no safe shift: the row maxima are used
+    assert losses._row_shift(q2 * 4, v, off2) is None
+    assert losses._row_shift(torch.tensor([[float("inf"), 0.0]]), v, None) is None
+
+
+def test_shared_softmax_loss_is_exact_with_any_shift_and_with_the_row_maxima():
+    """Logits at three scales: no shift needed, shifted rows, and too wide (each row's maximum)."""
+    torch.manual_seed(1)
+    B, C, d = 9, 11, 4
+    target = torch.randperm(C)[:B]
+    mask = torch.zeros(B, C, dtype=torch.bool)
+    for scale, off_top, expected in ((1.0, 1.0, "zero"), (1.0, 70.0, "shifted"), (40.0, 1.0, "maxima")):
+        q = (torch.randn(B, d, dtype=torch.float64) * scale).requires_grad_()
+        v = torch.randn(C, d, dtype=torch.float64, requires_grad=True)
+        off = torch.linspace(0.0, off_top, C, dtype=torch.float64)[torch.randperm(C)].requires_grad_()
+        shift = losses._row_shift(q.detach() * losses._LOG2E, v.detach(), off.detach() * losses._LOG2E)
+        kind = "maxima" if shift is None else ("zero" if not shift.any() else "shifted")
+        assert kind == expected
+        got = losses.shared_softmax_loss(q, v, target, off, block_rows=4)
+        ref = _composed(q, v, target, off, mask, None, None, None)
+        assert torch.allclose(got, ref)
+        for a, b in zip(torch.autograd.grad(got, [q, v, off]), torch.autograd.grad(ref, [q, v, off])):
+            assert torch.allclose(a, b)
+
+
 def test_shared_softmax_loss_of_an_empty_batch_gives_no_gradient():
     v = torch.randn(4, 3, requires_grad=True)
     q = torch.zeros(0, 3, requires_grad=True)

@@ -24,6 +24,11 @@ def _rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.embedding(rows, table)
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    # [rows, ...] as [rows, k]: row gathers and copies run several times faster on 2-D tensors
+    return t.view(t.shape[0], -1)
+
+
 def _summed_rows(grad: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows of a sparse gradient, each once, and their summed gradients (cheaper than
     ``grad.coalesce()``)."""
@@ -96,14 +101,17 @@ class DeferredAdam(torch.optim.Optimizer):
     once, ``R_k = sum_{s=k..t} H_s rho^(s-k)``, updated by one vectorised pass over the last
     ``window`` steps each step (older terms are below ``rho^window``, 1e-93 at the default).
 
-    Per row the state holds the moments as of the last gradient (step ``last``) and the step the
-    row has been moved to (``moved``); a move from ``moved`` to ``t`` is
-    ``m_a / (sqrt(v_a) + eps) * rho^(moved+1-a) R_{moved+1}``. A row must be current when it is
-    read, since its gradient is taken there: ``attach(module)`` hooks every embedding table of the
+    Per row the state holds both moments as of the last gradient (``moments[:, 0]`` and
+    ``moments[:, 1]``, side by side so that one gather reads both) and a ``clock``: the step of that
+    gradient (``last``) and the step the row has been moved to (``moved``). A move from ``moved`` to
+    ``t`` is ``m_a / (sqrt(v_a) + eps) * rho^(moved+1-a) R_{moved+1}``. A row must be current when it
+    is read, since its gradient is taken there: ``attach(module)`` hooks every embedding table of the
     module that this optimizer updates, so that a lookup first moves the rows it reads (without it
-    the update is only approximately Adam's: gradients are taken at stale rows). ``flush()`` brings
-    every row and moment up to date, and must be called before the tables are read whole (the
-    trainer does at the end of each epoch).
+    the update is only approximately Adam's: gradients are taken at stale rows). The rows, moments
+    and clock a lookup gathered are kept for the step that follows, which then reads nothing more
+    from the tables when its gradient covers exactly those rows (one lookup per table per step; any
+    other gradient takes the general path). ``flush()`` brings every row and moment up to date, and
+    must be called before the tables are read whole (the trainer does at the end of each epoch).
     Unlike lazy Adam (``torch.optim.SparseAdam``, ``RowAdam``), rare rows keep the momentum dense
     Adam gives them. No weight decay: it would move every row every step.
     """
@@ -114,6 +122,7 @@ class DeferredAdam(torch.optim.Optimizer):
             raise ValueError(f"invalid DeferredAdam hyper-parameters: lr={lr}, betas={betas}, eps={eps}, window={window}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
         self.window = int(window)
+        self._read: dict[torch.Tensor, tuple] = {}  # parameter -> what its latest lookup gathered
 
     def attach(self, module: torch.nn.Module) -> list:
         """Hook the embedding tables of ``module`` whose weights this optimizer updates; returns the
@@ -128,23 +137,32 @@ class DeferredAdam(torch.optim.Optimizer):
         # looked up each time: load_state_dict replaces the group dicts
         return next((g for g in self.param_groups if any(q is p for q in g["params"])), None)
 
-    @torch.no_grad()
     def _on_read(self, module, args) -> None:
         p = module.weight
         state = self.state.get(p)
-        if state:
-            rows = args[0].reshape(-1)
-            g = self._group(p)
-            self._catch_up(p, state, rows, int(state["step"]), *g["betas"], g["eps"])
+        if not state:
+            return
+        rows = args[0].reshape(-1)
+        g = self._group(p)
+        # Kept only for a lookup whose gradient will follow; one per table (a second lookup in the
+        # same step replaces it, and the step then finds no match and takes the general path).
+        keep = torch.is_grad_enabled()
+        with torch.no_grad():
+            read = self._catch_up(p, state, rows, int(state["step"]), *g["betas"], g["eps"])
+        if keep:
+            self._read[p] = (rows, *read)
+        else:
+            self._read.pop(p, None)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        self._read.clear()
         # torch casts every non-step state tensor to the parameter's dtype; the step bookkeeping
         # must keep its own (integer steps, float64 sums)
         params = [p for g in self.param_groups for p in g["params"]]
         for i, saved in state_dict["state"].items():
             st, p = self.state[params[int(i)]], params[int(i)]
-            for key, dtype in (("last", torch.int64), ("moved", torch.int64), ("base", torch.int64), ("tail", torch.float64)):
+            for key, dtype in (("clock", torch.int64), ("base", torch.int64), ("tail", torch.float64)):
                 if key in saved:
                     st[key] = saved[key].to(dtype=dtype, device=p.device if key != "base" else "cpu")
 
@@ -152,33 +170,40 @@ class DeferredAdam(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["last"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)   # step of the moments
-            state["moved"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)  # step the row is at
+            state["moments"] = torch.zeros(p.shape[0], 2, *p.shape[1:], dtype=p.dtype, device=p.device)  # m, v
+            state["clock"] = torch.zeros(p.shape[0], 2, dtype=torch.int64, device=p.device)  # last, moved
             state["base"] = torch.tensor(0)  # R_k is tail[k - base - 1], for k = base+1 .. step
             state["tail"] = torch.zeros(1, dtype=torch.float64, device=p.device)  # [R_{base+1} .. R_step, 0]
         return state
 
     @staticmethod
-    def _catch_up(p, state, rows: torch.Tensor, upto: int, beta1: float, beta2: float, eps: float) -> None:
-        """Move ``rows`` (repeats allowed: each computes the same new value) through the steps after
-        ``moved`` up to ``upto``, with the moments they hold since their last gradient (``last``):
+    def _catch_up(p, state, rows: torch.Tensor, upto: int, beta1: float, beta2: float, eps: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Move ``rows`` (repeats allowed) through the steps after ``moved`` up to ``upto``, with the
+        moments they hold since their last gradient (``last``):
         ``sum_{s=moved+1..upto} H_s rho^(s-last) = rho^(moved+1-last) R_{moved+1}``. The moments
         stay as of ``last`` (``step`` decays them), so a read writes the rows only. Rows already
-        current move by 0: the sum is read from the sentinel ``R_{upto+1} = 0``."""
-        moved, last = state["moved"][rows], state["last"][rows]
-        rho = beta1 / math.sqrt(beta2)
-        # moved >= base (a flush moves every row to base): R_{moved+1} is tail[moved - base].
-        s = state["tail"][moved - int(state["base"])].mul_(torch.pow(rho, (moved + 1 - last).double())).to(p.dtype)
-        # eps as it stands in the first deferred step's denominator: eps sqrt(c2_s) b2^((a-s)/2)
-        first = (moved + 1).double()
-        eps_row = (eps * torch.sqrt(1 - torch.pow(beta2, first)) * torch.pow(beta2, (last - first) / 2)).to(p.dtype)
-        m, v = _rows(state["exp_avg"], rows), _rows(state["exp_avg_sq"], rows)
-        # clamp: a row with no gradient yet has m = v = 0 (and no move), even with eps = 0
-        p.index_copy_(0, rows, _rows(p, rows).addcdiv_(m.mul_(s[:, None]), v.sqrt_().add_(eps_row[:, None]).clamp_min_(1e-30),
-                                                       value=-1.0))
-        state["moved"].index_fill_(0, rows, upto)
+        current move by 0: the sum is read from the sentinel ``R_{upto+1} = 0``.
+
+        Returns what it gathered, for the step: the distinct rows (ascending), each of ``rows``'
+        position among them, their current values, their moments (a copy) and ``last``."""
+        unique, where = torch.unique(rows, return_inverse=True)
+        clock = state["clock"].index_select(0, unique)
+        last, moved = clock[:, 0], clock[:, 1]
+        values, moments = _rows(p, unique), _rows(_flat(state["moments"]), unique).view(-1, *state["moments"].shape[1:])
+        if bool((moved < upto).any()):
+            rho = beta1 / math.sqrt(beta2)
+            # moved >= base (a flush moves every row to base): R_{moved+1} is tail[moved - base].
+            s = state["tail"].index_select(0, moved - int(state["base"])).mul_(torch.pow(rho, (moved + 1 - last).double())).to(p.dtype)
+            # eps as it stands in the first deferred step's denominator: eps sqrt(c2_s) b2^((a-s)/2)
+            first = (moved + 1).double()
+            eps_row = (eps * torch.sqrt(1 - torch.pow(beta2, first)) * torch.pow(beta2, (last - first) / 2)).to(p.dtype)
+            # clamp: a row with no gradient yet has m = v = 0 (and no move), even with eps = 0
+            denom = moments[:, 1].sqrt().add_(eps_row[:, None]).clamp_min_(1e-30)
+            values.addcdiv_(moments[:, 0] * s[:, None], denom, value=-1.0)
+            p.index_copy_(0, unique, values)
+            state["clock"][:, 1].index_fill_(0, unique, upto)
+        return unique, where, values, moments, last
 
     def _advance(self, state, h: float, rho: float) -> None:
         """Add the step just taken (``H_t = h``) to every ``R_k`` within the window, start ``R_t``
@@ -192,6 +217,22 @@ class DeferredAdam(torch.optim.Optimizer):
         tail[n] = h
         state["tail"] = torch.cat([tail, tail.new_zeros(1)])
 
+    def _gathered(self, p, state, grad, beta1, beta2, eps):
+        """The distinct rows of ``grad``, their summed gradients, current values, moments and ``last``:
+        from the lookup just made when its rows are the gradient's, else gathered (and brought up
+        to the previous step: rows this process did not read, another rank's in an all-reduced
+        gradient, are moved here as every rank does alike)."""
+        if not grad.is_sparse:
+            raise RuntimeError("DeferredAdam needs sparse gradients: build the embedding with sparse=True")
+        indices, values = grad._indices()[0], grad._values()
+        read = self._read.pop(p, None)
+        if read is not None and read[0].shape == indices.shape and torch.equal(read[0], indices):
+            unique, where, rows, moments, last = read[1:]
+        else:
+            unique, where, rows, moments, last = self._catch_up(p, state, indices, int(state["step"]), beta1, beta2, eps)
+        summed = torch.zeros(len(unique), *values.shape[1:], dtype=values.dtype, device=values.device)
+        return unique, summed.index_add_(0, where, values), rows, moments, last
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
@@ -203,28 +244,25 @@ class DeferredAdam(torch.optim.Optimizer):
                 t = int(state["step"]) + 1
                 c1, c2 = 1 - beta1**t, 1 - beta2**t
                 if p.grad is not None:
-                    rows, grad = _summed_rows(p.grad, "DeferredAdam")
-                    if rows.numel():
-                        # Rows this process did not read (another rank's, in an all-reduced
-                        # gradient) are brought up to date here, as every rank does alike.
-                        if bool((state["moved"][rows] < t - 1).any()):
-                            self._catch_up(p, state, rows, t - 1, beta1, beta2, eps)
-                        gap = (t - state["last"][rows]).to(p.dtype)  # moments decayed from their last gradient
-                        m = _rows(state["exp_avg"], rows).mul_(torch.pow(beta1, gap)[:, None]).add_(grad, alpha=1 - beta1)
-                        v = _rows(state["exp_avg_sq"], rows).mul_(torch.pow(beta2, gap)[:, None]).addcmul_(grad, grad, value=1 - beta2)
-                        state["exp_avg"].index_copy_(0, rows, m)
-                        state["exp_avg_sq"].index_copy_(0, rows, v)
+                    unique, grad, rows, moments, last = self._gathered(p, state, p.grad, beta1, beta2, eps)
+                    if unique.numel():
+                        gap = (t - last).to(p.dtype)[:, None]  # moments decayed from their last gradient
+                        m, v = moments[:, 0], moments[:, 1]
+                        m.mul_(torch.pow(beta1, gap)).add_(grad, alpha=1 - beta1)
+                        v.mul_(torch.pow(beta2, gap)).addcmul_(grad, grad, value=1 - beta2)
+                        _flat(state["moments"]).index_copy_(0, unique, _flat(moments))
                         denom = v.sqrt_().div_(math.sqrt(c2)).add_(eps)
-                        p.index_copy_(0, rows, _rows(p, rows).addcdiv_(m, denom, value=-lr / c1))
-                        state["last"].index_fill_(0, rows, t)
-                        state["moved"].index_fill_(0, rows, t)
+                        p.index_copy_(0, unique, rows.addcdiv_(m, denom, value=-lr / c1))
+                        state["clock"].index_fill_(0, unique, t)
                 state["step"] += 1
                 self._advance(state, lr * math.sqrt(c2) / c1, beta1 / math.sqrt(beta2))
+        self._read.clear()
         return loss
 
     @torch.no_grad()
     def flush(self) -> None:
         """Bring every row up to the current step (call before reading the tables whole)."""
+        self._read.clear()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -233,9 +271,9 @@ class DeferredAdam(torch.optim.Optimizer):
                     continue
                 t = int(state["step"])
                 self._catch_up(p, state, torch.arange(p.shape[0], device=p.device), t, beta1, beta2, group["eps"])
-                gap = (t - state["last"]).to(p.dtype)[:, None]  # the moments too, once per flush
-                state["exp_avg"].mul_(torch.pow(beta1, gap))
-                state["exp_avg_sq"].mul_(torch.pow(beta2, gap))
-                state["last"].fill_(t)
+                gap = (t - state["clock"][:, 0]).to(p.dtype)[:, None]  # the moments too, once per flush
+                state["moments"][:, 0].mul_(torch.pow(beta1, gap))
+                state["moments"][:, 1].mul_(torch.pow(beta2, gap))
+                state["clock"].fill_(t)
                 state["base"] = torch.tensor(t)
                 state["tail"] = state["tail"].new_zeros(1)
