@@ -1,12 +1,16 @@
-"""RowAdam reproduces torch.optim.SparseAdam, touching only the rows a step used."""
+"""RowAdam reproduces torch.optim.SparseAdam, touching only the rows a step used; DeferredAdam
+follows dense Adam, in its PyTorch path and in its compiled one."""
+import math
+import shutil
+
+import pytest
 import torch
 from torch import nn
 
-import math
-
-import pytest
-
+from twotower.training import optim
 from twotower.training.optim import DeferredAdam, RowAdam
+
+compiled_paths = [False, pytest.param(True, marks=pytest.mark.skipif(optim._rowadam is None, reason="C extension not built"))]
 
 
 def test_row_adam_matches_sparse_adam_and_leaves_untouched_rows_alone():
@@ -54,13 +58,15 @@ def _touch_steps(emb, opt, lrs, seed, steps):
         opt.step()
 
 
-def test_deferred_adam_follows_dense_adam_with_a_varying_learning_rate():
+@pytest.mark.parametrize("compiled", compiled_paths)
+def test_deferred_adam_follows_dense_adam_with_a_varying_learning_rate(compiled):
     torch.manual_seed(0)
     dense = nn.Embedding(40, 4)
     rows = nn.Embedding(40, 4, sparse=True)
     rows.load_state_dict(dense.state_dict())
     od = torch.optim.Adam(dense.parameters(), lr=0.05, foreach=False)
-    orows = DeferredAdam(rows.parameters(), lr=0.05, window=64)  # window < steps: the truncation is exercised
+    # window < steps: the truncation is exercised
+    orows = DeferredAdam(rows.parameters(), lr=0.05, window=64, compiled=compiled)
     hooks = orows.attach(rows)
     lrs = [0.05 * (0.5 + 0.5 * math.cos(math.pi * s / 120)) for s in range(120)]
     _touch_steps(dense, od, lrs, 1, range(120))
@@ -75,7 +81,7 @@ def test_deferred_adam_follows_dense_adam_with_a_varying_learning_rate():
     # between steps changes nothing
     _touch_steps(dense, od, lrs, 2, range(30))
     _touch_steps(rows, orows, lrs, 2, range(10))
-    again = DeferredAdam(rows.parameters(), lr=0.05)
+    again = DeferredAdam(rows.parameters(), lr=0.05, compiled=compiled)
     again.load_state_dict(orows.state_dict())
     for h in hooks:
         h.remove()
@@ -85,6 +91,69 @@ def test_deferred_adam_follows_dense_adam_with_a_varying_learning_rate():
     _touch_steps(rows, again, lrs, 2, range(20, 30))
     again.flush()
     assert torch.allclose(dense.weight, rows.weight, atol=5e-6, rtol=1e-5)
+
+
+def test_the_c_extension_is_built_wherever_a_c_compiler_is():
+    # setup.py marks it optional, so a broken build would otherwise pass unnoticed
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert optim._rowadam is not None, "twotower.training._rowadam was not built: run `pip install -e .` and read its errors"
+        assert DeferredAdam([nn.Parameter(torch.zeros(2, 2))]).compiled
+
+
+@pytest.mark.skipif(optim._rowadam is None, reason="C extension not built")
+def test_compiled_deferred_adam_matches_the_pytorch_path_on_the_same_gradients():
+    """Same sparse gradients into both paths: repeated rows, gradients from 1e-10 to 1 (Adam's
+    normalisation is most sensitive where |g| is near eps), and rows in the gradient that the
+    lookup did not read (another rank's, under torchrun), which the step must first move."""
+    torch.manual_seed(0)
+    n, d = 500, 16
+    a, b = nn.Embedding(n, d, sparse=True), nn.Embedding(n, d, sparse=True)
+    b.load_state_dict(a.state_dict())
+    oa, ob = DeferredAdam(a.parameters(), lr=0.02, compiled=False), DeferredAdam(b.parameters(), lr=0.02, compiled=True)
+    oa.attach(a)
+    ob.attach(b)
+    g = torch.Generator().manual_seed(1)
+    for s in range(40):
+        ix = torch.randint(0, n, (120,), generator=g)
+        other = torch.randint(0, n, (30,), generator=g)  # in the gradient, never looked up
+        w = torch.randn(150, d, generator=g) * 10 ** torch.empty(150, 1).uniform_(-10, 0, generator=g)
+        for emb, opt in ((a, oa), (b, ob)):
+            opt.zero_grad()
+            (emb(ix) * w[:120]).sum().backward()
+            emb.weight.grad = emb.weight.grad + torch.sparse_coo_tensor(other[None], w[120:], (n, d), check_invariants=True)
+            opt.step()
+        if s % 10 == 9:
+            oa.flush()
+            ob.flush()
+        torch.testing.assert_close(b.weight, a.weight, rtol=1e-6, atol=1e-6, msg=f"step {s}")
+    oa.flush()
+    ob.flush()
+    # moments to float rounding (PyTorch fuses m * b1 + (1 - b1) g into one multiply-add, C does not)
+    torch.testing.assert_close(ob.state[b.weight]["moments"], oa.state[a.weight]["moments"], rtol=1e-5, atol=1e-8)
+    assert torch.equal(ob.state[b.weight]["clock"], oa.state[a.weight]["clock"])
+    assert torch.equal(ob.state[b.weight]["tail"], oa.state[a.weight]["tail"])
+
+
+@pytest.mark.skipif(optim._rowadam is None, reason="C extension not built")
+def test_compiled_deferred_adam_rejects_an_out_of_range_row_before_writing_anything():
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = DeferredAdam(emb.parameters(), lr=0.1, compiled=True)
+    opt.attach(emb)
+    opt.zero_grad()
+    emb(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    before = emb.weight.detach().clone(), opt.state[emb.weight]["clock"].clone()
+    with pytest.raises(IndexError, match="row 12 is out of range for a table of 10 rows"):
+        emb(torch.tensor([3, 12]))
+    assert torch.equal(emb.weight, before[0]) and torch.equal(opt.state[emb.weight]["clock"], before[1])
+
+
+def test_deferred_adam_without_the_c_extension(monkeypatch):
+    monkeypatch.setattr(optim, "_rowadam", None)
+    p = nn.Parameter(torch.zeros(3, 2))
+    assert not DeferredAdam([p]).compiled  # the PyTorch path, silently
+    with pytest.raises(RuntimeError, match="was not built"):
+        DeferredAdam([p], compiled=True)
 
 
 def test_deferred_adam_differs_from_lazy_adam_where_rows_are_rare():
