@@ -17,6 +17,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 enum { OK = 0, BAD_ROW = 1, BAD_CLOCK = 2, NO_MEMORY = 3 };
 #ifndef AHEAD
@@ -34,6 +37,16 @@ typedef struct {
     double *rho_k, *b2_half_k, *sqrt_c2_k;
     int64_t n_k;
 } table_t;
+
+/* threads for a pass over n rows: all of OpenMP's (PyTorch's setting) when there is enough work */
+static int threads_for(int64_t n) {
+#ifdef _OPENMP
+    return n >= 512 ? omp_get_max_threads() : 1;
+#else
+    (void)n;
+    return 1;
+#endif
+}
 
 /* max(x, lo) as a plain comparison: libm's fmaxf is a call, which stops the loop vectorising */
 static inline float floor_at(float x, float lo) { return x > lo ? x : lo; }
@@ -167,10 +180,31 @@ static PyObject *catch_up(PyObject *self, PyObject *args) {
         return report(BAD_ROW, rows[bad], t.n_rows);
     int status = make_powers(&t);
     Py_BEGIN_ALLOW_THREADS
-    for (int64_t i = 0; i < n && status == OK; i++) {
-        if (i + AHEAD < n)
-            prefetch_row(&t, rows[i + AHEAD]);
-        status = move_row(&t, rows[i], upto);
+    /* Rows repeat, so threads split them by row number, not by position: thread k of T moves the
+     * rows r with r % T == k, each once. The work is memory-bound (rows scattered over tables
+     * larger than the cache): a second thread keeps more of it in flight. */
+#pragma omp parallel num_threads(threads_for(n)) if (status == OK)
+    {
+        int64_t k = 0, T = 1;
+#ifdef _OPENMP
+        k = omp_get_thread_num();
+        T = omp_get_num_threads();
+#endif
+        int mine = OK;
+        for (int64_t i = 0; i < n && mine == OK; i++) {
+            if (rows[i] % T != k)
+                continue;
+            for (int64_t j = i + AHEAD; j < n && j < i + 2 * AHEAD; j++)
+                if (rows[j] % T == k) {
+                    prefetch_row(&t, rows[j]);
+                    break;
+                }
+            mine = move_row(&t, rows[i], upto);
+        }
+        if (mine != OK) {
+#pragma omp atomic write
+            status = mine;
+        }
     }
     Py_END_ALLOW_THREADS
     free(t.rho_k);
@@ -240,15 +274,19 @@ static PyObject *step(PyObject *self, PyObject *args) {
     const double c1 = 1.0 - pow(t.beta1, (double)step_t), c2 = 1.0 - pow(t.beta2, (double)step_t);
     const float sqrt_c2 = (float)sqrt(c2), eps_f = (float)t.eps, step_size = (float)(-lr / c1);
     const float one_b1 = (float)(1.0 - t.beta1), one_b2 = (float)(1.0 - t.beta2);
+    /* distinct rows: any split among threads is safe */
+#pragma omp parallel for schedule(static) num_threads(threads_for(n_unique))
     for (int64_t u = 0; u < n_unique; u++) {
         int64_t r = unique[u];
         slot[r] = -1;
         if (u + AHEAD < n_unique)
             prefetch_row(&t, unique[u + AHEAD]);
-        if (status == OK)
-            status = move_row(&t, r, step_t - 1);
-        if (status != OK)
+        int moved = move_row(&t, r, step_t - 1);
+        if (moved != OK) {
+#pragma omp atomic write
+            status = moved;
             continue; /* still clearing slot */
+        }
         int64_t gap = step_t - t.clock[2 * r];
         float d1, d2;
         if (gap >= 0 && gap < t.n_k) {

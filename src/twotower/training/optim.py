@@ -138,6 +138,7 @@ class DeferredAdam(torch.optim.Optimizer):
         self.compiled = _rowadam is not None if compiled is None else bool(compiled)
         self._read: dict[torch.Tensor, tuple] = {}  # parameter -> what its latest lookup gathered
         self._slots: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> the C step's scratch, -1 everywhere
+        self._powers: dict[tuple, torch.Tensor] = {}  # (rho, device) -> rho^window .. rho^1
 
     def attach(self, module: torch.nn.Module) -> list:
         """Hook the embedding tables of ``module`` whose weights this optimizer updates; returns the
@@ -259,8 +260,11 @@ class DeferredAdam(torch.optim.Optimizer):
         n = len(tail) - 1
         lo = max(0, n - self.window)
         if n > lo:  # R_k += H_t rho^(t-k), for k = t-n+lo .. t-1
-            powers = torch.arange(n - lo, 0, -1, dtype=torch.float64, device=tail.device)
-            tail[lo:n] += h * torch.pow(torch.tensor(rho, dtype=torch.float64, device=tail.device), powers)
+            key = (rho, tail.device)
+            if key not in self._powers:  # rho^window .. rho^1, computed once
+                exponents = torch.arange(self.window, 0, -1, dtype=torch.float64, device=tail.device)
+                self._powers[key] = torch.pow(torch.tensor(rho, dtype=torch.float64, device=tail.device), exponents)
+            tail[lo:n].add_(self._powers[key][self.window - (n - lo):], alpha=h)
         tail[n] = h
         state["tail"] = torch.cat([tail, tail.new_zeros(1)])
 
