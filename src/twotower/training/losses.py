@@ -148,8 +148,8 @@ def shared_softmax_loss(query: torch.Tensor, vectors: torch.Tensor, target: torc
 
     Same value and gradients as building ``scores = query @ vectors.T + offset`` and calling
     ``sampled_softmax_loss``, but the ``[B, C]`` matrix never exists: rows are processed in blocks
-    that stay in cache, and each block's gradient is multiplied into the gradients of ``query``,
-    ``vectors`` and ``offset`` as soon as it is known. Per block the only passes over its ``[b, C]``
+    that stay in cache (held transposed, ``[C, b]``), and each block's gradient is multiplied into the gradients of ``query``,
+    ``vectors`` and ``offset`` as soon as it is known. Per block the only passes over its ``[C, b]``
     scores are the product that writes them, one ``exp`` and one row sum; the normalisation and
     the one-hot target are applied to the ``[b, d]`` products instead::
 
@@ -215,12 +215,11 @@ class _SharedSoftmax(torch.autograd.Function):
         off2 = offset.detach().to(dtype) * _LOG2E if offset is not None else None
         shift = _row_shift(q2, v, off2) if B else None  # None: each block takes its row maxima
         grad_q = torch.empty_like(q)
-        # grad_vectors accumulates transposed: (q/sum)^T @ E runs ~15 % faster than E^T @ (q/sum)
-        grad_vt = torch.zeros(v.shape[1], C, dtype=dtype, device=dev)
-        hit_q = torch.empty_like(q)  # row b's one-hot part of grad_vectors, added at column target[b] at the end
+        grad_v = torch.zeros_like(v)
+        hit_q = torch.empty_like(q)  # row b's one-hot part of grad_vectors, added at row target[b] at the end
         grad_off = torch.zeros(C, dtype=dtype, device=dev) if offset is not None and ctx.needs_input_grad[2] else None
         grad_extra = torch.empty_like(extra) if extra is not None else None
-        buf = torch.empty(min(block, max(B, 1)), C, dtype=dtype, device=dev)
+        buf = torch.empty(C * min(block, max(B, 1)), dtype=dtype, device=dev)
         total = torch.zeros((), dtype=torch.float64, device=dev)
         starts = list(range(0, B, block))
         if hit_rows is not None:
@@ -228,35 +227,38 @@ class _SharedSoftmax(torch.autograd.Function):
         for i, s in enumerate(starts):
             e = min(s + block, B)
             n = e - s
-            z = torch.mm(q2[s:e], v.T, out=buf[:n])
+            # A block's logits are held transposed, zt[c, b] = z2[s + b, c]: with [C, n] the score
+            # product and the item gradient's (zt @ q) run ~10 % faster on MKL than with [n, C], and
+            # the query gradient's (v^T @ zt) ~10 % slower (paired whole steps: ~3 ms of ~30 faster).
+            zt = torch.mm(v, q2[s:e].T, out=buf[: C * n].view(C, n))
             if off2 is not None:
-                z.add_(off2)
+                zt.add_(off2[:, None])
             r = torch.arange(n, device=dev)
             t = target[s:e]
             if positive_shift is not None:
-                z[r, t] -= positive_shift[s:e].to(dtype) * _LOG2E
-            z_target = z[r, t]
+                zt[t, r] -= positive_shift[s:e].to(dtype) * _LOG2E
+            z_target = zt[t, r]
             if hit_rows is not None and bounds[i + 1] > bounds[i]:
                 a, b = bounds[i], bounds[i + 1]
-                z[hit_rows[a:b] - s, hit_cols[a:b]] = _NEG_INF
+                zt[hit_cols[a:b], hit_rows[a:b] - s] = _NEG_INF
             x = None
             if extra is not None:
                 x = extra[s:e].detach().to(dtype) * _LOG2E
                 if extra_mask is not None:
                     x.masked_fill_(extra_mask[s:e], _NEG_INF)
             if shift is None:
-                m = z.amax(1)
+                m = zt.amax(0)
                 if x is not None:
                     m = torch.maximum(m, x.amax(1))
-                z.sub_(m[:, None])
+                zt.sub_(m)
             else:
                 m = shift[s:e]
                 if x is not None:  # per-row columns are few: their own maxima, if higher
                     m = torch.maximum(m, x.amax(1))
                 if bool(m.any()):
-                    z.sub_(m[:, None])
-            z.exp2_()
-            denom = z.sum(1)
+                    zt.sub_(m)
+            zt.exp2_()
+            denom = zt.sum(0)
             if x is not None:
                 x = x.sub_(m[:, None]).exp2_()
                 denom += x.sum(1)
@@ -265,15 +267,16 @@ class _SharedSoftmax(torch.autograd.Function):
             inv = denom.reciprocal()
             # The one-hot target enters as (E - denom * onehot) / denom rather than E / denom - onehot:
             # the same value, and exactly 0 where the target is a row's only candidate.
-            torch.mm(z, v, out=grad_q[s:e]).sub_(v[t] * denom[:, None]).mul_(inv[:, None])
+            grad_q[s:e] = torch.mm(v.T, zt).T
+            grad_q[s:e].sub_(v[t] * denom[:, None]).mul_(inv[:, None])
             w = q[s:e] * inv[:, None]
-            grad_vt.addmm_(w.T, z)
+            grad_v.addmm_(zt, w)
             torch.mul(w, denom[:, None], out=hit_q[s:e])
             if grad_off is not None:
-                grad_off.addmv_(z.T, inv).index_add_(0, t, inv.mul_(denom), alpha=-1.0)
+                grad_off.addmv_(zt, inv).index_add_(0, t, inv.mul_(denom), alpha=-1.0)
             if x is not None:
                 grad_extra[s:e] = x.div_(denom[:, None])
-        grad_v = grad_vt.T.contiguous().index_add_(0, target, hit_q, alpha=-1.0)
+        grad_v.index_add_(0, target, hit_q, alpha=-1.0)
         ctx.save_for_backward(grad_q, grad_v, grad_off, grad_extra)
         ctx.rows = B
         return (total / B).to(dtype) if B else torch.full((), float("nan"), dtype=dtype, device=dev)
