@@ -9,7 +9,8 @@ users and items hit two such tables), takes a loss, backpropagates and updates:
 
 - ``adam``: ``torch.optim.Adam(fused=True)`` on the dense gradient (every row read and written);
 - ``deferred_adam``: ``training.optim.DeferredAdam``, dense Adam's trajectory on the touched rows
-  (the table hooked so that a lookup applies its rows' deferred moves);
+  (the table hooked so that a lookup applies its rows' deferred moves), its row passes in the C
+  extension; ``deferred_adam_pytorch``: the same optimizer on its PyTorch path (``compiled=False``);
 - ``sparse_adam``: ``training.optim.RowAdam``, lazy Adam (untouched rows frozen; a different rule).
 
 The optimizers run interleaved in blocks of steps so that the machine's drift hits all alike; the
@@ -17,8 +18,9 @@ median block is reported (ms per step, forward and backward included). Prints a 
 the figures to ``--out``.
 
 ``--gowalla``: whole training steps instead (``Trainer.step`` on Gowalla, ``configs/gowalla.toml`` at
-d = 64, B = 2048), one trainer per optimizer, interleaved in blocks of 50 steps, the median block's
-ms per step printed (nothing written: a figure for the docs' prose, not a results table).
+d = 64, B = 2048), one trainer per optimizer, taking the same batches in turn (each step of each
+optimizer next to the others', so the machine's drift hits all alike), the median step in ms
+printed (nothing written: a figure for the docs' prose, not a results table).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from torch import nn
 
 from twotower.training.optim import DeferredAdam, RowAdam
 
-KINDS = ("adam", "deferred_adam", "sparse_adam")
+KINDS = ("adam", "deferred_adam", "deferred_adam_pytorch", "sparse_adam")
 
 
 def make(kind: str, rows: int, dim: int, seed: int):
@@ -42,8 +44,8 @@ def make(kind: str, rows: int, dim: int, seed: int):
     emb = nn.Embedding(rows, dim, sparse=kind != "adam")
     if kind == "adam":
         opt = torch.optim.Adam(emb.parameters(), lr=1e-3, fused=True)
-    elif kind == "deferred_adam":
-        opt = DeferredAdam(emb.parameters(), lr=1e-3)
+    elif kind.startswith("deferred_adam"):
+        opt = DeferredAdam(emb.parameters(), lr=1e-3, compiled=kind == "deferred_adam")
         opt.attach(emb)
     else:
         opt = RowAdam(emb.parameters(), lr=1e-3)
@@ -70,10 +72,11 @@ def measure(rows: int, dim: int = 64, touched: int = 4096, steps: int = 20, bloc
             if b:
                 ms[k].append(t)
     runs["deferred_adam"][1].flush()
+    runs["deferred_adam_pytorch"][1].flush()
     return {k: {"ms_per_step": float(np.median(v)), "blocks": v} for k, v in ms.items()}
 
 
-def gowalla_steps(data_dir: str | None, blocks: int = 6, steps: int = 50) -> dict:
+def gowalla_steps(data_dir: str | None, steps: int = 300, warmup: int = 20) -> dict:
     from twotower.api import load_dataset
     from twotower.config import RunConfig
     from twotower.training.batching import epoch_batches
@@ -81,21 +84,22 @@ def gowalla_steps(data_dir: str | None, blocks: int = 6, steps: int = 50) -> dic
 
     trainers, ds = {}, None
     for kind in KINDS:
-        cfg = RunConfig.load("configs/gowalla.toml", ["model.dim=64", f'train.optimizer="{kind}"'])
+        optimizer = "deferred_adam" if kind.startswith("deferred_adam") else kind
+        cfg = RunConfig.load("configs/gowalla.toml", ["model.dim=64", f'train.optimizer="{optimizer}"'])
         ds = ds or load_dataset(cfg.data, data_dir)
         trainers[kind] = Trainer(cfg, ds, None, quiet=True)
         trainers[kind].model.train()
+        if kind == "deferred_adam_pytorch":
+            trainers[kind].optimizer.opts[0].compiled = False
     batches = list(epoch_batches(len(ds.train), cfg.train.batch_size, np.random.default_rng(0), None))
     ms = {k: [] for k in KINDS}
-    for b in range(blocks + 1):  # block 0 warms up
-        for k, tr in trainers.items():
-            rng = np.random.default_rng(b)
+    for i, pairs in enumerate(batches[: warmup + steps]):
+        order = KINDS[i % len(KINDS):] + KINDS[: i % len(KINDS)]  # no optimizer always first
+        for k in order:
             t = time.perf_counter()
-            for pairs in batches[b * steps : (b + 1) * steps]:
-                tr.step(pairs, rng)
-            tr.optimizer.flush()
-            if b:
-                ms[k].append((time.perf_counter() - t) / steps * 1e3)
+            trainers[k].step(pairs, np.random.default_rng(i))
+            if i >= warmup:
+                ms[k].append((time.perf_counter() - t) * 1e3)
     return {k: float(np.median(v)) for k, v in ms.items()}
 
 
@@ -108,16 +112,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.gowalla:
         r = gowalla_steps(args.data_dir)
-        print("Gowalla training step, ms (median of 6 interleaved blocks of 50): "
+        print("Gowalla training step, ms (median of 300, the optimizers in turn): "
               + ", ".join(f"{k} {v:.1f}" for k, v in r.items()))
         return 0
     res = {"command": "python benchmarks/optimizer.py", "machine": platform.processor() or platform.machine(),
            "threads": torch.get_num_threads(), "dim": 64, "touched_per_step": 4096, "tables": {}}
-    print(f"{'rows':>10} " + " ".join(f"{k:>15}" for k in KINDS) + "   (ms per step, median of 6 interleaved blocks)")
+    print(f"{'rows':>10} " + " ".join(f"{k:>22}" for k in KINDS) + "   (ms per step, median of 6 interleaved blocks)")
     for n in args.rows:
         r = measure(n)
         res["tables"][str(n)] = r
-        print(f"{n:>10,} " + " ".join(f"{r[k]['ms_per_step']:>15.2f}" for k in KINDS), flush=True)
+        print(f"{n:>10,} " + " ".join(f"{r[k]['ms_per_step']:>22.2f}" for k in KINDS), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out}")

@@ -190,6 +190,55 @@ def test_builder_corrects_every_shared_candidate_by_its_expected_count_under_the
     assert torch.equal(c.target, torch.arange(32))
 
 
+def test_distinct_positives_merges_copies_into_one_column_with_their_log_count():
+    from twotower.training.candidates import distinct_positives
+
+    ids = torch.tensor([7, 3, 7, 9, 7, 3])
+    vecs = torch.arange(6.0)[:, None] * torch.ones(1, 2)
+    uid, uvec, where, log_count = distinct_positives(ids, vecs)
+    assert uid.tolist() == [3, 7, 9]
+    assert uvec[:, 0].tolist() == [1.0, 0.0, 3.0]          # each item's first occurrence
+    assert where.tolist() == [1, 0, 1, 2, 1, 0]
+    assert torch.allclose(log_count, torch.log(torch.tensor([2.0, 3.0, 1.0])))
+    # all distinct: the batch as it is
+    same = distinct_positives(torch.tensor([4, 2]), vecs[:2])
+    assert same[0].tolist() == [4, 2] and same[2].tolist() == [0, 1] and not same[3].any()
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"train": {"correct_positive": False, "mask_user_history": True}, "model": {"item_bias": True}},
+    {"negatives": {"sampled": 6, "bank_size": 20, "bank_warmup_steps": 1}, "train": {"frequency": "streaming"}},
+])
+def test_merged_duplicate_positives_train_exactly_as_separate_columns(overrides):
+    """One column per distinct in-batch item (``log k`` on its logit) against one column per
+    positive with the copies masked as accidental hits: the same losses and the same weights after
+    every step (SGD, so weights differ exactly where gradients would)."""
+    base = {"train": {"batch_size": 48, "optimizer": "sgd", "lr": 0.5, "logq": True}}
+    for sec, kv in overrides.items():
+        base.setdefault(sec, {}).update(kv)
+    cfg, ds = _tiny(base)
+    runs = []
+    for merge in (True, False):
+        tr = Trainer(cfg, ds, None, quiet=True, log=lambda m: None)
+        assert tr.candidates.merge  # the synthetic towers are deterministic
+        tr.candidates.merge = merge
+        rng = np.random.default_rng(0)
+        losses_ = [tr.step(np.arange(s, s + 48), rng) for s in range(0, 480, 48)]
+        runs.append((losses_, {k: v.detach().clone() for k, v in tr.model.state_dict().items()}))
+    items = torch.from_numpy(ds.train.items[:480]).view(10, 48)
+    assert all(len(torch.unique(b)) < 48 for b in items)  # every batch has copies to merge
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
+    for k, w in runs[0][1].items():
+        torch.testing.assert_close(w, runs[1][1][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_tower_with_dropout_keeps_every_positive_as_its_own_column():
+    cfg, ds = _tiny({"model": {"mlp": [16], "dropout": 0.2}})
+    tr = Trainer(cfg, ds, None, quiet=True, log=lambda m: None)
+    assert not tr.model.item_tower.deterministic and not tr.candidates.merge
+
+
 def test_training_with_every_source_composed(tmp_path):
     cfg, ds = _tiny({"negatives": {"sampled": 16, "bank_size": 64, "bank_warmup_steps": 2, "hard": "category", "hard_k": 3,
                                    "hard_warmup_steps": 1, "hard_ramp_steps": 3},

@@ -76,6 +76,11 @@ class ItemTower(nn.Module):
         self.features = FeatureBags(features, cfg.dim, cfg.init_std, sparse) if features is not None and features.names else None
         self.mlp = make_mlp(cfg.dim, cfg.mlp, cfg.dropout)
 
+    @property
+    def deterministic(self) -> bool:
+        """Equal ids give equal vectors, in training too (no dropout)."""
+        return not any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
+
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         x = 0
         if self.id_embedding is not None:

@@ -120,6 +120,12 @@ def accidental_hits(positive_ids: torch.Tensor, candidate_ids: torch.Tensor, tar
     return rows[keep], cols[keep]
 
 
+def no_coordinates(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """An empty ``(rows, cols)`` set."""
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    return empty, empty
+
+
 def mask_coordinates(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A dense ``[B, C]`` mask as ``(rows, cols)``, rows ascending (``shared_softmax_loss``'s form)."""
     rows, cols = mask.nonzero(as_tuple=True)

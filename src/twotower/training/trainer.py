@@ -169,7 +169,8 @@ class Trainer:
             self.quiet, self.log = True, (lambda msg: None)
         self.optimizer = make_optimizer(cfg, self.model)
         self.state = TrainState()
-        self.candidates = CandidateBuilder(cfg, dataset, self.device, cfg.model.dim, exposure=_exposure(cfg, dataset))
+        self.candidates = CandidateBuilder(cfg, dataset, self.device, cfg.model.dim, exposure=_exposure(cfg, dataset),
+                                           merge_duplicates=self.model.item_tower.deterministic)
         self.steps_per_epoch = len(epoch_batches(len(dataset.train), cfg.train.batch_size, np.random.default_rng(0),
                                                  dataset.train.users if cfg.train.unique_users else None))
         # Mining rounds extend training: train.epochs, then epochs_per_round more after each round.
@@ -202,7 +203,14 @@ class Trainer:
             offset = -correction if offset is None else offset - correction
             if not cfg.train.correct_positive:
                 shift = -correction[cand.target]  # the positive's own logit stays uncorrected
-        excluded = losses.accidental_hits(items, cand.ids, cand.target)
+        if cand.log_count is not None:
+            # a column standing for k copies of an item: + log k, except as the row's own positive
+            # (candidates.distinct_positives)
+            offset = cand.log_count if offset is None else offset + cand.log_count
+            own = cand.log_count[cand.target]
+            shift = own if shift is None else shift + own
+        excluded = (losses.no_coordinates(items.device) if cand.distinct
+                    else losses.accidental_hits(items, cand.ids, cand.target))
         if cfg.train.mask_user_history:
             seen = losses.seen_item_mask(users, cand.ids, cand.target, self.candidates.seen_keys, ds.n_items)
             excluded = losses.merge_coordinates(excluded, losses.mask_coordinates(seen), n_cols=len(cand.ids))
