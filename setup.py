@@ -1,21 +1,19 @@
-"""The compiled part of twotower: one optional C extension (everything else is in pyproject.toml).
+"""The compiled part of twotower: two optional C extensions (everything else is in pyproject.toml).
 
-``twotower.training._rowadam`` runs DeferredAdam's per-row passes. It is optional: where no C
-compiler is found the install goes on without it and the optimizer takes its PyTorch path.
+``twotower.training._rowadam`` runs DeferredAdam's per-row passes; ``twotower.training._expsum``
+the fused softmax's exp2-and-sum pass. Both are optional: where no C compiler is found the install
+goes on without them and the same computations take their PyTorch paths.
 """
 from setuptools import Extension, setup
 
+# -fno-math-errno lets sqrtf vectorise (the results are the same); strict C99 keeps a * b + c
+# unfused, as PyTorch's element-wise kernels compute it; OpenMP: two threads keep more of the
+# scattered row reads in flight
+FLAGS = dict(extra_compile_args=["-O3", "-std=c99", "-fno-math-errno", "-fopenmp"], extra_link_args=["-fopenmp"])
+
 setup(
     ext_modules=[
-        Extension(
-            "twotower.training._rowadam",
-            sources=["src/twotower/training/_rowadam.c"],
-            # -fno-math-errno lets sqrtf vectorise (the results are the same); strict C99 keeps
-            # a * b + c unfused, as PyTorch's element-wise kernels compute it
-            # OpenMP: two threads keep more of the scattered row reads in flight
-            extra_compile_args=["-O3", "-std=c99", "-fno-math-errno", "-fopenmp"],
-            extra_link_args=["-fopenmp"],
-            optional=True,
-        )
+        Extension("twotower.training._rowadam", sources=["src/twotower/training/_rowadam.c"], optional=True, **FLAGS),
+        Extension("twotower.training._expsum", sources=["src/twotower/training/_expsum.c"], optional=True, **FLAGS),
     ]
 )

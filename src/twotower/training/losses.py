@@ -10,6 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+try:  # the exp2-and-sum pass, compiled by setup.py; without a C compiler, PyTorch's exp2 and sum
+    from . import _expsum
+except ImportError:  # pragma: no cover - depends on the install
+    _expsum = None
+
 _NEG_INF = float("-inf")
 _LOG2E = 1.4426950408889634  # log2(e)
 _LN2 = 0.6931471805599453    # ln(2)
@@ -156,8 +161,9 @@ def shared_softmax_loss(query: torch.Tensor, vectors: torch.Tensor, target: torc
     ``sampled_softmax_loss``, but the ``[B, C]`` matrix never exists: rows are processed in blocks
     that stay in cache (held transposed, ``[C, b]``), and each block's gradient is multiplied into the gradients of ``query``,
     ``vectors`` and ``offset`` as soon as it is known. Per block the only passes over its ``[C, b]``
-    scores are the product that writes them, one ``exp`` and one row sum; the normalisation and
-    the one-hot target are applied to the ``[b, d]`` products instead::
+    scores are the product that writes them and one ``exp`` with the sums per row (a single pass in
+    C, ``_expsum.c``, where it was built); the normalisation and the one-hot target are applied to
+    the ``[b, d]`` products instead::
 
         E = exp(z - m)                                   (m: a per-row shift, see _row_shift)
         grad_query[b]  = (E @ vectors)[b] / sum_c E[b, c] - vectors[target[b]]
@@ -206,6 +212,16 @@ def _row_shift(q2: torch.Tensor, v: torch.Tensor, off2: torch.Tensor | None) -> 
         return None
     fits = (hi <= _EXP2_HI) & (lo >= _EXP2_LO)
     return torch.where(fits, torch.zeros_like(hi), hi - _EXP2_HI)
+
+
+def _exp2_column_sums(zt: torch.Tensor) -> torch.Tensor:
+    """``zt <- 2^zt`` in place; returns the column sums. One pass in C for a float32 CPU block (its
+    own exp2, within a float32 ulp or two of PyTorch's: ``_expsum.c``), else PyTorch's two."""
+    if _expsum is not None and zt.dtype == torch.float32 and zt.device.type == "cpu" and zt.is_contiguous():
+        sums = torch.empty(zt.shape[1], dtype=zt.dtype)
+        _expsum.exp2_colsum(zt.data_ptr(), zt.shape[0], zt.shape[1], sums.data_ptr(), True)
+        return sums
+    return zt.exp2_().sum(0)
 
 
 class _SharedSoftmax(torch.autograd.Function):
@@ -263,8 +279,7 @@ class _SharedSoftmax(torch.autograd.Function):
                     m = torch.maximum(m, x.amax(1))
                 if bool(m.any()):
                     zt.sub_(m)
-            zt.exp2_()
-            denom = zt.sum(0)
+            denom = _exp2_column_sums(zt)
             if x is not None:
                 x = x.sub_(m[:, None]).exp2_()
                 denom += x.sum(1)
