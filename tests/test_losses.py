@@ -206,18 +206,21 @@ def test_shared_softmax_loss_of_an_empty_batch_gives_no_gradient():
 @pytest.mark.skipif(losses._expsum is None, reason="C extension not built")
 @pytest.mark.parametrize("vectorised", [True, False])
 def test_compiled_exp2_pass_matches_exp2_and_sum(vectorised):
-    """The C pass (AVX2, and its scalar loop): within 2 float32 ulps of exp2 everywhere from -126 to
-    64, exactly 0 for masked (-inf) entries and for what would be subnormal; column sums to float
-    rounding. 13 columns: the vector loop's tail is exercised."""
+    """The C pass (AVX2, and its scalar loop), 2^(z + row offset): within 2 float32 ulps of exp2
+    everywhere from -126 to 64, exactly 0 for masked (-inf) entries and for what would be
+    subnormal; column sums to float rounding. 13 columns: the vector loop's tail is exercised."""
     torch.manual_seed(0)
-    z = torch.empty(300, 13).uniform_(-140.0, 64.0)
+    z = torch.empty(300, 13).uniform_(-140.0, 60.0)
     z[::7, 3] = float("-inf")
+    offset = torch.empty(300).uniform_(-4.0, 4.0)  # one per row, added before the exp2
+    offset[0] = 0.0
     z[0, :4] = torch.tensor([-126.0, -125.5, 0.5, 64.0])
-    exact = torch.exp2(z.double())
-    exact[z < -126] = 0.0
+    shifted = z + offset[:, None]
+    exact = torch.exp2(shifted.double())
+    exact[shifted < -126] = 0.0
     got, sums = z.clone(), torch.empty(13)
-    losses._expsum.exp2_colsum(got.data_ptr(), 300, 13, sums.data_ptr(), vectorised)
-    normal = z >= -126
+    losses._expsum.exp2_colsum(got.data_ptr(), 300, 13, sums.data_ptr(), vectorised, offset.data_ptr())
+    normal = shifted >= -126
     rel = (got.double() - exact).abs()[normal] / exact[normal]
     assert rel.max() < 2.5e-7
     assert torch.equal(got[~normal], torch.zeros(int((~normal).sum())))

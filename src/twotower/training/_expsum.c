@@ -1,7 +1,8 @@
-/* The fused softmax's one element-wise pass (training/losses.py), compiled: E = 2^z in place over a
- * [rows, cols] float32 block, and each column's sum of E.
+/* The fused softmax's one element-wise pass (training/losses.py), compiled: E = 2^(z + offset) in
+ * place over a [rows, cols] float32 block (offset: one value per row), and each column's sum of E.
  *
- * PyTorch's exp2 followed by a sum reads the block twice; here one pass does both, with 2^x
+ * PyTorch's exp2 followed by a sum reads the block twice (three times with the offset added
+ * first); here one pass does all, with 2^x
  * computed as 2^round(x) (exponent bits) times a degree-7 polynomial for 2^f on [-1/2, 1/2]
  * (within a float32 ulp or two of exp2). Arguments below -126 give 0 (masked entries hold -inf),
  * so the result never holds a subnormal; arguments above 127 are taken as 127 (the caller keeps
@@ -51,11 +52,11 @@ static inline float exp2_scalar(float x) {
     return p * scale;
 }
 
-static void rows_scalar(float *z, int64_t r0, int64_t r1, int64_t cols, float *sums) {
+static void rows_scalar(float *z, const float *offset, int64_t r0, int64_t r1, int64_t cols, float *sums) {
     for (int64_t r = r0; r < r1; r++) {
-        float *row = z + r * cols;
+        float *row = z + r * cols, off = offset ? offset[r] : 0.0f;
         for (int64_t c = 0; c < cols; c++) {
-            float e = exp2_scalar(row[c]);
+            float e = exp2_scalar(row[c] + off);
             row[c] = e;
             sums[c] += e;
         }
@@ -81,18 +82,19 @@ __attribute__((target("avx2,fma"))) static inline __m256 exp2_avx2(__m256 x) {
     return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), keep);
 }
 
-__attribute__((target("avx2,fma"))) static void rows_avx2(float *z, int64_t r0, int64_t r1, int64_t cols,
-                                                          float *sums) {
+__attribute__((target("avx2,fma"))) static void rows_avx2(float *z, const float *offset, int64_t r0, int64_t r1,
+                                                          int64_t cols, float *sums) {
     int64_t vec = cols - cols % 8;
     for (int64_t r = r0; r < r1; r++) {
-        float *row = z + r * cols;
+        float *row = z + r * cols, off = offset ? offset[r] : 0.0f;
+        __m256 off8 = _mm256_set1_ps(off);
         for (int64_t c = 0; c < vec; c += 8) {
-            __m256 e = exp2_avx2(_mm256_loadu_ps(row + c));
+            __m256 e = exp2_avx2(_mm256_add_ps(_mm256_loadu_ps(row + c), off8));
             _mm256_storeu_ps(row + c, e);
             _mm256_storeu_ps(sums + c, _mm256_add_ps(_mm256_loadu_ps(sums + c), e));
         }
         for (int64_t c = vec; c < cols; c++) {
-            float e = exp2_scalar(row[c]);
+            float e = exp2_scalar(row[c] + off);
             row[c] = e;
             sums[c] += e;
         }
@@ -113,16 +115,18 @@ static int use_avx2(void) {
 #endif
 }
 
-/* exp2_colsum(z, rows, cols, sums, vectorised): z[rows, cols] <- 2^z; sums[cols] <- column sums.
- * Rows are split between OpenMP threads, each summing into its own buffer. */
+/* exp2_colsum(z, rows, cols, sums, vectorised, offset): z[r, c] <- 2^(z[r, c] + offset[r]) (offset a
+ * float32 [rows] pointer, or 0 for none); sums[cols] <- column sums. Rows are split between OpenMP
+ * threads, each summing into its own buffer. */
 static PyObject *exp2_colsum(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long z_ptr, sums_ptr;
+    unsigned long long z_ptr, sums_ptr, offset_ptr = 0;
     long long rows, cols;
     int vectorised;
-    if (!PyArg_ParseTuple(args, "KLLKp", &z_ptr, &rows, &cols, &sums_ptr, &vectorised))
+    if (!PyArg_ParseTuple(args, "KLLKp|K", &z_ptr, &rows, &cols, &sums_ptr, &vectorised, &offset_ptr))
         return NULL;
     float *z = (float *)(uintptr_t)z_ptr, *sums = (float *)(uintptr_t)sums_ptr;
+    const float *offset = (const float *)(uintptr_t)offset_ptr;
     int avx2 = vectorised && use_avx2();
     int threads = 1;
 #ifdef _OPENMP
@@ -144,10 +148,10 @@ static PyObject *exp2_colsum(PyObject *self, PyObject *args) {
         float *mine = part + (int64_t)k * cols;
 #ifdef HAVE_X86
         if (avx2)
-            rows_avx2(z, r0, r1, cols, mine);
+            rows_avx2(z, offset, r0, r1, cols, mine);
         else
 #endif
-            rows_scalar(z, r0, r1, cols, mine);
+            rows_scalar(z, offset, r0, r1, cols, mine);
     }
     for (int64_t c = 0; c < cols; c++) {
         float s = 0.0f;

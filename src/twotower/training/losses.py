@@ -214,13 +214,18 @@ def _row_shift(q2: torch.Tensor, v: torch.Tensor, off2: torch.Tensor | None) -> 
     return torch.where(fits, torch.zeros_like(hi), hi - _EXP2_HI)
 
 
-def _exp2_column_sums(zt: torch.Tensor) -> torch.Tensor:
-    """``zt <- 2^zt`` in place; returns the column sums. One pass in C for a float32 CPU block (its
-    own exp2, within a float32 ulp or two of PyTorch's: ``_expsum.c``), else PyTorch's two."""
+def _exp2_column_sums(zt: torch.Tensor, row_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """``zt <- 2^(zt + row_offset[:, None])`` in place; returns the column sums. One pass in C for a
+    float32 CPU block (its own exp2, within a float32 ulp or two of PyTorch's: ``_expsum.c``), else
+    PyTorch's element-wise operations."""
     if _expsum is not None and zt.dtype == torch.float32 and zt.device.type == "cpu" and zt.is_contiguous():
         sums = torch.empty(zt.shape[1], dtype=zt.dtype)
-        _expsum.exp2_colsum(zt.data_ptr(), zt.shape[0], zt.shape[1], sums.data_ptr(), True)
+        off = None if row_offset is None else row_offset.to(zt.dtype).contiguous()
+        _expsum.exp2_colsum(zt.data_ptr(), zt.shape[0], zt.shape[1], sums.data_ptr(), True,
+                            0 if off is None else off.data_ptr())
         return sums
+    if row_offset is not None:
+        zt.add_(row_offset[:, None])
     return zt.exp2_().sum(0)
 
 
@@ -253,13 +258,15 @@ class _SharedSoftmax(torch.autograd.Function):
             # product and the item gradient's (zt @ q) run ~10 % faster on MKL than with [n, C], and
             # the query gradient's (v^T @ zt) ~10 % slower (paired whole steps: ~3 ms of ~30 faster).
             zt = torch.mm(v, q2[s:e].T, out=buf[: C * n].view(C, n))
-            if off2 is not None:
+            # the offset goes in with the exp2 pass, unless the row maxima are wanted first
+            late_off = off2 if shift is not None else None
+            if off2 is not None and late_off is None:
                 zt.add_(off2[:, None])
             r = torch.arange(n, device=dev)
             t = target[s:e]
             if positive_shift is not None:
                 zt[t, r] -= positive_shift[s:e].to(dtype) * _LOG2E
-            z_target = zt[t, r]
+            z_target = zt[t, r] if late_off is None else zt[t, r] + late_off[t]
             if hit_rows is not None and bounds[i + 1] > bounds[i]:
                 a, b = bounds[i], bounds[i + 1]
                 zt[hit_cols[a:b], hit_rows[a:b] - s] = _NEG_INF
@@ -279,7 +286,7 @@ class _SharedSoftmax(torch.autograd.Function):
                     m = torch.maximum(m, x.amax(1))
                 if bool(m.any()):
                     zt.sub_(m)
-            denom = _exp2_column_sums(zt)
+            denom = _exp2_column_sums(zt, late_off)
             if x is not None:
                 x = x.sub_(m[:, None]).exp2_()
                 denom += x.sum(1)
