@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from twotower import RunConfig, train
-from twotower.artifacts import (atomic_path, committed_dir, replace_dir, save_numpy, staging_dir, verify_manifest,
+from twotower.artifacts import (atomic_path, committed_dir, replace_dir, save_numpy, settle_dir, staging_dir, verify_manifest,
                                  write_text)
 from twotower.errors import ArtifactError
 from twotower.run import Run
@@ -167,3 +167,35 @@ def test_checkpoint_folder_swap_survives_a_crash_at_each_step(tmp_path, crash):
     replace_dir(staged, final)
     assert (final / "weights").read_text() == "3"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+@pytest.mark.parametrize("crash", ["writing new", "new complete", "between renames", "old not removed", "none"])
+def test_settling_a_cut_swap_leaves_the_complete_copy_alone_in_place(tmp_path, crash):
+    """What --resume does once every rank has read the checkpoint: a run resumed after its last
+    checkpoint saves no other, so the copy a crash left beside it must be cleared there."""
+    final = tmp_path / "checkpoint"
+    new, old = tmp_path / "checkpoint.new", tmp_path / "checkpoint.old"
+    _folder(final, 1)
+    expect = 1
+    if crash == "writing new":
+        _folder(new, 2, complete=False)
+    elif crash == "new complete":
+        _folder(new, 2)
+    elif crash == "between renames":
+        os.replace(final, old)
+        _folder(new, 2)
+        expect = 2
+    elif crash == "old not removed":
+        os.replace(final, old)
+        _folder(final, 2)
+        expect = 2
+    assert settle_dir(final, "state.json") == final
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    assert (final / "weights").read_text() == (final / "state.json").read_text() == str(expect)
+
+
+def test_settling_with_no_complete_copy_touches_nothing(tmp_path):
+    final = tmp_path / "checkpoint"
+    _folder(tmp_path / "checkpoint.new", 2, complete=False)
+    assert settle_dir(final, "state.json") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.new"]

@@ -126,15 +126,28 @@ def committed_dir(final: str | Path, marker: str) -> Path | None:
     return None
 
 
+def settle_dir(final: str | Path, marker: str) -> Path | None:
+    """Finish a ``replace_dir`` swap that a crash cut short: the complete copy put in place as
+    ``final`` and the other copies removed. Returns ``final``, or ``None`` (nothing touched) when no
+    copy is complete. Safe to be killed at any point: the complete copy is moved, never cleared."""
+    final = Path(final)
+    done = committed_dir(final, marker)
+    if done is None:
+        return None
+    if done != final:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(done, final)
+    for stale in (final.with_name(final.name + ".new"), final.with_name(final.name + ".old")):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
 def staging_dir(final: str | Path, marker: str) -> Path:
     """An empty ``FINAL.new`` to write the next version of ``final`` into, its ``marker`` file last.
     A swap cut short by a crash is finished first, so the one complete copy is never the one cleared."""
     final = Path(final)
     new, old = final.with_name(final.name + ".new"), final.with_name(final.name + ".old")
-    done = committed_dir(final, marker)
-    if done is not None and done != final:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(done, final)
+    settle_dir(final, marker)
     shutil.rmtree(new, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
     new.mkdir(parents=True)

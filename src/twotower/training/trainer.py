@@ -309,6 +309,11 @@ class Trainer:
         cfg = self.cfg
         if resume and self._checkpoint() is not None:
             self._load_checkpoint()
+            # A crash in the middle of a checkpoint swap left a second copy beside it; with no epoch
+            # left to train no later save would clear it. Rank 0 settles it once every rank has read.
+            self.par.barrier()
+            if self._writes:
+                artifacts.settle_dir(self.run_dir / "checkpoint", "state.json")
         elif self._writes:
             self._start_run_dir(restart=resume)
         monitor = cfg.train.monitor
