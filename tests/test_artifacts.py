@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 import stat
 
 import numpy as np
@@ -137,27 +138,32 @@ def _folder(path, version: int, complete: bool = True):
         (path / "state.json").write_text(str(version))
 
 
-@pytest.mark.parametrize("crash", ["writing new", "new complete", "between renames", "old not removed"])
-def test_checkpoint_folder_swap_survives_a_crash_at_each_step(tmp_path, crash):
-    """A checkpoint is a folder whose files must change together. Whichever step of the swap a crash
-    cuts, one complete version (old or new, never a mix) is found, and the next swap goes through."""
+def _cut_swap(tmp_path: Path, crash: str) -> tuple[Path, int]:
+    """``checkpoint`` at version 1, then a swap to version 2 cut at ``crash``; returns the folder
+    and the version that is complete."""
     final = tmp_path / "checkpoint"
     new, old = tmp_path / "checkpoint.new", tmp_path / "checkpoint.old"
     _folder(final, 1)
     if crash == "writing new":
         _folder(new, 2, complete=False)
-        expect = 1
     elif crash == "new complete":
         _folder(new, 2)
-        expect = 1
     elif crash == "between renames":
         os.replace(final, old)
         _folder(new, 2)
-        expect = 2
-    else:
+        return final, 2
+    elif crash == "old not removed":
         os.replace(final, old)
         _folder(final, 2)
-        expect = 2
+        return final, 2
+    return final, 1
+
+
+@pytest.mark.parametrize("crash", ["writing new", "new complete", "between renames", "old not removed"])
+def test_checkpoint_folder_swap_survives_a_crash_at_each_step(tmp_path, crash):
+    """A checkpoint is a folder whose files must change together. Whichever step of the swap a crash
+    cuts, one complete version (old or new, never a mix) is found, and the next swap goes through."""
+    final, expect = _cut_swap(tmp_path, crash)
     found = committed_dir(final, "state.json")
     assert (found / "weights").read_text() == (found / "state.json").read_text() == str(expect)
     staged = staging_dir(final, "state.json")
@@ -173,22 +179,7 @@ def test_checkpoint_folder_swap_survives_a_crash_at_each_step(tmp_path, crash):
 def test_settling_a_cut_swap_leaves_the_complete_copy_alone_in_place(tmp_path, crash):
     """What --resume does once every rank has read the checkpoint: a run resumed after its last
     checkpoint saves no other, so the copy a crash left beside it must be cleared there."""
-    final = tmp_path / "checkpoint"
-    new, old = tmp_path / "checkpoint.new", tmp_path / "checkpoint.old"
-    _folder(final, 1)
-    expect = 1
-    if crash == "writing new":
-        _folder(new, 2, complete=False)
-    elif crash == "new complete":
-        _folder(new, 2)
-    elif crash == "between renames":
-        os.replace(final, old)
-        _folder(new, 2)
-        expect = 2
-    elif crash == "old not removed":
-        os.replace(final, old)
-        _folder(final, 2)
-        expect = 2
+    final, expect = _cut_swap(tmp_path, crash)
     assert settle_dir(final, "state.json") == final
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
     assert (final / "weights").read_text() == (final / "state.json").read_text() == str(expect)
