@@ -1,7 +1,7 @@
 """The compiled part of twotower: two optional C extensions (everything else is in pyproject.toml).
 
-``twotower.training._rowadam`` runs DeferredAdam's per-row passes; ``twotower.training._expsum``
-the fused softmax's exp2-and-sum pass. Both are optional: where no C compiler is found the install
+``twotower.training._rowadam`` runs DeferredAdam's per-row passes; ``twotower.training._softmax``
+the fused softmax's block loop (products by PyTorch's MKL) and its exp2-and-sum pass. Both are optional: where no C compiler is found the install
 goes on without them and the same computations take their PyTorch paths.
 """
 from setuptools import Extension, setup
@@ -14,6 +14,6 @@ FLAGS = dict(extra_compile_args=["-O3", "-std=c99", "-fno-math-errno", "-fopenmp
 setup(
     ext_modules=[
         Extension("twotower.training._rowadam", sources=["src/twotower/training/_rowadam.c"], optional=True, **FLAGS),
-        Extension("twotower.training._expsum", sources=["src/twotower/training/_expsum.c"], optional=True, **FLAGS),
+        Extension("twotower.training._softmax", sources=["src/twotower/training/_softmax.c"], optional=True, **FLAGS),
     ]
 )

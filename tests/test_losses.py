@@ -203,7 +203,7 @@ def test_shared_softmax_loss_of_an_empty_batch_gives_no_gradient():
     assert torch.equal(v.grad, torch.zeros(4, 3))
 
 
-@pytest.mark.skipif(losses._expsum is None, reason="C extension not built")
+@pytest.mark.skipif(losses._softmax is None, reason="C extension not built")
 @pytest.mark.parametrize("vectorised", [True, False])
 def test_compiled_exp2_pass_matches_exp2_and_sum(vectorised):
     """The C pass (AVX2, and its scalar loop), 2^(z + row offset): within 2 float32 ulps of exp2
@@ -219,7 +219,7 @@ def test_compiled_exp2_pass_matches_exp2_and_sum(vectorised):
     exact = torch.exp2(shifted.double())
     exact[shifted < -126] = 0.0
     got, sums = z.clone(), torch.empty(13)
-    losses._expsum.exp2_colsum(got.data_ptr(), 300, 13, sums.data_ptr(), vectorised, offset.data_ptr())
+    losses._softmax.exp2_colsum(got.data_ptr(), 300, 13, sums.data_ptr(), vectorised, offset.data_ptr())
     normal = shifted >= -126
     rel = (got.double() - exact).abs()[normal] / exact[normal]
     assert rel.max() < 2.5e-7
@@ -227,21 +227,43 @@ def test_compiled_exp2_pass_matches_exp2_and_sum(vectorised):
     torch.testing.assert_close(sums.double(), exact.sum(0), rtol=1e-6, atol=0)
 
 
-@pytest.mark.skipif(losses._expsum is None, reason="C extension not built")
-def test_shared_softmax_loss_is_the_same_with_the_compiled_exp2_pass(monkeypatch):
-    torch.manual_seed(2)
-    B, C, d = 70, 90, 8
-    q = torch.nn.functional.normalize(torch.randn(B, d), dim=1) * 10
+@pytest.mark.skipif(losses._softmax is None or losses._mkl() is None, reason="C extension not built, or no MKL")
+@pytest.mark.parametrize("block", [1, 5, 32, None])
+@pytest.mark.parametrize("regime", ["plain", "everything", "shifted rows"])
+def test_compiled_block_loop_matches_the_composed_loss(monkeypatch, block, regime):
+    """The C block loop (float32, MKL products, blocks shared between threads) against the composed
+    loss in float64: accidental hits and seen items excluded, a positive shift, a learnt offset,
+    per-row columns with a mask, rows whose logits need a shift; blocks that do not divide B."""
+    calls, compiled = [], losses._blocks_compiled
+    monkeypatch.setattr(losses, "_blocks_compiled", lambda *a: calls.append(1) or compiled(*a))
+    torch.manual_seed(3)
+    B, C, d, K = 70, 90, 8, 3
+    scale = 60.0 if regime == "shifted rows" else 10.0  # |q| * log2(e) * max|v| > 64: a shift per row
+    q = torch.nn.functional.normalize(torch.randn(B, d), dim=1) * scale
     v = torch.nn.functional.normalize(torch.randn(C, d), dim=1)
     off, target = torch.randn(C), torch.randperm(C)[:B]
-    ids = torch.randint(0, 30, (C,))
-    hits = losses.accidental_hits(ids[target], ids, target)
-    results = []
-    for kernel in (losses._expsum, None):
-        monkeypatch.setattr(losses, "_expsum", kernel)
-        qq, vv, oo = (t.clone().requires_grad_() for t in (q, v, off))
-        loss = losses.shared_softmax_loss(qq, vv, target, oo, hits, block_rows=32)
-        results.append((loss, *torch.autograd.grad(loss, [qq, vv, oo])))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    mask = torch.zeros(B, C, dtype=torch.bool)
+    excluded = shift = extra = extra_mask = None
+    if regime == "everything":
+        ids = torch.randint(0, 30, (C,))
+        seen = torch.rand(B, C) < 0.2
+        seen[torch.arange(B), target] = False
+        mask = losses.accidental_hit_mask(ids[target], ids, target) | seen
+        excluded = losses.merge_coordinates(losses.accidental_hits(ids[target], ids, target),
+                                            losses.mask_coordinates(seen), n_cols=C)
+        shift = torch.rand(B)
+        extra, extra_mask = torch.randn(B, K) * 3, torch.rand(B, K) < 0.3
+    shift2 = losses._row_shift(q * losses._LOG2E, v, off * losses._LOG2E)
+    assert (shift2 is not None and bool(shift2.any())) == (regime == "shifted rows")
+    ins = [q, v, off] + ([extra] if extra is not None else [])
+    got_in = [t.clone().requires_grad_() for t in ins]
+    got = losses.shared_softmax_loss(got_in[0], got_in[1], target, got_in[2], excluded, shift,
+                                     got_in[3] if extra is not None else None, extra_mask, block_rows=block)
+    assert calls, "the compiled loop was not taken"
+    ref_in = [t.double().requires_grad_() for t in ins]
+    ref = _composed(ref_in[0], ref_in[1], target, ref_in[2], mask, None if shift is None else shift.double(),
+                    ref_in[3] if extra is not None else None, extra_mask)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, got_in), torch.autograd.grad(ref, ref_in)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=2e-6)
 

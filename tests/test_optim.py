@@ -98,7 +98,7 @@ def test_the_c_extension_is_built_wherever_a_c_compiler_is():
     if shutil.which("cc") or shutil.which("gcc"):
         from twotower.training import losses
 
-        for name, module in (("_rowadam", optim._rowadam), ("_expsum", losses._expsum)):
+        for name, module in (("_rowadam", optim._rowadam), ("_softmax", losses._softmax)):
             assert module is not None, f"twotower.training.{name} was not built: run `pip install -e .` and read its errors"
         assert DeferredAdam([nn.Parameter(torch.zeros(2, 2))]).compiled
 
