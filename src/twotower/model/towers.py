@@ -10,11 +10,43 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from ..data.dataset import EncodedFeatures
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``F.normalize(x, dim=-1)``: ``y = x / max(|x|, eps)`` along the last dimension, as one
+    autograd node (``_L2Normalize``)."""
+    return _L2Normalize.apply(x, eps)
+
+
+class _L2Normalize(torch.autograd.Function):
+    """``y = x / n`` with ``n = max(|x|, eps)``, and its gradient in one expression,
+
+        dL/dx = (g - y <g, y>) / n        (the part of g along y removed: |y| does not move),
+        dL/dx = g / eps                   where |x| < eps (the clamp is constant there),
+
+    in place of the five operations ``F.normalize`` records (norm, clamp, expand, divide, and the
+    divide's gradient with respect to the norm). Same values; a Gowalla training step's two
+    normalisations, forward and backward, took ~1.2 ms of PyTorch operations before."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        clamped = n < eps
+        n = n.clamp_min_(eps)
+        y = x / n
+        ctx.save_for_backward(y, n, clamped)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        y, n, clamped = ctx.saved_tensors
+        dot = (g * y).sum(-1, keepdim=True).masked_fill_(clamped, 0.0)
+        return torch.addcmul(g, y, dot, value=-1.0).div_(n), None
 
 
 def gather_rows(indptr: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +121,7 @@ class ItemTower(nn.Module):
             x = x + self.features(items)
         if self.mlp is not None:
             x = self.mlp(x)
-        return F.normalize(x, dim=-1)
+        return l2_normalize(x)
 
 
 class UserTower(nn.Module):
@@ -125,7 +157,7 @@ class UserTower(nn.Module):
             x = x + self.features(users)
         if self.mlp is not None:
             x = self.mlp(x)
-        return F.normalize(x, dim=-1)
+        return l2_normalize(x)
 
 
 class TwoTowerModel(nn.Module):
