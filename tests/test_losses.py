@@ -203,6 +203,33 @@ def test_shared_softmax_loss_of_an_empty_batch_gives_no_gradient():
     assert torch.equal(v.grad, torch.zeros(4, 3))
 
 
+@pytest.mark.skipif(losses._softmax is None or losses._mkl() is None, reason="C extension not built, or no MKL")
+def test_compiled_block_loop_scores_the_rows_of_one_query_id_once():
+    """What ``query_ids`` promises is taken at its word: rows said to share a query are scored with
+    the first one's, unless a positive shift or an excluded coordinate keeps them apart. Claiming
+    that every row is one query gives the composed loss of that reading, value and gradients."""
+    torch.manual_seed(4)
+    B, C, d = 40, 50, 8
+    q = torch.nn.functional.normalize(torch.randn(B, d), dim=1) * 10
+    v = torch.nn.functional.normalize(torch.randn(C, d), dim=1)
+    target = torch.randint(0, C, (B,))
+    shift = torch.zeros(B)
+    shift[[3, 7]] = 0.5                        # apart: a positive shift
+    hits = (torch.tensor([5, 9]), torch.tensor([(target[5] + 1) % C, (target[9] + 1) % C]))  # apart: hits
+    mask = torch.zeros(B, C, dtype=torch.bool)
+    mask[hits] = True
+    alone = torch.zeros(B, dtype=torch.bool)
+    alone[[3, 7, 5, 9]] = True
+    read = torch.where(alone[:, None], q, q[0])  # row 0 is the first row of the shared group
+    got_q, got_v = q.clone().requires_grad_(), v.clone().requires_grad_()
+    got = losses.shared_softmax_loss(got_q, got_v, target, None, hits, shift, query_ids=torch.zeros(B, dtype=torch.long))
+    ref_q, ref_v = read.double().requires_grad_(), v.double().requires_grad_()
+    ref = _composed(ref_q, ref_v, target, None, mask, shift.double(), None, None)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, [got_q, got_v]), torch.autograd.grad(ref, [ref_q, ref_v])):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=2e-6)
+
+
 @pytest.mark.skipif(losses._softmax is None, reason="C extension not built")
 @pytest.mark.parametrize("vectorised", [True, False])
 def test_compiled_exp2_pass_matches_exp2_and_sum(vectorised):
@@ -229,21 +256,30 @@ def test_compiled_exp2_pass_matches_exp2_and_sum(vectorised):
 
 @pytest.mark.skipif(losses._softmax is None or losses._mkl() is None, reason="C extension not built, or no MKL")
 @pytest.mark.parametrize("block", [1, 5, 32, None])
-@pytest.mark.parametrize("regime", ["plain", "everything", "shifted rows"])
+@pytest.mark.parametrize("regime", ["plain", "everything", "shifted rows", "shared queries", "shared, shifted rows"])
 def test_compiled_block_loop_matches_the_composed_loss(monkeypatch, block, regime):
     """The C block loop (float32, MKL products, blocks shared between threads) against the composed
     loss in float64: accidental hits and seen items excluded, a positive shift, a learnt offset,
-    per-row columns with a mask, rows whose logits need a shift; blocks that do not divide B."""
+    per-row columns with a mask, rows whose logits need a shift; blocks that do not divide B; rows
+    of one query (``query_ids``) scored once, some of them kept apart by a positive shift or a hit."""
     calls, compiled = [], losses._blocks_compiled
     monkeypatch.setattr(losses, "_blocks_compiled", lambda *a: calls.append(1) or compiled(*a))
     torch.manual_seed(3)
     B, C, d, K = 70, 90, 8, 3
-    scale = 60.0 if regime == "shifted rows" else 10.0  # |q| * log2(e) * max|v| > 64: a shift per row
+    shifted = regime.endswith("shifted rows")
+    scale = 60.0 if shifted else 10.0  # |q| * log2(e) * max|v| > 64: a shift per row
     q = torch.nn.functional.normalize(torch.randn(B, d), dim=1) * scale
     v = torch.nn.functional.normalize(torch.randn(C, d), dim=1)
     off, target = torch.randn(C), torch.randperm(C)[:B]
     mask = torch.zeros(B, C, dtype=torch.bool)
-    excluded = shift = extra = extra_mask = None
+    excluded = shift = extra = extra_mask = users = None
+    if regime.startswith("shared"):
+        users = torch.randint(0, 12, (B,))
+        q = q[users]  # rows of one user have one query
+        ids = torch.randint(0, 60, (C,))
+        mask = losses.accidental_hit_mask(ids[target], ids, target)
+        excluded = losses.accidental_hits(ids[target], ids, target)
+        shift = torch.where(torch.rand(B) < 0.3, torch.rand(B), torch.zeros(B))
     if regime == "everything":
         ids = torch.randint(0, 30, (C,))
         seen = torch.rand(B, C) < 0.2
@@ -254,11 +290,12 @@ def test_compiled_block_loop_matches_the_composed_loss(monkeypatch, block, regim
         shift = torch.rand(B)
         extra, extra_mask = torch.randn(B, K) * 3, torch.rand(B, K) < 0.3
     shift2 = losses._row_shift(q * losses._LOG2E, v, off * losses._LOG2E)
-    assert (shift2 is not None and bool(shift2.any())) == (regime == "shifted rows")
+    assert (shift2 is not None and bool(shift2.any())) == shifted
     ins = [q, v, off] + ([extra] if extra is not None else [])
     got_in = [t.clone().requires_grad_() for t in ins]
     got = losses.shared_softmax_loss(got_in[0], got_in[1], target, got_in[2], excluded, shift,
-                                     got_in[3] if extra is not None else None, extra_mask, block_rows=block)
+                                     got_in[3] if extra is not None else None, extra_mask, block_rows=block,
+                                     query_ids=users)
     assert calls, "the compiled loop was not taken"
     ref_in = [t.double().requires_grad_() for t in ins]
     ref = _composed(ref_in[0], ref_in[1], target, ref_in[2], mask, None if shift is None else shift.double(),

@@ -27,3 +27,14 @@ def test_l2_normalize_matches_f_normalize_in_value_and_gradient():
     yb.backward(g)
     assert torch.allclose(ya, yb)
     assert torch.allclose(a.grad, b.grad)
+
+
+def test_user_tower_is_a_function_of_the_user_id_only_without_history_or_dropout():
+    # the trainer lets the loss score a batch's rows of one user once only when this holds
+    from twotower.config import ModelConfig
+    from twotower.model.towers import UserTower
+
+    assert UserTower(10, 20, ModelConfig(dim=4), None).deterministic
+    assert UserTower(10, 20, ModelConfig(dim=4, mlp=[8]), None).deterministic
+    assert not UserTower(10, 20, ModelConfig(dim=4, mlp=[8], dropout=0.2), None).deterministic
+    assert not UserTower(10, 20, ModelConfig(dim=4, user_history=True, share_item_table=False), None).deterministic

@@ -49,6 +49,10 @@ class _L2Normalize(torch.autograd.Function):
         return torch.addcmul(g, y, dot, value=-1.0).div_(n), None
 
 
+def _has_dropout(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
+
+
 def gather_rows(indptr: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Entries of CSR ``rows`` concatenated, and the offset where each row starts (EmbeddingBag input)."""
     starts = indptr[rows]
@@ -111,7 +115,7 @@ class ItemTower(nn.Module):
     @property
     def deterministic(self) -> bool:
         """Equal ids give equal vectors, in training too (no dropout)."""
-        return not any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
+        return not _has_dropout(self)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         x = 0
@@ -142,6 +146,12 @@ class UserTower(nn.Module):
             nn.init.normal_(self.history_table.weight, std=cfg.init_std)
         self.features = FeatureBags(features, cfg.dim, cfg.init_std, sparse) if features is not None and features.names else None
         self.mlp = make_mlp(cfg.dim, cfg.mlp, cfg.dropout)
+
+    @property
+    def deterministic(self) -> bool:
+        """Equal user ids give equal vectors, in training too: no dropout, and no history (a
+        training pair's history is its own)."""
+        return not self.use_history and not _has_dropout(self)
 
     def forward(self, users: torch.Tensor, history: torch.Tensor | None = None, history_mask: torch.Tensor | None = None,
                 shared_table: nn.Embedding | None = None) -> torch.Tensor:

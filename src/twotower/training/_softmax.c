@@ -204,14 +204,57 @@ static int64_t lower_bound(const int64_t *a, int64_t n, int64_t x) {
     return lo;
 }
 
+/* Rows that can share one score row: equal query ids (so equal queries: the caller says so), no
+ * positive shift, no excluded coordinate, no per-row columns. Their logits are then the same for
+ * every column, so are E and its sums; only the targets differ. Fills group[B] (each row's group,
+ * numbered in order of first row) and returns the number of groups; with no ids, every row is
+ * its own group. */
+static int64_t query_groups(const int64_t *ids, const float *pos, const int64_t *hit_rows, int64_t n_hits, int64_t B,
+                            int64_t *group, int64_t *scratch) {
+    if (!ids) {
+        for (int64_t b = 0; b < B; b++)
+            group[b] = b;
+        return B;
+    }
+    /* open addressing on the ids of mergeable rows: a table of 2^k slots, k the least with 2^k >= 2B */
+    int64_t size = 1;
+    while (size < 2 * B)
+        size <<= 1;
+    int64_t *slot_row = scratch; /* first row of the id in this slot, or -1 */
+    for (int64_t i = 0; i < size; i++)
+        slot_row[i] = -1;
+    char *lone = (char *)(scratch + size); /* rows that must stay alone */
+    memset(lone, 0, (size_t)B);
+    for (int64_t h = 0; h < n_hits; h++)
+        lone[hit_rows[h]] = 1;
+    int64_t groups = 0;
+    for (int64_t b = 0; b < B; b++) {
+        if (lone[b] || (pos && pos[b] != 0.0f)) {
+            group[b] = groups++;
+            continue;
+        }
+        uint64_t hsh = (uint64_t)ids[b] * 0x9E3779B97F4A7C15ull;
+        int64_t i = (int64_t)(hsh >> 20) & (size - 1);
+        while (slot_row[i] >= 0 && ids[slot_row[i]] != ids[b])
+            i = (i + 1) & (size - 1);
+        if (slot_row[i] < 0) {
+            slot_row[i] = b;
+            group[b] = groups++;
+        } else {
+            group[b] = group[slot_row[i]];
+        }
+    }
+    return groups;
+}
+
 /* forward(sgemm, threads_local, threads, block, vectorised,
  *         v, C, q2, q, B, d,
- *         offset2, shift, target, positive_shift2, hit_rows, hit_cols, n_hits, extra_sum,
+ *         offset2, shift, target, positive_shift2, hit_rows, hit_cols, n_hits, extra_sum, query_ids,
  *         grad_q, grad_v, grad_offset, denom, z_target)
  *
- * Pointers are addresses of contiguous float32 (int64 for target and hits) arrays; 0 for an absent
- * optional one (offset2 [C], shift [B], positive_shift2 [B], extra_sum [B], grad_offset [C]). In
- * base-2 units, with row b's shift m_b (losses._row_shift):
+ * Pointers are addresses of contiguous float32 (int64 for target, hits and ids) arrays; 0 for an
+ * absent optional one (offset2 [C], shift [B], positive_shift2 [B], extra_sum [B], query_ids [B],
+ * grad_offset [C]). In base-2 units, with row b's shift m_b (losses._row_shift):
  *
  *   z[b, c]        = <q2_b, v_c>,  less positive_shift2[b] at c = target[b]; -inf at the hits
  *   z_target[b]    = z[b, target[b]] + offset2[target[b]]
@@ -220,18 +263,20 @@ static int64_t lower_bound(const int64_t *a, int64_t n, int64_t x) {
  *   grad_v         = E^T @ (q / denom) - sum_{b: target[b] = c} (q_b / denom_b) denom_b
  *   grad_offset[c] = sum_b E[b, c] / denom[b] - sum_{b: target[b] = c} (1 / denom_b) denom_b
  *
- * Blocks of `block` rows go to the threads round-robin (block i to thread i % threads), each
- * thread summing its grad_v and grad_offset into its own buffer; the buffers are added in thread
- * order. The same thread count gives the same sums, run after run. */
+ * Rows of a query group (query_groups) are scored once: their shared row of E enters grad_v and
+ * grad_offset with weight k / denom for k rows, and each row takes its own target's terms. Groups
+ * are processed in blocks of `block`, the blocks going to the threads round-robin (block i to
+ * thread i % threads), each thread summing its grad_v and grad_offset into its own buffer; the
+ * buffers are added in thread order. The same thread count gives the same sums, run after run. */
 static PyObject *forward(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long f_sgemm, f_local, p_v, p_q2, p_q, p_off, p_shift, p_target, p_pos, p_hr, p_hc, p_xsum;
+    unsigned long long f_sgemm, f_local, p_v, p_q2, p_q, p_off, p_shift, p_target, p_pos, p_hr, p_hc, p_xsum, p_ids;
     unsigned long long p_gq, p_gv, p_goff, p_denom, p_ztarget;
     long long C, B, d, block, n_hits;
     int threads, vectorised;
-    if (!PyArg_ParseTuple(args, "KKiLpKLKKLLKKKKKKLKKKKKK", &f_sgemm, &f_local, &threads, &block, &vectorised, &p_v, &C,
-                          &p_q2, &p_q, &B, &d, &p_off, &p_shift, &p_target, &p_pos, &p_hr, &p_hc, &n_hits, &p_xsum, &p_gq,
-                          &p_gv, &p_goff, &p_denom, &p_ztarget))
+    if (!PyArg_ParseTuple(args, "KKiLpKLKKLLKKKKKKLKKKKKKK", &f_sgemm, &f_local, &threads, &block, &vectorised, &p_v,
+                          &C, &p_q2, &p_q, &B, &d, &p_off, &p_shift, &p_target, &p_pos, &p_hr, &p_hc, &n_hits, &p_xsum,
+                          &p_ids, &p_gq, &p_gv, &p_goff, &p_denom, &p_ztarget))
         return NULL;
     if (!f_sgemm || !f_local || C <= 0 || B <= 0 || d <= 0 || block <= 0 || threads <= 0 || C * block > INT_MAX ||
         C * d > INT_MAX || B * d > INT_MAX) {
@@ -241,29 +286,71 @@ static PyObject *forward(PyObject *self, PyObject *args) {
     }
     sgemm_fn sgemm = (sgemm_fn)(uintptr_t)f_sgemm;
     threads_local_fn threads_local = (threads_local_fn)(uintptr_t)f_local;
-    const float *v = (const float *)(uintptr_t)p_v, *q2 = (const float *)(uintptr_t)p_q2;
-    const float *q = (const float *)(uintptr_t)p_q, *off = (const float *)(uintptr_t)p_off;
+    const float *v = (const float *)(uintptr_t)p_v, *q2_rows = (const float *)(uintptr_t)p_q2;
+    const float *q_rows = (const float *)(uintptr_t)p_q, *off = (const float *)(uintptr_t)p_off;
     const float *shift = (const float *)(uintptr_t)p_shift, *pos = (const float *)(uintptr_t)p_pos;
     const float *xsum = (const float *)(uintptr_t)p_xsum;
-    const int64_t *target = (const int64_t *)(uintptr_t)p_target;
+    const int64_t *target = (const int64_t *)(uintptr_t)p_target, *ids = (const int64_t *)(uintptr_t)p_ids;
     const int64_t *hit_rows = (const int64_t *)(uintptr_t)p_hr, *hit_cols = (const int64_t *)(uintptr_t)p_hc;
     float *grad_q = (float *)(uintptr_t)p_gq, *grad_v = (float *)(uintptr_t)p_gv;
     float *grad_off = (float *)(uintptr_t)p_goff, *denom = (float *)(uintptr_t)p_denom;
     float *z_target = (float *)(uintptr_t)p_ztarget;
     int avx2 = vectorised && use_avx2();
-    int64_t blocks = (B + block - 1) / block;
+    if (xsum) /* per-row columns: no two rows share a softmax */
+        ids = NULL;
+
+    /* the groups: each row's group, and each group's rows (CSR, in row order) */
+    int64_t table = 1;
+    while (table < 2 * B)
+        table <<= 1;
+    int64_t *index = malloc(sizeof(int64_t) * (size_t)(3 * B + 1 + n_hits + table) + (size_t)B);
+    if (!index)
+        return PyErr_NoMemory();
+    int64_t *group = index, *start = index + B, *rows = start + B + 1, *hit_groups = rows + B;
+    int64_t G = query_groups(ids, pos, hit_rows, n_hits, B, group, hit_groups + n_hits);
+    memset(start, 0, sizeof(int64_t) * (size_t)(G + 1));
+    for (int64_t b = 0; b < B; b++)
+        start[group[b] + 1]++;
+    for (int64_t g = 0; g < G; g++)
+        start[g + 1] += start[g];
+    for (int64_t b = 0; b < B; b++) /* filled in row order, each group's start advancing to its end */
+        rows[start[group[b]]++] = b;
+    for (int64_t g = G; g > 0; g--) /* and moved back */
+        start[g] = start[g - 1];
+    start[0] = 0;
+    /* rows with hits are alone, so their groups ascend as their rows do */
+    for (int64_t h = 0; h < n_hits; h++)
+        hit_groups[h] = group[hit_rows[h]];
+
+    int64_t blocks = (G + block - 1) / block;
     if (threads > blocks)
         threads = (int)blocks;
 #ifndef _OPENMP
     threads = 1;
 #endif
-    /* per thread: the block's scores [C, block], q / denom [block, d], its sums and 1 / sums, and
-     * its share of grad_v [C, d] and grad_offset [C]; then each row's one-hot part of grad_v */
-    size_t per = (size_t)C * block + (size_t)block * d + 2 * (size_t)block + (size_t)C * d + (grad_off ? (size_t)C : 0);
-    float *work = calloc((size_t)threads * per + (size_t)B * d, sizeof(float));
-    if (!work)
+    /* Shared: the groups' queries, contiguous (copies only where rows were merged). Per thread: the
+     * block's scores [C, block], (E @ v) and q / denom [block, d], the sums, 1 / sums, the
+     * weights k / sums and the shifts, and its share of grad_v [C, d] and grad_offset [C]; then
+     * each row's one-hot part of grad_v. */
+    size_t at_gv = (size_t)C * block + 2 * (size_t)block * d + 4 * (size_t)block, at_goff = at_gv + (size_t)C * d;
+    size_t per = at_goff + (grad_off ? (size_t)C : 0);
+    size_t shared = G < B ? 2 * (size_t)G * d : 0;
+    float *work = malloc(sizeof(float) * ((size_t)threads * per + (size_t)B * d + shared));
+    if (!work) {
+        free(index);
         return PyErr_NoMemory();
+    }
     float *hit_q = work + (size_t)threads * per;
+    const float *q2 = q2_rows, *q = q_rows;
+    if (G < B) {
+        float *q2g = hit_q + (size_t)B * d, *qg = q2g + (size_t)G * d;
+        for (int64_t g = 0; g < G; g++) {
+            memcpy(q2g + g * d, q2_rows + rows[start[g]] * d, sizeof(float) * (size_t)d);
+            memcpy(qg + g * d, q_rows + rows[start[g]] * d, sizeof(float) * (size_t)d);
+        }
+        q2 = q2g;
+        q = qg;
+    }
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel num_threads(threads)
     {
@@ -271,57 +358,73 @@ static PyObject *forward(PyObject *self, PyObject *args) {
 #ifdef _OPENMP
         k = omp_get_thread_num();
 #endif
-        float *zt = work + (size_t)k * per, *w = zt + (size_t)C * block, *sums = w + (size_t)block * d;
-        float *inv = sums + block, *gv = inv + block, *goff = gv + (size_t)C * d;
+        float *zt = work + (size_t)k * per, *eq = zt + (size_t)C * block, *w = eq + (size_t)block * d;
+        float *sums = w + (size_t)block * d, *inv = sums + block, *weight = inv + block;
+        float *row_shift = shift ? weight + block : NULL, *gv = zt + at_gv, *goff = zt + at_goff;
+        memset(gv, 0, sizeof(float) * (per - at_gv));
         int one_thread = 1, before = threads_local(&one_thread);
         const int Ci = (int)C, di = (int)d, unit = 1;
         const float one = 1.0f, zero = 0.0f;
         for (int64_t i = k; i < blocks; i += threads) {
             int64_t s = i * block;
-            int n = (int)(s + block <= B ? block : B - s);
-            /* zt[c * n + b] = <v_c, q2_{s+b}>: column-major [n, C] is row-major [C, n] */
+            int n = (int)(s + block <= G ? block : G - s);
+            /* zt[c * n + u] = <v_c, q2_{s+u}>: column-major [n, C] is row-major [C, n] */
             sgemm("T", "N", &n, &Ci, &di, &one, q2 + s * d, &di, v, &di, &zero, zt, &n);
-            for (int b = 0; b < n; b++) {
-                int64_t t = target[s + b];
-                float *zp = zt + t * n + b;
-                if (pos)
-                    *zp -= pos[s + b];
-                z_target[s + b] = off ? *zp + off[t] : *zp;
+            for (int u = 0; u < n; u++) {
+                for (int64_t r = start[s + u]; r < start[s + u + 1]; r++) {
+                    int64_t b = rows[r], t = target[b];
+                    float *zp = zt + t * n + u;
+                    if (pos) /* 0 in a group of several rows */
+                        *zp -= pos[b];
+                    z_target[b] = off ? *zp + off[t] : *zp;
+                }
+                if (row_shift)
+                    row_shift[u] = shift[rows[start[s + u]]];
             }
             if (n_hits) {
-                int64_t h0 = lower_bound(hit_rows, n_hits, s), h1 = lower_bound(hit_rows, n_hits, s + n);
+                int64_t h0 = lower_bound(hit_groups, n_hits, s), h1 = lower_bound(hit_groups, n_hits, s + n);
                 for (int64_t h = h0; h < h1; h++)
-                    zt[hit_cols[h] * n + (hit_rows[h] - s)] = -INFINITY;
+                    zt[hit_cols[h] * n + (hit_groups[h] - s)] = -INFINITY;
             }
             memset(sums, 0, sizeof(float) * (size_t)n);
-            rows_exp2(avx2, zt, off, shift ? shift + s : NULL, 0, C, n, sums);
-            for (int b = 0; b < n; b++) {
-                float den = xsum ? sums[b] + xsum[s + b] : sums[b];
-                denom[s + b] = den;
-                inv[b] = 1.0f / den;
+            rows_exp2(avx2, zt, off, row_shift, 0, C, n, sums);
+            for (int u = 0; u < n; u++) {
+                int64_t first = start[s + u], count = start[s + u + 1] - first;
+                float den = xsum ? sums[u] + xsum[rows[first]] : sums[u];
+                sums[u] = den;
+                inv[u] = 1.0f / den;
+                weight[u] = inv[u] * (float)count;
             }
-            float *gq = grad_q + s * d;
-            sgemm("N", "T", &di, &n, &Ci, &one, v, &di, zt, &n, &zero, gq, &di); /* gq[b] = (E^T v)[b] */
-            for (int b = 0; b < n; b++) {
-                const float *vt = v + target[s + b] * d, *qb = q + (s + b) * d;
-                float den = denom[s + b], iv = inv[b];
-                float *g = gq + (int64_t)b * d, *wb = w + (int64_t)b * d, *hq = hit_q + (s + b) * d;
-                for (int64_t j = 0; j < d; j++) {
-                    g[j] = (g[j] - vt[j] * den) * iv;
-                    wb[j] = qb[j] * iv;
-                    hq[j] = wb[j] * den;
+            sgemm("N", "T", &di, &n, &Ci, &one, v, &di, zt, &n, &zero, eq, &di); /* eq[u] = (E^T v)[u] */
+            for (int u = 0; u < n; u++) {
+                const float *qu = q + (s + u) * d, *e = eq + (int64_t)u * d;
+                float den = sums[u], iv = inv[u], *wu = w + (int64_t)u * d;
+                for (int64_t j = 0; j < d; j++)
+                    wu[j] = qu[j] * iv;
+                for (int64_t r = start[s + u]; r < start[s + u + 1]; r++) {
+                    int64_t b = rows[r];
+                    const float *vt = v + target[b] * d;
+                    float *g = grad_q + b * d, *hq = hit_q + b * d;
+                    denom[b] = den;
+                    for (int64_t j = 0; j < d; j++) {
+                        g[j] = (e[j] - vt[j] * den) * iv;
+                        hq[j] = wu[j] * den;
+                    }
                 }
+                if (start[s + u + 1] - start[s + u] > 1)
+                    for (int64_t j = 0; j < d; j++)
+                        wu[j] *= (float)(start[s + u + 1] - start[s + u]);
             }
-            sgemm("N", "N", &di, &Ci, &n, &one, w, &di, zt, &n, &one, gv, &di); /* gv += E (q / denom) */
+            sgemm("N", "N", &di, &Ci, &n, &one, w, &di, zt, &n, &one, gv, &di); /* gv += E (k q / denom) */
             if (grad_off)
-                sgemm("N", "N", &unit, &Ci, &n, &one, inv, &unit, zt, &n, &one, goff, &unit); /* goff += E^T inv */
+                sgemm("N", "N", &unit, &Ci, &n, &one, weight, &unit, zt, &n, &one, goff, &unit); /* goff += E^T k/den */
         }
         threads_local(&before);
     }
     for (int64_t j = 0; j < C * d; j++) {
         float acc = 0.0f;
         for (int k = 0; k < threads; k++)
-            acc += work[(size_t)k * per + (size_t)C * block + (size_t)block * d + 2 * (size_t)block + j];
+            acc += work[(size_t)k * per + at_gv + j];
         grad_v[j] = acc;
     }
     for (int64_t b = 0; b < B; b++) {
@@ -331,11 +434,10 @@ static PyObject *forward(PyObject *self, PyObject *args) {
             g[j] -= hq[j];
     }
     if (grad_off) {
-        size_t at = (size_t)C * block + (size_t)block * d + 2 * (size_t)block + (size_t)C * d;
         for (int64_t c = 0; c < C; c++) {
             float acc = 0.0f;
             for (int k = 0; k < threads; k++)
-                acc += work[(size_t)k * per + at + c];
+                acc += work[(size_t)k * per + at_goff + c];
             grad_off[c] = acc;
         }
         for (int64_t b = 0; b < B; b++)
@@ -343,6 +445,7 @@ static PyObject *forward(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     free(work);
+    free(index);
     Py_RETURN_NONE;
 }
 

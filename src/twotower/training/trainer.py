@@ -171,6 +171,9 @@ class Trainer:
         self.state = TrainState()
         self.candidates = CandidateBuilder(cfg, dataset, self.device, cfg.model.dim, exposure=_exposure(cfg, dataset),
                                            merge_duplicates=self.model.item_tower.deterministic)
+        # A batch's rows of one user score the same, and the loss may score them once
+        # (losses.shared_softmax_loss's query_ids)
+        self.same_user_same_query = self.model.user_tower.deterministic
         self.steps_per_epoch = len(epoch_batches(len(dataset.train), cfg.train.batch_size, np.random.default_rng(0),
                                                  dataset.train.users if cfg.train.unique_users else None))
         # Mining rounds extend training: train.epochs, then epochs_per_round more after each round.
@@ -220,7 +223,8 @@ class Trainer:
             # enters as + log w.
             hard = model.score_rows(u, cand.hard_vectors, cand.hard_ids.clamp_min(0)) + cand.hard_log_weight
             hard_mask = self.candidates.hard_mask(users, items, cand)
-        loss = losses.shared_softmax_loss(u / model.tau(), cand.vectors, cand.target, offset, excluded, shift, hard, hard_mask)
+        loss = losses.shared_softmax_loss(u / model.tau(), cand.vectors, cand.target, offset, excluded, shift, hard, hard_mask,
+                                          query_ids=users if self.same_user_same_query else None)
 
         self.optimizer.zero_grad()
         (loss * shard.loss_weight).backward()
