@@ -173,6 +173,12 @@ def test_row_shift_bounds_each_row_without_reading_the_logits():
     # a row spreading over more than 184 (base-2 units) has no safe shift: the row maxima are used
     assert losses._row_shift(q2 * 4, v, off2) is None
     assert losses._row_shift(torch.tensor([[float("inf"), 0.0]]), v, None) is None
+    if losses._softmax is not None:  # the compiled loop's own pass: the same bound
+        assert losses._compiled_row_shift(q2, v, off2)[0]
+        assert torch.allclose(losses._compiled_row_shift(q2, v, off2)[1], torch.tensor([0.0, 6.0, 0.0]))
+        assert losses._compiled_row_shift(q2, v, -off2.abs()) == (True, None)  # [-51, 50] at most: no shift
+        assert not losses._compiled_row_shift(q2 * 4, v, off2)[0]
+        assert not losses._compiled_row_shift(torch.tensor([[float("inf"), 0.0]]), v, None)[0]
 
 
 def test_shared_softmax_loss_is_exact_with_any_shift_and_with_the_row_maxima():

@@ -204,6 +204,64 @@ static int64_t lower_bound(const int64_t *a, int64_t n, int64_t x) {
     return lo;
 }
 
+/* |x|^2 over d floats, in double, in eight independent sums (one running sum would be a chain of
+ * dependent additions, ~4x slower) */
+static double squared_norm(const float *x, int64_t d) {
+    double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    int64_t j = 0;
+    for (; j + 8 <= d; j += 8)
+        for (int l = 0; l < 8; l++)
+            acc[l] += (double)x[j + l] * (double)x[j + l];
+    for (; j < d; j++)
+        acc[0] += (double)x[j] * (double)x[j];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* row_shift(q2, B, d, v, C, offset2, shift) -> 0, 1 or 2: losses._row_shift in one pass. Writes
+ * shift[B], a shift m_b per row such that every base-2 logit z2[b, c] - m_b = <q2_b, v_c> +
+ * offset2[c] - m_b lies within [LO, HI], from the bound |<q2_b, v_c>| <= |q2_b| max_c |v_c|;
+ * returns 2 if some m_b is not 0, 1 if all are, 0 if some row's bound spreads wider than HI - LO
+ * (or is not finite): then no shift is safe and the caller takes the row maxima. */
+static PyObject *row_shift(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long p_q2, p_v, p_off, p_shift;
+    long long B, d, C;
+    double LO, HI;
+    if (!PyArg_ParseTuple(args, "KLLKLKKdd", &p_q2, &B, &d, &p_v, &C, &p_off, &p_shift, &LO, &HI))
+        return NULL;
+    const float *q2 = (const float *)(uintptr_t)p_q2, *v = (const float *)(uintptr_t)p_v;
+    const float *off = (const float *)(uintptr_t)p_off;
+    float *shift = (float *)(uintptr_t)p_shift;
+    int status = 1;
+    Py_BEGIN_ALLOW_THREADS
+    double vmax = 0.0, omin = 0.0, omax = 0.0;
+    for (int64_t c = 0; c < C; c++) {
+        double n = squared_norm(v + c * d, d);
+        if (n > vmax)
+            vmax = n;
+        if (off) {
+            if (c == 0 || off[c] < omin)
+                omin = off[c];
+            if (c == 0 || off[c] > omax)
+                omax = off[c];
+        }
+    }
+    vmax = sqrt(vmax);
+    for (int64_t b = 0; b < B && status; b++) {
+        double reach = sqrt(squared_norm(q2 + b * d, d)) * vmax, lo = omin - reach, hi = omax + reach;
+        if (!isfinite(hi) || !isfinite(lo) || hi - lo > HI - LO) {
+            status = 0;
+        } else if (hi <= HI && lo >= LO) {
+            shift[b] = 0.0f;
+        } else {
+            shift[b] = (float)(hi - HI);
+            status = 2;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(status);
+}
+
 /* Rows that can share one score row: equal query ids (so equal queries: the caller says so), no
  * positive shift, no excluded coordinate, no per-row columns. Their logits are then the same for
  * every column, so are E and its sums; only the targets differ. Fills group[B] (each row's group,
@@ -250,7 +308,7 @@ static int64_t query_groups(const int64_t *ids, const float *pos, const int64_t 
 /* forward(sgemm, threads_local, threads, block, vectorised,
  *         v, C, q2, q, B, d,
  *         offset2, shift, target, positive_shift2, hit_rows, hit_cols, n_hits, extra_sum, query_ids,
- *         grad_q, grad_v, grad_offset, denom, z_target)
+ *         grad_q, grad_v, grad_offset, denom) -> the sum of the rows' losses in base 2
  *
  * Pointers are addresses of contiguous float32 (int64 for target, hits and ids) arrays; 0 for an
  * absent optional one (offset2 [C], shift [B], positive_shift2 [B], extra_sum [B], query_ids [B],
@@ -271,12 +329,12 @@ static int64_t query_groups(const int64_t *ids, const float *pos, const int64_t 
 static PyObject *forward(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long f_sgemm, f_local, p_v, p_q2, p_q, p_off, p_shift, p_target, p_pos, p_hr, p_hc, p_xsum, p_ids;
-    unsigned long long p_gq, p_gv, p_goff, p_denom, p_ztarget;
+    unsigned long long p_gq, p_gv, p_goff, p_denom;
     long long C, B, d, block, n_hits;
     int threads, vectorised;
-    if (!PyArg_ParseTuple(args, "KKiLpKLKKLLKKKKKKLKKKKKKK", &f_sgemm, &f_local, &threads, &block, &vectorised, &p_v,
+    if (!PyArg_ParseTuple(args, "KKiLpKLKKLLKKKKKKLKKKKKK", &f_sgemm, &f_local, &threads, &block, &vectorised, &p_v,
                           &C, &p_q2, &p_q, &B, &d, &p_off, &p_shift, &p_target, &p_pos, &p_hr, &p_hc, &n_hits, &p_xsum,
-                          &p_ids, &p_gq, &p_gv, &p_goff, &p_denom, &p_ztarget))
+                          &p_ids, &p_gq, &p_gv, &p_goff, &p_denom))
         return NULL;
     if (!f_sgemm || !f_local || C <= 0 || B <= 0 || d <= 0 || block <= 0 || threads <= 0 || C * block > INT_MAX ||
         C * d > INT_MAX || B * d > INT_MAX) {
@@ -294,7 +352,6 @@ static PyObject *forward(PyObject *self, PyObject *args) {
     const int64_t *hit_rows = (const int64_t *)(uintptr_t)p_hr, *hit_cols = (const int64_t *)(uintptr_t)p_hc;
     float *grad_q = (float *)(uintptr_t)p_gq, *grad_v = (float *)(uintptr_t)p_gv;
     float *grad_off = (float *)(uintptr_t)p_goff, *denom = (float *)(uintptr_t)p_denom;
-    float *z_target = (float *)(uintptr_t)p_ztarget;
     int avx2 = vectorised && use_avx2();
     if (xsum) /* per-row columns: no two rows share a softmax */
         ids = NULL;
@@ -335,15 +392,15 @@ static PyObject *forward(PyObject *self, PyObject *args) {
     size_t at_gv = (size_t)C * block + 2 * (size_t)block * d + 4 * (size_t)block, at_goff = at_gv + (size_t)C * d;
     size_t per = at_goff + (grad_off ? (size_t)C : 0);
     size_t shared = G < B ? 2 * (size_t)G * d : 0;
-    float *work = malloc(sizeof(float) * ((size_t)threads * per + (size_t)B * d + shared));
+    float *work = malloc(sizeof(float) * ((size_t)threads * per + (size_t)B * (d + 1) + shared));
     if (!work) {
         free(index);
         return PyErr_NoMemory();
     }
-    float *hit_q = work + (size_t)threads * per;
+    float *hit_q = work + (size_t)threads * per, *z_target = hit_q + (size_t)B * d;
     const float *q2 = q2_rows, *q = q_rows;
     if (G < B) {
-        float *q2g = hit_q + (size_t)B * d, *qg = q2g + (size_t)G * d;
+        float *q2g = z_target + B, *qg = q2g + (size_t)G * d;
         for (int64_t g = 0; g < G; g++) {
             memcpy(q2g + g * d, q2_rows + rows[start[g]] * d, sizeof(float) * (size_t)d);
             memcpy(qg + g * d, q_rows + rows[start[g]] * d, sizeof(float) * (size_t)d);
@@ -351,6 +408,7 @@ static PyObject *forward(PyObject *self, PyObject *args) {
         q2 = q2g;
         q = qg;
     }
+    double total = 0.0;
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel num_threads(threads)
     {
@@ -420,12 +478,14 @@ static PyObject *forward(PyObject *self, PyObject *args) {
                 sgemm("N", "N", &unit, &Ci, &n, &one, weight, &unit, zt, &n, &one, goff, &unit); /* goff += E^T k/den */
         }
         threads_local(&before);
-    }
-    for (int64_t j = 0; j < C * d; j++) {
-        float acc = 0.0f;
-        for (int k = 0; k < threads; k++)
-            acc += work[(size_t)k * per + at_gv + j];
-        grad_v[j] = acc;
+        /* the threads' shares of grad_v added, each thread a slice, in thread order */
+#pragma omp barrier
+        for (int64_t j = C * d * k / threads, j1 = C * d * (k + 1) / threads; j < j1; j++) {
+            float acc = 0.0f;
+            for (int t = 0; t < threads; t++)
+                acc += work[(size_t)t * per + at_gv + j];
+            grad_v[j] = acc;
+        }
     }
     for (int64_t b = 0; b < B; b++) {
         float *g = grad_v + target[b] * d;
@@ -443,15 +503,19 @@ static PyObject *forward(PyObject *self, PyObject *args) {
         for (int64_t b = 0; b < B; b++)
             grad_off[target[b]] -= (1.0f / denom[b]) * denom[b];
     }
+    /* row b's loss, ln(sum_c e^z) - z_target, is (log2(denom_b) + m_b - z2_target) ln 2 */
+    for (int64_t b = 0; b < B; b++)
+        total += (double)(log2f(denom[b]) + (shift ? shift[b] : 0.0f) - z_target[b]);
     Py_END_ALLOW_THREADS
     free(work);
     free(index);
-    Py_RETURN_NONE;
+    return PyFloat_FromDouble(total);
 }
 
 static PyMethodDef methods[] = {
     {"exp2_colsum", exp2_colsum, METH_VARARGS, "2^z in place over a float32 block, and its column sums."},
     {"forward", forward, METH_VARARGS, "The fused softmax's block loop: loss terms and gradients (see the source)."},
+    {"row_shift", row_shift, METH_VARARGS, "A safe exp2 shift per row from a Cauchy-Schwarz bound (see the source)."},
     {NULL, NULL, 0, NULL},
 };
 

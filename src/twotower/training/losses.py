@@ -325,12 +325,12 @@ def _blocks_compiled(q, q2, v, off2, shift, target, positive_shift, hit_rows, hi
         # Measured on the 2-core CPU (Gowalla, B = 2048, C ~ 1,900, d = 64): ~100-row blocks,
         # about 0.75 MB of scores each, stay in a core's cache; at least 16 rows for wide candidate sets.
         block = max(16, min(512, (3 << 16) // max(C, 1) // 16 * 16))
-    m, xe, xsum = shift, None, None
+    m, xe, xsum = shift, None, None  # shift: None where all rows take 0
     if extra is not None:  # per-row columns are few: their own maxima, if higher, and their sums
         x = extra.detach().to(q.dtype) * _LOG2E
         if extra_mask is not None:
             x.masked_fill_(extra_mask, _NEG_INF)
-        m = torch.maximum(m, x.amax(1))
+        m = x.amax(1).clamp_min_(0.0) if m is None else torch.maximum(m, x.amax(1))
         xe = x.sub_(m[:, None]).exp2_()
         xsum = xe.sum(1)
     v, q, target = v.contiguous(), q.contiguous(), target.contiguous()
@@ -338,23 +338,23 @@ def _blocks_compiled(q, q2, v, off2, shift, target, positive_shift, hit_rows, hi
         query_ids = query_ids.to(torch.long).contiguous()
     grad_q, grad_v = torch.empty_like(q), torch.empty_like(v)
     grad_off = torch.empty(C, dtype=q.dtype) if want_off else None
-    denom, z_target = torch.empty(B, dtype=q.dtype), torch.empty(B, dtype=q.dtype)
+    denom = torch.empty(B, dtype=q.dtype)
     pos2 = None if positive_shift is None else (positive_shift.to(q.dtype) * _LOG2E).contiguous()
     if hit_rows is not None:
         hit_rows, hit_cols = hit_rows.contiguous(), hit_cols.contiguous()
-    row_shift = m.contiguous() if bool(m.any()) else None
+    row_shift = None if m is None else m.contiguous()
 
     def ptr(t):
         return 0 if t is None else t.data_ptr()
 
     sgemm, threads_local = _mkl()
-    _softmax.forward(sgemm, threads_local, torch.get_num_threads(), int(block), True,
-                     ptr(v), C, ptr(q2), ptr(q), B, d,
-                     ptr(off2), ptr(row_shift), ptr(target), ptr(pos2), ptr(hit_rows), ptr(hit_cols),
-                     0 if hit_rows is None else len(hit_rows), ptr(xsum), ptr(query_ids),
-                     ptr(grad_q), ptr(grad_v), ptr(grad_off), ptr(denom), ptr(z_target))
-    # loss_b = ln(sum_c e^{z_c}) - z_t = (log2(denom) + m - z2_t) * ln 2
-    total = (denom.log2() + m - z_target).double().sum() * _LN2
+    # the sum over rows of loss_b = ln(sum_c e^{z_c}) - z_t = (log2(denom) + m - z2_t) * ln 2
+    total = _LN2 * _softmax.forward(sgemm, threads_local, torch.get_num_threads(), int(block), True,
+                                    ptr(v), C, ptr(q2), ptr(q), B, d,
+                                    ptr(off2), ptr(row_shift), ptr(target), ptr(pos2), ptr(hit_rows), ptr(hit_cols),
+                                    0 if hit_rows is None else len(hit_rows), ptr(xsum), ptr(query_ids),
+                                    ptr(grad_q), ptr(grad_v), ptr(grad_off), ptr(denom))
+    total = torch.tensor(total, dtype=torch.float64)
     grad_extra = None if xe is None else xe.div_(denom[:, None])
     return total, grad_q, grad_v, grad_off, grad_extra
 
@@ -373,9 +373,17 @@ def _mkl() -> tuple[int, int] | None:
         return None
 
 
-def _compiled_loop(q: torch.Tensor, v: torch.Tensor, shift: torch.Tensor | None) -> bool:
-    return (_softmax is not None and shift is not None and q.shape[0] > 0 and q.device.type == "cpu"
-            and q.dtype == torch.float32 and v.dtype == torch.float32 and _mkl() is not None)
+def _compiled_loop(q: torch.Tensor, v: torch.Tensor) -> bool:
+    return (_softmax is not None and q.shape[0] > 0 and q.device.type == "cpu" and q.dtype == torch.float32
+            and v.dtype == torch.float32 and _mkl() is not None)
+
+
+def _compiled_row_shift(q2: torch.Tensor, v: torch.Tensor, off2: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
+    """``_row_shift`` in one C pass: ``(found, shift)``, the shift None where every row takes 0."""
+    shift = torch.empty(q2.shape[0], dtype=q2.dtype)
+    status = _softmax.row_shift(q2.data_ptr(), q2.shape[0], q2.shape[1], v.data_ptr(), v.shape[0],
+                                0 if off2 is None else off2.data_ptr(), shift.data_ptr(), _EXP2_LO, _EXP2_HI)
+    return status > 0, (shift if status == 2 else None)
 
 
 class _SharedSoftmax(torch.autograd.Function):
@@ -389,9 +397,14 @@ class _SharedSoftmax(torch.autograd.Function):
         # exp (2048 x 2048: 1.6 ms against 3.0). The loss is converted back to natural log below.
         q2 = q * _LOG2E
         off2 = offset.detach().to(q.dtype) * _LOG2E if offset is not None else None
-        shift = _row_shift(q2, v, off2) if B else None  # None: each block takes its row maxima
         want_off = offset is not None and ctx.needs_input_grad[2]
-        loop = _blocks_compiled if _compiled_loop(q, v, shift) else _blocks_python
+        found, loop = False, _blocks_python
+        if _compiled_loop(q, v):
+            v = v.contiguous()
+            found, shift = _compiled_row_shift(q2, v, None if off2 is None else off2.contiguous())
+            loop = _blocks_compiled
+        if not found:  # shift None: each block takes its row maxima
+            shift, loop = (_row_shift(q2, v, off2) if B else None), _blocks_python
         total, grad_q, grad_v, grad_off, grad_extra = loop(
             q, q2, v, off2, shift, target, positive_shift, hit_rows, hit_cols, extra, extra_mask, block, want_off,
             query_ids)
