@@ -1,8 +1,10 @@
-"""The compiled part of twotower: two optional C extensions (everything else is in pyproject.toml).
+"""The compiled part of twotower: three optional C extensions (everything else is in pyproject.toml).
 
 ``twotower.training._rowadam`` runs DeferredAdam's per-row passes; ``twotower.training._softmax``
-the fused softmax's block loop (products by PyTorch's MKL) and its exp2-and-sum pass. Both are optional: where no C compiler is found the install
-goes on without them and the same computations take their PyTorch paths.
+the fused softmax's block loop and its exp2-and-sum pass; ``twotower.evaluation._topk`` full-catalog
+top-k without the score matrix (both with products by PyTorch's own MKL, ``twotower/_blas.py``).
+All are optional: where no C compiler is found the install goes on without them and the same
+computations take their PyTorch paths.
 """
 from setuptools import Extension, setup
 
@@ -15,5 +17,6 @@ setup(
     ext_modules=[
         Extension("twotower.training._rowadam", sources=["src/twotower/training/_rowadam.c"], optional=True, **FLAGS),
         Extension("twotower.training._softmax", sources=["src/twotower/training/_softmax.c"], optional=True, **FLAGS),
+        Extension("twotower.evaluation._topk", sources=["src/twotower/evaluation/_topk.c"], optional=True, **FLAGS),
     ]
 )

@@ -7,6 +7,7 @@ import torch
 
 from twotower.config import EvalConfig, ModelConfig
 from twotower.data.dataset import CSR, Split
+from twotower.evaluation import ranking
 from twotower.evaluation.evaluator import evaluate_split
 from twotower.model.towers import TwoTowerModel
 
@@ -69,3 +70,44 @@ def test_alpha_ranks_by_the_served_score_with_popularity_correction():
     # alpha = 5 demotes them: 8 + 5 * 2.398 = 19.99, 0 + 5 * 1.992 = 9.96, -10 + 5 * 0.693 = -6.53.
     damped = evaluate_split(_model(), truth, known, counts, EvalConfig(ks=[1, 2], alpha=5.0))
     assert damped["recall@2"] == 0.0 and damped["popularity@2"] == pytest.approx((1 + 2) / 2)
+
+
+@pytest.mark.skipif(ranking._topk is None or ranking.mkl() is None, reason="C extension not built, or no MKL")
+@pytest.mark.parametrize("n, m, k", [(5, 7, 3), (300, 2500, 20), (130, 1500, 1200), (3, 40, 40)])
+def test_compiled_top_k_is_topk_of_the_masked_scores(n, m, k):
+    """Against ``torch.topk`` of the full score matrix: exclusions, an additive item term, users not
+    a multiple of the compiled pass's 128, items across its 1024-item chunks, k above a chunk and
+    k equal to the catalog (excluded items then come last, at -inf)."""
+    torch.manual_seed(n)
+    u, v = torch.randn(n, 8), torch.randn(m, 8)
+    bias = torch.randn(m)
+    rng = np.random.default_rng(n)
+    users = rng.permutation(n + 4)[:n]  # CSR rows are user ids, not positions
+    exclude = CSR.from_pairs(rng.integers(0, n + 4, 4 * n), rng.integers(0, m, 4 * n), n + 4)
+    values, index = ranking._top_k_compiled(u, v, bias, users, exclude, k)
+    scores = u @ v.T + bias
+    ranking.mask_rows(scores, users, exclude)
+    ref = torch.topk(scores, k, dim=1)
+    torch.testing.assert_close(values, ref.values)
+    # the items are those scores' items (equal scores may come in either order from topk), once each
+    torch.testing.assert_close(scores.gather(1, index), values)
+    assert all(len(set(row)) == k for row in index.tolist())
+    # the excluded, tied at -inf, in ascending item order
+    finite = torch.isfinite(values)
+    for r in range(n):
+        assert index[r][~finite[r]].tolist() == sorted(index[r][~finite[r]].tolist())
+
+
+@pytest.mark.skipif(ranking._topk is None or ranking.mkl() is None, reason="C extension not built, or no MKL")
+def test_compiled_top_k_breaks_ties_by_the_lower_item_index():
+    # items 0..2499 in pairs of equal vectors: each tie goes to the lower index, across chunks too
+    base = torch.randn(1250, 4)
+    v = base.repeat_interleave(2, dim=0)
+    u = torch.randn(6, 4)
+    values, index = ranking._top_k_compiled(u, v, None, np.arange(6), None, 10)
+    assert torch.equal(index[:, 0::2] % 2, torch.zeros(6, 5, dtype=torch.long))
+    assert torch.equal(index[:, 1::2], index[:, 0::2] + 1)
+    torch.testing.assert_close(values[:, 0::2], values[:, 1::2])
+    # every item scores the same: the first k items, in order
+    _, index = ranking._top_k_compiled(u, torch.ones(2500, 4), None, np.arange(6), None, 10)
+    assert torch.equal(index, torch.arange(10).repeat(6, 1))

@@ -96,10 +96,12 @@ def test_deferred_adam_follows_dense_adam_with_a_varying_learning_rate(compiled)
 def test_the_c_extension_is_built_wherever_a_c_compiler_is():
     # setup.py marks it optional, so a broken build would otherwise pass unnoticed
     if shutil.which("cc") or shutil.which("gcc"):
+        from twotower.evaluation import ranking
         from twotower.training import losses
 
-        for name, module in (("_rowadam", optim._rowadam), ("_softmax", losses._softmax)):
-            assert module is not None, f"twotower.training.{name} was not built: run `pip install -e .` and read its errors"
+        for name, module in (("training._rowadam", optim._rowadam), ("training._softmax", losses._softmax),
+                             ("evaluation._topk", ranking._topk)):
+            assert module is not None, f"twotower.{name} was not built: run `pip install -e .` and read its errors"
         assert DeferredAdam([nn.Parameter(torch.zeros(2, 2))]).compiled
 
 

@@ -7,12 +7,10 @@ assembles ids, log expected counts and masks; these functions only do the arithm
 """
 from __future__ import annotations
 
-import ctypes
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
+
+from .._blas import mkl as _mkl
 
 try:  # the fused softmax's block loop, compiled by setup.py; without a C compiler, PyTorch operations
     from . import _softmax
@@ -357,20 +355,6 @@ def _blocks_compiled(q, q2, v, off2, shift, target, positive_shift, hit_rows, hi
     total = torch.tensor(total, dtype=torch.float64)
     grad_extra = None if xe is None else xe.div_(denom[:, None])
     return total, grad_q, grad_v, grad_off, grad_extra
-
-
-@functools.cache
-def _mkl() -> tuple[int, int] | None:
-    """Addresses of ``sgemm_`` and ``mkl_set_num_threads_local`` in PyTorch's own CPU library, for
-    the compiled block loop; None where PyTorch was built without MKL (or its library is elsewhere)."""
-    if not torch.backends.mkl.is_available():
-        return None
-    try:
-        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-        return tuple(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
-                     for name in ("sgemm_", "mkl_set_num_threads_local"))
-    except (OSError, AttributeError):  # pragma: no cover - depends on the PyTorch build
-        return None
 
 
 def _compiled_loop(q: torch.Tensor, v: torch.Tensor) -> bool:
