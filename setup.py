@@ -13,10 +13,14 @@ from setuptools import Extension, setup
 # scattered row reads in flight
 FLAGS = dict(extra_compile_args=["-O3", "-std=c99", "-fno-math-errno", "-fopenmp"], extra_link_args=["-fopenmp"])
 
+NATIVE = "src/twotower/_native.h"  # what the two passes that call MKL share
+
 setup(
     ext_modules=[
         Extension("twotower.training._rowadam", sources=["src/twotower/training/_rowadam.c"], optional=True, **FLAGS),
-        Extension("twotower.training._softmax", sources=["src/twotower/training/_softmax.c"], optional=True, **FLAGS),
-        Extension("twotower.evaluation._topk", sources=["src/twotower/evaluation/_topk.c"], optional=True, **FLAGS),
+        Extension("twotower.training._softmax", sources=["src/twotower/training/_softmax.c"], depends=[NATIVE],
+                  optional=True, **FLAGS),
+        Extension("twotower.evaluation._topk", sources=["src/twotower/evaluation/_topk.c"], depends=[NATIVE],
+                  optional=True, **FLAGS),
     ]
 )

@@ -19,10 +19,8 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include "../_native.h"
 
-typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
-                         const float *, const int *, const float *, const int *, const float *, float *, const int *);
-typedef int (*threads_local_fn)(const int *);
 
 /* 128 x 1024 scores (512 KB) per thread: on the 2-core CPU, Gowalla's test ranking took 1.67 s
  * against 2.1 s at 32 x 2048 and 1.87 s at 96 x 1024 (thin products run faster with more users
@@ -37,6 +35,15 @@ typedef int (*threads_local_fn)(const int *);
 /* a entry ranks below b: a lower score, or the same score at a higher item index */
 static inline int below(float av, int64_t ai, float bv, int64_t bi) { return av < bv || (av == bv && ai > bi); }
 
+static inline void swap(float *val, int64_t *idx, int64_t a, int64_t b) {
+    float tv = val[a];
+    int64_t ti = idx[a];
+    val[a] = val[b];
+    idx[a] = idx[b];
+    val[b] = tv;
+    idx[b] = ti;
+}
+
 /* restore the min-heap (worst entry at the root) below position i */
 static void sift_down(float *val, int64_t *idx, int64_t n, int64_t i) {
     for (;;) {
@@ -47,12 +54,7 @@ static void sift_down(float *val, int64_t *idx, int64_t n, int64_t i) {
             w = r;
         if (w == i)
             return;
-        float tv = val[i];
-        int64_t ti = idx[i];
-        val[i] = val[w];
-        idx[i] = idx[w];
-        val[w] = tv;
-        idx[w] = ti;
+        swap(val, idx, i, w);
         i = w;
     }
 }
@@ -65,25 +67,22 @@ static void push(float *val, int64_t *idx, int64_t n, float v, int64_t j) { /* h
         int64_t p = (i - 1) / 2;
         if (!below(val[i], idx[i], val[p], idx[p]))
             return;
-        float tv = val[i];
-        int64_t ti = idx[i];
-        val[i] = val[p];
-        idx[i] = idx[p];
-        val[p] = tv;
-        idx[p] = ti;
+        swap(val, idx, i, p);
         i = p;
     }
+}
+
+/* a better entry takes the worst one's place in a full heap of k */
+static inline void replace_worst(float *val, int64_t *idx, int64_t k, float v, int64_t j) {
+    val[0] = v;
+    idx[0] = j;
+    sift_down(val, idx, k, 0);
 }
 
 /* heap of k -> best first: repeatedly move the worst to the end */
 static void sort_heap(float *val, int64_t *idx, int64_t n) {
     for (int64_t end = n - 1; end > 0; end--) {
-        float tv = val[0];
-        int64_t ti = idx[0];
-        val[0] = val[end];
-        idx[0] = idx[end];
-        val[end] = tv;
-        idx[end] = ti;
+        swap(val, idx, 0, end);
         sift_down(val, idx, end, 0);
     }
 }
@@ -96,16 +95,12 @@ static int64_t scan_scalar(const float *row, int nc, int64_t c0, float *val, int
     for (; j < nc && h < k; j++)
         push(val, idx, h++, row[j], c0 + j);
     for (; j < nc; j++)
-        if (row[j] > val[0]) {
-            val[0] = row[j];
-            idx[0] = c0 + j;
-            sift_down(val, idx, k, 0);
-        }
+        if (row[j] > val[0])
+            replace_worst(val, idx, k, row[j], c0 + j);
     return h;
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
+#ifdef HAVE_X86
 /* the same, comparing eight scores at a time with the k-th best: most chunks of eight have none
  * above it once the heap holds good items */
 __attribute__((target("avx2"))) static int64_t scan_avx2(const float *row, int nc, int64_t c0, float *val,
@@ -119,37 +114,17 @@ __attribute__((target("avx2"))) static int64_t scan_avx2(const float *row, int n
         while (above) {
             int l = __builtin_ctz(above);
             above &= above - 1;
-            if (row[j + l] > val[0]) { /* the k-th best may have risen within these eight */
-                val[0] = row[j + l];
-                idx[0] = c0 + j + l;
-                sift_down(val, idx, k, 0);
-            }
+            if (row[j + l] > val[0]) /* the k-th best may have risen within these eight */
+                replace_worst(val, idx, k, row[j + l], c0 + j + l);
             worst = _mm256_set1_ps(val[0]);
         }
     }
     for (; j < nc; j++)
-        if (row[j] > val[0]) {
-            val[0] = row[j];
-            idx[0] = c0 + j;
-            sift_down(val, idx, k, 0);
-        }
+        if (row[j] > val[0])
+            replace_worst(val, idx, k, row[j], c0 + j);
     return h;
 }
-#define HAVE_X86 1
 #endif
-
-static int use_avx2(void) {
-#ifdef HAVE_X86
-    static int cached = -1;
-    if (cached < 0) {
-        __builtin_cpu_init();
-        cached = __builtin_cpu_supports("avx2");
-    }
-    return cached;
-#else
-    return 0;
-#endif
-}
 
 /* top_k(sgemm, threads_local, threads, vectorised, users, n, items, m, d, bias, rows, indptr, indices, k, values,
  *       index)

@@ -25,10 +25,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#define HAVE_X86 1
-#endif
+#include "../_native.h"
 
 /* 2^f, f in [-1/2, 1/2]: Taylor coefficients of e^(f ln 2); the first term left out is below
  * 1e-8 relative at degree 7 */
@@ -128,19 +125,6 @@ static void rows_exp2(int avx2, float *z, const float *offset, const float *col_
     rows_scalar(z, offset, col_shift, r0, r1, cols, sums);
 }
 
-static int use_avx2(void) {
-#ifdef HAVE_X86
-    static int cached = -1;
-    if (cached < 0) {
-        __builtin_cpu_init();
-        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    }
-    return cached;
-#else
-    return 0;
-#endif
-}
-
 /* exp2_colsum(z, rows, cols, sums, vectorised, offset): z[r, c] <- 2^(z[r, c] + offset[r]) (offset a
  * float32 [rows] pointer, or 0 for none); sums[cols] <- column sums. Rows are split between OpenMP
  * threads, each summing into its own buffer. */
@@ -185,12 +169,6 @@ static PyObject *exp2_colsum(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* The BLAS entry points the block loop calls, found by the caller in PyTorch's own library
- * (losses._mkl): Fortran sgemm (column-major, arguments by reference) and MKL's per-thread
- * thread count. */
-typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
-                         const float *, const int *, const float *, const int *, const float *, float *, const int *);
-typedef int (*threads_local_fn)(const int *);
 
 static int64_t lower_bound(const int64_t *a, int64_t n, int64_t x) {
     int64_t lo = 0, hi = n;
