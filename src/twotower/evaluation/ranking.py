@@ -94,7 +94,7 @@ def top_k_blocks(model: TwoTowerModel, users: np.ndarray, history: CSR, exclude:
 def _top_k_compiled(u: torch.Tensor, item_vecs: torch.Tensor, bias: torch.Tensor | None, rows: np.ndarray,
                     exclude: CSR | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``topk(u @ item_vecs.T + bias, k)`` with ``exclude``'s items of each row at -inf, in one C pass
-    (``_topk.c``: 32 users x 2048 items of scores at a time, in cache, and a running top-k per user;
+    (``_topk.c``: 128 users x 1024 items of scores at a time, in cache, and a running top-k per user;
     ties go to the lower item index)."""
     u = u.to(torch.float32).contiguous()
     values = torch.empty(len(rows), k, dtype=torch.float32)

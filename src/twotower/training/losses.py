@@ -229,7 +229,7 @@ def _exp2_column_sums(zt: torch.Tensor, row_offset: torch.Tensor | None = None) 
         sums = torch.empty(zt.shape[1], dtype=zt.dtype)
         off = None if row_offset is None else row_offset.to(zt.dtype).contiguous()
         _softmax.exp2_colsum(zt.data_ptr(), zt.shape[0], zt.shape[1], sums.data_ptr(), True,
-                            0 if off is None else off.data_ptr())
+                             0 if off is None else off.data_ptr())
         return sums
     if row_offset is not None:
         zt.add_(row_offset[:, None])
