@@ -12,6 +12,17 @@ from twotower.evaluation.evaluator import evaluate_split
 from twotower.model.towers import TwoTowerModel
 
 
+@pytest.fixture(params=["compiled", "pytorch"])
+def ranking_path(request, monkeypatch):
+    """The hand-computed cases run through both top-k paths: the compiled pass (where built) and
+    matmul + topk."""
+    if request.param == "pytorch":
+        monkeypatch.setattr(ranking, "_topk", None)
+    elif ranking._topk is None or ranking.mkl() is None:
+        pytest.skip("C extension not built, or no MKL")
+    return request.param
+
+
 def _model():
     m = TwoTowerModel(2, 4, ModelConfig(dim=2, temperature=0.1))
     with torch.no_grad():
@@ -20,6 +31,7 @@ def _model():
     return m
 
 
+@pytest.mark.usefixtures("ranking_path")
 def test_full_ranking_metrics_by_hand():
     # user 0 ranks items 0 > 1 > 2 > 3 and has seen item 0; held out: item 2 -> ranks 1, 2, 3 = items 1, 2, 3
     # user 1 ranks items 2 > 1 > 0 > 3 and has seen item 3; held out: items 1, 0 -> ranks 2 and 3
@@ -48,6 +60,7 @@ def test_full_ranking_metrics_by_hand():
     assert math.isnan(m["recall@2/head"])              # no held-out item in the head
 
 
+@pytest.mark.usefixtures("ranking_path")
 def test_seen_items_are_masked_even_when_best():
     known = CSR.from_pairs(np.array([0, 0]), np.array([0, 1]), 2)
     truth = Split(np.array([0]), np.array([2]))
@@ -55,6 +68,7 @@ def test_seen_items_are_masked_even_when_best():
     assert m["recall@1"] == 1.0  # items 0 and 1 score higher but are the user's training items
 
 
+@pytest.mark.usefixtures("ranking_path")
 def test_alpha_ranks_by_the_served_score_with_popularity_correction():
     # user 0 (vector [1, 0]) has seen item 0; logits cos/tau for items 1, 2, 3 are 8, 0, -10.
     # counts [5, 1, 2, 10] -> log p(j) = log((n_j + 1) / 22): items 1, 2, 3 -> log(2/22), log(3/22), log(11/22).

@@ -233,6 +233,40 @@ def test_merged_duplicate_positives_train_exactly_as_separate_columns(overrides)
         torch.testing.assert_close(w, runs[1][1][k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"train": {"correct_positive": False}, "model": {"item_bias": True}},
+    {"negatives": {"sampled": 6, "bank_size": 20, "bank_warmup_steps": 1}, "model": {"mlp": [16]}},
+])
+def test_rows_of_one_user_train_exactly_as_separate_rows(overrides):
+    """A batch's rows of one user scored once (the loss's ``query_ids``) against every row scored:
+    the same losses and weights after every step, with the rows that a positive shift keeps apart
+    (merged item copies; every row when the positive is left uncorrected) mixed in."""
+    base = {"train": {"batch_size": 48, "optimizer": "sgd", "lr": 0.5, "logq": True}}
+    for sec, kv in overrides.items():
+        base.setdefault(sec, {}).update(kv)
+    cfg, ds = _tiny(base)
+    runs = []
+    for merge in (True, False):
+        tr = Trainer(cfg, ds, None, quiet=True, log=lambda m: None)
+        assert tr.same_user_same_query  # ids (and an MLP) without history or dropout
+        tr.same_user_same_query = merge
+        rng = np.random.default_rng(0)
+        losses_ = [tr.step(np.arange(s, s + 48), rng) for s in range(0, 480, 48)]
+        runs.append((losses_, {k: v.detach().clone() for k, v in tr.model.state_dict().items()}))
+    users = torch.from_numpy(ds.train.users[:480]).view(10, 48)
+    assert all(len(torch.unique(b)) < 48 for b in users)  # every batch has rows to share
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
+    for k, w in runs[0][1].items():
+        torch.testing.assert_close(w, runs[1][1][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_user_tower_with_history_or_dropout_scores_every_row():
+    for model in ({"user_history": True}, {"mlp": [16], "dropout": 0.2}):
+        cfg, ds = _tiny({"model": model})
+        assert not Trainer(cfg, ds, None, quiet=True, log=lambda m: None).same_user_same_query
+
+
 def test_a_tower_with_dropout_keeps_every_positive_as_its_own_column():
     cfg, ds = _tiny({"model": {"mlp": [16], "dropout": 0.2}})
     tr = Trainer(cfg, ds, None, quiet=True, log=lambda m: None)
