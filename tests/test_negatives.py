@@ -205,6 +205,32 @@ def test_distinct_positives_merges_copies_into_one_column_with_their_log_count()
     assert same[0].tolist() == [4, 2] and same[2].tolist() == [0, 1] and not same[3].any()
 
 
+def _ten_sgd_steps_each_way(overrides, owner, flag):
+    """Ten SGD steps of 48 rows with a trainer's ``flag`` (on ``trainer.owner``, or the trainer
+    itself) left on, then turned off: the dataset, and each run's losses and final weights (SGD, so
+    weights differ exactly where gradients would)."""
+    base = {"train": {"batch_size": 48, "optimizer": "sgd", "lr": 0.5, "logq": True}}
+    for sec, kv in overrides.items():
+        base.setdefault(sec, {}).update(kv)
+    cfg, ds = _tiny(base)
+    runs = []
+    for on in (True, False):
+        tr = Trainer(cfg, ds, None, quiet=True, log=lambda m: None)
+        target = tr if owner is None else getattr(tr, owner)
+        assert getattr(target, flag)
+        setattr(target, flag, on)
+        rng = np.random.default_rng(0)
+        losses_ = [tr.step(np.arange(s, s + 48), rng) for s in range(0, 480, 48)]
+        runs.append((losses_, {k: v.detach().clone() for k, v in tr.model.state_dict().items()}))
+    return ds, runs
+
+
+def _assert_same_training(a, b):
+    assert a[0] == pytest.approx(b[0], rel=1e-5)
+    for k, w in a[1].items():
+        torch.testing.assert_close(w, b[1][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 @pytest.mark.parametrize("overrides", [
     {},
     {"train": {"correct_positive": False, "mask_user_history": True}, "model": {"item_bias": True}},
@@ -214,23 +240,10 @@ def test_merged_duplicate_positives_train_exactly_as_separate_columns(overrides)
     """One column per distinct in-batch item (``log k`` on its logit) against one column per
     positive with the copies masked as accidental hits: the same losses and the same weights after
     every step (SGD, so weights differ exactly where gradients would)."""
-    base = {"train": {"batch_size": 48, "optimizer": "sgd", "lr": 0.5, "logq": True}}
-    for sec, kv in overrides.items():
-        base.setdefault(sec, {}).update(kv)
-    cfg, ds = _tiny(base)
-    runs = []
-    for merge in (True, False):
-        tr = Trainer(cfg, ds, None, quiet=True, log=lambda m: None)
-        assert tr.candidates.merge  # the synthetic towers are deterministic
-        tr.candidates.merge = merge
-        rng = np.random.default_rng(0)
-        losses_ = [tr.step(np.arange(s, s + 48), rng) for s in range(0, 480, 48)]
-        runs.append((losses_, {k: v.detach().clone() for k, v in tr.model.state_dict().items()}))
+    ds, runs = _ten_sgd_steps_each_way(overrides, "candidates", "merge")  # on: the towers are deterministic
     items = torch.from_numpy(ds.train.items[:480]).view(10, 48)
     assert all(len(torch.unique(b)) < 48 for b in items)  # every batch has copies to merge
-    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
-    for k, w in runs[0][1].items():
-        torch.testing.assert_close(w, runs[1][1][k], rtol=1e-4, atol=1e-5, msg=k)
+    _assert_same_training(*runs)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -242,23 +255,10 @@ def test_rows_of_one_user_train_exactly_as_separate_rows(overrides):
     """A batch's rows of one user scored once (the loss's ``query_ids``) against every row scored:
     the same losses and weights after every step, with the rows that a positive shift keeps apart
     (merged item copies; every row when the positive is left uncorrected) mixed in."""
-    base = {"train": {"batch_size": 48, "optimizer": "sgd", "lr": 0.5, "logq": True}}
-    for sec, kv in overrides.items():
-        base.setdefault(sec, {}).update(kv)
-    cfg, ds = _tiny(base)
-    runs = []
-    for merge in (True, False):
-        tr = Trainer(cfg, ds, None, quiet=True, log=lambda m: None)
-        assert tr.same_user_same_query  # ids (and an MLP) without history or dropout
-        tr.same_user_same_query = merge
-        rng = np.random.default_rng(0)
-        losses_ = [tr.step(np.arange(s, s + 48), rng) for s in range(0, 480, 48)]
-        runs.append((losses_, {k: v.detach().clone() for k, v in tr.model.state_dict().items()}))
+    ds, runs = _ten_sgd_steps_each_way(overrides, None, "same_user_same_query")  # on: no history or dropout
     users = torch.from_numpy(ds.train.users[:480]).view(10, 48)
     assert all(len(torch.unique(b)) < 48 for b in users)  # every batch has rows to share
-    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
-    for k, w in runs[0][1].items():
-        torch.testing.assert_close(w, runs[1][1][k], rtol=1e-4, atol=1e-5, msg=k)
+    _assert_same_training(*runs)
 
 
 def test_a_user_tower_with_history_or_dropout_scores_every_row():

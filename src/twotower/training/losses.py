@@ -382,13 +382,13 @@ class _SharedSoftmax(torch.autograd.Function):
         q2 = q * _LOG2E
         off2 = offset.detach().to(q.dtype) * _LOG2E if offset is not None else None
         want_off = offset is not None and ctx.needs_input_grad[2]
-        found, loop = False, _blocks_python
         if _compiled_loop(q, v):
             v = v.contiguous()
             found, shift = _compiled_row_shift(q2, v, None if off2 is None else off2.contiguous())
-            loop = _blocks_compiled
-        if not found:  # shift None: each block takes its row maxima
-            shift, loop = (_row_shift(q2, v, off2) if B else None), _blocks_python
+            # no safe shift: the PyTorch loop, each block taking its row maxima (shift None)
+            loop, shift = (_blocks_compiled, shift) if found else (_blocks_python, None)
+        else:
+            loop, shift = _blocks_python, (_row_shift(q2, v, off2) if B else None)
         total, grad_q, grad_v, grad_off, grad_extra = loop(
             q, q2, v, off2, shift, target, positive_shift, hit_rows, hit_cols, extra, extra_mask, block, want_off,
             query_ids)
