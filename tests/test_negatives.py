@@ -11,7 +11,8 @@ from twotower.data.sources import load_dataset, load_impressions
 from twotower.errors import ConfigError, DataError
 from twotower.training import losses
 from twotower.training.candidates import CandidateBuilder
-from twotower.training.frequency import NegPosRatio, StreamingFrequency, proposal_probabilities
+from twotower.data.popularity import proposal_probabilities
+from twotower.training.frequency import NegPosRatio, StreamingFrequency
 from twotower.training.hard_negatives import CategorySampler, ListSampler, hard_schedule
 from twotower.training.memory_bank import MemoryBank
 from twotower.training.mining import mine_negatives

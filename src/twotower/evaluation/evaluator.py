@@ -10,9 +10,9 @@ import torch
 
 from ..config import EvalConfig
 from ..data.dataset import CSR, Dataset, Split
+from ..data.popularity import log_popularity
 from ..model.towers import TwoTowerModel
 from . import metrics as M
-from ..training.frequency import log_popularity
 from .ranking import embed_items, top_k_blocks
 
 

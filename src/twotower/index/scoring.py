@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-# Defined with the other item-probability estimates; re-exported here because the served score uses it.
-from ..training.frequency import log_popularity  # noqa: F401
+# Defined with the item popularity of the data stage; re-exported here because the served score uses it.
+from ..data.popularity import log_popularity  # noqa: F401
 
 
 def augment_items(vecs: np.ndarray, log_p: np.ndarray, bias: np.ndarray | None = None,

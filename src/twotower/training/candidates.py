@@ -25,9 +25,10 @@ import torch
 
 from ..config import RunConfig
 from ..data.dataset import Dataset
+from ..data.popularity import counted_probabilities, proposal_probabilities
 from ..errors import ConfigError
 from . import losses
-from .frequency import NegPosRatio, StreamingFrequency, counted_probabilities, proposal_probabilities
+from .frequency import NegPosRatio, StreamingFrequency
 from .hard_negatives import CategorySampler, ListSampler, hard_schedule
 from .memory_bank import MemoryBank
 
