@@ -5,7 +5,7 @@ import pytest
 
 from twotower.cli import main
 from twotower.errors import ConfigError
-from twotower.evaluation.compare import VariantResult, expand_grid, load_variants, report_markdown
+from twotower.compare import VariantResult, expand_grid, load_variants, report_markdown
 
 
 def test_expand_grid_crosses_values():

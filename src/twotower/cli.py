@@ -260,7 +260,7 @@ def cmd_mine(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .evaluation.compare import load_variants, run_comparison, write_report
+    from .compare import load_variants, run_comparison, write_report
 
     variants = load_variants(args.configs, args.set or [], args.grid or [])
     out = Path(args.out)

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import artifacts
-from ..config import RunConfig, apply_overrides
-from ..errors import ConfigError
+from . import artifacts
+from .config import RunConfig, apply_overrides
+from .errors import ConfigError
 
 TABLE_METRICS = ["recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50",
                  "coverage@20", "tail_share@20", "popularity@20"]
@@ -131,8 +131,8 @@ def run_comparison(variants: list[Variant], out: Path, data_dir=None, quiet: boo
 
     ``resume``: a variant whose run directory already finished with the same config is read back,
     not retrained; one left unfinished (or trained with another config) is trained again."""
-    from ..api import train
-    from ..data.sources import load_dataset
+    from .api import train
+    from .data.sources import load_dataset
 
     out.mkdir(parents=True, exist_ok=True)
     datasets: dict[str, Any] = {}
