@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from .display import format_metrics, item_label
 from .errors import TwotowerError
 
 EPILOG_TRAIN = """\
@@ -48,18 +49,6 @@ def _data_dir(args) -> Path | None:
     return Path(args.data_dir) if getattr(args, "data_dir", None) else None
 
 
-def _format_metrics(rows: dict[str, dict[str, float]], ks: list[int]) -> str:
-    names = ["recall", "ndcg", "hr", "precision", "mrr", "coverage", "tail_share", "popularity"]
-    cols = list(rows)
-    lines = [f"{'metric':<16}" + "".join(f"{c:>12}" for c in cols)]
-    for k in ks:
-        for n in names:
-            key = f"{n}@{k}"
-            if any(key in r for r in rows.values()):
-                lines.append(f"{key:<16}" + "".join(f"{rows[c].get(key, float('nan')):>12.4f}" for c in cols))
-    return "\n".join(lines)
-
-
 def cmd_train(args) -> int:
     from .api import train
     from .config import RunConfig
@@ -83,7 +72,7 @@ def cmd_train(args) -> int:
     table = {"valid": res.valid}
     if res.test is not None:
         table["test"] = res.test
-    print(_format_metrics(table, [k for k in cfg.eval.ks if k <= 100]))
+    print(format_metrics(table, [k for k in cfg.eval.ks if k <= 100]))
     print(f"run written to {out} ({res.seconds:.0f}s)")
     return 0
 
@@ -96,7 +85,7 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(m, indent=2, sort_keys=True))
     else:
         ks = sorted({int(k.split("@")[1].split("/")[0]) for k in m if "@" in k})
-        print(_format_metrics({args.split: m}, ks))
+        print(format_metrics({args.split: m}, ks))
     return 0
 
 
@@ -173,7 +162,7 @@ def _recommend_one(run, args) -> int:
                             "pass a user id from the training data, or a new user's items with --history ID,ID,...") from None
     if args.user is not None:
         hist = run.history_of(args.user)
-        print(f"user {args.user}: {len(hist)} known items" + (f", e.g. {', '.join(_label(run, i) for i in hist[-5:])}" if len(hist) else ""))
+        print(f"user {args.user}: {len(hist)} known items" + (f", e.g. {', '.join(item_label(run, i) for i in hist[-5:])}" if len(hist) else ""))
     else:
         print(f"new user: {len(q.history) - len(r.unknown_items)} known items"
               + (f" ({len(r.unknown_items)} unknown ignored: {', '.join(map(str, r.unknown_items[:5]))})" if r.unknown_items else ""))
@@ -244,11 +233,6 @@ def cmd_serve(args) -> int:
     print(f"serving {args.run}: {i.n_items:,} items, index {i.kind}{saved}; http://{args.host}:{args.port}/docs", flush=True)
     serve(rec, host=args.host, port=args.port, log_level=args.log_level, max_batch=args.max_batch)
     return 0
-
-
-def _label(run, item) -> str:
-    t = run.title(item)
-    return f"{item} ({t})" if t else str(item)
 
 
 def cmd_mine(args) -> int:

@@ -27,7 +27,7 @@ def demo_config(dataset: str) -> RunConfig:
 def run_demo(data_dir: Path | None = None, out: Path | None = None, quiet: bool = False, offline: bool = False,
              synthetic: bool = False, epochs: int | None = None) -> int:
     from .api import train
-    from .cli import _format_metrics, _label
+    from .display import format_metrics, item_label
     from .data.fetch import fetch_movielens_100k
     from .data.paths import default_data_dir
     from .run import Run
@@ -55,15 +55,15 @@ def run_demo(data_dir: Path | None = None, out: Path | None = None, quiet: bool 
     try:
         res = train(cfg, out, data_dir, quiet=quiet)
         print()
-        print(_format_metrics({"valid": res.valid, "test": res.test or {}}, [10, 20, 50, 100]))
+        print(format_metrics({"valid": res.valid, "test": res.test or {}}, [10, 20, 50, 100]))
         run = Run(out)
         users = run.users.decode(range(min(3, len(run.users))))
         recs = run.recommend(users, k=5)
         for u in users:
             hist = run.history_of(u)
-            print(f"\nuser {u}: {len(hist)} known items, latest: " + "; ".join(_label(run, i) for i in hist[-3:]))
+            print(f"\nuser {u}: {len(hist)} known items, latest: " + "; ".join(item_label(run, i) for i in hist[-3:]))
             for r in recs[recs.user == u].itertuples():
-                print(f"  {r.rank}. {_label(run, r.item)}  (score {r.score:.3f})")
+                print(f"  {r.rank}. {item_label(run, r.item)}  (score {r.score:.3f})")
         print(f"\nrun directory: {out}" + (" (temporary; pass --out to keep it)" if tmp else ""))
         print(f"demo finished in {res.seconds:.0f}s")
     finally:
