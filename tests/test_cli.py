@@ -134,3 +134,20 @@ def test_unknown_user_is_a_clear_error(ml_run, capsys):
 def test_console_script_help():
     r = subprocess.run([sys.executable, "-m", "twotower.cli", "train", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--resume" in r.stdout and "examples" in r.stdout
+
+
+def test_every_command_and_argument_has_help():
+    import argparse
+
+    from twotower.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    listed = {c.dest for c in sub._choices_actions}
+    missing = []
+    for name, parser in sub.choices.items():
+        if name not in listed:
+            missing.append(f"twotower {name} (no help line in `twotower --help`)")
+        for action in parser._actions:
+            if not isinstance(action, argparse._HelpAction) and not action.help:
+                missing.append(f"twotower {name} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, "arguments without a help string: " + ", ".join(missing)

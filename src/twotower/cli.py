@@ -1,13 +1,14 @@
-"""Command line: ``twotower train | evaluate | recommend | mine | compare | index | embed | serve | demo``.
+"""Command line: ``twotower train | evaluate | recommend | index | embed | serve | mine | compare | demo | config``.
 
-Every subcommand is a thin shell over the Python API (``twotower.api``, ``twotower.run.Run``).
+Every subcommand is a thin shell over the Python API (``twotower.api``, ``twotower.run.Run``): a
+``cmd_<command>`` function that runs it, beside the ``add_<command>_parser`` function that declares
+its arguments (``COMMANDS`` lists them).
 User mistakes (bad data, bad config, bad run directory) print one message and exit with code 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -25,9 +26,12 @@ Under torchrun (gloo on CPU, NCCL on CUDA) train.batch_size is the global batch:
 batch_size / N rows of it, in-batch negatives are gathered across ranks, and rank 0 alone writes
 the run directory and evaluates; --resume works the same way.
 
-The config has four sections: [data] (what to read and how to split it), [model] (the towers),
-[train] (optimiser, loss, early stopping) and [eval] (cut-offs K). Data paths are relative to the
-data directory: --data-dir, else $TWOTOWER_DATA, else ~/.local/share/twotower.
+The config has six sections: [data] (what to read and how to split it), [model] (the towers),
+[train] (optimiser, loss and its corrections, early stopping), [negatives] (sampled, memory-bank
+and hard negatives), [mining] (hard-negative mining rounds) and [eval] (cut-offs K, popularity
+correction, buckets). Every key, its default and bounds: docs/config.md or `twotower config
+--reference`. Data paths are relative to the data directory: --data-dir, else $TWOTOWER_DATA, else
+~/.local/share/twotower.
 """
 
 
@@ -77,6 +81,22 @@ def cmd_train(args) -> int:
     return 0
 
 
+def add_train_parser(sub) -> None:
+    t = sub.add_parser("train", help="train a model from a config file", epilog=EPILOG_TRAIN,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("config", help="TOML or YAML config (see configs/; every key: docs/config.md)")
+    t.add_argument("--out", required=True, help="run directory to write (config, vocabularies, weights, metrics)")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    t.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=N")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="shorthand for --set train.device=...: auto picks CUDA "
+                   "when available (under torchrun: one GPU per rank, cuda:LOCAL_RANK)")
+    t.add_argument("--data-dir", help="data directory (default: $TWOTOWER_DATA or ~/.local/share/twotower)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars (one line per epoch), for logs")
+    t.set_defaults(func=cmd_train)
+
+
+
 def cmd_evaluate(args) -> int:
     from .api import evaluate_run
 
@@ -87,6 +107,29 @@ def cmd_evaluate(args) -> int:
         ks = sorted({int(k.split("@")[1].split("/")[0]) for k in m if "@" in k})
         print(format_metrics({args.split: m}, ks))
     return 0
+
+
+def add_evaluate_parser(sub) -> None:
+    e = sub.add_parser("evaluate", help="score a trained run by full ranking",
+                       description="Rank every item for every user of the split, the user's known items masked, and print\n"
+                                   "Recall, NDCG, HR, Precision, MRR, coverage, tail share and popularity at each cut-off\n"
+                                   "of the run's eval.ks (--json adds recall by popularity bucket of the held-out item).",
+                       epilog="examples:\n  twotower evaluate runs/ml100k\n  twotower evaluate runs/ml100k --split valid --json\n"
+                              "  twotower evaluate runs/ml100k --alpha 0.5      # as served with popularity correction",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("run", help="run directory written by `twotower train`")
+    e.add_argument("--split", choices=["test", "valid"], default="test",
+                   help="held-out items to score: test (the user's training and validation items masked) or valid "
+                        "(training items masked); default test")
+    e.add_argument("--data-dir", help="data directory the run was trained from (default: $TWOTOWER_DATA or "
+                                      "~/.local/share/twotower): the split is rebuilt from the data and the run's config")
+    e.add_argument("--json", action="store_true", help="print all metrics as JSON")
+    e.add_argument("--alpha", type=float, default=None,
+                   help="rank by the served score with popularity correction, score - alpha * log p(item), as "
+                        "`serve` does (default: the run's eval.alpha, normally 0). Raising it trades head-item "
+                        "recall for tail-item recall: see the recall@K/tail rows of --json")
+    e.set_defaults(func=cmd_evaluate)
+
 
 
 def _read_user_file(path: Path) -> list[str]:
@@ -174,6 +217,30 @@ def _recommend_one(run, args) -> int:
     return 0
 
 
+def add_recommend_parser(sub) -> None:
+    r = sub.add_parser("recommend", help="top-k items for one user or for many (to a file)",
+                       epilog="examples:\n  twotower recommend runs/ml100k --user 196 -k 20\n"
+                              "  twotower recommend runs/ml100k --history 50,172,181 -k 10 --alpha 0.5\n"
+                              "  twotower recommend runs/ml100k --all-users -k 100 --out candidates.parquet",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("run", help="run directory written by `twotower train`")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--user", help="raw user id")
+    g.add_argument("--all-users", action="store_true", help="every user of the run's test split (see --scope)")
+    g.add_argument("--users-file", help="text file with one raw user id per line")
+    g.add_argument("--history", metavar="ID,ID,...", help="a new user: raw item ids, oldest first (unknown ones are ignored)")
+    r.add_argument("--scope", choices=["test", "all"], default="test", help="with --all-users: test-split users or every user")
+    r.add_argument("-k", type=int, default=20, help="items per user (default 20)")
+    r.add_argument("--out", help="output file for batch mode: .parquet or .csv (columns user, item, score, rank)")
+    r.add_argument("--include-seen", action="store_true", help="do not exclude the user's training items")
+    r.add_argument("--alpha", type=float, default=0.0, help="popularity correction: score - alpha * log p(item) (default 0)")
+    r.add_argument("--category", help="only items of this category (a value of the item feature)")
+    r.add_argument("--category-feature", help="item feature that --category refers to (default: the model's first item feature)")
+    r.add_argument("--index", help="index folder (default RUN/index if built, else exact search)")
+    r.set_defaults(func=cmd_recommend)
+
+
+
 def cmd_index(args) -> int:
     from .index.index import IndexParams
     from .index.run_index import build_run_index
@@ -206,6 +273,42 @@ def cmd_index(args) -> int:
     return 0
 
 
+def add_index_parser(sub) -> None:
+    ix = sub.add_parser("index", help="embed every item and build a FAISS index in the run directory",
+                        epilog="examples:\n  twotower index runs/ml100k                      # auto: flat below 50k items, HNSW up to 5M, IVF beyond\n"
+                               "  twotower index runs/gowalla --kind hnsw --M 32 --ef-search 128\n"
+                               "  twotower index runs/big --kind ivfpq --nlist 4096 --pq-m 16 --refine 4\n"
+                               "  twotower index runs/big --from-parts runs/big/embeddings --kind ivf   # parts of `twotower embed`\n\n"
+                               "Search knobs not given (--nprobe, --ef-search) are tuned on real users to reach --target-recall.\n"
+                               "Recall@10/@100 against exact search and per-query latency are printed and stored in RUN/index/index.json.",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ix.add_argument("run", help="run directory written by `twotower train`")
+    ix.add_argument("--kind", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"], default="auto",
+                    help="flat: exact; hnsw: neighbour graph; ivf: k-means lists; ivfpq: lists of compressed codes, "
+                         "re-ranked exactly; auto (default): flat below 50k items, hnsw up to 5M, ivf beyond")
+    ix.add_argument("--nlist", type=int, help="IVF lists (default 4 * sqrt(items))")
+    ix.add_argument("--nprobe", type=int, help="IVF lists visited per query (default: tuned)")
+    ix.add_argument("--M", type=int, default=32, help="HNSW neighbours per node (default 32)")
+    ix.add_argument("--ef-construction", type=int, default=80, help="HNSW build-time candidate list (default 80)")
+    ix.add_argument("--ef-search", type=int, help="HNSW search-time candidate list (default: tuned; at least k is used)")
+    ix.add_argument("--pq-m", type=int, default=16, help="IVF-PQ sub-quantizers (default 16)")
+    ix.add_argument("--pq-bits", type=int, default=None, help="IVF-PQ bits per code (default 8; 4 with --fast-scan)")
+    ix.add_argument("--fast-scan", action="store_true",
+                    help="IVF-PQ: 4-bit codes scanned with SIMD lookup tables (FAISS IVFPQFastScan), several times faster per code")
+    ix.add_argument("--refine", type=int, default=4, help="IVF-PQ: re-rank refine * k candidates exactly (default 4)")
+    ix.add_argument("--target-recall", type=float, default=None, help="tuning target for recall@10 and @100 (default 0.95)")
+    ix.add_argument("--retune", action="store_true", help="keep the built index; set --ef-search/--nprobe, or tune them again, and re-measure")
+    ix.add_argument("--sample-users", type=int, default=1000, help="real users to tune and measure recall on (default 1000)")
+    ix.add_argument("--seed", type=int, default=0, help="seed of the user sample and of the k-means training sample (default 0)")
+    ix.add_argument("--out", help="index folder (default RUN/index)")
+    ix.add_argument("--quiet", action="store_true", help="no progress bar")
+    ix.add_argument("--from-parts", metavar="DIR", help="build from the Parquet parts of `twotower embed` (one part in memory at "
+                    "a time; IVF kinds train on a sample of all parts) instead of embedding every item in memory")
+    ix.add_argument("--train-size", type=int, metavar="N", help="IVF kinds: items k-means trains on (default 64 per list, at least 10,000)")
+    ix.set_defaults(func=cmd_index)
+
+
+
 def cmd_embed(args) -> int:
     from .index.parts import embed_run_to_parts, parse_job
     from .run import Run
@@ -223,127 +326,7 @@ def cmd_embed(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    from .serving.query import Recommender
-    from .serving.service import serve
-
-    rec = Recommender.load(args.run, args.index, category_feature=args.category_feature)
-    i = rec.index
-    saved = "" if i.info.get("saved", True) else " (no saved index: exact search; build one with `twotower index RUN`)"
-    print(f"serving {args.run}: {i.n_items:,} items, index {i.kind}{saved}; http://{args.host}:{args.port}/docs", flush=True)
-    serve(rec, host=args.host, port=args.port, log_level=args.log_level, max_batch=args.max_batch)
-    return 0
-
-
-def cmd_mine(args) -> int:
-    from .api import mine
-
-    lo, hi = args.window
-    mine(args.run, args.out, top_r=args.top_r, lo=lo, hi=hi, log=lambda m: print(m, flush=True))
-    return 0
-
-
-def cmd_compare(args) -> int:
-    from .compare import load_variants, run_comparison, write_report
-
-    variants = load_variants(args.configs, args.set or [], args.grid or [])
-    out = Path(args.out)
-    print(f"comparing {len(variants)} variants: " + "; ".join(v.name for v in variants))
-    results = run_comparison(variants, out, _data_dir(args), quiet=args.quiet, resume=args.resume)
-    files = write_report(results, out, title=args.title or ", ".join(Path(c).stem for c in args.configs))
-    print((out / "report.md").read_text(encoding="utf-8").split("\n\n")[2])
-    print("wrote " + ", ".join(str(f) for f in files))
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from .demo import run_demo
-
-    return run_demo(data_dir=_data_dir(args), out=Path(args.out) if args.out else None, quiet=args.quiet,
-                    offline=args.offline, synthetic=args.synthetic, epochs=args.epochs)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="twotower", description="Train, evaluate and use two-tower retrieval models.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Start with `twotower demo`; then `twotower train --help`.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    t = sub.add_parser("train", help="train a model from a config file", epilog=EPILOG_TRAIN,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("config", help="TOML or YAML config (see configs/)")
-    t.add_argument("--out", required=True, help="run directory to write (config, vocabularies, weights, metrics)")
-    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
-    t.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=N")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="shorthand for --set train.device=...: auto picks CUDA "
-                   "when available (under torchrun: one GPU per rank, cuda:LOCAL_RANK)")
-    t.add_argument("--data-dir", help="data directory (default: $TWOTOWER_DATA or ~/.local/share/twotower)")
-    t.add_argument("--quiet", action="store_true", help="no progress bars (one line per epoch), for logs")
-    t.set_defaults(func=cmd_train)
-
-    e = sub.add_parser("evaluate", help="score a trained run by full ranking")
-    e.add_argument("run", help="run directory written by `twotower train`")
-    e.add_argument("--split", choices=["test", "valid"], default="test")
-    e.add_argument("--data-dir")
-    e.add_argument("--json", action="store_true", help="print all metrics as JSON")
-    e.add_argument("--alpha", type=float, default=None,
-                   help="rank by the served score with popularity correction, score - alpha * log p(item), as "
-                        "`serve` does (default: the run's eval.alpha, normally 0). Raising it trades head-item "
-                        "recall for tail-item recall: see the bucket rows")
-    e.set_defaults(func=cmd_evaluate)
-
-    r = sub.add_parser("recommend", help="top-k items for one user or for many (to a file)",
-                       epilog="examples:\n  twotower recommend runs/ml100k --user 196 -k 20\n"
-                              "  twotower recommend runs/ml100k --all-users -k 100 --out candidates.parquet",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("run")
-    g = r.add_mutually_exclusive_group()
-    g.add_argument("--user", help="raw user id")
-    g.add_argument("--all-users", action="store_true", help="every user of the run's test split (see --scope)")
-    g.add_argument("--users-file", help="text file with one raw user id per line")
-    g.add_argument("--history", metavar="ID,ID,...", help="a new user: raw item ids, oldest first (unknown ones are ignored)")
-    r.add_argument("--scope", choices=["test", "all"], default="test", help="with --all-users: test-split users or every user")
-    r.add_argument("-k", type=int, default=20, help="items per user (default 20)")
-    r.add_argument("--out", help="output file for batch mode: .parquet or .csv (columns user, item, score, rank)")
-    r.add_argument("--include-seen", action="store_true", help="do not exclude the user's training items")
-    r.add_argument("--alpha", type=float, default=0.0, help="popularity correction: score - alpha * log p(item) (default 0)")
-    r.add_argument("--category", help="only items of this category (a value of the item feature)")
-    r.add_argument("--category-feature", help="item feature that --category refers to (default: the model's first item feature)")
-    r.add_argument("--index", help="index folder (default RUN/index if built, else exact search)")
-    r.set_defaults(func=cmd_recommend)
-
-    ix = sub.add_parser("index", help="embed every item and build a FAISS index in the run directory",
-                        epilog="examples:\n  twotower index runs/ml100k                      # auto: flat below 50k items, HNSW up to 5M, IVF beyond\n"
-                               "  twotower index runs/gowalla --kind hnsw --M 32 --ef-search 128\n"
-                               "  twotower index runs/big --kind ivfpq --nlist 4096 --pq-m 16 --refine 4\n"
-                               "  twotower index runs/big --from-parts runs/big/embeddings --kind ivf   # parts of `twotower embed`\n\n"
-                               "Search knobs not given (--nprobe, --ef-search) are tuned on real users to reach --target-recall.\n"
-                               "Recall@10/@100 against exact search and per-query latency are printed and stored in RUN/index/index.json.",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    ix.add_argument("run")
-    ix.add_argument("--kind", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"], default="auto")
-    ix.add_argument("--nlist", type=int, help="IVF lists (default 4 * sqrt(items))")
-    ix.add_argument("--nprobe", type=int, help="IVF lists visited per query (default: tuned)")
-    ix.add_argument("--M", type=int, default=32, help="HNSW neighbours per node (default 32)")
-    ix.add_argument("--ef-construction", type=int, default=80, help="HNSW build-time candidate list (default 80)")
-    ix.add_argument("--ef-search", type=int, help="HNSW search-time candidate list (default: tuned; at least k is used)")
-    ix.add_argument("--pq-m", type=int, default=16, help="IVF-PQ sub-quantizers (default 16)")
-    ix.add_argument("--pq-bits", type=int, default=None, help="IVF-PQ bits per code (default 8; 4 with --fast-scan)")
-    ix.add_argument("--fast-scan", action="store_true",
-                    help="IVF-PQ: 4-bit codes scanned with SIMD lookup tables (FAISS IVFPQFastScan), several times faster per code")
-    ix.add_argument("--refine", type=int, default=4, help="IVF-PQ: re-rank refine * k candidates exactly (default 4)")
-    ix.add_argument("--target-recall", type=float, default=None, help="tuning target for recall@10 and @100 (default 0.95)")
-    ix.add_argument("--retune", action="store_true", help="keep the built index; set --ef-search/--nprobe, or tune them again, and re-measure")
-    ix.add_argument("--sample-users", type=int, default=1000, help="real users to tune and measure recall on (default 1000)")
-    ix.add_argument("--seed", type=int, default=0)
-    ix.add_argument("--out", help="index folder (default RUN/index)")
-    ix.add_argument("--quiet", action="store_true", help="no progress bar")
-    ix.add_argument("--from-parts", metavar="DIR", help="build from the Parquet parts of `twotower embed` (one part in memory at "
-                    "a time; IVF kinds train on a sample of all parts) instead of embedding every item in memory")
-    ix.add_argument("--train-size", type=int, metavar="N", help="IVF kinds: items k-means trains on (default 64 per list, at least 10,000)")
-    ix.set_defaults(func=cmd_index)
-
+def add_embed_parser(sub) -> None:
     em = sub.add_parser("embed", help="embed every item into Parquet parts (catalogs larger than memory)",
                         epilog=EPILOG_EMBED, formatter_class=argparse.RawDescriptionHelpFormatter)
     em.add_argument("run", help="run directory written by `twotower train`")
@@ -358,19 +341,46 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--quiet", action="store_true", help="no progress bar")
     em.set_defaults(func=cmd_embed)
 
+
+
+def cmd_serve(args) -> int:
+    from .serving.query import Recommender
+    from .serving.service import serve
+
+    rec = Recommender.load(args.run, args.index, category_feature=args.category_feature)
+    i = rec.index
+    saved = "" if i.info.get("saved", True) else " (no saved index: exact search; build one with `twotower index RUN`)"
+    print(f"serving {args.run}: {i.n_items:,} items, index {i.kind}{saved}; http://{args.host}:{args.port}/docs", flush=True)
+    serve(rec, host=args.host, port=args.port, log_level=args.log_level, max_batch=args.max_batch)
+    return 0
+
+
+def add_serve_parser(sub) -> None:
     sv = sub.add_parser("serve", help="HTTP API: recommendations, similar items, health, metadata (FastAPI + uvicorn)",
                         epilog="examples:\n  twotower serve runs/ml100k                 # http://127.0.0.1:8000/docs\n"
                                "  curl -s localhost:8000/recommend -d '{\"user\": 196, \"k\": 10}' -H 'content-type: application/json'",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sv.add_argument("run")
+    sv.add_argument("run", help="run directory written by `twotower train` (with RUN/index if `twotower index` built one)")
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     sv.add_argument("--index", help="index folder (default RUN/index if built, else exact search)")
     sv.add_argument("--category-feature", help="item feature that requests' \"category\" refers to (default: the first)")
     sv.add_argument("--max-batch", type=int, default=64, help="most concurrent requests computed together (default 64)")
-    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                    help="uvicorn's log level (default info: start-up and errors; debug adds one line per request)")
     sv.set_defaults(func=cmd_serve)
 
+
+
+def cmd_mine(args) -> int:
+    from .api import mine
+
+    lo, hi = args.window
+    mine(args.run, args.out, top_r=args.top_r, lo=lo, hi=hi, log=lambda m: print(m, flush=True))
+    return 0
+
+
+def add_mine_parser(sub) -> None:
     mn = sub.add_parser("mine", help="mine hard negatives with a trained run (for the next training)",
                         description="Each user's top R items by the run's model, the user's known items dropped, "
                                     "ranks [LO, HI) kept (the very top is skipped: unlabelled positives live there). "
@@ -388,6 +398,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep ranks LO <= rank < HI among the non-positive items (default 10 200)")
     mn.set_defaults(func=cmd_mine)
 
+
+
+def cmd_compare(args) -> int:
+    from .compare import load_variants, run_comparison, write_report
+
+    variants = load_variants(args.configs, args.set or [], args.grid or [])
+    out = Path(args.out)
+    print(f"comparing {len(variants)} variants: " + "; ".join(v.name for v in variants))
+    results = run_comparison(variants, out, _data_dir(args), quiet=args.quiet, resume=args.resume)
+    files = write_report(results, out, title=args.title or ", ".join(Path(c).stem for c in args.configs))
+    print((out / "report.md").read_text(encoding="utf-8").split("\n\n")[2])
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def add_compare_parser(sub) -> None:
     c = sub.add_parser("compare", help="train variants side by side and write a report (table + plots)",
                        epilog="examples:\n  twotower compare configs/ml-100k.toml --grid 'model.temperature=[0.05, 0.1, 0.2]' "
                               "--grid 'train.logq=[true, false]' --out reports/ml100k\n"
@@ -399,22 +425,81 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="report directory: report.md, results.json, PNG plots, runs/")
     c.add_argument("--grid", action="append", metavar="SECTION.KEY=[V1, V2]", help="values to cross (repeatable)")
     c.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override applied to every variant")
-    c.add_argument("--title")
-    c.add_argument("--data-dir")
+    c.add_argument("--title", help="heading of report.md and the plots (default: the configs' file names)")
+    c.add_argument("--data-dir", help="data directory (default: $TWOTOWER_DATA or ~/.local/share/twotower)")
     c.add_argument("--quiet", action="store_true", help="one line per variant")
     c.add_argument("--resume", action="store_true",
                    help="reuse variants already finished in OUT/runs with the same config (after an interruption, or "
                         "after adding variants); unfinished ones are trained again")
     c.set_defaults(func=cmd_compare)
 
-    d = sub.add_parser("demo", help="train and evaluate end to end on MovieLens 100K (or synthetic data offline)")
-    d.add_argument("--data-dir")
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(data_dir=_data_dir(args), out=Path(args.out) if args.out else None, quiet=args.quiet,
+                    offline=args.offline, synthetic=args.synthetic, epochs=args.epochs)
+
+
+def add_demo_parser(sub) -> None:
+    d = sub.add_parser("demo", help="train and evaluate end to end on MovieLens 100K (or synthetic data offline)",
+                       description="Train a model with pooled history and genres on MovieLens 100K (downloaded from "
+                                   "GroupLens into the data directory when missing, MD5 verified; the generated "
+                                   "synthetic dataset when offline), print validation and test metrics and three users' "
+                                   "recommendations.")
+    d.add_argument("--data-dir", help="where ml-100k/ is, or is downloaded to (default: $TWOTOWER_DATA or "
+                                      "~/.local/share/twotower)")
     d.add_argument("--out", help="run directory (default: a temporary folder)")
     d.add_argument("--offline", action="store_true", help="do not try to download MovieLens 100K")
     d.add_argument("--synthetic", action="store_true", help="use the generated synthetic dataset")
     d.add_argument("--epochs", type=int, help="cap the number of epochs (default: the demo config's 30, early-stopped)")
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--quiet", action="store_true", help="no progress bars (one line per epoch)")
     d.set_defaults(func=cmd_demo)
+
+
+
+def cmd_config(args) -> int:
+    from .config import RunConfig, reference_markdown
+
+    if args.reference:
+        if args.config or args.set:
+            raise TwotowerError("--reference prints every setting of every config; give it alone, without a config or --set")
+        print(reference_markdown(), end="")
+        return 0
+    if not args.config:
+        raise TwotowerError("say what to print: a config file (resolved and checked), or --reference for every setting")
+    print(RunConfig.load(args.config, list(args.set or [])).to_json())
+    return 0
+
+
+def add_config_parser(sub) -> None:
+    c = sub.add_parser("config", help="check a config and print it resolved, or print the reference of every setting",
+                       description="With CONFIG: load it, apply --set, validate every value and print the resolved "
+                                   "config as JSON (what `twotower train` would write to RUN/config.json). With "
+                                   "--reference: every section and key with its type, default, bounds and meaning, "
+                                   "as Markdown (docs/config.md is this output).",
+                       epilog="examples:\n  twotower config configs/gowalla.toml --set train.epochs=5\n"
+                              "  twotower config --reference > docs/config.md",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("config", nargs="?", help="TOML, YAML or JSON config to check and print resolved")
+    c.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    c.add_argument("--reference", action="store_true", help="print the reference of every setting (Markdown) instead")
+    c.set_defaults(func=cmd_config)
+
+
+# One function per command, in the order `twotower --help` lists them.
+COMMANDS = (add_train_parser, add_evaluate_parser, add_recommend_parser, add_index_parser, add_embed_parser,
+            add_serve_parser, add_mine_parser, add_compare_parser, add_demo_parser, add_config_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="twotower", description="Train, evaluate and use two-tower retrieval models.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Start with `twotower demo`; then `twotower train --help`.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
     return p
 
 

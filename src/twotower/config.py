@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,52 +28,70 @@ class DataConfig(_Section):
     Paths are relative to the data directory (``TWOTOWER_DATA``) unless absolute.
     """
 
-    dataset: Literal["files", "ml-100k", "gowalla", "grocery", "lightgcn", "synthetic"] = "files"
+    dataset: Literal["files", "ml-100k", "gowalla", "grocery", "lightgcn", "synthetic"] = Field(
+        "files", description="files: the interactions (and features) files named below; ml-100k: the MovieLens 100K "
+                             "folder; gowalla / lightgcn: a LightGCN-format folder (train.txt, test.txt; split='given'); "
+                             "grocery: the Amazon Grocery folder (train.csv, item_meta.csv); synthetic: generated "
+                             "(no files)")
     path: str | None = Field(None, description="Folder of a named dataset (default: its name under the data directory).")
     interactions: str | None = Field(None, description="Interactions file (CSV, TSV or Parquet) for dataset='files'.")
     test_interactions: str | None = Field(None, description="A given test file (split='given').")
-    user_col: str = "user"
-    item_col: str = "item"
-    time_col: str | None = None
-    weight_col: str | None = None
+    user_col: str = Field("user", description="interactions column holding the raw user id")
+    item_col: str = Field("item", description="interactions column holding the raw item id")
+    time_col: str | None = Field(None, description="interactions column holding a numeric timestamp (needed by "
+                                                   "split='temporal'; orders each user's history)")
+    weight_col: str | None = Field(None, description="interactions column holding a numeric weight (e.g. a rating), "
+                                                     "used by min_weight")
     min_weight: float | None = Field(None, description="Drop interactions whose weight (e.g. rating) is below this.")
     item_features: str | None = Field(None, description="Item-features table (CSV/TSV/Parquet).")
-    item_id_col: str = "item"
-    item_feature_cols: list[str] = Field(default_factory=list)
-    item_multi_valued: dict[str, str] = Field(default_factory=dict, description="column -> separator of its values")
-    item_title_col: str | None = None
-    user_features: str | None = None
-    user_id_col: str = "user"
-    user_feature_cols: list[str] = Field(default_factory=list)
-    user_multi_valued: dict[str, str] = Field(default_factory=dict)
-    split: Literal["given", "random", "temporal"] = "random"
+    item_id_col: str = Field("item", description="item-features column holding the raw item id")
+    item_feature_cols: list[str] = Field(default_factory=list, description="item-features columns read as categorical "
+                                                                           "features (values kept as strings)")
+    item_multi_valued: dict[str, str] = Field(default_factory=dict, description="column -> separator of its values, "
+                                                                                "for cells holding several (e.g. genres)")
+    item_title_col: str | None = Field(None, description="item-features column with a display title (shown by "
+                                                         "`recommend` and the service; not a feature)")
+    user_features: str | None = Field(None, description="User-features table (CSV/TSV/Parquet).")
+    user_id_col: str = Field("user", description="user-features column holding the raw user id")
+    user_feature_cols: list[str] = Field(default_factory=list, description="user-features columns read as categorical "
+                                                                           "features (values kept as strings)")
+    user_multi_valued: dict[str, str] = Field(default_factory=dict, description="column -> separator of its values, "
+                                                                                "for cells holding several")
+    split: Literal["given", "random", "temporal"] = Field(
+        "random", description="given: the test set is a file (test_interactions, or the dataset's own); random: a "
+                              "seeded share of each user's items (test_fraction); temporal: each user's last "
+                              "leave_last interactions (needs time_col)")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="split='random': share of each user's items held out")
     leave_last: int = Field(1, ge=1, description="split='temporal': each user's last N interactions are the test set")
     valid_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of each user's training items carved out for validation (random/given splits)")
     valid_leave_last: int = Field(1, ge=0, description="split='temporal': the N interactions before the test ones are validation")
     min_train_items: int = Field(1, ge=1, description="a user keeps at least this many training items when carving holdouts")
-    synthetic_users: int = 2000
-    synthetic_items: int = 1000
-    seed: int = 0
+    synthetic_users: int = Field(2000, ge=1, description="dataset='synthetic': number of users generated")
+    synthetic_items: int = Field(1000, ge=1, description="dataset='synthetic': number of items generated")
+    seed: int = Field(0, description="seed of the random splits and of the synthetic data")
 
 
 class ModelConfig(_Section):
     """The two towers. With ids only and no MLP the model is matrix factorisation."""
 
-    dim: int = Field(64, ge=1)
-    user_id: bool = Field(True, description="user tower uses a user-id embedding")
+    dim: int = Field(64, ge=1, description="embedding size d of both towers' output (and of every id and feature table)")
+    user_id: bool = Field(True, description="user tower uses a user-id embedding (the user tower needs at least one "
+                                                         "of user_id, user_history, user_features)")
     user_history: bool = Field(False, description="user tower pools the embeddings of the user's past items")
-    history_length: int = Field(50, ge=1)
+    history_length: int = Field(50, ge=1, description="user_history: the user's last N items are pooled")
     share_item_table: bool = Field(True, description="history pooling reuses the item tower's id table")
-    user_features: list[str] | Literal["all"] = Field(default_factory=list)
-    item_id: bool = Field(True, description="item tower uses an item-id embedding")
-    item_features: list[str] | Literal["all"] = Field(default_factory=list)
+    user_features: list[str] | Literal["all"] = Field(default_factory=list, description="user features the user tower "
+                                                                                   "embeds (names of data columns), or \"all\"")
+    item_id: bool = Field(True, description="item tower uses an item-id embedding (the item tower needs item_id, "
+                                                         "item_features or both)")
+    item_features: list[str] | Literal["all"] = Field(default_factory=list, description="item features the item tower "
+                                                                                   "embeds (multi-valued ones mean-pooled), or \"all\"")
     mlp: list[int] = Field(default_factory=list, description="hidden layer sizes of each tower's MLP (empty: no MLP)")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    temperature: float = Field(0.1, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout between the MLP layers (no effect without mlp)")
+    temperature: float = Field(0.1, gt=0.0, description="tau: the score is cosine / tau (0.05 to 0.2 is the useful range)")
     learn_temperature: bool = Field(False, description="train tau too (as log tau, clamped to [0.01, 1]); `temperature` is its start")
     item_bias: bool = Field(False, description="a learned per-item bias b_j added to every score (exported to serving)")
-    init_std: float = Field(0.1, gt=0.0)
+    init_std: float = Field(0.1, gt=0.0, description="standard deviation of the normal initialisation of the embedding tables")
 
     @model_validator(mode="after")
     def _towers_have_inputs(self):
@@ -83,21 +103,28 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(1024, ge=2)
+    """The optimiser, the loss and its corrections, early stopping and model selection."""
+
+    epochs: int = Field(20, ge=1, description="most epochs (passes over the training pairs); early stopping may end sooner")
+    batch_size: int = Field(1024, ge=2, description="B: positive pairs per step (the global batch under torchrun); "
+                                                    "each row's in-batch negatives are the other B - 1 positives")
     optimizer: Literal["adam", "adamw", "deferred_adam", "sparse_adam", "adagrad", "sgd"] = Field(
-        "adam", description="adam: dense (fused) Adam; deferred_adam: the same trajectory, embedding rows updated "
-                            "when touched with their skipped steps in closed form (faster on large tables); "
+        "adam", description="adam: dense (fused) Adam; deferred_adam: dense Adam's update with each embedding row "
+                            "updated only when a step reads it, its skipped steps summed in closed form (faster on "
+                            "large tables; the same trajectory except that eps in the skipped steps is taken as at "
+                            "the first of them, which shows only where sqrt(v) is as small as eps); "
                             "sparse_adam: lazy Adam, untouched rows frozen (torch.optim.SparseAdam's rule). "
                             "The two row-wise ones apply weight_decay to dense layers only")
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    grad_clip: float | None = Field(None, gt=0.0)
+    lr: float = Field(1e-3, gt=0.0, description="base learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, description="weight decay: added to the gradient (adam, adagrad, sgd) or "
+                                                         "decoupled (adamw); deferred_adam and sparse_adam: dense layers only")
+    schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="learning rate after the warm-up: constant, or cosine / linear decay to 0 at the last step")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up from lr / warmup_steps to lr")
+    grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient norm of the dense parameters to this (none: no clipping)")
     unique_users: bool = Field(False, description="put each user at most once in a batch")
     logq: bool = Field(True, description="subtract log of the expected count of each shared candidate (Yi et al. 2019)")
-    logq_weight: float = Field(1.0, ge=0.0)
+    logq_weight: float = Field(1.0, ge=0.0, description="multiplier of the logQ correction (1: the full correction)")
     correct_positive: bool = Field(True, description="apply the logQ correction to the positive's logit too")
     logq_form: Literal["expected_count", "neg_pos_ratio"] = Field(
         "expected_count", description="expected_count: log E[count of j in the shared candidate set] under the combined "
@@ -108,13 +135,15 @@ class TrainConfig(_Section):
     streaming_buckets: int = Field(1 << 20, ge=1, description="streaming estimator: size of the hashed arrays")
     mask_user_history: bool = Field(False, description="mask candidates that are among the row user's training items")
     patience: int = Field(3, ge=0, description="epochs without validation improvement before stopping (0: never stop early)")
-    monitor: str = Field("recall@20", description="validation metric used for early stopping and model selection")
-    eval_every: int = Field(1, ge=1)
+    monitor: str = Field("recall@20", description="validation metric used for early stopping and model selection: "
+                                                       "recall, ndcg, hr, precision or mrr, at a K (e.g. recall@20)")
+    eval_every: int = Field(1, ge=1, description="validate every N epochs (and after the last)")
     refit: bool = Field(False, description="after early stopping, retrain from scratch on train + validation for the "
                                           "best number of epochs (selection stays on validation; more data for the final model)")
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "cpu"
-    threads: int | None = Field(None, ge=1)
+    seed: int = Field(0, description="seed of initialisation, batch order and negative sampling")
+    device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="where to train and evaluate; auto: CUDA when available")
+    threads: int | None = Field(None, ge=1, description="CPU threads of PyTorch's operators (torch.set_num_threads); "
+                                                       "none: PyTorch's default")
 
     @field_validator("monitor")
     @classmethod
@@ -131,7 +160,8 @@ class TrainConfig(_Section):
 
 
 class NegativesConfig(_Section):
-    """Negative sources beyond the batch's own positives; the trainer composes them (DESIGN.md)."""
+    """Negative sources beyond the batch's own positives; the trainer composes them (docs/design.md,
+    "The candidate set")."""
 
     sampled: int = Field(0, ge=0, description="M items per batch from the proposal, shared by all rows (Yang et al. 2020)")
     proposal: Literal["uniform", "frequency"] = Field("uniform", description="sampled negatives: uniform, or count^beta")
@@ -141,13 +171,13 @@ class NegativesConfig(_Section):
     hard: Literal["none", "category", "mined", "exposure"] = Field(
         "none", description="per-row hard negatives: same category as the positive, mined by the model (see [mining]), "
                             "or shown-but-not-engaged items from an impressions file")
-    hard_k: int = Field(0, ge=0, description="K hard negatives per row")
+    hard_k: int = Field(0, ge=0, description="K hard negatives per row (more than 0 when hard is not none)")
     category_feature: str | None = Field(None, description="hard = category: the item feature holding categories "
                                                            "(default: the only item feature)")
     exposure_file: str | None = Field(None, description="hard = exposure: impressions file (CSV/TSV/Parquet, raw ids); "
                                                         "`twotower mine` writes one in the same format")
-    exposure_user_col: str = "user"
-    exposure_item_col: str = "item"
+    exposure_user_col: str = Field("user", description="hard = exposure: impressions column holding the raw user id")
+    exposure_item_col: str = Field("item", description="hard = exposure: impressions column holding the raw item id")
     hard_warmup_steps: int = Field(0, ge=0, description="curriculum: steps before hard negatives begin")
     hard_ramp_steps: int = Field(0, ge=0, description="curriculum: steps over which hard negatives ramp up after the warm-up")
     hard_ramp: Literal["count", "weight"] = Field("count", description="ramp the number of hard negatives, or their weight")
@@ -167,11 +197,12 @@ class MiningConfig(_Section):
     top R for every training user, drops the user's positives, keeps ranks in [window_lo, window_hi) and
     trains ``epochs_per_round`` more epochs sampling ``negatives.hard_k`` per row from them."""
 
-    rounds: int = Field(0, ge=0)
-    epochs_per_round: int = Field(2, ge=1)
-    top_r: int = Field(200, ge=1)
+    rounds: int = Field(0, ge=0, description="mining rounds after the first training phase (0: none; needs negatives.hard = \"mined\")")
+    epochs_per_round: int = Field(2, ge=1, description="epochs trained on each round's mined negatives")
+    top_r: int = Field(200, ge=1, description="R: items retrieved per training user")
     window_lo: int = Field(10, ge=0, description="skip the very top, where unlabelled positives (false negatives) live")
-    window_hi: int = Field(200, ge=1)
+    window_hi: int = Field(200, ge=1, description="ranks from window_lo up to, not including, window_hi are kept "
+                                                     "(window_lo < window_hi <= top_r)")
 
     @model_validator(mode="after")
     def _window(self):
@@ -181,8 +212,12 @@ class MiningConfig(_Section):
 
 
 class EvalConfig(_Section):
-    ks: list[int] = Field(default_factory=lambda: [10, 20, 50, 100, 500])
-    batch_users: int = Field(1024, ge=1)
+    """Evaluation by full ranking: every item ranked for every user with held-out items."""
+
+    ks: list[int] = Field(default_factory=lambda: [10, 20, 50, 100, 500], description="cut-offs K of every metric "
+                                                                                     "(train.monitor's K is added)")
+    batch_users: int = Field(1024, ge=1, description="users ranked against the whole catalog at a time (memory: "
+                                                     "batch_users x items scores)")
     alpha: float = Field(0.0, description="rank by the served score with popularity correction, score - alpha * log p(item) "
                                          "(as `serve`/`recommend --alpha`); 0 ranks by the training score")
     popularity_buckets: list[float] = Field(
@@ -199,12 +234,14 @@ class EvalConfig(_Section):
 
 
 class RunConfig(_Section):
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    negatives: NegativesConfig = Field(default_factory=NegativesConfig)
-    mining: MiningConfig = Field(default_factory=MiningConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """A whole run: one section per stage of the data flow."""
+
+    data: DataConfig = Field(default_factory=DataConfig, description="what to read and how to split it")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the towers")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="optimiser, loss and its corrections, early stopping")
+    negatives: NegativesConfig = Field(default_factory=NegativesConfig, description="sampled, memory-bank and hard negatives")
+    mining: MiningConfig = Field(default_factory=MiningConfig, description="hard-negative mining rounds")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="metrics: cut-offs, popularity correction, buckets")
 
     @model_validator(mode="after")
     def _mining_has_a_source(self):
@@ -288,4 +325,56 @@ def _format_validation(e: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown setting (check the spelling; `twotower train --help` lists the sections)"
         lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+# ---- the reference of every setting (docs/config.md is its output) -------------------------------
+def _type_name(annotation) -> str:
+    """A field's type in words: ``int``, ``"a" or "b"``, ``list of str``, ``str or none``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return "none"
+    if origin is Literal:
+        return " or ".join(json.dumps(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"table of {_type_name(args[0])} to {_type_name(args[1])}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _bounds(field) -> str:
+    """The numeric bounds a field declares (``gt``, ``ge``, ``lt``, ``le``) as ``>= 1, < 1``."""
+    signs = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    return ", ".join(f"{signs[name]} {getattr(m, name)}" for m in field.metadata for name in signs if hasattr(m, name))
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def reference_markdown() -> str:
+    """Every section and key of ``RunConfig`` with its type, default, bounds and description, as
+    Markdown: the output of ``twotower config --reference`` and the content of docs/config.md."""
+    lines = ["# Configuration reference", "",
+             "Generated from the typed models in `src/twotower/config.py` by `twotower config --reference`;",
+             "`tests/test_config_reference.py` fails when this file is stale (regenerate it with",
+             "`twotower config --reference > docs/config.md`).", "",
+             "A config file (TOML, YAML or JSON) has one table per section; any key can be overridden on the",
+             "command line with `--set section.key=value` (the value parsed as TOML). Every value is checked",
+             "when the config is loaded: an unknown key, a wrong type or a value outside its bounds is refused",
+             "with a message naming it. Some checks span keys (for example `negatives.hard` needs",
+             "`negatives.hard_k`); they are named in the descriptions. Paths are relative to the data directory",
+             "(`--data-dir`, else `$TWOTOWER_DATA`, else `~/.local/share/twotower`) unless absolute.", ""]
+    for name, section in RunConfig.model_fields.items():
+        model = section.annotation
+        lines += [f"## [{name}]", "", " ".join((model.__doc__ or section.description or "").split()), "",
+                  "| key | type | default | bounds | description |", "| --- | --- | --- | --- | --- |"]
+        for key, field in model.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            lines.append(f"| `{key}` | {_cell(_type_name(field.annotation))} | `{_cell(json.dumps(default))}` | "
+                         f"{_bounds(field)} | {_cell(field.description or '')} |")
+        lines.append("")
     return "\n".join(lines)
