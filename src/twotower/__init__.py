@@ -1,7 +1,8 @@
 """twotower: two-tower candidate retrieval.
 
-The data flow, one subpackage per stage: ``data`` -> ``model`` -> ``training`` -> ``evaluation``
-(-> index -> serving). ``api`` and ``cli`` are two faces of the same objects.
+The data flow, one subpackage per stage: ``data`` -> ``model`` -> ``evaluation`` -> ``training``
+-> ``index`` -> ``serving`` (each imports only the ones before it; docs/design.md, "Module map").
+``api`` and ``cli`` are two faces of the same objects.
 """
 from .api import TrainResult, evaluate_run, train
 from .config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig

@@ -1,4 +1,4 @@
-"""Full-corpus evaluation (DESIGN.md, "Evaluation protocol").
+"""Full-corpus evaluation (docs/design.md, "Evaluation protocol").
 
 Every item is ranked for every user with held-out items; the user's known items are masked
 (training items when scoring validation; training and validation items when scoring test).

@@ -1,6 +1,6 @@
 """The served score as an inner product: the maths that lets one FAISS index answer every ``alpha``.
 
-DESIGN.md, "Serving-time popularity correction": the served score is
+docs/design.md, "The served score": the served score is
 
     score(u, j) = <f(u), g(j)> / tau  +  b_j  -  alpha * log p(j)
 

@@ -175,7 +175,7 @@ class TwoTowerModel(nn.Module):
 
     ``tau`` is fixed, or learned as ``log tau`` (clamped to [0.01, 1], the range CLIP allows its logit
     scale) when ``learn_temperature``; the ``temperature`` buffer always holds its current value for
-    evaluation and serving. ``b_j`` is an optional learned per-item bias (DESIGN.md), zero at start.
+    evaluation and serving. ``b_j`` is an optional learned per-item bias (docs/design.md, "Scores and temperature"), zero at start.
     """
 
     def __init__(self, n_users: int, n_items: int, cfg: ModelConfig,

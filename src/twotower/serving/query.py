@@ -2,7 +2,7 @@
 items and categories filtered, raw ids and served scores out. ``twotower recommend`` and the HTTP
 service both call ``Recommender``.
 
-Served score (DESIGN.md, "Serving-time popularity correction"; ``index.scoring``)::
+Served score (docs/design.md, "The served score"; ``index.scoring``)::
 
     score(u, j) = <f(u), g(j)> / tau + b_j - alpha * log p(j)
 

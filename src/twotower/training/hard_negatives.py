@@ -1,6 +1,6 @@
 """Per-row hard negatives: K items for each training pair, chosen to be harder than random.
 
-Two samplers cover the three sources of the design brief:
+Two samplers cover the three sources of hard negatives (docs/design.md, "The candidate set"):
 - ``CategorySampler``: items sharing a category with the row's positive (any of its categories when
   the feature is multi-valued), never the positive itself;
 - ``ListSampler``: items from a per-user list, either shown-but-not-engaged impressions (exposure)

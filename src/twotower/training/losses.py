@@ -27,7 +27,7 @@ def log_expected_count(p: torch.Tensor, batch_size: int, n_sampled: int = 0, r: 
     """Log of the expected number of times each candidate appears in the shared candidate set.
 
     ``c(j) = log(B * p(j) + M * r(j) + Q * p(j))`` (Yi et al., "Sampling-Bias-Corrected Neural
-    Modeling for Large Corpus Item Recommendations", RecSys 2019; DESIGN.md), where ``p(j)`` is the
+    Modeling for Large Corpus Item Recommendations", RecSys 2019; docs/design.md), where ``p(j)`` is the
     item's share of training positives (in-batch positives and memory-bank entries are drawn from
     it), ``B`` the batch size, ``M`` items sampled from the proposal ``r`` (Yang et al., WWW 2020)
     and ``Q`` the memory-bank size (Wang et al., SIGIR 2021). With in-batch only this is

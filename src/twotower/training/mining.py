@@ -1,4 +1,4 @@
-"""Hard negatives mined by the model itself (DESIGN.md, "Hard-negative mining rounds").
+"""Hard negatives mined by the model itself (docs/design.md, "Mining rounds and the rank window").
 
 Embed every item, retrieve each training user's top ``R`` by inner product, drop the user's own
 positives, and keep the items ranked in ``[lo, hi)`` among the rest. The very top of that list is

@@ -271,7 +271,7 @@ class Trainer:
         return self.par.on_main(lambda: evaluate(self.model, self.dataset, "valid", quick, self.cfg.model.history_length))
 
     def mine(self) -> dict:
-        """One mining round (DESIGN.md): embed every item with the current model, take each training
+        """One mining round (docs/design.md): embed every item with the current model, take each training
         user's top R, drop the user's positives, keep ranks in the window; the next epochs sample
         their hard negatives from these lists."""
         from ..evaluation.ranking import embed_items, embed_users
