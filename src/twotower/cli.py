@@ -96,7 +96,6 @@ def add_train_parser(sub) -> None:
     t.set_defaults(func=cmd_train)
 
 
-
 def cmd_evaluate(args) -> int:
     from .api import evaluate_run
 
@@ -129,7 +128,6 @@ def add_evaluate_parser(sub) -> None:
                         "`serve` does (default: the run's eval.alpha, normally 0). Raising it trades head-item "
                         "recall for tail-item recall: see the recall@K/tail rows of --json")
     e.set_defaults(func=cmd_evaluate)
-
 
 
 def _read_user_file(path: Path) -> list[str]:
@@ -240,7 +238,6 @@ def add_recommend_parser(sub) -> None:
     r.set_defaults(func=cmd_recommend)
 
 
-
 def cmd_index(args) -> int:
     from .index.index import IndexParams
     from .index.run_index import build_run_index
@@ -308,7 +305,6 @@ def add_index_parser(sub) -> None:
     ix.set_defaults(func=cmd_index)
 
 
-
 def cmd_embed(args) -> int:
     from .index.parts import embed_run_to_parts, parse_job
     from .run import Run
@@ -342,7 +338,6 @@ def add_embed_parser(sub) -> None:
     em.set_defaults(func=cmd_embed)
 
 
-
 def cmd_serve(args) -> int:
     from .serving.query import Recommender
     from .serving.service import serve
@@ -371,7 +366,6 @@ def add_serve_parser(sub) -> None:
     sv.set_defaults(func=cmd_serve)
 
 
-
 def cmd_mine(args) -> int:
     from .api import mine
 
@@ -382,10 +376,10 @@ def cmd_mine(args) -> int:
 
 def add_mine_parser(sub) -> None:
     mn = sub.add_parser("mine", help="mine hard negatives with a trained run (for the next training)",
-                        description="Each user's top R items by the run's model, the user's known items dropped, "
-                                    "ranks [LO, HI) kept (the very top is skipped: unlabelled positives live there). "
-                                    "The file has raw ids (user, item): train on it with negatives.hard = \"exposure\" "
-                                    "and negatives.exposure_file = FILE. For mining rounds inside one training, "
+                        description="Each user's top R items by the run's model, the user's known items dropped,\n"
+                                    "ranks [LO, HI) kept (the very top is skipped: unlabelled positives live there).\n"
+                                    "The file has raw ids (user, item): train on it with negatives.hard = \"exposure\"\n"
+                                    "and negatives.exposure_file = FILE. For mining rounds inside one training,\n"
                                     "see mining.rounds instead.",
                         epilog="example:\n  twotower mine runs/gowalla --out runs/gowalla/mined.parquet --top-r 200 --window 10 200\n"
                                "  twotower train configs/gowalla.toml --out runs/gowalla-hard --set negatives.hard='\"exposure\"' \\\n"
@@ -397,7 +391,6 @@ def add_mine_parser(sub) -> None:
     mn.add_argument("--window", type=int, nargs=2, default=[10, 200], metavar=("LO", "HI"),
                     help="keep ranks LO <= rank < HI among the non-positive items (default 10 200)")
     mn.set_defaults(func=cmd_mine)
-
 
 
 def cmd_compare(args) -> int:
@@ -434,7 +427,6 @@ def add_compare_parser(sub) -> None:
     c.set_defaults(func=cmd_compare)
 
 
-
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -458,7 +450,6 @@ def add_demo_parser(sub) -> None:
     d.set_defaults(func=cmd_demo)
 
 
-
 def cmd_config(args) -> int:
     from .config import RunConfig, reference_markdown
 
@@ -475,10 +466,10 @@ def cmd_config(args) -> int:
 
 def add_config_parser(sub) -> None:
     c = sub.add_parser("config", help="check a config and print it resolved, or print the reference of every setting",
-                       description="With CONFIG: load it, apply --set, validate every value and print the resolved "
-                                   "config as JSON (what `twotower train` would write to RUN/config.json). With "
-                                   "--reference: every section and key with its type, default, bounds and meaning, "
-                                   "as Markdown (docs/config.md is this output).",
+                       description="With CONFIG: load it, apply --set, validate every value and print the resolved\n"
+                                   "config as JSON (what `twotower train` would write to RUN/config.json).\n"
+                                   "With --reference: every section and key with its type, default, bounds and\n"
+                                   "meaning, as Markdown (docs/config.md is this output).",
                        epilog="examples:\n  twotower config configs/gowalla.toml --set train.epochs=5\n"
                               "  twotower config --reference > docs/config.md",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
