@@ -19,12 +19,14 @@ def _cli(*args, env_data=None):
 
 @pytest.fixture(scope="module")
 def ml_run(tmp_path_factory, data_dir):
+    """A MovieLens 100K training through the CLI: the tests that use it are marked slow."""
     out = tmp_path_factory.mktemp("runs") / "ml"
     cfg = Path(__file__).resolve().parents[1] / "configs" / "ml-100k.toml"
     assert main(["train", str(cfg), "--out", str(out), "--data-dir", str(data_dir), *FAST]) == 0
     return out
 
 
+@pytest.mark.slow
 def test_train_writes_run_directory(ml_run):
     for name in ["config.json", "users.json", "items.json", "model.safetensors", "metrics.jsonl", "metrics.json",
                  "known.safetensors", "item_embeddings.npy", "checkpoint/last.safetensors", "checkpoint/optimizer.pt"]:
@@ -36,6 +38,7 @@ def test_train_writes_run_directory(ml_run):
     assert not list(ml_run.glob("**/*.tmp"))
 
 
+@pytest.mark.slow
 def test_evaluate_matches_training_figure(ml_run, data_dir, capsys):
     assert main(["evaluate", str(ml_run), "--data-dir", str(data_dir), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
@@ -43,6 +46,7 @@ def test_evaluate_matches_training_figure(ml_run, data_dir, capsys):
     assert got["recall@20"] == pytest.approx(saved["recall@20"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_recommend_one_user_shows_titles(ml_run, capsys):
     assert main(["recommend", str(ml_run), "--user", "196", "-k", "5"]) == 0
     out = capsys.readouterr().out
@@ -50,6 +54,7 @@ def test_recommend_one_user_shows_titles(ml_run, capsys):
     assert len([l for l in out.splitlines() if l.strip()[:1].isdigit()]) == 5
 
 
+@pytest.mark.slow
 def test_recommend_all_users_excludes_training_items(ml_run, tmp_path):
     from twotower.run import Run
     out = tmp_path / "recs.parquet"
@@ -67,6 +72,7 @@ def test_recommend_all_users_excludes_training_items(ml_run, tmp_path):
     assert pd.read_csv(csv).user.tolist() == [196] * 3 + [1] * 3
 
 
+@pytest.mark.slow
 def test_resume_continues_from_checkpoint(ml_run, tmp_path, data_dir):
     import shutil
     run = tmp_path / "resumed"
@@ -80,6 +86,7 @@ def test_resume_continues_from_checkpoint(ml_run, tmp_path, data_dir):
                  "--set", "train.epochs=3"]) == 2
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_a_run(ml_run, data_dir, capsys):
     cfg = Path(__file__).resolve().parents[1] / "configs" / "ml-100k.toml"
     assert main(["train", str(cfg), "--out", str(ml_run), "--data-dir", str(data_dir)]) == 2
@@ -126,6 +133,7 @@ def test_config_errors_are_clear(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_unknown_user_is_a_clear_error(ml_run, capsys):
     assert main(["recommend", str(ml_run), "--user", "no-such-user"]) == 2
     assert "not in this run" in capsys.readouterr().err

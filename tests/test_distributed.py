@@ -23,6 +23,8 @@ import torch
 
 from twotower.config import RunConfig
 
+pytestmark = pytest.mark.slow  # torchrun subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 SYNTH = {"dataset": "synthetic", "synthetic_users": 200, "synthetic_items": 120}
 

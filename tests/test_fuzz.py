@@ -38,6 +38,8 @@ from schemathesis.checks import (  # noqa: E402
 
 from _trained import tiny_run  # noqa: E402
 
+pytestmark = pytest.mark.slow  # schemathesis fuzzing of the HTTP API
+
 EXAMPLES = int(os.environ.get("TWOTOWER_FUZZ_EXAMPLES", "60"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]

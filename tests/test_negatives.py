@@ -274,6 +274,7 @@ def test_a_tower_with_dropout_keeps_every_positive_as_its_own_column():
     assert not tr.model.item_tower.deterministic and not tr.candidates.merge
 
 
+@pytest.mark.slow  # end-to-end training with every source
 def test_training_with_every_source_composed(tmp_path):
     cfg, ds = _tiny({"negatives": {"sampled": 16, "bank_size": 64, "bank_warmup_steps": 2, "hard": "category", "hard_k": 3,
                                    "hard_warmup_steps": 1, "hard_ramp_steps": 3},
@@ -286,6 +287,7 @@ def test_training_with_every_source_composed(tmp_path):
     assert (tmp_path / "run" / "checkpoint" / "negatives.safetensors").exists()
 
 
+@pytest.mark.slow  # end-to-end training with mining rounds
 def test_mining_rounds_train_on_mined_negatives(tmp_path):
     cfg, ds = _tiny({"negatives": {"hard": "mined", "hard_k": 2}, "mining": {"rounds": 2, "epochs_per_round": 1,
                                                                               "top_r": 30, "window_lo": 2, "window_hi": 20}})
@@ -352,6 +354,7 @@ def test_hard_mask_excludes_the_positive_and_the_users_items():
     assert losses.seen_item_mask(torch.tensor([u]), torch.tensor([[other, int(liked[-1])]]), None, keys, ds.n_items).tolist() == [[False, True]]
 
 
+@pytest.mark.slow  # real data: train, mine, train again
 def test_mine_command_writes_an_impressions_file_that_training_reads(tmp_path_factory, data_dir, tmp_path):
     from _trained import tiny_run
 

@@ -186,6 +186,7 @@ def test_deferred_adam_differs_from_lazy_adam_where_rows_are_rare():
     assert torch.allclose(start - moved_d, torch.full((2,), expected), atol=1e-5)
 
 
+@pytest.mark.slow  # four end-to-end trainings
 def test_trainer_with_deferred_adam_follows_adam_and_resumes(tmp_path):
     # the same run with dense Adam and with deferred Adam (item bias and features' tables included):
     # the same losses and metrics up to float rounding; a run resumed from its epoch-2 checkpoint

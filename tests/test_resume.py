@@ -112,6 +112,7 @@ CRITICAL = [
 ]
 
 
+@pytest.mark.slow  # real data, killed and resumed in subprocesses
 def test_sigkill_at_each_critical_point_then_resume_matches_uninterrupted_run(reference, tmp_path, data_dir):
     ref, _ = reference
     out = tmp_path / "crashed"
@@ -125,6 +126,7 @@ def test_sigkill_at_each_critical_point_then_resume_matches_uninterrupted_run(re
     _assert_finished_like(out, ref, "killed at: " + "; ".join(place for place, _ in CRITICAL))
 
 
+@pytest.mark.slow  # real data, killed and resumed in subprocesses
 def test_sigkill_at_random_times_then_resume_matches_uninterrupted_run(reference, tmp_path, data_dir):
     ref, wall = reference
     seed = int(os.environ.get("TWOTOWER_KILL_SEED", random.SystemRandom().randrange(2**32)))
@@ -147,6 +149,7 @@ def test_sigkill_at_random_times_then_resume_matches_uninterrupted_run(reference
     _assert_finished_like(out, ref, context)
 
 
+@pytest.mark.slow  # real data in subprocesses
 def test_resume_refuses_a_different_config(tmp_path, data_dir):
     """--resume continues a run only with the config it was started with, even when it was killed
     before its first checkpoint (the run directory then holds only its config and vocabularies)."""

@@ -52,6 +52,7 @@ def test_the_default_host_is_loopback():
     assert build_parser().parse_args(["serve", "RUN"]).host == "127.0.0.1"
 
 
+@pytest.mark.slow  # a served process per case
 @pytest.mark.skipif(not PROC_TCP.is_file(), reason="needs Linux /proc/net/tcp")
 @pytest.mark.parametrize("host,expected", [(None, ["127.0.0.1"]), ("0.0.0.0", ["0.0.0.0"])])
 def test_serve_listens_where_it_is_told_and_on_loopback_by_default(synthetic_run, host, expected):

@@ -292,6 +292,7 @@ def test_500_concurrent_mixed_requests_get_no_5xx(server, recommender):
     assert httpx.get(f"{server}/health").status_code == 200
 
 
+@pytest.mark.slow  # a served process
 def test_serve_command_binds_localhost(run_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

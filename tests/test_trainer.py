@@ -19,6 +19,7 @@ def test_lr_schedule():
     assert lr_factor(55, 100, 10, "linear") == pytest.approx(0.5)
 
 
+@pytest.mark.slow  # the whole demo end to end
 def test_demo_falls_back_to_synthetic_offline(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["demo", "--data-dir", str(tmp_path / "empty"), "--offline", "--epochs", "2", "--out", str(out), "--quiet"]) == 0
