@@ -177,8 +177,7 @@ def test_builder_corrects_every_shared_candidate_by_its_expected_count_under_the
     v = model.encode_items(items)
     first = b.build(model, users, items, v, step=0)
     assert len(first.ids) == 32 + 5 and first.n_bank == 0           # bank empty at first
-    none = torch.empty(0, dtype=torch.long)
-    b.after_step(items, v, first, (none, none))
+    b.after_step(items, v, first)
     c = b.build(model, users, items, v, step=1)
     assert len(c.ids) == 32 + 5 + 7 and c.n_bank == 7
     p = b.p[c.ids].double()
@@ -349,6 +348,27 @@ def test_hard_mask_excludes_the_positive_and_the_users_items():
     # and seen_item_mask accepts per-row ids
     keys = b.seen_keys
     assert losses.seen_item_mask(torch.tensor([u]), torch.tensor([[other, int(liked[-1])]]), None, keys, ds.n_items).tolist() == [[False, True]]
+
+
+def test_builder_excludes_accidental_hits_and_with_mask_user_history_the_users_items():
+    for mask_history in (False, True):
+        cfg, ds = _tiny({"train": {"mask_user_history": mask_history}})
+        b = CandidateBuilder(cfg, ds, torch.device("cpu"), 8)
+        h = ds.history("train")
+        liked = [set(h.indices[h.indptr[u]:h.indptr[u + 1]].tolist()) for u in range(h.n_rows)]
+        u, a = 0, min(liked[0])
+        # a second user who does not like a and likes two items user 0 does not
+        w = next(x for x in range(1, h.n_rows) if a not in liked[x] and len(liked[x] - liked[u]) >= 2)
+        b_item, other = sorted(liked[w] - liked[u])[:2]
+        # columns: a (row 0's target), b (row 1's), a again (row 0's accidental hit), other (liked by w)
+        cand = losses.CandidateSet(torch.zeros(4, 8), torch.tensor([a, b_item, a, other]), None, torch.tensor([0, 1]))
+        rows, cols = b.excluded(torch.tensor([u, w]), torch.tensor([a, b_item]), cand)
+        assert list(zip(rows.tolist(), cols.tolist())) == ([(0, 2), (1, 3)] if mask_history else [(0, 2)])
+    # every column a different item (merged positives): no accidental hit to look for
+    cfg, ds = _tiny({})
+    b = CandidateBuilder(cfg, ds, torch.device("cpu"), 8)
+    cand = losses.CandidateSet(torch.zeros(2, 8), torch.tensor([4, 5]), None, torch.tensor([0, 1]))
+    assert b.excluded(torch.tensor([0, 1]), torch.tensor([4, 5]), cand, distinct=True)[0].numel() == 0
 
 
 def test_mine_command_writes_an_impressions_file_that_training_reads(tmp_path_factory, data_dir, tmp_path):

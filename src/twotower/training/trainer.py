@@ -1,7 +1,7 @@
 """The training loop: epochs of in-batch sampled softmax, validation, early stopping, checkpoints.
 
 Everything a step does is visible in ``Trainer.step``: encode the batch, build the candidate set,
-correct, mask, take the softmax loss, update. Only ``Trainer`` touches the run directory.
+assemble the logit (``losses.logit_inputs``), take the softmax loss, update. Only ``Trainer`` touches the run directory.
 """
 from __future__ import annotations
 
@@ -182,62 +182,53 @@ class Trainer:
 
     # ---- one step --------------------------------------------------------------------------------
     def step(self, pairs: np.ndarray, rng: np.random.Generator) -> float:
-        cfg, ds, model = self.cfg, self.dataset, self.model
-        dev = self.device
+        """One step: encode the batch, build the candidates, assemble the logit, take the loss, update."""
+        model, train = self.model, self.cfg.train
         shard = self.par.shard(pairs)  # ``pairs`` is the global batch; this rank encodes its own rows
-        pairs = shard.rows
+        users, items, hist, mask = self._rows(shard.rows, rng)
+        u, v = self.par.encode(users, items, hist, mask)
+        everyone = shard.global_batch(items, v, self.dataset.train.items, self.state.step)
+
+        # In-batch + sampled + memory bank (shared by all rows), hard (per row), and the masks.
+        cand = self.candidates.build(model, users, items, v, self.state.step, shared=everyone)
+        # The logit of every (row, candidate) pair: bias, logQ, merged copies, hard weight, masks.
+        bias = model.bias(cand.ids)
+        hard = None if cand.hard_ids is None else model.score_rows(u, cand.hard_vectors, cand.hard_ids.clamp_min(0))
+        logits = losses.logit_inputs(cand, item_bias=bias, hard_scores=hard, logq_weight=train.logq_weight,
+                                     correct_positive=train.correct_positive)
+        # The product, the softmax and its gradients are fused in blocks of rows: no [B, C] matrix
+        # is stored, and the masks are coordinates of the few excluded entries.
+        loss = losses.shared_softmax_loss(u / model.tau(), cand.vectors, logits,
+                                          query_ids=users if self.same_user_same_query else None)
+
+        self._update(loss * shard.loss_weight)
+        self.candidates.after_step(items, v, cand, shared=everyone)
+        self.state.step += 1
+        return shard.mean_loss(loss)
+
+    def _rows(self, pairs: np.ndarray, rng: np.random.Generator):
+        """``(users, items, history, history_mask)`` of training pairs, on the device (no history: None)."""
+        ds, dev = self.dataset, self.device
         users = distributed.to_device(ds.train.users[pairs], dev)
         items = distributed.to_device(ds.train.items[pairs], dev)
         hist = mask = None
-        if cfg.model.user_history:
-            h, m = ds.pair_history(pairs, cfg.model.history_length, rng)
+        if self.cfg.model.user_history:
+            h, m = ds.pair_history(pairs, self.cfg.model.history_length, rng)
             hist, mask = distributed.to_device(h, dev), distributed.to_device(m, dev)
-        u, v = self.par.encode(users, items, hist, mask)
-        everyone = shard.global_batch(items, v, ds.train.items, self.state.step)
+        return users, items, hist, mask
 
-        # Candidates: in-batch + sampled + memory bank (shared by all rows), hard (per row).
-        cand = self.candidates.build(model, users, items, v, self.state.step, shared=everyone)
-        # Shared columns score z = <u, v_c> / tau + b_c - w log q_c. The product, the softmax and its
-        # gradients are fused in blocks of rows (losses.shared_softmax_loss): no [B, C] matrix is
-        # stored, and the masks are coordinates of the few excluded entries.
-        offset, shift = model.bias(cand.ids), None
-        if cand.log_q is not None:
-            correction = cfg.train.logq_weight * cand.log_q
-            offset = -correction if offset is None else offset - correction
-            if not cfg.train.correct_positive:
-                shift = -correction[cand.target]  # the positive's own logit stays uncorrected
-        if cand.log_count is not None:
-            # a column standing for k copies of an item: + log k, except as the row's own positive
-            # (candidates.distinct_positives)
-            offset = cand.log_count if offset is None else offset + cand.log_count
-            own = cand.log_count[cand.target]
-            shift = own if shift is None else shift + own
-        excluded = (losses.no_coordinates(items.device) if cand.distinct
-                    else losses.accidental_hits(items, cand.ids, cand.target))
-        if cfg.train.mask_user_history:
-            seen = losses.seen_item_mask(users, cand.ids, cand.target, self.candidates.seen_keys, ds.n_items)
-            excluded = losses.merge_coordinates(excluded, losses.mask_coordinates(seen), n_cols=len(cand.ids))
-        hard = hard_mask = None
-        if cand.hard_ids is not None:
-            # Hard columns: no logQ (not drawn from a known distribution); the curriculum's weight w
-            # enters as + log w.
-            hard = model.score_rows(u, cand.hard_vectors, cand.hard_ids.clamp_min(0)) + cand.hard_log_weight
-            hard_mask = self.candidates.hard_mask(users, items, cand)
-        loss = losses.shared_softmax_loss(u / model.tau(), cand.vectors, cand.target, offset, excluded, shift, hard, hard_mask,
-                                          query_ids=users if self.same_user_same_query else None)
-
+    def _update(self, loss: torch.Tensor) -> None:
+        """Backward, clip, the learning rate of this step, the optimizer's step."""
+        t, model = self.cfg.train, self.model
         self.optimizer.zero_grad()
-        (loss * shard.loss_weight).backward()
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in model.dense_parameters() if p.grad is not None] if cfg.train.sparse_embeddings
-                                           else model.parameters(), cfg.train.grad_clip)
-        factor = lr_factor(self.state.step, self.total_epochs * self.steps_per_epoch, cfg.train.warmup_steps, cfg.train.schedule)
+        loss.backward()
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in model.dense_parameters() if p.grad is not None] if t.sparse_embeddings
+                                           else model.parameters(), t.grad_clip)
+        factor = lr_factor(self.state.step, self.total_epochs * self.steps_per_epoch, t.warmup_steps, t.schedule)
         for g in self.optimizer.param_groups:
-            g["lr"] = cfg.train.lr * factor
+            g["lr"] = t.lr * factor
         self.optimizer.step()
-        self.candidates.after_step(items, v, cand, excluded, shared=everyone)
-        self.state.step += 1
-        return shard.mean_loss(loss)
 
     # ---- epochs ----------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
