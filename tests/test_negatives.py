@@ -297,13 +297,18 @@ def test_mining_rounds_train_on_mined_negatives(tmp_path):
 
 
 def test_early_stopping_of_the_first_phase_goes_on_to_the_mining_rounds():
-    # A learning rate this high stops improving within a few epochs, far before epoch 40.
+    # Validation is scripted: it stops improving after epoch 2, far before epoch 40 (patience 1:
+    # epoch 3 spends it); the round's two epochs then improve on epoch 2.
     cfg, ds = _tiny({"negatives": {"hard": "mined", "hard_k": 2},
                      "mining": {"rounds": 1, "epochs_per_round": 2, "top_r": 30, "window_lo": 2, "window_hi": 20},
-                     "train": {"epochs": 40, "patience": 1, "lr": 0.5}})
+                     "train": {"epochs": 40, "patience": 1, "batch_size": 512}})
     logs = []
-    state = Trainer(cfg, ds, None, quiet=True, log=logs.append).fit()
+    trainer = Trainer(cfg, ds, None, quiet=True, log=logs.append)
+    scripted = iter([0.10, 0.30, 0.20, 0.35, 0.40])
+    trainer.validate = lambda: {"recall@20": next(scripted)}
+    state = trainer.fit()
     epochs = [r["epoch"] for r in state.history]
+    assert epochs == [1, 2, 3, 41, 42] and state.best_epoch == 42
     first_round = epochs.index(41)                       # the round's first epoch is train.epochs + 1
     assert 0 < first_round and epochs[first_round - 1] < 40  # reached by a jump, not by 40 epochs
     assert state.history[first_round]["mining_round"] == 1
@@ -317,6 +322,7 @@ def test_early_stopping_of_the_first_phase_goes_on_to_the_mining_rounds():
     rstate = refit.fit(max_epochs=41, jump_after=state.phase_one_best)
     assert [r["epoch"] for r in rstate.history] == [*range(1, state.phase_one_best + 1), 41]
     assert rstate.history[-1]["mining_round"] == 1
+    assert rstate.phase_one_best == state.phase_one_best == 2
 
 
 def test_negative_config_errors():
