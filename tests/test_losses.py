@@ -111,6 +111,25 @@ def test_each_correction_term_by_hand():
     assert losses.learned_bias(bias).column is bias and losses.learned_bias(None) == losses.LogitTerm()
 
 
+def test_sum_terms_by_hand():
+    """Columns add up; each term with a positive shifts the target by column[t] - positive; a term
+    may touch the positive alone; per-row parts add to the per-row scores (none without them)."""
+    target = torch.tensor([1, 0])
+    terms = [losses.LogitTerm(column=torch.tensor([1.0, 2.0, 3.0])),                      # on every column
+             losses.LogitTerm(column=torch.tensor([0.5, 0.25, 0.0]), positive=0.0),         # not on the positive
+             losses.LogitTerm(positive=torch.tensor([0.125, -1.0]), per_row=0.5),           # the positive alone
+             losses.LogitTerm(per_row=torch.tensor([[1.0], [2.0]]))]
+    offset, shift, extra = losses.sum_terms(target, terms, torch.tensor([[10.0], [20.0]]))
+    assert offset.tolist() == [1.5, 2.25, 3.0]
+    # row 0 (target column 1): (0.25 - 0) + (0 - 0.125); row 1 (column 0): (0.5 - 0) + (0 - -1)
+    assert shift.tolist() == [0.125, 1.5]
+    # the positives' logits: offset[t] - shift = 2 + 0.125 and 1 - 1 (the first term, and the third's positive)
+    assert (offset[target] - shift).tolist() == [2.125, 0.0]
+    assert extra.flatten().tolist() == [11.5, 22.5]
+    assert losses.sum_terms(target, terms)[2] is None
+    assert losses.sum_terms(target, []) == (None, None, None)
+
+
 def test_logit_inputs_compose_every_correction_by_hand():
     """Two rows, three shared columns (column 0 two merged copies of item 10), two hard columns:
     bias, half-weight logQ on the negatives only, the copies' log 2, the hard weight 1/2, an

@@ -238,8 +238,8 @@ def logit_inputs(cand: CandidateSet, item_bias: torch.Tensor | None = None, hard
       without hard negatives this step.
     - The masks come with the candidate set (``cand.excluded``, ``cand.hard_mask``).
 
-    A new correction is one more small function returning a ``LogitTerm``, listed in ``terms`` below;
-    the loss does not change.
+    A new correction is one more small function returning a ``LogitTerm``, listed in ``terms`` below
+    (``sum_terms`` adds them up); the loss does not change.
     """
     terms = (
         learned_bias(item_bias),
@@ -247,19 +247,33 @@ def logit_inputs(cand: CandidateSet, item_bias: torch.Tensor | None = None, hard
         merged_copies(cand.log_count),
         hard_negative_weight(cand.hard_log_weight),
     )
+    offset, shift, extra = sum_terms(cand.target, terms, hard_scores)
+    return LogitInputs(cand.target, offset, shift, cand.excluded, extra, None if extra is None else cand.hard_mask)
+
+
+def sum_terms(target: torch.Tensor, terms, per_row_scores: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(offset, positive_shift, extra)`` of ``LogitInputs`` from ``terms`` (``LogitTerm``), in order::
+
+        offset[c]          = sum_terms column[c]
+        positive_shift[b]  = sum over terms with a positive of ( column[target[b]] - positive[b] )
+        extra[b, k]        = per_row_scores[b, k] + sum_terms per_row[b, k]
+
+    so the positive's logit, ``offset[t] - positive_shift``, carries each term's ``positive`` in place
+    of its column value. None where no term adds anything (and ``extra`` None without per-row scores).
+    """
     offset = shift = None
-    extra = hard_scores
+    extra = per_row_scores
     for term in terms:
         if term.column is not None:
             offset = term.column if offset is None else offset + term.column
         if term.positive is not None:
-            # the positive's logit carries column[t] - positive too many: the shift takes it back
-            own = term.column[cand.target] if term.column is not None else torch.zeros(cand.target.shape)
+            own = term.column[target] if term.column is not None else torch.zeros(target.shape, device=target.device)
             back = own - term.positive
             shift = back if shift is None else shift + back
         if term.per_row is not None and extra is not None:
             extra = extra + term.per_row
-    return LogitInputs(cand.target, offset, shift, cand.excluded, extra, None if extra is None else cand.hard_mask)
+    return offset, shift, extra
 
 
 # ---- the fused loss -------------------------------------------------------------------------------
