@@ -275,7 +275,8 @@ def test_a_tower_with_dropout_keeps_every_positive_as_its_own_column():
 def test_training_with_every_source_composed(tmp_path):
     cfg, ds = _tiny({"negatives": {"sampled": 16, "bank_size": 64, "bank_warmup_steps": 2, "hard": "category", "hard_k": 3,
                                    "hard_warmup_steps": 1, "hard_ramp_steps": 3},
-                     "model": {"item_bias": True, "learn_temperature": True}, "train": {"epochs": 2, "lr": 0.05}})
+                     "model": {"item_bias": True, "learn_temperature": True},
+                     "train": {"epochs": 2, "lr": 0.05, "batch_size": 128}})
     tr = Trainer(cfg, ds, tmp_path / "run", quiet=True, log=lambda m: None)
     state = tr.fit()
     assert all(math.isfinite(r["loss"]) for r in state.history)
@@ -286,7 +287,8 @@ def test_training_with_every_source_composed(tmp_path):
 
 def test_mining_rounds_train_on_mined_negatives(tmp_path):
     cfg, ds = _tiny({"negatives": {"hard": "mined", "hard_k": 2}, "mining": {"rounds": 2, "epochs_per_round": 1,
-                                                                              "top_r": 30, "window_lo": 2, "window_hi": 20}})
+                                                                              "top_r": 30, "window_lo": 2, "window_hi": 20},
+                     "train": {"batch_size": 256}})
     logs = []
     tr = Trainer(cfg, ds, None, quiet=True, log=logs.append)
     state = tr.fit()
@@ -377,6 +379,7 @@ def test_builder_excludes_accidental_hits_and_with_mask_user_history_the_users_i
     assert b.excluded(torch.tensor([0, 1]), torch.tensor([4, 5]), cand, distinct=True)[0].numel() == 0
 
 
+@pytest.mark.slow
 def test_mine_command_writes_an_impressions_file_that_training_reads(tmp_path_factory, data_dir, tmp_path):
     from _trained import tiny_run
 

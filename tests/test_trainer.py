@@ -78,6 +78,7 @@ def test_fit_stops_early_on_a_scripted_validation_sequence_and_keeps_the_best_we
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_demo_falls_back_to_synthetic_offline(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["demo", "--data-dir", str(tmp_path / "empty"), "--offline", "--epochs", "2", "--out", str(out), "--quiet"]) == 0
@@ -87,6 +88,7 @@ def test_demo_falls_back_to_synthetic_offline(tmp_path, capsys):
     assert m["epochs_run"] == 2 and m["test"]["recall@20"] > 0.05  # well above random (20 / 1000 items)
 
 
+@pytest.mark.slow
 def test_training_learns_and_logq_matters(tmp_path):
     from twotower.api import train
     from twotower.data.sources import load_dataset
