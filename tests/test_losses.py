@@ -3,8 +3,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from twotower.training import losses
+from twotower.training.losses import CandidateSet, LogitInputs
 
 
 def test_log_expected_count_in_batch_only_is_log_B_p():
@@ -27,15 +29,49 @@ def _ce(rows):
     return sum(-(z[t] - math.log(sum(math.exp(x) for x in z))) for z, t in rows) / len(rows)
 
 
+def reference_loss(query, vectors, logits: LogitInputs, mask=None):
+    """The test reference: the ``[B, C + K]`` logits of ``LogitInputs`` built explicitly, excluded
+    entries -inf, and ``F.cross_entropy``, in plain autograd. ``mask``: the excluded entries as a dense
+    ``[B, C]`` mask, in place of ``logits.excluded``'s coordinates."""
+    z = query @ vectors.T
+    if logits.offset is not None:
+        z = z + logits.offset
+    if logits.positive_shift is not None:
+        z = z - F.one_hot(logits.target, z.shape[1]).to(z.dtype) * logits.positive_shift[:, None].to(z.dtype)
+    if mask is None and logits.excluded is not None:
+        mask = torch.zeros(z.shape, dtype=torch.bool)
+        mask[logits.excluded] = True
+    if mask is not None:
+        z = z.masked_fill(mask, float("-inf"))
+    if logits.extra is not None:
+        x = logits.extra.to(z.dtype)
+        if logits.extra_mask is not None:
+            x = x.masked_fill(logits.extra_mask, float("-inf"))
+        z = torch.cat([z, x], 1)
+    return F.cross_entropy(z, logits.target)
+
+
+def _scores_as_loss_inputs(scores):
+    """Queries and candidate vectors whose products are ``scores``: the rows of ``scores`` against
+    the identity, so a hand-written ``[B, C]`` score matrix goes through the fused loss."""
+    return scores, torch.eye(scores.shape[1], dtype=scores.dtype)
+
+
+def _coordinates(mask):
+    return losses.mask_coordinates(mask)
+
+
 def test_logq_correction_positive_and_negatives_by_hand():
     scores = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     log_q = torch.tensor([0.5, -1.0])
     target = torch.tensor([0, 1])
-    both = losses.sampled_softmax_loss(scores, target, correction=log_q)
+    q, v = _scores_as_loss_inputs(scores)
+    cand = CandidateSet(v, torch.tensor([7, 8]), log_q, target)
+    both = losses.shared_softmax_loss(q, v, losses.logit_inputs(cand))
     assert math.isclose(float(both), _ce([([0.5, 3.0], 0), ([2.5, 5.0], 1)]), rel_tol=1e-6)
-    neg_only = losses.sampled_softmax_loss(scores, target, correction=log_q, positive_correction=torch.zeros(2))
+    neg_only = losses.shared_softmax_loss(q, v, losses.logit_inputs(cand, correct_positive=False))
     assert math.isclose(float(neg_only), _ce([([1.0, 3.0], 0), ([2.5, 4.0], 1)]), rel_tol=1e-6)
-    half = losses.sampled_softmax_loss(scores, target, correction=0.5 * log_q)
+    half = losses.shared_softmax_loss(q, v, losses.logit_inputs(cand, logq_weight=0.5))
     assert math.isclose(float(half), _ce([([0.75, 2.5], 0), ([2.75, 4.5], 1)]), rel_tol=1e-6)
 
 
@@ -46,16 +82,115 @@ def test_fused_gradient_matches_composed_autograd():
     corr = torch.randn(9, dtype=torch.float64)
     mask = torch.rand(6, 9) < 0.3
     mask[torch.arange(6), target] = False
-    for pos in (None, torch.zeros(6, dtype=torch.float64)):
-        got = losses.sampled_softmax_loss(scores, target, corr, mask, pos)
+    eye = torch.eye(9, dtype=torch.float64)
+    for correct_positive in (True, False):
+        cand = CandidateSet(eye, torch.arange(9), corr, target, excluded=_coordinates(mask))
+        got = losses.shared_softmax_loss(scores, eye, losses.logit_inputs(cand, correct_positive=correct_positive))
         (g_got,) = torch.autograd.grad(got, scores)
         z = scores - corr
-        if pos is not None:
-            z = z + torch.nn.functional.one_hot(target, 9) * corr[target][:, None]
-        ref = torch.nn.functional.cross_entropy(z.masked_fill(mask, float("-inf")), target)
+        if not correct_positive:
+            z = z + F.one_hot(target, 9) * corr[target][:, None]
+        ref = F.cross_entropy(z.masked_fill(mask, float("-inf")), target)
         (g_ref,) = torch.autograd.grad(ref, scores)
         assert torch.allclose(got, ref) and torch.allclose(g_got, g_ref)
         assert (g_got[mask] == 0).all()  # masked candidates get no gradient
+
+
+# ---- the logit: each correction, and their composition ------------------------------------------
+def test_each_correction_term_by_hand():
+    log_q = torch.tensor([1.0, 2.0])
+    t = losses.logq_correction(log_q, weight=0.5)
+    assert t.column.tolist() == [-0.5, -1.0] and t.positive is None and t.per_row is None
+    assert losses.logq_correction(log_q, correct_positive=False).positive == 0.0  # the positive stays uncorrected
+    assert losses.logq_correction(None) == losses.LogitTerm()                     # logQ off
+    t = losses.merged_copies(torch.tensor([math.log(3.0), 0.0]))
+    assert t.column.tolist() == pytest.approx([math.log(3.0), 0.0]) and t.positive == 0.0
+    assert losses.merged_copies(None) == losses.LogitTerm()
+    assert losses.hard_negative_weight(math.log(0.25)) == losses.LogitTerm(per_row=math.log(0.25))
+    bias = torch.tensor([0.1, 0.2])
+    assert losses.learned_bias(bias).column is bias and losses.learned_bias(None) == losses.LogitTerm()
+
+
+def test_sum_terms_by_hand():
+    """Columns add up; each term with a positive shifts the target by column[t] - positive; a term
+    may touch the positive alone; per-row parts add to the per-row scores (none without them)."""
+    target = torch.tensor([1, 0])
+    terms = [losses.LogitTerm(column=torch.tensor([1.0, 2.0, 3.0])),                      # on every column
+             losses.LogitTerm(column=torch.tensor([0.5, 0.25, 0.0]), positive=0.0),         # not on the positive
+             losses.LogitTerm(positive=torch.tensor([0.125, -1.0]), per_row=0.5),           # the positive alone
+             losses.LogitTerm(per_row=torch.tensor([[1.0], [2.0]]))]
+    offset, shift, extra = losses.sum_terms(target, terms, torch.tensor([[10.0], [20.0]]))
+    assert offset.tolist() == [1.5, 2.25, 3.0]
+    # row 0 (target column 1): (0.25 - 0) + (0 - 0.125); row 1 (column 0): (0.5 - 0) + (0 - -1)
+    assert shift.tolist() == [0.125, 1.5]
+    # the positives' logits: offset[t] - shift = 2 + 0.125 and 1 - 1 (the first term, and the third's positive)
+    assert (offset[target] - shift).tolist() == [2.125, 0.0]
+    assert extra.flatten().tolist() == [11.5, 22.5]
+    assert losses.sum_terms(target, terms)[2] is None
+    assert losses.sum_terms(target, []) == (None, None, None)
+
+
+def test_logit_inputs_compose_every_correction_by_hand():
+    """Two rows, three shared columns (column 0 two merged copies of item 10), two hard columns:
+    bias, half-weight logQ on the negatives only, the copies' log 2, the hard weight 1/2, an
+    excluded entry and a masked hard column; the offsets, the positive shift and the loss by hand."""
+    ln2 = math.log(2.0)
+    target = torch.tensor([0, 1])
+    cand = CandidateSet(torch.eye(3), torch.tensor([10, 11, 12]), torch.tensor([1.0, 2.0, 3.0]), target,
+                        hard_ids=torch.tensor([[20, 21], [22, 23]]), hard_log_weight=math.log(0.5),
+                        log_count=torch.tensor([ln2, 0.0, 0.0]),
+                        excluded=(torch.tensor([1]), torch.tensor([2])),
+                        hard_mask=torch.tensor([[False, True], [False, False]]))
+    bias = torch.tensor([0.1, 0.2, 0.3])
+    hard_scores = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    got = losses.logit_inputs(cand, item_bias=bias, hard_scores=hard_scores, logq_weight=0.5, correct_positive=False)
+    # offset = b - w log q + log k; the positive takes back -w log q_t and log k_t: only its bias stays
+    assert got.offset.tolist() == pytest.approx([0.1 - 0.5 + ln2, 0.2 - 1.0, 0.3 - 1.5])
+    assert got.positive_shift.tolist() == pytest.approx([-0.5 + ln2, -1.0])
+    assert got.extra.flatten().tolist() == pytest.approx([1.0 - ln2, 2.0 - ln2, 3.0 - ln2, 4.0 - ln2])
+    assert got.extra_mask is cand.hard_mask and got.excluded is cand.excluded and got.target is target
+
+    scores = torch.tensor([[1.0, 0.0, 2.0], [0.5, 1.5, -1.0]])
+    q, v = _scores_as_loss_inputs(scores)
+    loss = losses.shared_softmax_loss(q, v, got)
+    row0 = [1.0 + 0.1, 0.0 + 0.2 - 1.0, 2.0 + 0.3 - 1.5, 1.0 - ln2]          # hard column 2 masked
+    row1 = [0.5 + 0.1 - 0.5 + ln2, 1.5 + 0.2, 3.0 - ln2, 4.0 - ln2]          # shared column 2 excluded
+    assert math.isclose(float(loss), _ce([(row0, 0), (row1, 1)]), rel_tol=1e-6)
+    assert math.isclose(float(reference_loss(q, v, got)), float(loss), rel_tol=1e-6)
+
+
+def test_logit_inputs_of_a_bare_candidate_set_add_nothing():
+    """In-batch, no bias, logQ off: nothing to add, and no positive shift (rows with one query can
+    then be scored once, ``query_ids``); the default correction keeps the positive corrected too."""
+    cand = CandidateSet(torch.eye(2), torch.tensor([3, 4]), None, torch.tensor([0, 1]))
+    assert losses.logit_inputs(cand) == LogitInputs(cand.target)
+    cand.log_q = torch.tensor([0.5, 1.0])
+    got = losses.logit_inputs(cand)
+    assert got.positive_shift is None and got.offset.tolist() == [-0.5, -1.0]
+    assert got.extra is None and got.extra_mask is None  # no hard columns this step
+
+
+def test_gradients_of_the_composed_logit_reach_the_bias_and_the_hard_scores():
+    torch.manual_seed(2)
+    B, C, K, d = 5, 7, 2, 3
+    dt = torch.float64
+    target = torch.randperm(C)[:B]
+    seen = torch.rand(B, C) < 0.3
+    seen[torch.arange(B), target] = False
+    cand = CandidateSet(torch.randn(C, d, dtype=dt), torch.arange(C), torch.rand(C, dtype=dt), target,
+                        hard_log_weight=math.log(0.3), log_count=torch.rand(C, dtype=dt), excluded=_coordinates(seen),
+                        hard_mask=torch.rand(B, K) < 0.4)
+    q = torch.randn(B, d, dtype=dt, requires_grad=True)
+    bias = torch.randn(C, dtype=dt, requires_grad=True)
+    hard = torch.randn(B, K, dtype=dt, requires_grad=True)
+    for correct_positive in (True, False):
+        logits = losses.logit_inputs(cand, item_bias=bias, hard_scores=hard, logq_weight=0.7,
+                                     correct_positive=correct_positive)
+        got = losses.shared_softmax_loss(q, cand.vectors, logits)
+        ref = reference_loss(q, cand.vectors, logits, seen)
+        assert torch.allclose(got, ref)
+        for a, b in zip(torch.autograd.grad(got, [q, bias, hard]), torch.autograd.grad(ref, [q, bias, hard])):
+            assert torch.allclose(a, b)
 
 
 def test_accidental_hit_mask_masks_duplicates_not_target():
@@ -84,15 +219,16 @@ def test_seen_item_mask():
     assert m.tolist() == [[False, True, False], [False, False, False]]
 
 
-def test_sampled_softmax_loss_by_hand():
+def test_softmax_loss_by_hand():
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]])
     target = torch.tensor([0, 2])
     mask = torch.tensor([[False, False, True], [True, False, False]])
-    got = losses.sampled_softmax_loss(logits, target, mask=mask)
+    q, v = _scores_as_loss_inputs(logits)
+    got = losses.shared_softmax_loss(q, v, LogitInputs(target, excluded=_coordinates(mask)))
     row0 = -(2.0 - math.log(math.exp(2.0) + math.exp(1.0)))
     row1 = -(3.0 - math.log(math.exp(1.0) + math.exp(3.0)))
     assert math.isclose(float(got), (row0 + row1) / 2, rel_tol=1e-6)
-    unmasked = losses.sampled_softmax_loss(logits, target)
+    unmasked = losses.shared_softmax_loss(q, v, LogitInputs(target))
     row0u = -(2.0 - math.log(math.exp(2.0) + math.exp(1.0) + 1.0))
     row1u = -(3.0 - math.log(1.0 + math.exp(1.0) + math.exp(3.0)))
     assert math.isclose(float(unmasked), (row0u + row1u) / 2, rel_tol=1e-6)
@@ -101,10 +237,11 @@ def test_sampled_softmax_loss_by_hand():
 def test_logq_shifts_gradient_toward_popular_negatives():
     # A popular negative (high p) gets its logit lowered by log(B p): the corrected loss is smaller,
     # i.e. the model is penalised less for scoring popular items high.
-    scores = torch.tensor([[1.0, 1.0]])
+    q, v = _scores_as_loss_inputs(torch.tensor([[1.0, 1.0]]))
     log_q = losses.log_expected_count(torch.tensor([0.1, 0.9]), batch_size=1)
-    plain = losses.sampled_softmax_loss(scores, torch.tensor([0]))
-    corrected = losses.sampled_softmax_loss(scores, torch.tensor([0]), log_q, positive_correction=torch.zeros(1))
+    plain = losses.shared_softmax_loss(q, v, LogitInputs(torch.tensor([0])))
+    cand = CandidateSet(v, torch.tensor([0, 1]), log_q, torch.tensor([0]))
+    corrected = losses.shared_softmax_loss(q, v, losses.logit_inputs(cand, correct_positive=False))
     assert math.isclose(float(plain), math.log(2), rel_tol=1e-6)
     assert math.isclose(float(corrected), -math.log(math.exp(1) / (math.exp(1) + math.exp(1 - math.log(0.9)))), rel_tol=1e-6)
 
@@ -118,17 +255,6 @@ def test_accidental_hits_are_the_dense_masks_true_entries():
     dense = losses.accidental_hit_mask(pos, cand, target)
     assert rows.tolist() == sorted(rows.tolist())
     assert sorted(zip(rows.tolist(), cols.tolist())) == [tuple(x) for x in dense.nonzero().tolist()]
-
-
-def _composed(query, vectors, target, offset, mask, shift, extra, extra_mask):
-    scores = query @ vectors.T + (offset if offset is not None else 0)
-    full = scores if extra is None else torch.cat([scores, extra], 1)
-    m = mask if extra is None else torch.cat([mask, extra_mask], 1)
-    pos = None
-    if shift is not None:  # positive_correction - correction[target] = shift, with correction 0
-        pos = shift
-    return losses.sampled_softmax_loss(full, target, None if pos is None else torch.zeros(full.shape[1], dtype=full.dtype),
-                                       m, pos)
 
 
 def test_shared_softmax_loss_matches_the_composed_loss_in_value_and_gradients():
@@ -152,10 +278,11 @@ def test_shared_softmax_loss_matches_the_composed_loss_in_value_and_gradients():
             shift = torch.randn(B, dtype=dt)
             extra = torch.randn(B, K, dtype=dt, requires_grad=True) if with_extra else None
             extra_mask = torch.rand(B, K) < 0.3 if with_extra else None
-            got = losses.shared_softmax_loss(q, v, target, off, excluded, shift, extra, extra_mask, block_rows=block)
+            logits = LogitInputs(target, off, shift, excluded, extra, extra_mask)
+            got = losses.shared_softmax_loss(q, v, logits, block_rows=block)
             ins = [q, v, off] + ([extra] if with_extra else [])
             g_got = torch.autograd.grad(3 * got, ins)
-            ref = _composed(q, v, target, off, mask, shift, extra, extra_mask)
+            ref = reference_loss(q, v, logits, mask)
             g_ref = torch.autograd.grad(3 * ref, ins)
             assert torch.allclose(got, ref)
             for a, b in zip(g_got, g_ref):
@@ -194,8 +321,8 @@ def test_shared_softmax_loss_is_exact_with_any_shift_and_with_the_row_maxima():
         shift = losses._row_shift(q.detach() * losses._LOG2E, v.detach(), off.detach() * losses._LOG2E)
         kind = "maxima" if shift is None else ("zero" if not shift.any() else "shifted")
         assert kind == expected
-        got = losses.shared_softmax_loss(q, v, target, off, block_rows=4)
-        ref = _composed(q, v, target, off, mask, None, None, None)
+        got = losses.shared_softmax_loss(q, v, LogitInputs(target, off), block_rows=4)
+        ref = reference_loss(q, v, LogitInputs(target, off), mask)
         assert torch.allclose(got, ref)
         for a, b in zip(torch.autograd.grad(got, [q, v, off]), torch.autograd.grad(ref, [q, v, off])):
             assert torch.allclose(a, b)
@@ -204,7 +331,7 @@ def test_shared_softmax_loss_is_exact_with_any_shift_and_with_the_row_maxima():
 def test_shared_softmax_loss_of_an_empty_batch_gives_no_gradient():
     v = torch.randn(4, 3, requires_grad=True)
     q = torch.zeros(0, 3, requires_grad=True)
-    loss = losses.shared_softmax_loss(q, v, torch.zeros(0, dtype=torch.long))
+    loss = losses.shared_softmax_loss(q, v, LogitInputs(torch.zeros(0, dtype=torch.long)))
     (loss * 0.0).backward()
     assert torch.equal(v.grad, torch.zeros(4, 3))
 
@@ -228,9 +355,10 @@ def test_compiled_block_loop_scores_the_rows_of_one_query_id_once():
     alone[[3, 7, 5, 9]] = True
     read = torch.where(alone[:, None], q, q[0])  # row 0 is the first row of the shared group
     got_q, got_v = q.clone().requires_grad_(), v.clone().requires_grad_()
-    got = losses.shared_softmax_loss(got_q, got_v, target, None, hits, shift, query_ids=torch.zeros(B, dtype=torch.long))
+    got = losses.shared_softmax_loss(got_q, got_v, LogitInputs(target, None, shift, hits),
+                                     query_ids=torch.zeros(B, dtype=torch.long))
     ref_q, ref_v = read.double().requires_grad_(), v.double().requires_grad_()
-    ref = _composed(ref_q, ref_v, target, None, mask, shift.double(), None, None)
+    ref = reference_loss(ref_q, ref_v, LogitInputs(target, None, shift.double()), mask)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(torch.autograd.grad(got, [got_q, got_v]), torch.autograd.grad(ref, [ref_q, ref_v])):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=2e-6)
@@ -299,13 +427,13 @@ def test_compiled_block_loop_matches_the_composed_loss(monkeypatch, block, regim
     assert (shift2 is not None and bool(shift2.any())) == shifted
     ins = [q, v, off] + ([extra] if extra is not None else [])
     got_in = [t.clone().requires_grad_() for t in ins]
-    got = losses.shared_softmax_loss(got_in[0], got_in[1], target, got_in[2], excluded, shift,
-                                     got_in[3] if extra is not None else None, extra_mask, block_rows=block,
-                                     query_ids=users)
+    got_logits = LogitInputs(target, got_in[2], shift, excluded, got_in[3] if extra is not None else None, extra_mask)
+    got = losses.shared_softmax_loss(got_in[0], got_in[1], got_logits, block_rows=block, query_ids=users)
     assert calls, "the compiled loop was not taken"
     ref_in = [t.double().requires_grad_() for t in ins]
-    ref = _composed(ref_in[0], ref_in[1], target, ref_in[2], mask, None if shift is None else shift.double(),
-                    ref_in[3] if extra is not None else None, extra_mask)
+    ref_logits = LogitInputs(target, ref_in[2], None if shift is None else shift.double(), None,
+                             ref_in[3] if extra is not None else None, extra_mask)
+    ref = reference_loss(ref_in[0], ref_in[1], ref_logits, mask)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(torch.autograd.grad(got, got_in), torch.autograd.grad(ref, ref_in)):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=2e-6)

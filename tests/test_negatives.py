@@ -178,8 +178,7 @@ def test_builder_corrects_every_shared_candidate_by_its_expected_count_under_the
     v = model.encode_items(items)
     first = b.build(model, users, items, v, step=0)
     assert len(first.ids) == 32 + 5 and first.n_bank == 0           # bank empty at first
-    none = torch.empty(0, dtype=torch.long)
-    b.after_step(items, v, first, (none, none))
+    b.after_step(items, v, first)
     c = b.build(model, users, items, v, step=1)
     assert len(c.ids) == 32 + 5 + 7 and c.n_bank == 7
     p = b.p[c.ids].double()
@@ -278,7 +277,8 @@ def test_a_tower_with_dropout_keeps_every_positive_as_its_own_column():
 def test_training_with_every_source_composed(tmp_path):
     cfg, ds = _tiny({"negatives": {"sampled": 16, "bank_size": 64, "bank_warmup_steps": 2, "hard": "category", "hard_k": 3,
                                    "hard_warmup_steps": 1, "hard_ramp_steps": 3},
-                     "model": {"item_bias": True, "learn_temperature": True}, "train": {"epochs": 2, "lr": 0.05}})
+                     "model": {"item_bias": True, "learn_temperature": True},
+                     "train": {"epochs": 2, "lr": 0.05, "batch_size": 128}})
     tr = Trainer(cfg, ds, tmp_path / "run", quiet=True, log=lambda m: None)
     state = tr.fit()
     assert all(math.isfinite(r["loss"]) for r in state.history)
@@ -290,7 +290,8 @@ def test_training_with_every_source_composed(tmp_path):
 @pytest.mark.slow  # end-to-end training with mining rounds
 def test_mining_rounds_train_on_mined_negatives(tmp_path):
     cfg, ds = _tiny({"negatives": {"hard": "mined", "hard_k": 2}, "mining": {"rounds": 2, "epochs_per_round": 1,
-                                                                              "top_r": 30, "window_lo": 2, "window_hi": 20}})
+                                                                              "top_r": 30, "window_lo": 2, "window_hi": 20},
+                     "train": {"batch_size": 256}})
     logs = []
     tr = Trainer(cfg, ds, None, quiet=True, log=logs.append)
     state = tr.fit()
@@ -301,13 +302,18 @@ def test_mining_rounds_train_on_mined_negatives(tmp_path):
 
 
 def test_early_stopping_of_the_first_phase_goes_on_to_the_mining_rounds():
-    # A learning rate this high stops improving within a few epochs, far before epoch 40.
+    # Validation is scripted: it stops improving after epoch 2, far before epoch 40 (patience 1:
+    # epoch 3 spends it); the round's two epochs then improve on epoch 2.
     cfg, ds = _tiny({"negatives": {"hard": "mined", "hard_k": 2},
                      "mining": {"rounds": 1, "epochs_per_round": 2, "top_r": 30, "window_lo": 2, "window_hi": 20},
-                     "train": {"epochs": 40, "patience": 1, "lr": 0.5}})
+                     "train": {"epochs": 40, "patience": 1, "batch_size": 512}})
     logs = []
-    state = Trainer(cfg, ds, None, quiet=True, log=logs.append).fit()
+    trainer = Trainer(cfg, ds, None, quiet=True, log=logs.append)
+    scripted = iter([0.10, 0.30, 0.20, 0.35, 0.40])
+    trainer.validate = lambda: {"recall@20": next(scripted)}
+    state = trainer.fit()
     epochs = [r["epoch"] for r in state.history]
+    assert epochs == [1, 2, 3, 41, 42] and state.best_epoch == 42
     first_round = epochs.index(41)                       # the round's first epoch is train.epochs + 1
     assert 0 < first_round and epochs[first_round - 1] < 40  # reached by a jump, not by 40 epochs
     assert state.history[first_round]["mining_round"] == 1
@@ -321,6 +327,7 @@ def test_early_stopping_of_the_first_phase_goes_on_to_the_mining_rounds():
     rstate = refit.fit(max_epochs=41, jump_after=state.phase_one_best)
     assert [r["epoch"] for r in rstate.history] == [*range(1, state.phase_one_best + 1), 41]
     assert rstate.history[-1]["mining_round"] == 1
+    assert rstate.phase_one_best == state.phase_one_best == 2
 
 
 def test_negative_config_errors():
@@ -352,6 +359,27 @@ def test_hard_mask_excludes_the_positive_and_the_users_items():
     # and seen_item_mask accepts per-row ids
     keys = b.seen_keys
     assert losses.seen_item_mask(torch.tensor([u]), torch.tensor([[other, int(liked[-1])]]), None, keys, ds.n_items).tolist() == [[False, True]]
+
+
+def test_builder_excludes_accidental_hits_and_with_mask_user_history_the_users_items():
+    for mask_history in (False, True):
+        cfg, ds = _tiny({"train": {"mask_user_history": mask_history}})
+        b = CandidateBuilder(cfg, ds, torch.device("cpu"), 8)
+        h = ds.history("train")
+        liked = [set(h.indices[h.indptr[u]:h.indptr[u + 1]].tolist()) for u in range(h.n_rows)]
+        u, a = 0, min(liked[0])
+        # a second user who does not like a and likes two items user 0 does not
+        w = next(x for x in range(1, h.n_rows) if a not in liked[x] and len(liked[x] - liked[u]) >= 2)
+        b_item, other = sorted(liked[w] - liked[u])[:2]
+        # columns: a (row 0's target), b (row 1's), a again (row 0's accidental hit), other (liked by w)
+        cand = losses.CandidateSet(torch.zeros(4, 8), torch.tensor([a, b_item, a, other]), None, torch.tensor([0, 1]))
+        rows, cols = b.excluded(torch.tensor([u, w]), torch.tensor([a, b_item]), cand)
+        assert list(zip(rows.tolist(), cols.tolist())) == ([(0, 2), (1, 3)] if mask_history else [(0, 2)])
+    # every column a different item (merged positives): no accidental hit to look for
+    cfg, ds = _tiny({})
+    b = CandidateBuilder(cfg, ds, torch.device("cpu"), 8)
+    cand = losses.CandidateSet(torch.zeros(2, 8), torch.tensor([4, 5]), None, torch.tensor([0, 1]))
+    assert b.excluded(torch.tensor([0, 1]), torch.tensor([4, 5]), cand, distinct=True)[0].numel() == 0
 
 
 @pytest.mark.slow  # real data: train, mine, train again

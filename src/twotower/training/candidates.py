@@ -12,12 +12,15 @@ Per-row candidates: ``K`` hard negatives for each row (same category, mined, or 
 correction, a weight from the curriculum, and a mask for rows that have none to offer and for
 items the user is known to like.
 
-The loss never sees where a column came from: it gets scores, a correction per column and a mask.
+Excluded shared entries: accidental hits (a row's positive item in another column) and, with
+``train.mask_user_history``, the user's own training items.
+
+The result is a ``losses.CandidateSet``; ``losses.logit_inputs`` turns it into the softmax's inputs,
+and the loss never sees where a column came from.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,26 +32,12 @@ from ..data.popularity import counted_probabilities, proposal_probabilities
 from ..errors import ConfigError
 from . import losses
 from .frequency import NegPosRatio, StreamingFrequency
+from .losses import CandidateSet
 from .hard_negatives import CategorySampler, ListSampler, hard_schedule
 from .memory_bank import MemoryBank
 
 if TYPE_CHECKING:
     from .distributed import GlobalBatch
-
-
-@dataclass
-class CandidateSet:
-    vectors: torch.Tensor            # [C, d] shared candidates' item-tower outputs
-    ids: torch.Tensor                # [C] their item indices
-    log_q: torch.Tensor | None       # [C] correction of each shared candidate (None: logQ off)
-    target: torch.Tensor             # [B] column of each row's positive
-    hard_ids: torch.Tensor | None = None      # [B, K] per-row hard negatives (-1: none)
-    hard_vectors: torch.Tensor | None = None  # [B, K, d]
-    hard_log_weight: float = 0.0              # log w of the curriculum's weight
-    n_sampled: int = 0
-    n_bank: int = 0
-    log_count: torch.Tensor | None = None     # [C] log of the copies each column stands for (None: one each)
-    distinct: bool = False                    # every shared column a different item: no accidental hits
 
 
 def distinct_positives(ids: torch.Tensor, vecs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,7 +133,8 @@ class CandidateBuilder:
         if log_count is not None and len(ids) > 1:
             log_count = torch.cat([log_count, log_count.new_zeros(len(cand_ids) - len(log_count))])
         cand = CandidateSet(torch.cat(vecs) if len(vecs) > 1 else all_vecs, cand_ids, None, target, n_sampled=m, n_bank=q,
-                            log_count=log_count, distinct=self.merge and len(ids) == 1)
+                            log_count=log_count)
+        cand.excluded = self.excluded(users, items, cand, distinct=self.merge and len(ids) == 1)
         if cfg.train.logq:
             if self.ratio is not None:
                 cand.log_q = self.ratio.correction(cand_ids)
@@ -163,7 +153,21 @@ class CandidateBuilder:
                 # An explicit width: a rank can hold no row of a tiny last batch (b = 0).
                 cand.hard_vectors = model.encode_items(hard.clamp_min(0).reshape(-1)).view(b, k, item_vecs.shape[-1])
                 cand.hard_log_weight = math.log(w)
+                cand.hard_mask = self.hard_mask(users, items, cand)
         return cand
+
+    def excluded(self, users: torch.Tensor, items: torch.Tensor, cand: CandidateSet, distinct: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, cols)`` of the shared entries no row may score, rows ascending, each once: row ``b``'s
+        positive item in a column other than its target (an accidental hit; none when every column is
+        a different item, ``distinct``) and, with ``train.mask_user_history``, the user's own training
+        items (false negatives)."""
+        hits = (losses.no_coordinates(items.device) if distinct
+                else losses.accidental_hits(items, cand.ids, cand.target))
+        if not self.cfg.train.mask_user_history:
+            return hits
+        seen = losses.seen_item_mask(users, cand.ids, cand.target, self.seen_keys, self.n_items)
+        return losses.merge_coordinates(hits, losses.mask_coordinates(seen), n_cols=len(cand.ids))
 
     def hard_mask(self, users: torch.Tensor, items: torch.Tensor, cand: CandidateSet) -> torch.Tensor:
         """``[B, K]`` True where a hard column must not count: nothing sampled, the row's positive,
@@ -175,17 +179,16 @@ class CandidateBuilder:
         return bad
 
     def after_step(self, items: torch.Tensor, item_vecs: torch.Tensor, cand: CandidateSet,
-                   excluded: tuple[torch.Tensor, torch.Tensor], shared: GlobalBatch | None = None) -> None:
-        """Enqueue the batch's positives in the bank; count negatives and positives for the ratio form.
-        ``excluded``: the ``(rows, cols)`` of the step's excluded shared entries, each once
-        (``losses.accidental_hits``). Under torchrun both see the global batch, so every rank's
-        state stays the same."""
+                   shared: GlobalBatch | None = None) -> None:
+        """Enqueue the batch's positives in the bank; count negatives and positives for the ratio form
+        (every shared column not excluded for a row, ``cand.excluded``, is one of its negatives).
+        Under torchrun both see the global batch, so every rank's state stays the same."""
         all_items, all_vecs = (shared.items, shared.vectors) if shared is not None else (items, item_vecs)
         if self.ratio is not None:
             c = len(cand.ids)
             is_target = torch.zeros(c, dtype=torch.long, device=items.device)
             is_target[cand.target] = 1
-            negative_rows = len(items) - torch.bincount(excluded[1], minlength=c)[:c] - is_target
+            negative_rows = len(items) - torch.bincount(cand.excluded[1], minlength=c)[:c] - is_target
             if shared is not None:
                 negative_rows = shared.sum(negative_rows)
             self.ratio.update(all_items, cand.ids, negative_rows)

@@ -1,14 +1,19 @@
-"""Sampled-softmax loss, its sampling-bias correction and its masks, as small pure functions.
+"""The logit of the sampled softmax, its corrections and masks, and the fused loss, as small pure functions.
 
-Shapes: ``B`` rows (positive pairs) and ``C`` candidates. ``scores[b, c] = s(u_b, j_c)``;
-``target[b]`` is the column of row ``b``'s positive. Masks are boolean, ``True`` = excluded.
-None of these functions knows where candidates came from: the trainer's candidate-set builder
-assembles ids, log expected counts and masks; these functions only do the arithmetic.
+Shapes: ``B`` rows (positive pairs), ``C`` shared candidates (scored by every row), ``K`` per-row
+candidates. ``target[b]`` is the column of row ``b``'s positive. Masks are boolean, ``True`` = excluded.
+
+A step's logit is assembled in one place, ``logit_inputs``: it takes the step's ``CandidateSet``
+(which the trainer's candidate-set builder, ``candidates.CandidateBuilder``, fills: ids, vectors, log
+expected counts, masks) and composes the corrections, each a small function returning a
+``LogitTerm``, into ``LogitInputs``. ``shared_softmax_loss`` takes those with the query and candidate
+vectors; it knows nothing of where a column came from or which correction shifted it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 
 from .._blas import mkl as _mkl
 
@@ -65,49 +70,6 @@ def seen_item_mask(row_users: torch.Tensor, candidate_ids: torch.Tensor, target:
     return seen
 
 
-def sampled_softmax_loss(scores: torch.Tensor, target: torch.Tensor, correction: torch.Tensor | None = None,
-                         mask: torch.Tensor | None = None, positive_correction: torch.Tensor | None = None) -> torch.Tensor:
-    """Sampled softmax cross-entropy, averaged over rows:
-
-        z[b, c] = scores[b, c] - correction[c]         (logQ: correction = weight * log E[count], else 0)
-        z[b, target[b]] = scores[b, target[b]] - positive_correction[b]   (default: the same correction)
-        z[b, c] = -inf where mask[b, c]                (accidental hits, false negatives)
-        loss = mean_b( logsumexp_c z[b, c] - z[b, target[b]] )
-
-    ``positive_correction = zeros`` gives the variant that corrects only the negatives. The target
-    itself must not be masked. Forward and backward are fused by hand (the gradient is
-    ``softmax(z) - onehot(target)``): on a CPU the ``[B, C]`` element-wise passes, not the matrix
-    products, dominate a step, and this does about half as many as the composed operators.
-    """
-    return _SampledSoftmax.apply(scores, target, correction, mask, positive_correction)
-
-
-class _SampledSoftmax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, scores, target, correction, mask, positive_correction):
-        rows = torch.arange(scores.shape[0], device=scores.device)
-        z = scores.detach().clone() if correction is None else scores.detach() - correction.to(scores.dtype)
-        if positive_correction is not None:
-            shift = positive_correction.to(scores.dtype) - (correction[target].to(scores.dtype) if correction is not None else 0.0)
-            z[rows, target] -= shift
-        if mask is not None:
-            z.masked_fill_(mask, _NEG_INF)
-        lse = torch.logsumexp(z, dim=1)
-        loss = (lse - z[rows, target]).mean()
-        ctx.save_for_backward(z, lse, target)
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        z, lse, target = ctx.saved_tensors
-        p = z.sub_(lse[:, None]).exp_()  # softmax, in the buffer the forward pass left behind
-        rows = torch.arange(p.shape[0], device=p.device)
-        p[rows, target] -= 1.0
-        p.mul_(grad / p.shape[0])
-        return p, None, None, None, None
-
-
 def accidental_hits(positive_ids: torch.Tensor, candidate_ids: torch.Tensor, target: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The True entries of ``accidental_hit_mask`` as ``(rows, cols)``, rows ascending.
@@ -145,22 +107,184 @@ def merge_coordinates(*parts: tuple[torch.Tensor, torch.Tensor], n_cols: int) ->
     return keys // n_cols, keys % n_cols
 
 
-def shared_softmax_loss(query: torch.Tensor, vectors: torch.Tensor, target: torch.Tensor,
-                        offset: torch.Tensor | None = None,
-                        excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
-                        positive_shift: torch.Tensor | None = None,
-                        extra: torch.Tensor | None = None, extra_mask: torch.Tensor | None = None,
+# ---- the logit: candidate set, corrections, the inputs of the softmax --------------------------------
+@dataclass
+class CandidateSet:
+    """The columns a step scores every row against, and what the logit needs to know of them. Built by
+    ``candidates.CandidateBuilder.build``; turned into the softmax's inputs by ``logit_inputs``."""
+
+    vectors: torch.Tensor            # [C, d] shared candidates' item-tower outputs
+    ids: torch.Tensor                # [C] their item indices
+    log_q: torch.Tensor | None       # [C] log of each shared candidate's expected count (None: logQ off)
+    target: torch.Tensor             # [B] column of each row's positive
+    hard_ids: torch.Tensor | None = None      # [B, K] per-row hard negatives (-1: none)
+    hard_vectors: torch.Tensor | None = None  # [B, K, d]
+    hard_log_weight: float = 0.0              # log w of the curriculum's weight
+    n_sampled: int = 0
+    n_bank: int = 0
+    log_count: torch.Tensor | None = None     # [C] log of the copies each column stands for (None: one each)
+    # (rows, cols) of the shared entries no row may score (accidental hits, the user's own items),
+    # rows ascending, each once; None: none
+    excluded: tuple[torch.Tensor, torch.Tensor] | None = None
+    hard_mask: torch.Tensor | None = None     # [B, K] True where a hard column must not count
+
+
+@dataclass(frozen=True)
+class LogitTerm:
+    """One additive correction of the logit, in three parts (None: adds nothing there)::
+
+        column[c]      added to shared column c in every row                       [C]
+        positive[b]    what row b's own positive takes instead of column[target[b]] [B] or a number
+        per_row[b, k]  added to row b's per-row column k                            [B, K] or a number
+
+    ``positive`` None: the positive takes ``column[target[b]]`` like every other column.
+    """
+
+    column: torch.Tensor | None = None
+    positive: torch.Tensor | float | None = None
+    per_row: torch.Tensor | float | None = None
+
+
+def learned_bias(bias: torch.Tensor | None) -> LogitTerm:
+    """``+ b_j``: the model's learnt item bias on each shared column (None: the model has none). The
+    per-row columns carry theirs in their scores (``TwoTowerModel.score_rows``)."""
+    return LogitTerm(column=bias)
+
+
+def logq_correction(log_q: torch.Tensor | None, weight: float = 1.0, correct_positive: bool = True) -> LogitTerm:
+    """``- w log q_j`` on each shared column: the sampling-bias correction of Yi et al.,
+    "Sampling-Bias-Corrected Neural Modeling for Large Corpus Item Recommendations" (RecSys 2019).
+
+    Shared candidates are drawn in proportion to how often items are positives, so a popular item is
+    a negative far more often than the full softmax would weigh it; subtracting the log of its
+    expected count among the candidates (``log_expected_count``, or the neg/pos ratio form of
+    ``frequency.NegPosRatio``) undoes that. ``w`` is ``train.logq_weight``; ``correct_positive=False``
+    leaves each row's own positive uncorrected (the variant that corrects only the negatives).
+    ``log_q`` None (logQ off): no correction.
+    """
+    if log_q is None:
+        return LogitTerm()
+    correction = weight * log_q
+    return LogitTerm(column=-correction, positive=None if correct_positive else 0.0)
+
+
+def merged_copies(log_count: torch.Tensor | None) -> LogitTerm:
+    """``+ log k_c`` on a column standing for ``k`` in-batch copies of one item
+    (``candidates.distinct_positives``): ``k e^z = e^(z + log k)``, so it weighs what the ``k`` columns
+    would. For a row whose positive it is, the other ``k - 1`` copies are accidental hits (excluded):
+    the positive takes ``0``. None: every column is one copy."""
+    return LogitTerm() if log_count is None else LogitTerm(column=log_count, positive=0.0)
+
+
+def hard_negative_weight(log_weight: float) -> LogitTerm:
+    """``+ log w`` on every per-row (hard) column: a hard negative of weight ``w`` counts as ``w``
+    copies of itself in the softmax sum (the curriculum of ``hard_negatives.hard_schedule``). Hard
+    negatives are not drawn from a known distribution: no logQ correction."""
+    return LogitTerm(per_row=log_weight)
+
+
+@dataclass(frozen=True)
+class LogitInputs:
+    """What ``shared_softmax_loss`` takes besides the query and candidate vectors (``logit_inputs``
+    makes it)::
+
+        z[b, c]      = <query_b, vectors_c> + offset[c]        shared columns, c < C
+        z[b, t_b]   -= positive_shift[b]                        t_b = target[b]
+        z[b, c]      = -inf at the coordinates in excluded      (rows, cols); rows ascending, each once
+        z[b, C + k]  = extra[b, k], -inf where extra_mask       per-row columns
+        loss         = mean_b( logsumexp_c z[b, c] - z[b, t_b] )
+
+    None: no offset, no shift, nothing excluded, no per-row columns, no per-row mask. The target must
+    not be excluded.
+    """
+
+    target: torch.Tensor
+    offset: torch.Tensor | None = None
+    positive_shift: torch.Tensor | None = None
+    excluded: tuple[torch.Tensor, torch.Tensor] | None = None
+    extra: torch.Tensor | None = None
+    extra_mask: torch.Tensor | None = None
+
+
+def logit_inputs(cand: CandidateSet, item_bias: torch.Tensor | None = None, hard_scores: torch.Tensor | None = None,
+                 logq_weight: float = 1.0, correct_positive: bool = True) -> LogitInputs:
+    """The logit of every (row, candidate) pair of a step, less the score product: the one place where
+    the corrections are composed.
+
+    Row ``b`` is user ``u_b`` with its positive in shared column ``t_b``; shared column ``c`` holds item
+    ``j_c`` (tower output ``v_c``), hard column ``k`` of row ``b`` item ``h_bk``::
+
+        z[b, c]      = <u_b, v_c> / tau + b_{j_c} - w log q_c + log k_c          c != t_b
+        z[b, t_b]    = <u_b, v_t> / tau + b_{j_t} - [correct_positive] w log q_t
+        z[b, c]      = -inf   j_c is u_b's positive in another column (an accidental hit), or one of
+                              u_b's training items (train.mask_user_history)
+        z[b, C + k]  = <u_b, v(h_bk)> / tau + b_{h_bk} + log w_hard
+                       -inf   no hard negative drawn, the row's positive, or one of u_b's training items
+        loss         = mean_b( logsumexp_c z[b, c] - z[b, t_b] )   over the C + K columns
+
+    - ``b_j``: the learnt item bias (``item_bias``, the shared columns'; None without one).
+    - ``log q_c = log(B p(j) + M r(j) + Q p(j))``: the expected count of item ``j = j_c`` among the
+      shared candidates (``cand.log_q``, ``log_expected_count``), with ``p`` the items' share of the
+      positives, ``B`` in-batch positives, ``M`` items sampled from the proposal ``r`` (Yang et al.,
+      "Mixed Negative Sampling for Learning Two-tower Neural Networks in Recommendations", WWW 2020)
+      and ``Q`` memory-bank entries (Wang, Zhu, He, "Cross-Batch Negative Sampling for Training
+      Two-Tower Recommenders", SIGIR 2021); the correction is Yi et al.'s ("Sampling-Bias-Corrected
+      Neural Modeling for Large Corpus Item Recommendations", RecSys 2019: ``logq_correction``), or
+      the tracked neg/pos ratio. ``w`` is ``logq_weight``.
+    - ``log k_c``: the copies a merged in-batch column stands for (``merged_copies``); the positive's
+      own column counts once.
+    - ``log w_hard``: the curriculum's weight of the hard negatives (``hard_negative_weight``);
+      ``hard_scores`` is ``<u_b, v(h_bk)> / tau + b_{h_bk}`` (``TwoTowerModel.score_rows``), None
+      without hard negatives this step.
+    - The masks come with the candidate set (``cand.excluded``, ``cand.hard_mask``).
+
+    A new correction is one more small function returning a ``LogitTerm``, listed in ``terms`` below
+    (``sum_terms`` adds them up); the loss does not change.
+    """
+    terms = (
+        learned_bias(item_bias),
+        logq_correction(cand.log_q, logq_weight, correct_positive),
+        merged_copies(cand.log_count),
+        hard_negative_weight(cand.hard_log_weight),
+    )
+    offset, shift, extra = sum_terms(cand.target, terms, hard_scores)
+    return LogitInputs(cand.target, offset, shift, cand.excluded, extra, None if extra is None else cand.hard_mask)
+
+
+def sum_terms(target: torch.Tensor, terms, per_row_scores: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(offset, positive_shift, extra)`` of ``LogitInputs`` from ``terms`` (``LogitTerm``), in order::
+
+        offset[c]          = sum_terms column[c]
+        positive_shift[b]  = sum over terms with a positive of ( column[target[b]] - positive[b] )
+        extra[b, k]        = per_row_scores[b, k] + sum_terms per_row[b, k]
+
+    so the positive's logit, ``offset[t] - positive_shift``, carries each term's ``positive`` in place
+    of its column value. None where no term adds anything (and ``extra`` None without per-row scores).
+    """
+    offset = shift = None
+    extra = per_row_scores
+    for term in terms:
+        if term.column is not None:
+            offset = term.column if offset is None else offset + term.column
+        if term.positive is not None:
+            own = term.column[target] if term.column is not None else torch.zeros(target.shape, device=target.device)
+            back = own - term.positive
+            shift = back if shift is None else shift + back
+        if term.per_row is not None and extra is not None:
+            extra = extra + term.per_row
+    return offset, shift, extra
+
+
+# ---- the fused loss -------------------------------------------------------------------------------
+def shared_softmax_loss(query: torch.Tensor, vectors: torch.Tensor, logits: LogitInputs, *,
                         block_rows: int | None = None, query_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """``sampled_softmax_loss`` over shared candidates, with the score product inside:
+    """The softmax cross-entropy of ``logits`` (``LogitInputs``: the formula is there), with the score
+    product ``<query_b, vectors_c>`` inside; gradients reach ``query``, ``vectors``, ``logits.offset``
+    and ``logits.extra``.
 
-        z[b, c] = <query_b, vectors_c> + offset[c]      shared columns (offset: bias - correction)
-        z[b, target[b]] -= positive_shift[b]
-        z[b, c] = -inf at the ``excluded`` coordinates  (rows ascending; see ``accidental_hits``)
-        z[b, C + k] = extra[b, k], -inf where extra_mask   (per-row columns, e.g. hard negatives)
-        loss = mean_b( logsumexp_c z[b, c] - z[b, target[b]] )
-
-    Same value and gradients as building ``scores = query @ vectors.T + offset`` and calling
-    ``sampled_softmax_loss``, but the ``[B, C]`` matrix never exists: rows are processed in blocks
+    Same value and gradients as building the ``[B, C + K]`` logits and taking ``F.cross_entropy``
+    (the tests' reference), but the ``[B, C]`` matrix never exists: rows are processed in blocks
     that stay in cache (held transposed, ``[C, b]``), and each block's gradient is multiplied into
     the gradients of ``query``, ``vectors`` and ``offset`` as soon as it is known. Per block the
     only passes over its ``[C, b]`` scores are the product that writes them and one ``exp`` with the
@@ -187,10 +311,10 @@ def shared_softmax_loss(query: torch.Tensor, vectors: torch.Tensor, target: torc
     the products shrink with the rows (Gowalla, B = 2048: ~1,880 distinct users).
     """
     hit_rows = hit_cols = None
-    if excluded is not None and len(excluded[0]):
-        hit_rows, hit_cols = excluded
-    return _SharedSoftmax.apply(query, vectors, offset, extra, target, hit_rows, hit_cols, positive_shift,
-                                extra_mask, block_rows, query_ids)
+    if logits.excluded is not None and len(logits.excluded[0]):
+        hit_rows, hit_cols = logits.excluded
+    return _SharedSoftmax.apply(query, vectors, logits.offset, logits.extra, logits.target, hit_rows, hit_cols,
+                                logits.positive_shift, logits.extra_mask, block_rows, query_ids)
 
 
 # The range kept for exp2's argument: above -120 its results are normal floats (subnormals are

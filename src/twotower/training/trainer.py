@@ -1,7 +1,9 @@
 """The training loop: epochs of in-batch sampled softmax, validation, early stopping, checkpoints.
 
 Everything a step does is visible in ``Trainer.step``: encode the batch, build the candidate set,
-correct, mask, take the softmax loss, update. Only ``Trainer`` touches the run directory.
+assemble the logit (``losses.logit_inputs``), take the softmax loss, update. ``Trainer.fit`` runs the
+epochs; which epoch is best, when to stop and when mining rounds begin are ``schedule``'s objects.
+Only ``Trainer`` touches the run directory.
 """
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,20 +29,7 @@ from .batching import epoch_batches
 from .candidates import CandidateBuilder
 from .mining import mine_negatives, scoring_vectors
 from .optim import DeferredAdam, RowAdam
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0                 # epochs completed
-    step: int = 0
-    best_epoch: int = 0
-    best_value: float = -math.inf
-    bad_evals: int = 0
-    stopped_early: bool = False
-    history: list[dict] = field(default_factory=list)
-    # With mining rounds: the best epoch of a first phase that early-stopped, whose weights the
-    # rounds started from (a refit replays the same jump).
-    phase_one_best: int | None = None
+from .schedule import EarlyStopping, MiningSchedule, TrainState
 
 
 class _Optimizers:
@@ -177,67 +165,58 @@ class Trainer:
         self.steps_per_epoch = len(epoch_batches(len(dataset.train), cfg.train.batch_size, np.random.default_rng(0),
                                                  dataset.train.users if cfg.train.unique_users else None))
         # Mining rounds extend training: train.epochs, then epochs_per_round more after each round.
-        self.total_epochs = cfg.train.epochs + cfg.mining.rounds * cfg.mining.epochs_per_round
+        self.total_epochs = self._schedule().total_epochs
         self.best_weights: dict[str, torch.Tensor] | None = None
 
     # ---- one step --------------------------------------------------------------------------------
     def step(self, pairs: np.ndarray, rng: np.random.Generator) -> float:
-        cfg, ds, model = self.cfg, self.dataset, self.model
-        dev = self.device
+        """One step: encode the batch, build the candidates, assemble the logit, take the loss, update."""
+        model, train = self.model, self.cfg.train
         shard = self.par.shard(pairs)  # ``pairs`` is the global batch; this rank encodes its own rows
-        pairs = shard.rows
+        users, items, hist, mask = self._rows(shard.rows, rng)
+        u, v = self.par.encode(users, items, hist, mask)
+        everyone = shard.global_batch(items, v, self.dataset.train.items, self.state.step)
+
+        # In-batch + sampled + memory bank (shared by all rows), hard (per row), and the masks.
+        cand = self.candidates.build(model, users, items, v, self.state.step, shared=everyone)
+        # The logit of every (row, candidate) pair: bias, logQ, merged copies, hard weight, masks.
+        bias = model.bias(cand.ids)
+        hard = None if cand.hard_ids is None else model.score_rows(u, cand.hard_vectors, cand.hard_ids.clamp_min(0))
+        logits = losses.logit_inputs(cand, item_bias=bias, hard_scores=hard, logq_weight=train.logq_weight,
+                                     correct_positive=train.correct_positive)
+        # The product, the softmax and its gradients are fused in blocks of rows: no [B, C] matrix
+        # is stored, and the masks are coordinates of the few excluded entries.
+        loss = losses.shared_softmax_loss(u / model.tau(), cand.vectors, logits,
+                                          query_ids=users if self.same_user_same_query else None)
+
+        self._update(loss * shard.loss_weight)
+        self.candidates.after_step(items, v, cand, shared=everyone)
+        self.state.step += 1
+        return shard.mean_loss(loss)
+
+    def _rows(self, pairs: np.ndarray, rng: np.random.Generator):
+        """``(users, items, history, history_mask)`` of training pairs, on the device (no history: None)."""
+        ds, dev = self.dataset, self.device
         users = distributed.to_device(ds.train.users[pairs], dev)
         items = distributed.to_device(ds.train.items[pairs], dev)
         hist = mask = None
-        if cfg.model.user_history:
-            h, m = ds.pair_history(pairs, cfg.model.history_length, rng)
+        if self.cfg.model.user_history:
+            h, m = ds.pair_history(pairs, self.cfg.model.history_length, rng)
             hist, mask = distributed.to_device(h, dev), distributed.to_device(m, dev)
-        u, v = self.par.encode(users, items, hist, mask)
-        everyone = shard.global_batch(items, v, ds.train.items, self.state.step)
+        return users, items, hist, mask
 
-        # Candidates: in-batch + sampled + memory bank (shared by all rows), hard (per row).
-        cand = self.candidates.build(model, users, items, v, self.state.step, shared=everyone)
-        # Shared columns score z = <u, v_c> / tau + b_c - w log q_c. The product, the softmax and its
-        # gradients are fused in blocks of rows (losses.shared_softmax_loss): no [B, C] matrix is
-        # stored, and the masks are coordinates of the few excluded entries.
-        offset, shift = model.bias(cand.ids), None
-        if cand.log_q is not None:
-            correction = cfg.train.logq_weight * cand.log_q
-            offset = -correction if offset is None else offset - correction
-            if not cfg.train.correct_positive:
-                shift = -correction[cand.target]  # the positive's own logit stays uncorrected
-        if cand.log_count is not None:
-            # a column standing for k copies of an item: + log k, except as the row's own positive
-            # (candidates.distinct_positives)
-            offset = cand.log_count if offset is None else offset + cand.log_count
-            own = cand.log_count[cand.target]
-            shift = own if shift is None else shift + own
-        excluded = (losses.no_coordinates(items.device) if cand.distinct
-                    else losses.accidental_hits(items, cand.ids, cand.target))
-        if cfg.train.mask_user_history:
-            seen = losses.seen_item_mask(users, cand.ids, cand.target, self.candidates.seen_keys, ds.n_items)
-            excluded = losses.merge_coordinates(excluded, losses.mask_coordinates(seen), n_cols=len(cand.ids))
-        hard = hard_mask = None
-        if cand.hard_ids is not None:
-            # Hard columns: no logQ (not drawn from a known distribution); the curriculum's weight w
-            # enters as + log w.
-            hard = model.score_rows(u, cand.hard_vectors, cand.hard_ids.clamp_min(0)) + cand.hard_log_weight
-            hard_mask = self.candidates.hard_mask(users, items, cand)
-        loss = losses.shared_softmax_loss(u / model.tau(), cand.vectors, cand.target, offset, excluded, shift, hard, hard_mask,
-                                          query_ids=users if self.same_user_same_query else None)
-
+    def _update(self, loss: torch.Tensor) -> None:
+        """Backward, clip, the learning rate of this step, the optimizer's step."""
+        t, model = self.cfg.train, self.model
         self.optimizer.zero_grad()
-        (loss * shard.loss_weight).backward()
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in model.dense_parameters() if p.grad is not None] if cfg.train.sparse_embeddings
-                                           else model.parameters(), cfg.train.grad_clip)
-        factor = lr_factor(self.state.step, self.total_epochs * self.steps_per_epoch, cfg.train.warmup_steps, cfg.train.schedule)
+        loss.backward()
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in model.dense_parameters() if p.grad is not None] if t.sparse_embeddings
+                                           else model.parameters(), t.grad_clip)
+        factor = lr_factor(self.state.step, self.total_epochs * self.steps_per_epoch, t.warmup_steps, t.schedule)
         for g in self.optimizer.param_groups:
-            g["lr"] = cfg.train.lr * factor
+            g["lr"] = t.lr * factor
         self.optimizer.step()
-        self.candidates.after_step(items, v, cand, excluded, shared=everyone)
-        self.state.step += 1
-        return shard.mean_loss(loss)
 
     # ---- epochs ----------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
@@ -298,92 +277,77 @@ class Trainer:
                  f"of the top {mc.top_r}, positives dropped) in {info['mining_seconds']:.1f}s")
         return info
 
-    def _mining_round(self, epoch: int) -> int | None:
-        """The round that starts with ``epoch`` (1-based), or None."""
-        mc, first = self.cfg.mining, self.cfg.train.epochs + 1
-        if not mc.rounds or epoch < first or (epoch - first) % mc.epochs_per_round:
-            return None
-        return (epoch - first) // mc.epochs_per_round + 1
+    def _schedule(self, jump_after: int | None = None) -> MiningSchedule:
+        return MiningSchedule(self.cfg.train.epochs, self.cfg.mining.rounds, self.cfg.mining.epochs_per_round, jump_after)
 
     def fit(self, resume: bool = False, max_epochs: int | None = None, jump_after: int | None = None) -> TrainState:
         """Train until ``train.epochs`` (plus the mining rounds' epochs) or early stopping; keep the best
         weights (by validation). ``max_epochs`` stops sooner without changing the schedule.
         ``jump_after``: with mining rounds, end the first phase after this epoch and go on to the
         rounds (a refit replaying a run whose first phase early-stopped; ``TrainState.phase_one_best``)."""
-        cfg = self.cfg
-        if resume and self._checkpoint() is not None:
-            self._load_checkpoint()
-            # A crash in the middle of a checkpoint swap left a second copy beside it; with no epoch
-            # left to train no later save would clear it. Rank 0 settles it once every rank has read.
-            self.par.barrier()
-            if self._writes:
-                artifacts.settle_dir(self.run_dir / "checkpoint", "state.json")
-        elif self._writes:
-            self._start_run_dir(restart=resume)
-        monitor = cfg.train.monitor
-        has_valid = len(self.dataset.valid) > 0
-        last = self.total_epochs if max_epochs is None else min(max_epochs, self.total_epochs)
+        self._open_run(resume)
+        schedule = self._schedule(jump_after)
+        stopping = EarlyStopping(self.state, self.cfg.train.patience)
+        last = schedule.total_epochs if max_epochs is None else min(max_epochs, schedule.total_epochs)
         if self.state.stopped_early:  # resumed after early stopping: training ended there
             last = self.state.epoch
         epoch = self.state.epoch
         while epoch < last:
             epoch += 1
-            round_ = self._mining_round(epoch)
-            mined = self.mine() if round_ is not None else {}
-            record = self.train_epoch(epoch)
-            if round_ is not None:
-                record.update({"mining_round": round_, **mined})
-            if has_valid and (epoch % cfg.train.eval_every == 0 or epoch == last):
-                t0 = time.perf_counter()
-                metrics = self.validate()
-                record["eval_seconds"] = time.perf_counter() - t0
-                record.update({f"valid/{k}": v for k, v in metrics.items()})
-                value = metrics[monitor]
-                if value > self.state.best_value:
-                    self.state.best_value, self.state.best_epoch, self.state.bad_evals = value, epoch, 0
-                    self.best_weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-                    if self._writes:
-                        artifacts.save_tensors(self.run_dir / "model.safetensors", self.best_weights)
-                else:
-                    self.state.bad_evals += 1
-            elif not has_valid:
-                self.state.best_epoch = epoch
-                self.best_weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-                if self._writes:
-                    artifacts.save_tensors(self.run_dir / "model.safetensors", self.best_weights)
+            record = self._train_scheduled_epoch(epoch, schedule)
+            self._select(epoch, last, record, stopping)
             self.state.epoch = epoch
             self.state.history.append(record)
             self._log_epoch(record)
-            if cfg.train.patience and self.state.bad_evals >= cfg.train.patience:
+            if stopping.spent and schedule.in_first_phase(epoch):
+                # The first phase has converged: go on to the mining rounds from its best weights
+                # rather than skip them.
+                self.log(f"early stop of the first phase at epoch {epoch}; mining rounds begin from epoch "
+                         f"{self.state.best_epoch}'s weights")
+                self.model.load_state_dict(self.best_weights)
+                stopping.restart()
+                epoch = schedule.end_first_phase(self.state, self.state.best_epoch)
+            elif stopping.spent:
                 self.state.stopped_early = True
-                if cfg.mining.rounds and epoch < cfg.train.epochs:
-                    # The first phase has converged: go on to the mining rounds from its best weights
-                    # rather than skip them (mining needs a trained model, not a fixed epoch number).
-                    self.log(f"early stop of the first phase at epoch {epoch}; mining rounds begin from epoch "
-                             f"{self.state.best_epoch}'s weights")
-                    self.model.load_state_dict(self.best_weights)
-                    self.state.stopped_early, self.state.bad_evals = False, 0
-                    epoch = self._end_first_phase(self.state.best_epoch)
-            elif jump_after is not None and cfg.mining.rounds and epoch == jump_after < cfg.train.epochs:
+            elif schedule.replays_jump(epoch):
                 self.log(f"first phase ends at epoch {epoch}, as in the run being replayed"
-                         + ("; mining rounds begin" if cfg.train.epochs < last else ""))
-                epoch = self._end_first_phase(epoch)
-            if self._writes:
-                artifacts.append_jsonl(self.run_dir / "metrics.jsonl", record)
-                self._save_checkpoint()
+                         + ("; mining rounds begin" if schedule.epochs < last else ""))
+                epoch = schedule.end_first_phase(self.state, epoch)
+            self._record_epoch(record)
             if self.state.stopped_early:
-                self.log(f"early stop: no {monitor} improvement for {cfg.train.patience} evaluations; best epoch {self.state.best_epoch}")
+                self.log(f"early stop: no {self.cfg.train.monitor} improvement for {self.cfg.train.patience} evaluations; "
+                         f"best epoch {self.state.best_epoch}")
                 break
         if self.best_weights is not None:
             self.model.load_state_dict(self.best_weights)
         return self.state
 
-    def _end_first_phase(self, best: int) -> int:
-        """Skip to the end of the first phase (``train.epochs``): the next epoch is the first mining
-        round's. ``best`` is the epoch whose weights the rounds start from. Returns the new epoch."""
-        self.state.phase_one_best = best
-        self.state.epoch = self.cfg.train.epochs
-        return self.state.epoch
+    def _train_scheduled_epoch(self, epoch: int, schedule: MiningSchedule) -> dict:
+        """A mining pass first if a round starts with ``epoch``, then the epoch's training."""
+        round_ = schedule.round_at(epoch)
+        mined = self.mine() if round_ is not None else {}
+        record = self.train_epoch(epoch)
+        if round_ is not None:
+            record.update({"mining_round": round_, **mined})
+        return record
+
+    def _select(self, epoch: int, last: int, record: dict, stopping: EarlyStopping) -> None:
+        """Validate when due (every ``train.eval_every`` epochs and the last) into ``record``, and keep
+        the weights of a new best epoch; without a validation set, every epoch's."""
+        if not len(self.dataset.valid):
+            stopping.take_unvalidated(epoch)
+            self._keep_best_weights()
+        elif epoch % self.cfg.train.eval_every == 0 or epoch == last:
+            t0 = time.perf_counter()
+            metrics = self.validate()
+            record["eval_seconds"] = time.perf_counter() - t0
+            record.update({f"valid/{k}": v for k, v in metrics.items()})
+            if stopping.observe(epoch, metrics[self.cfg.train.monitor]):
+                self._keep_best_weights()
+
+    def _keep_best_weights(self) -> None:
+        self.best_weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        self._save_best_weights()
 
     def _log_epoch(self, r: dict) -> None:
         m = self.cfg.train.monitor
@@ -397,6 +361,28 @@ class Trainer:
     def _writes(self) -> bool:
         """Rank 0 alone writes the run directory; every rank reads it (``--resume``)."""
         return self.run_dir is not None and self.par.main
+
+    def _open_run(self, resume: bool) -> None:
+        """Before the first epoch: load the checkpoint (``resume``), or start the run directory."""
+        if resume and self._checkpoint() is not None:
+            self._load_checkpoint()
+            # A crash in the middle of a checkpoint swap left a second copy beside it; with no epoch
+            # left to train no later save would clear it. Rank 0 settles it once every rank has read.
+            self.par.barrier()
+            if self._writes:
+                artifacts.settle_dir(self.run_dir / "checkpoint", "state.json")
+        elif self._writes:
+            self._start_run_dir(restart=resume)
+
+    def _save_best_weights(self) -> None:
+        if self._writes:
+            artifacts.save_tensors(self.run_dir / "model.safetensors", self.best_weights)
+
+    def _record_epoch(self, record: dict) -> None:
+        """After each epoch: its line of metrics.jsonl, then the checkpoint."""
+        if self._writes:
+            artifacts.append_jsonl(self.run_dir / "metrics.jsonl", record)
+            self._save_checkpoint()
 
     def _start_run_dir(self, restart: bool = False) -> None:
         """``restart``: --resume found no checkpoint (the run died before its first one), so it
