@@ -70,7 +70,7 @@ class TowerInputs:
     ``item_inputs`` build it from vocabulary indices and raw values.
 
     - ``ids`` ``[B]`` int64: vocabulary indices; ``-1`` for an entity not in the vocabulary (a new
-      user), whose id contributes nothing (``Tower.id_vectors``);
+      user), whose id contributes nothing (``id_vectors``: the one place an unknown id is handled);
     - ``history`` / ``history_mask`` ``[B, L]``: item indices, oldest first, and which are real
       (user tower; ``None``: no history);
     - ``features``: each feature's encoded input (``FeatureSet.encode``); ``None``: the stored
@@ -126,7 +126,8 @@ class _Tower(nn.Module):
     mlp: nn.Module | None
 
     def id_vectors(self, x: TowerInputs) -> torch.Tensor | int:
-        """The id embedding of each row; ``0`` for an id not in the vocabulary (``-1``)."""
+        """The id embedding of each row; nothing (zero) for an id not in the vocabulary (``-1``):
+        a new user is placed by its history and features alone."""
         if self.id_embedding is None:
             return 0
         if x.all_known:

@@ -406,7 +406,7 @@ class Trainer:
                 self.log(f"no checkpoint in {d.path} yet: starting the run from the beginning")
         elif d.holds_run():
             raise ArtifactError(f"{d.path}: already holds a run. Pass --resume to continue it, or choose another --out")
-        write_run_metadata(d, self.cfg, self.dataset, self.model)
+        d.write_metadata(self.cfg, self.dataset, self.model.feature_state())
 
     def _checkpoint(self) -> Path | None:
         return None if self.run_dir is None else self._dir.checkpoint_dir()
@@ -460,9 +460,3 @@ def _exposure(cfg: RunConfig, ds: Dataset) -> tuple[np.ndarray, np.ndarray] | No
     from ..data.sources import load_impressions
 
     return load_impressions(neg.exposure_file, ds, neg.exposure_user_col, neg.exposure_item_col)
-
-
-def write_run_metadata(d: RunDir, cfg: RunConfig, ds: Dataset, model: TwoTowerModel) -> None:
-    """What serving and evaluation need besides the weights (``RunDir.write_metadata``), with the
-    towers' fitted feature state."""
-    d.write_metadata(cfg, ds, model.feature_state())
