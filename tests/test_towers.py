@@ -154,3 +154,22 @@ def test_the_towers_restore_their_feature_state():
         x = [np.array([0, 1, 2, 3]), None]
         torch.testing.assert_close(back.user_vectors(back.user_inputs(*x)), model.user_vectors(model.user_inputs(*x)))
     assert back.item_tower.features["genre"].entities_with("y").tolist() == [0, 1]
+
+
+def test_a_new_item_is_placed_by_its_features_through_the_item_tower():
+    from twotower.config import ModelConfig
+    from twotower.data.dataset import CSR, EncodedFeatures
+    from twotower.data.vocab import Vocabulary
+    from twotower.model.towers import TwoTowerModel
+
+    torch.manual_seed(0)
+    genres = EncodedFeatures({"genre": Vocabulary(["x", "y"], name="genre")},
+                             {"genre": CSR(np.array([0, 1, 3, 3]), np.array([0, 0, 1]))})
+    model = TwoTowerModel(2, 3, ModelConfig(dim=4, item_features=["genre"], mlp=[8]), genres).eval()
+    with torch.no_grad():
+        model.item_tower.id_embedding.weight.zero_()
+        known = model.encode_items(torch.tensor([0, 1]))
+        new = model.item_vectors(model.item_inputs(np.array([-1, -1]), [{"genre": "x"}, {"genre": ["x", "y"]}]))
+    torch.testing.assert_close(new, known)
+    with pytest.raises(KeyError, match="no features"):
+        TwoTowerModel(2, 3, ModelConfig(dim=4)).user_inputs(np.array([-1]), None, [{"age": "a"}])

@@ -255,6 +255,9 @@ class RunDir:
         return Known(CSR(t["indptr"].numpy(), t["indices"].numpy()), t["item_counts"].numpy(), t["test_users"].numpy())
 
     def read_features(self) -> FeatureState:
+        if (self.path / FEATURES).is_file() and not (self.path / FEATURE_ARRAYS).is_file():
+            raise ArtifactError(f"{self.path}: no {FEATURE_ARRAYS} beside {FEATURES}: the run was written by an earlier "
+                                "version of twotower, whose runs kept feature tables in the weights. Train it again")
         return FeatureState(artifacts.read_json(self.path / FEATURES), artifacts.load_tensors(self.path / FEATURE_ARRAYS))
 
     def read_titles(self) -> np.ndarray | None:

@@ -300,23 +300,14 @@ class TwoTowerModel(nn.Module):
             else:
                 h, m = _pad_histories(history, length)
             hist, mask = torch.from_numpy(h).to(dev), torch.from_numpy(m).to(dev)
-        feats = unknown = None
-        if features is not None:
-            if len(features) != len(ids):
-                raise ValueError(f"{len(features)} feature rows for {len(ids)} users")
-            if self.user_tower.features is not None:
-                feats, unknown = self.user_tower.features.encode(features)
-            elif any(features):
-                raise KeyError("this model's user tower has no features")
+        feats, unknown = _encode_features(self.user_tower, features, len(ids), "user")
         return TowerInputs(torch.from_numpy(ids).to(dev), hist, mask, feats, all_known, unknown)
 
     def item_inputs(self, items, features: Sequence[Mapping[str, Any] | None] | None = None) -> TowerInputs:
         """The item tower's input for ``B`` items (item indices, ``-1``: not in the vocabulary;
         ``features`` as for ``user_inputs``)."""
         ids = np.asarray(items, dtype=np.int64).reshape(-1)
-        feats = unknown = None
-        if features is not None and self.item_tower.features is not None:
-            feats, unknown = self.item_tower.features.encode(features)
+        feats, unknown = _encode_features(self.item_tower, features, len(ids), "item")
         return TowerInputs(torch.from_numpy(ids).to(self.device), None, None, feats, bool((ids >= 0).all()), unknown)
 
     # ---- the towers ------------------------------------------------------------------------------
@@ -329,6 +320,11 @@ class TwoTowerModel(nn.Module):
         """``f(u)`` of users of the vocabulary with the given history (the trainer's batches)."""
         return self.user_tower(TowerInputs(users, history, history_mask, all_known=True),
                                shared_table=self.item_tower.id_embedding)
+
+    def item_vectors(self, x: TowerInputs) -> torch.Tensor:
+        """``g(j)`` for any items (``item_inputs``): the item tower's forward; an item not in the
+        vocabulary (id ``-1``) is placed by its features alone."""
+        return self.item_tower(x)
 
     def user_vectors(self, x: TowerInputs, item_vectors: torch.Tensor | None = None) -> torch.Tensor:
         """``f(u)`` for any users (``user_inputs``): the user tower's forward. A new user (id ``-1``)
@@ -373,6 +369,19 @@ class TwoTowerModel(nn.Module):
     def dense_parameters(self) -> list[nn.Parameter]:
         sparse_ids = {id(p) for p in self.sparse_parameters()}
         return [p for p in self.parameters() if id(p) not in sparse_ids]
+
+
+def _encode_features(tower: _Tower, features, n: int, kind: str) -> tuple[dict | None, list[dict] | None]:
+    """Raw feature values of ``n`` entities through ``tower``'s encoders (``None``: stored ones)."""
+    if features is None:
+        return None, None
+    if len(features) != n:
+        raise ValueError(f"{len(features)} feature rows for {n} {kind}s")
+    if tower.features is None:
+        if any(features):
+            raise KeyError(f"this model's {kind} tower has no features")
+        return None, None
+    return tower.features.encode(features)
 
 
 def _pad_histories(histories: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
