@@ -7,7 +7,7 @@ flat (exact), IVF and HNSW over a sweep of nprobe / efSearch; build time separat
 Catalogs: a synthetic-but-clustered 1M x 64 catalog (``synthetic_catalog.py``: Gaussian mixture on
 the unit sphere, Zipf popularity) and, with ``--run``, the item embeddings of a trained run with
 real users of that run as queries. Vectors are those the service searches: the item tower's
-output with the popularity coordinate appended (``twotower.index.scoring``), queries with
+output with the popularity coordinate appended (``twotower.model.scoring``), queries with
 ``alpha = 0``. Single-query figures use one FAISS thread (``faiss.omp_set_num_threads(1)``);
 batched figures one search call over all queries with every core. Writes
 ``benchmarks/results/ann-<catalog>.json``, ``docs/img/ann-recall-latency.png`` and the ANN section of
@@ -156,7 +156,7 @@ def plot(results: list[dict], path: Path) -> None:
 def markdown(results: list[dict]) -> str:
     lines = ["<!-- ann:begin -->", "## ANN search: recall against exact, latency, throughput", "",
              "Vectors are what the service searches: the item tower's output with the "
-             "popularity coordinate appended (`twotower.index.scoring`), queries at `alpha = 0`, inner-product "
+             "popularity coordinate appended (`twotower.model.scoring`), queries at `alpha = 0`, inner-product "
              "metric for every kind (`twotower.index.index`), the product's search path (`ItemIndex.search`). Recall@k = overlap of the "
              "top k with exact search's top k. Single-query latency: one query per call, one FAISS thread, p50 over "
              "the single-query sample. Batched: one call over all queries, every core. Build times separately.", ""]
@@ -242,12 +242,12 @@ def main(argv=None) -> int:
     log = lambda m: print(m, flush=True)  # noqa: E731
     results = []
     if args.run:
-        from twotower.index.embeddings import embed_all_items
         from twotower.index.run_index import sample_users, user_vectors
+        from twotower.model.towers import embed_items
         from twotower.run import Run
 
         run = Run(args.run)
-        items = embed_all_items(run.model, progress=False)
+        items = embed_items(run.model).float().cpu().numpy()
         users = user_vectors(run, sample_users(run, args.queries, seed=0))
         name = f"{run.config.data.dataset} (trained run)"
         res = bench_catalog(name, items, log_popularity(run.item_counts), users, float(run.model.temperature), args.single, log)

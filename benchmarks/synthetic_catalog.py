@@ -50,11 +50,11 @@ def write_run(out: str | Path, n_items: int = 1_000_000, n_users: int = 10_000, 
     """Write a run directory around a synthetic catalog (see the module docstring)."""
     import torch
 
-    from twotower import artifacts
     from twotower.config import RunConfig
     from twotower.data.dataset import CSR
     from twotower.data.vocab import Vocabulary
     from twotower.model.towers import TwoTowerModel
+    from twotower.run_dir import RunDir
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,14 +70,10 @@ def write_run(out: str | Path, n_items: int = 1_000_000, n_users: int = 10_000, 
     p = (counts + 1) / (counts + 1).sum()
     known_items = rng.choice(n_items, size=n_users * history, p=p)
     known = CSR.from_pairs(np.repeat(np.arange(n_users), history), known_items, n_users)
-    artifacts.write_json(out / "config.json", cfg.to_dict())
-    artifacts.write_text(out / "users.json", Vocabulary(np.arange(n_users, dtype=np.int64), name="user").to_json())
-    artifacts.write_text(out / "items.json", Vocabulary(np.arange(n_items, dtype=np.int64), name="item").to_json())
-    artifacts.write_json(out / "features.json", {"item": {}, "user": {}})
-    artifacts.save_tensors(out / "known.safetensors", {"indptr": torch.from_numpy(known.indptr), "indices": torch.from_numpy(known.indices),
-                                                       "item_counts": torch.from_numpy(counts),
-                                                       "test_users": torch.arange(n_users)})
-    artifacts.save_tensors(out / "model.safetensors", model.state_dict())
-    artifacts.write_json(out / "metrics.json", {"synthetic": True, "valid": {}, "test": None})
-    artifacts.write_manifest(out)
+    d = RunDir(out)
+    d.write_description(cfg, Vocabulary(np.arange(n_users, dtype=np.int64), name="user"),
+                        Vocabulary(np.arange(n_items, dtype=np.int64), name="item"), known, counts, np.arange(n_users),
+                        model.feature_state())
+    d.save_weights(model.state_dict())
+    d.finish({"synthetic": True, "valid": {}, "test": None})
     return out

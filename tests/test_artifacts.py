@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from twotower import RunConfig, train
-from twotower.artifacts import (atomic_path, committed_dir, replace_dir, save_numpy, settle_dir, staging_dir, verify_manifest,
-                                 write_text)
+from twotower.artifacts import atomic_path, committed_dir, replace_dir, save_numpy, settle_dir, staging_dir, write_text
 from twotower.errors import ArtifactError
 from twotower.run import Run
+from twotower.run_dir import RunDir
 
 
 def _cfg(dim=8):
@@ -32,7 +32,7 @@ def test_manifest_lists_every_artifact(run_dir):
     m = json.loads((run_dir / "manifest.json").read_text())["sha256"]
     for name in ("config.json", "model.safetensors", "items.json", "users.json", "metrics.json", "known.safetensors"):
         assert len(m[name]) == 64
-    verify_manifest(run_dir)
+    RunDir(run_dir).verify()
     assert len(Run(run_dir).recommend([0], k=3)) == 3
 
 
@@ -83,7 +83,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["config.json", "users.json", "items.json", "known.safetensors", "metrics.json",
-                                  "item_embeddings.npy"])
+                                  "item_embeddings.npy", "features.json", "features.safetensors"])
 def test_every_artifact_in_the_manifest_is_verified(run_dir, tmp_path, name):
     d = tmp_path / "copy"
     shutil.copytree(run_dir, d)

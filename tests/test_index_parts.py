@@ -15,7 +15,7 @@ import torch
 from _trained import tiny_run
 from twotower.errors import ArtifactError, ConfigError
 from twotower.index import IndexParams, recall_at
-from twotower.index.embeddings import embed_all_items
+from twotower.model.towers import embed_items
 from twotower.index.parts import (build_run_index_from_parts, embed_run_to_parts, embed_to_parts, iter_parts, parse_job,
                                   plan, read_manifest)
 from twotower.index.run_index import build_run_index, load_run_index, sample_users, user_vectors
@@ -62,7 +62,7 @@ def test_parts_cover_every_item_once_and_equal_the_in_memory_embeddings(run, par
     got, ids, vecs = _read_all(folder)
     assert [p.number for p in got] == [0, 1, 2, 3]
     assert len(ids) == n and len(np.unique(ids)) == n and ids.tolist() == run.items.ids.tolist()
-    np.testing.assert_allclose(vecs, embed_all_items(run.model, progress=False), atol=1e-6)
+    np.testing.assert_allclose(vecs, embed_items(run.model).numpy(), atol=1e-6)
     np.testing.assert_allclose(vecs, run.item_vectors.numpy(), atol=1e-6)
     assert not list(folder.glob(".*"))  # no temporary files left behind
 

@@ -316,42 +316,33 @@ def test_serve_command_binds_localhost(run_dir):
         proc.wait(timeout=10)
 
 
-@pytest.mark.parametrize("mlp", [[], [8]])
-def test_new_user_encoding_is_the_user_tower_with_a_zero_id_embedding(mlp):
-    """``encode_new_users`` mirrors ``UserTower.forward``: with the id embedding zeroed, the tower
-    gives the same vector for a known user's history and features."""
+def test_python_cli_and_http_report_one_score_the_served_score(client, run_dir, capsys):
+    """``Run.recommend``, ``twotower recommend`` and ``POST /recommend`` give the same score for the
+    same user and item, and that score is ``<f(u), g(j)> / tau`` (no bias, alpha 0), not the cosine."""
     import torch
 
-    from twotower.config import ModelConfig
-    from twotower.data.dataset import CSR, EncodedFeatures
-    from twotower.data.vocab import Vocabulary
-    from twotower.model.towers import TwoTowerModel
-    from twotower.serving.query import encode_new_users
+    from twotower.cli import main
+    from twotower.model.towers import embed_items
+    from twotower.run import Run
 
-    torch.manual_seed(0)
-    feats = EncodedFeatures({"age": Vocabulary(["a", "b", "c"], name="age")},
-                            {"age": CSR(np.array([0, 1, 2, 2, 3]), np.array([0, 2, 1]))})
-    model = TwoTowerModel(4, 30, ModelConfig(dim=8, user_history=True, user_features=["age"], mlp=mlp), None, feats).eval()
+    run = Run(run_dir)
+    http = {x["item"]: x["score"] for x in client.post("/recommend", json={"user": 196, "k": 5}).json()["items"]}
+    frame = run.recommend([196], k=100)
+    py = dict(zip(frame["item"].tolist(), frame["score"].tolist()))
+    assert main(["recommend", str(run_dir), "--user", "196", "-k", "5"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    cli = {int(r[1]): float(r[2]) for r in rows if len(r) >= 3 and r[0].isdigit()}
+    assert len(cli) == 5 and set(cli) & set(http)
+    for item, score in http.items():
+        assert py[item] == pytest.approx(score, rel=1e-5)  # HTTP writes 6 significant digits
+    for item, score in cli.items():
+        assert py[item] == pytest.approx(score, abs=1e-4)  # the CLI prints 4 decimals
     with torch.no_grad():
-        model.user_tower.id_embedding.weight.zero_()
-    users = torch.tensor([0, 1, 2, 3])
-    hist = torch.tensor([[3, 4, 0], [5, 0, 0], [7, 8, 9], [1, 2, 0]])
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]], dtype=torch.bool)
-    with torch.no_grad():
-        expected = model.encode_users(users, hist, mask)
-    values = (torch.tensor([0, 2, 1]), torch.tensor([0, 1, 2, 2]))  # users' age codes in EmbeddingBag layout
-    got = encode_new_users(model, hist, mask, [values])
-    torch.testing.assert_close(got, expected)
+        u = run.users.encode([196])
+        f = run.model.user_vectors(run.model.user_inputs(u, run.known))[0]
+        g = embed_items(run.model)
+    tau = float(run.model.temperature)
+    for item in cli:
+        j = int(run.items.encode([item])[0])
+        assert py[item] == pytest.approx(float(f @ g[j]) / tau, rel=1e-5)
 
-
-def test_new_user_of_an_ids_only_tower_is_folded_in_from_item_vectors():
-    import torch
-
-    from twotower.config import ModelConfig
-    from twotower.model.towers import TwoTowerModel
-    from twotower.serving.query import encode_new_users
-
-    model = TwoTowerModel(3, 10, ModelConfig(dim=4, user_history=False)).eval()
-    g = torch.nn.functional.normalize(torch.randn(10, 4), dim=-1)
-    got = encode_new_users(model, torch.tensor([[1, 2]]), torch.tensor([[True, True]]), None, g)
-    torch.testing.assert_close(got, torch.nn.functional.normalize(g[1] + g[2], dim=-1)[None])

@@ -19,7 +19,8 @@ from .config import RunConfig
 from .data.dataset import Dataset
 from .data.sources import load_dataset
 from .evaluation.evaluator import evaluate
-from .evaluation.ranking import embed_items
+from .model.towers import embed_items
+from .run_dir import RunDir
 from .training import distributed
 from .training.trainer import Trainer
 
@@ -61,17 +62,12 @@ def train(cfg: RunConfig, out: str | Path | None = None, data_dir: str | Path | 
     test = final.par.on_main(lambda: evaluate(final.model, ds, "test", cfg.eval, hl)) if evaluate_test and len(ds.test) else None
     seconds = time.perf_counter() - t0
     if out is not None and final.par.main:
-        out = Path(out)
-        artifacts.save_numpy(out / "item_embeddings.npy", embed_items(final.model).cpu().numpy())
-        if final is not trainer:
-            artifacts.save_tensors(out / "model.safetensors", final.model.state_dict())
-        artifacts.write_json(out / "metrics.json", {
+        RunDir(out).finish({
             "best_epoch": state.best_epoch, "epochs_run": state.epoch, "stopped_early": state.stopped_early,
             "refit": final is not trainer,
             "valid": valid, "test": test, "seconds": seconds,
             "seconds_per_epoch": float(np.mean([r["seconds"] for r in state.history])) if state.history else None,
-        })
-        artifacts.write_manifest(out)
+        }, embed_items(final.model).cpu().numpy(), weights=final.model.state_dict() if final is not trainer else None)
     final.par.barrier()
     return TrainResult(Path(out) if out is not None else None, final, valid, test, seconds)
 
@@ -90,7 +86,7 @@ def _refit(cfg: RunConfig, ds: Dataset, epochs: int, out, resume: bool, quiet: b
         stop = max(epochs, 1)  # the same schedule of mining rounds, cut at the chosen epoch
     else:
         rcfg.train.epochs = max(epochs, 1)
-    rdir = Path(out) / "refit" if out is not None else None
+    rdir = RunDir(out).refit.path if out is not None else None
     refit = Trainer(rcfg, ds.with_valid_in_train(), rdir, quiet=quiet, log=log)
     refit.fit(resume=resume, max_epochs=stop, jump_after=jump_after)  # a refit killed before its first checkpoint starts over
     return refit
@@ -102,12 +98,12 @@ def mine(run_dir: str | Path, out: str | Path, top_r: int = 200, lo: int = 10, h
     CSV, columns ``user``, ``item``: raw ids), the impressions format that ``negatives.hard =
     "exposure"`` reads, so the next training can use them."""
     import pandas as pd
-    import torch
 
     from .errors import TwotowerError
-    from .evaluation.ranking import embed_users
+    from .model.scoring import ServedScore
+    from .model.towers import embed_users
     from .run import Run
-    from .training.mining import mine_negatives, scoring_vectors
+    from .training.mining import mine_negatives
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out)
@@ -118,11 +114,8 @@ def mine(run_dir: str | Path, out: str | Path, top_r: int = 200, lo: int = 10, h
     t0 = time.perf_counter()
     run = Run(run_dir)
     users = np.flatnonzero(run.known.lengths() > 0)
-    hl = run.config.model.history_length
-    uv = torch.cat([embed_users(run.model, users[s : s + 8192], run.known, hl) for s in range(0, len(users), 8192)])
-    bias = run.model.bias(torch.arange(len(run.items))) if run.model.item_bias is not None else None
-    q, items = scoring_vectors(uv.float().numpy(), run.item_vectors.float().numpy(), float(run.model.temperature),
-                               None if bias is None else bias.detach().float().numpy())
+    uv = embed_users(run.model, users, run.known, run.config.model.history_length)
+    q, items = ServedScore.of(run.model).inner_product(uv.float().numpy(), run.item_vectors.float().numpy())
     indptr, neg = mine_negatives(q, items, users, run.known.indptr, run.known.indices, top_r, lo, hi, len(run.users))
     rows = np.repeat(np.arange(len(run.users)), np.diff(indptr))
     frame = pd.DataFrame({"user": run.users.decode(rows), "item": run.items.decode(neg)})

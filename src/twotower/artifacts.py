@@ -179,9 +179,6 @@ def load_numpy(path: str | Path, fix: str = "re-run the command that wrote it") 
                             f"objects, which are never unpickled. {fix[:1].upper()}{fix[1:]}") from None
 
 
-MANIFEST = "manifest.json"
-
-
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -190,34 +187,30 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def write_manifest(run_dir: str | Path) -> dict[str, str]:
-    """Record the sha256 of every file at the top of a finished run directory (the artifacts
-    serving and evaluation load; ``checkpoint/`` is working state for ``--resume``)."""
-    run_dir = Path(run_dir)
-    files = {p.name: sha256_file(p) for p in sorted(run_dir.iterdir())
-             if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
-    write_json(run_dir / MANIFEST, {"sha256": files})
+def write_manifest(folder: str | Path, name: str) -> dict[str, str]:
+    """Record the sha256 of every file at the top of ``folder`` (not its subfolders, not hidden
+    files) in the JSON file ``name`` there: ``{"sha256": {file: digest}}``."""
+    folder = Path(folder)
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
+             if p.is_file() and p.name != name and not p.name.startswith(".")}
+    write_json(folder / name, {"sha256": files})
     return files
 
 
-def verify_manifest(run_dir: str | Path) -> None:
-    """Refuse a run directory whose files do not match its manifest (corrupted, truncated, or
-    swapped in from another run)."""
-    run_dir = Path(run_dir)
-    path = run_dir / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(f"{run_dir}: no {MANIFEST}, so the run did not finish. Resume it with "
-                            "`twotower train CONFIG --out RUN --resume`, or load it unverified with Run(path, verify=False)")
-    recorded = read_json(path).get("sha256", {})
+def verify_manifest(folder: str | Path, name: str) -> None:
+    """Refuse a folder whose files do not match the manifest ``name`` written by ``write_manifest``
+    (corrupted, truncated, or swapped in from another run)."""
+    folder = Path(folder)
+    recorded = read_json(folder / name).get("sha256", {})
     bad = []
-    for name, digest in recorded.items():
-        f = run_dir / name
+    for file, digest in recorded.items():
+        f = folder / file
         if not f.is_file():
-            bad.append(f"{name} is missing")
+            bad.append(f"{file} is missing")
         elif sha256_file(f) != digest:
-            bad.append(f"{name} does not match its recorded sha256 (corrupted, truncated or from another run)")
+            bad.append(f"{file} does not match its recorded sha256 (corrupted, truncated or from another run)")
     if bad:
-        raise ArtifactError(f"{run_dir}: " + "; ".join(bad) + ". Re-run training, or restore the files from a backup")
+        raise ArtifactError(f"{folder}: " + "; ".join(bad) + ". Re-run training, or restore the files from a backup")
 
 
 def _json_default(o: Any):

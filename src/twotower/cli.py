@@ -162,8 +162,7 @@ def cmd_recommend(args) -> int:
             raise TwotowerError(f"{args.users_file}: {int(unknown.sum())} unknown user id(s), e.g. {users[unknown][:3].tolist()}; "
                                 "remove them or check the run")
     elif args.all_users:
-        known = artifacts.load_tensors(run.path / "known.safetensors")
-        idx = known["test_users"].numpy() if args.scope == "test" else np.arange(len(run.users))
+        idx = run.test_users if args.scope == "test" else np.arange(len(run.users))
         users = run.users.decode(idx)
     else:
         raise TwotowerError("say whom to recommend for: --user ID, --users-file FILE or --all-users")
@@ -306,8 +305,9 @@ def add_index_parser(sub) -> None:
 
 
 def cmd_embed(args) -> int:
-    from .index.parts import embed_run_to_parts, parse_job
+    from .index.parts import MANIFEST, embed_run_to_parts, parse_job
     from .run import Run
+    from .run_dir import RunDir
 
     job, n_jobs = parse_job(args.job)
     run = Run(args.run)
@@ -318,7 +318,7 @@ def cmd_embed(args) -> int:
     else:
         m = res["manifest"]
         print(f"{m['n_items']:,} items x {m['dim']} dims in {m['n_parts']} part(s), {m['bytes'] / 2**20:,.1f} MiB: "
-              f"{Path(args.out or Path(args.run) / 'embeddings') / 'embeddings.json'}")
+              f"{Path(args.out or RunDir(args.run).embeddings_dir) / MANIFEST}")
     return 0
 
 

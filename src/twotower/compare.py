@@ -15,6 +15,7 @@ from typing import Any
 from . import artifacts
 from .config import RunConfig, apply_overrides
 from .errors import ConfigError
+from .run_dir import RunDir
 
 TABLE_METRICS = ["recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50",
                  "coverage@20", "tail_share@20", "popularity@20"]
@@ -116,15 +117,6 @@ def load_variants(paths: list[str | Path], overrides: list[str], grid_flags: lis
     return variants
 
 
-def _finished(run_dir: Path, cfg: RunConfig) -> dict | None:
-    """The final metrics of a run directory that completed with exactly ``cfg``, else None."""
-    if not ((run_dir / "metrics.json").is_file() and (run_dir / "config.json").is_file()):
-        return None
-    if artifacts.read_json(run_dir / "config.json") != cfg.to_dict():
-        return None
-    return artifacts.read_json(run_dir / "metrics.json")
-
-
 def run_comparison(variants: list[Variant], out: Path, data_dir=None, quiet: bool = True, log=print,
                    resume: bool = False) -> list[VariantResult]:
     """Train each variant (its own run directory under ``out/runs``) and collect its figures.
@@ -144,29 +136,24 @@ def run_comparison(variants: list[Variant], out: Path, data_dir=None, quiet: boo
             datasets[key] = load_dataset(cfg.data, data_dir)
         safe = "".join(c if c.isalnum() or c in "=.,-_" else "_" for c in v.name)
         run_dir = out / "runs" / safe
-        done = _finished(run_dir, cfg) if resume else None
+        done = RunDir(run_dir).finished_metrics(cfg) if resume else None
         mon = f"valid/{cfg.train.monitor}"
         if done is not None:
             log(f"[{k}/{len(variants)}] {v.name} (finished before: read back)")
-            hist = _phase1_history(run_dir)
+            hist = RunDir(run_dir).read_epochs()
             valid, test = done.get("valid") or {}, done.get("test") or {}
         else:
             log(f"[{k}/{len(variants)}] {v.name}")
             if resume and run_dir.exists():
                 shutil.rmtree(run_dir)  # unfinished or another config: our own output, trained again
             res = train(cfg, run_dir, dataset=datasets[key], quiet=quiet, log=(lambda m: None) if quiet else log)
-            hist = res.trainer.state.history if not cfg.train.refit else _phase1_history(run_dir)
+            hist = res.trainer.state.history if not cfg.train.refit else RunDir(run_dir).read_epochs()
             valid, test = res.valid, res.test or {}
         results.append(VariantResult(
             v.name, valid, test,
             float(sum(r["seconds"] for r in hist) / max(len(hist), 1)),
             [(r["epoch"], r[mon]) for r in hist if mon in r]))
     return results
-
-
-def _phase1_history(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(l) for l in lines if l.strip()]
 
 
 def report_markdown(results: list[VariantResult]) -> str:

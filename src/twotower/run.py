@@ -1,7 +1,7 @@
 """A trained run directory, loaded: config, vocabularies, model, known items per user.
 
 ``Run`` is what evaluation, offline recommendation (and serving) start from; it needs no data
-files, only the run directory.
+files, only the run directory, which it reads through ``run_dir.RunDir`` (the owner of the format).
 """
 from __future__ import annotations
 
@@ -11,69 +11,63 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import artifacts
-from .config import RunConfig
-from .data.dataset import CSR, EncodedFeatures
-from .data.vocab import Vocabulary
 from .errors import ArtifactError
-from .evaluation.ranking import embed_items, top_k_blocks
-from .model.towers import TwoTowerModel
-
-
-def _features_from_state(state: dict[str, torch.Tensor], prefix: str, vocabs: dict[str, list], selected) -> EncodedFeatures | None:
-    if not vocabs:
-        return None
-    names = list(vocabs) if selected == "all" else list(selected)
-    if not names:
-        return None
-    values, rows = {}, {}
-    for k, name in enumerate(names):
-        values[name] = Vocabulary(np.asarray(vocabs[name], dtype=object), name=name)
-        rows[name] = CSR(state[f"{prefix}.features.indptr{k}"].numpy(), state[f"{prefix}.features.values{k}"].numpy())
-    return EncodedFeatures(values, rows)
+from .evaluation.ranking import top_k_blocks
+from .model.towers import TwoTowerModel, embed_items
+from .run_dir import RunDir
+from .data.popularity import log_popularity
 
 
 class Run:
-    """A run directory written by ``twotower train``."""
+    """A run directory written by ``twotower train``.
 
-    def __init__(self, path: str | Path, weights: str = "model.safetensors", verify: bool = True):
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise ArtifactError(f"{self.path}: not a directory. Pass the --out folder of `twotower train`")
+    Scores, here as in the CLI and the HTTP service, are the served score
+    ``<f(u), g(j)> / tau + b_j - alpha * log p(j)`` (``model.scoring``; ``alpha = 0`` here)."""
+
+    def __init__(self, path: str | Path, verify: bool = True):
+        self.dir = RunDir(path)
+        self.path = self.dir.path
+        self.dir.check_is_dir()
         if verify:
-            artifacts.verify_manifest(self.path)
-        self.config = RunConfig.from_dict(artifacts.read_json(self.path / "config.json"), source=str(self.path / "config.json"))
-        self.users = Vocabulary.from_json((self.path / "users.json").read_text(encoding="utf-8"))
-        self.items = Vocabulary.from_json((self.path / "items.json").read_text(encoding="utf-8"))
-        known = artifacts.load_tensors(self.path / "known.safetensors")
-        self.known = CSR(known["indptr"].numpy(), known["indices"].numpy())
-        self.item_counts = known["item_counts"].numpy()
-        feats = artifacts.read_json(self.path / "features.json")
-        titles_path = self.path / "titles.json"
-        self.titles = np.asarray(artifacts.read_json(titles_path), dtype=object) if titles_path.exists() else None
-        state = artifacts.load_tensors(self.path / weights)
-        m = self.config.model
-        self.model = TwoTowerModel(len(self.users), len(self.items), m,
-                                   _features_from_state(state, "item_tower", feats.get("item", {}), m.item_features),
-                                   _features_from_state(state, "user_tower", feats.get("user", {}), m.user_features))
+            self.dir.verify()
+        self.config = self.dir.read_config()
+        self.users, self.items = self.dir.read_vocabularies()
+        known = self.dir.read_known()
+        self.known, self.item_counts, self.test_users = known.history, known.item_counts, known.test_users
+        self.titles = self.dir.read_titles()
+        weights = self.dir.read_weights()
+        self.model = TwoTowerModel.from_state(len(self.users), len(self.items), self.config.model, self.dir.read_features())
         try:
-            self.model.load_state_dict(state)
+            self.model.load_state_dict(weights)
         except RuntimeError as e:
-            raise ArtifactError(f"{self.path / weights}: weights do not match the run's config ({str(e).splitlines()[0]})") from None
+            raise ArtifactError(f"{self.dir.weights_path}: weights do not match the run's config "
+                                f"({str(e).splitlines()[0]})") from None
         self.model.eval()
         self._item_vecs: torch.Tensor | None = None
+        self._log_p: np.ndarray | None = None
 
     @property
     def item_vectors(self) -> torch.Tensor:
+        """``g(j)`` of every item (computed once)."""
         if self._item_vecs is None:
             self._item_vecs = embed_items(self.model)
         return self._item_vecs
 
+    @property
+    def log_popularity(self) -> np.ndarray:
+        """``log p(j)`` of every item, the popularity the served score corrects by (add-one
+        smoothed share of training positives)."""
+        if self._log_p is None:
+            self._log_p = log_popularity(self.item_counts)
+        return self._log_p
+
     def metrics(self) -> dict:
-        return artifacts.read_json(self.path / "metrics.json")
+        return self.dir.read_metrics()
 
     def recommend(self, users, k: int = 10, exclude_seen: bool = True, batch_users: int = 1024) -> pd.DataFrame:
-        """Top-k items for known users (raw ids in, raw ids out): columns ``user, item, score, rank``.
+        """Top-k items for known users (raw ids in, raw ids out): columns ``user, item, score, rank``,
+        ``score`` the served score (``<f(u), g(j)> / tau + b_j``, as ``twotower recommend`` and the
+        service report it).
 
         Every item the user has in the training data (validation part included) is excluded.
         Unknown user ids raise ``KeyError``.
@@ -106,13 +100,10 @@ class Run:
 
     # ---- item categories (serving-time filters) ---------------------------------------------------
     def item_feature_values(self) -> dict[str, list]:
-        """The values of each categorical item feature the item tower uses, from ``features.json``
-        (``{}`` when the item tower has no features)."""
-        bags = getattr(self.model.item_tower, "features", None)
-        if bags is None:
-            return {}
-        vocabs = artifacts.read_json(self.path / "features.json").get("item", {})
-        return {name: list(vocabs.get(name, [])) for name in bags.names}
+        """The values of each item feature of the item tower that has a vocabulary (a category
+        filter can name them); ``{}`` when the item tower has none."""
+        feats = self.model.item_tower.features
+        return {} if feats is None else feats.categories()
 
     def item_category_items(self, feature: str, value) -> np.ndarray:
         """Sorted indices of the items whose ``feature`` includes ``value`` (multi-valued features
@@ -120,13 +111,4 @@ class Run:
         values = self.item_feature_values()
         if feature not in values:
             raise KeyError(f"item feature {feature!r} is not in this model; known: {sorted(values) or 'none'}")
-        vocab = values[feature]
-        matches = [i for i, v in enumerate(vocab) if str(v) == str(value)]
-        if not matches:
-            raise KeyError(f"{feature} {value!r} is not a known value; known: {vocab[:20]}{' ...' if len(vocab) > 20 else ''}")
-        bags = self.model.item_tower.features
-        k = bags.names.index(feature)
-        indptr = getattr(bags, f"indptr{k}").cpu().numpy()
-        codes = getattr(bags, f"values{k}").cpu().numpy()
-        owners = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-        return np.unique(owners[codes == matches[0]]).astype(np.int64)
+        return self.model.item_tower.features[feature].entities_with(value)

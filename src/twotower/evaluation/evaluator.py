@@ -11,9 +11,10 @@ import torch
 from ..config import EvalConfig
 from ..data.dataset import CSR, Dataset, Split
 from ..data.popularity import log_popularity
-from ..model.towers import TwoTowerModel
+from ..model.scoring import ServedScore
+from ..model.towers import TwoTowerModel, embed_items
 from . import metrics as M
-from .ranking import embed_items, top_k_blocks
+from .ranking import top_k_blocks
 
 
 def evaluate(model: TwoTowerModel, dataset: Dataset, split: str, cfg: EvalConfig, history_length: int = 50,
@@ -55,10 +56,10 @@ def evaluate_split(model: TwoTowerModel, truth_split: Split, known: CSR, item_co
     # Held-out (user, item) pairs as sorted keys: a hit is a binary-search match, no dense mask.
     truth_keys = torch.from_numpy(np.sort(np.repeat(np.arange(truth.n_rows), truth.lengths()) * n_items + truth.indices))
     item_vecs = embed_items(model)
-    # The served popularity correction, score - alpha * log p(j), evaluated without a server.
-    offset = (torch.from_numpy(-cfg.alpha * log_popularity(item_counts)).float() if cfg.alpha else None)
+    # The served score, with its popularity correction - alpha * log p(j): evaluated without a server.
+    score = ServedScore.of(model, log_popularity(item_counts) if cfg.alpha else None, cfg.alpha)
     for block, _, top in top_k_blocks(model, users, known, known, max_k, history_length, cfg.batch_users, item_vecs,
-                                      offset):
+                                      score):
         n_rel = torch.from_numpy(truth.lengths()[block])
         keys = torch.from_numpy(block)[:, None] * n_items + top
         pos = torch.searchsorted(truth_keys, keys).clamp_max(len(truth_keys) - 1)

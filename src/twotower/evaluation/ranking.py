@@ -8,35 +8,13 @@ import torch
 
 from .._blas import mkl
 from ..data.dataset import CSR
-from ..model.towers import TwoTowerModel
+from ..model.scoring import ServedScore
+from ..model.towers import TwoTowerModel, embed_items, embed_users
 
 try:  # the product and the selection in one pass, compiled by setup.py; else matmul and topk
     from . import _topk
 except ImportError:  # pragma: no cover - depends on the install
     _topk = None
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def embed_items(model: TwoTowerModel, batch: int = 65536) -> torch.Tensor:
-    """``g(j)`` for every item, ``[n_items, d]``, on the model's device."""
-    model.eval()
-    dev = model_device(model)
-    out = [model.encode_items(torch.arange(s, min(s + batch, model.n_items), device=dev)) for s in range(0, model.n_items, batch)]
-    return torch.cat(out) if out else torch.empty(0, model.cfg.dim, device=dev)
-
-
-@torch.no_grad()
-def embed_users(model: TwoTowerModel, users: np.ndarray, history: CSR, history_length: int) -> torch.Tensor:
-    """``f(u)`` for the given users with their most recent ``history_length`` items as history."""
-    model.eval()
-    hist, mask = history.last(users, history_length)
-    dev = model_device(model)
-    return model.encode_users(torch.from_numpy(np.asarray(users, dtype=np.int64)).to(dev),
-                              torch.from_numpy(hist).to(dev), torch.from_numpy(mask).to(dev))
 
 
 def mask_rows(scores: torch.Tensor, rows: np.ndarray, exclude: CSR) -> None:
@@ -50,17 +28,16 @@ def mask_rows(scores: torch.Tensor, rows: np.ndarray, exclude: CSR) -> None:
 @torch.no_grad()
 def top_k_blocks(model: TwoTowerModel, users: np.ndarray, history: CSR, exclude: CSR | None, k: int,
                  history_length: int, batch_users: int = 1024, item_vecs: torch.Tensor | None = None,
-                 item_offset: torch.Tensor | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+                 score: ServedScore | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     """Yield ``(block_users, top_scores [b, k], top_items [b, k])`` (CPU tensors) block by block,
-    excluding each user's ``exclude`` items. Scores are cosines (the ranking does not depend on the
-    temperature), or, when the model learns an item bias or ``item_offset`` (one additive term per
-    item, e.g. ``-alpha * log p(j)``) is given, ``cos / tau + b_j + item_offset_j``: the served score."""
+    excluding each user's ``exclude`` items, ranked and scored by the served score
+    ``<f(u), g(j)>/tau + b_j - alpha log p(j)`` (``score``: default the model's, at ``alpha = 0``;
+    ``model.scoring.ServedScore``). Each block's users go through the user tower once."""
     if item_vecs is None:
         item_vecs = embed_items(model)
-    bias = model.bias(torch.arange(item_vecs.shape[0], device=item_vecs.device)) if model.item_bias is not None else None
-    if item_offset is not None:
-        item_offset = item_offset.to(device=item_vecs.device, dtype=item_vecs.dtype)
-        bias = item_offset if bias is None else bias + item_offset
+    if score is None:
+        score = ServedScore.of(model)
+    bias = None if score.terms is None else score.terms.to(device=item_vecs.device, dtype=item_vecs.dtype)
     k = min(k, item_vecs.shape[0])
     compiled = (_topk is not None and item_vecs.device.type == "cpu" and item_vecs.dtype == torch.float32
                 and k > 0 and mkl() is not None)
@@ -76,11 +53,10 @@ def top_k_blocks(model: TwoTowerModel, users: np.ndarray, history: CSR, exclude:
         buf = torch.empty(min(batch_users, len(users)), item_vecs.shape[0], device=item_vecs.device, dtype=item_vecs.dtype)
     for s in range(0, len(users), batch_users):
         block = np.asarray(users[s : s + batch_users])
-        u = embed_users(model, block, history, history_length)
-        if bias is not None:
-            u = u / model.temperature
+        u = score.query(embed_users(model, block, history, history_length))
         if compiled:
-            yield block, *_top_k_compiled(u, item_vecs, bias, block, exclude, k)
+            values, index = _top_k_compiled(u, item_vecs, bias, block, exclude, k)
+            yield block, score.finish(values), index
             continue
         scores = torch.mm(u, item_vecs.T, out=buf[: len(block)])
         if bias is not None:
@@ -88,7 +64,7 @@ def top_k_blocks(model: TwoTowerModel, users: np.ndarray, history: CSR, exclude:
         if exclude is not None:
             mask_rows(scores, block, exclude)
         top = torch.topk(scores, k, dim=1)
-        yield block, top.values.cpu(), top.indices.cpu()
+        yield block, score.finish(top.values).cpu(), top.indices.cpu()
 
 
 def _top_k_compiled(u: torch.Tensor, item_vecs: torch.Tensor, bias: torch.Tensor | None, rows: np.ndarray,

@@ -1,7 +1,7 @@
 """FAISS index over the augmented item vectors: kinds, parameters, ``auto``, build, search, save,
 load, and the recall/latency measurement against exact search.
 
-The index stores the items' augmented vectors (``scoring.augment_items``), so that an inner
+The index stores the items' augmented vectors (``model.scoring.augment_items``), so that an inner
 product with an augmented query is the served score, ``alpha`` included. Kinds, all with the
 inner-product metric:
 
@@ -13,7 +13,7 @@ inner-product metric:
   lookup tables, ``IndexIVFPQFastScan``, several times faster per scanned code).
 
 Why inner product directly and not the reduction of maximum inner product to nearest neighbours
-(Bachrach et al. 2014): the layout (``scoring.ScoreLayout.fit``) keeps the appended popularity
+(Bachrach et al. 2014): the layout (``model.scoring.ScoreLayout.fit``) keeps the appended popularity
 coordinate within +-0.25, so item norms stay within a few percent of 1 and graphs and lists built
 on inner products are sound; and under the reduction a query with a large ``alpha`` is normalised
 onto its popularity axis, after which list and graph navigation lose the user's direction
@@ -33,7 +33,7 @@ import numpy as np
 
 from .. import artifacts
 from ..errors import ArtifactError, ConfigError
-from .scoring import ScoreLayout
+from ..model.scoring import ScoreLayout
 
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
 INDEX_FILE = "index.faiss"
@@ -152,7 +152,9 @@ def vectors_digest(vectors: np.ndarray, rows: int = 1 << 16) -> str:
     return h.hexdigest()
 
 
-def _pad(x: np.ndarray, d: int) -> np.ndarray:
+def zero_pad(x: np.ndarray, d: int) -> np.ndarray:
+    """``x`` with zero columns appended up to width ``d`` (IVF-PQ codes need a width that is a
+    multiple of ``pq_m``; zeros change no inner product)."""
     return x if x.shape[1] == d else np.ascontiguousarray(np.hstack([x, np.zeros((len(x), d - x.shape[1]), np.float32)]))
 
 
@@ -211,8 +213,8 @@ class ItemIndex:
         if p.kind in ("ivf", "ivfpq"):
             rng = np.random.default_rng(seed)
             m = train_size(p, n)
-            index.train(_pad(x[np.sort(rng.choice(n, m, replace=False))] if m < n else x, index.d))
-        index.add(_pad(x, index.d))
+            index.train(zero_pad(x[np.sort(rng.choice(n, m, replace=False))] if m < n else x, index.d))
+        index.add(zero_pad(x, index.d))
         p = with_search_defaults(p)
         out = cls(index, p, layout, x)
         out.info["build_seconds"] = time.perf_counter() - t0
@@ -230,11 +232,6 @@ class ItemIndex:
     @property
     def dim(self) -> int:
         return self.vectors.shape[1]
-
-    def memory_bytes(self) -> int:
-        import faiss
-
-        return int(faiss.serialize_index(self.faiss_index).nbytes)
 
     # ---- search --------------------------------------------------------------------------------
     def _search_params(self, k: int, selector=None):
@@ -271,7 +268,7 @@ class ItemIndex:
         params = self._search_params(k, selector)
         if self.kind == "flat" and selector is None and len(q) >= 20:  # a batch: one matrix product beats FAISS's BLAS path here
             return exact_top_k(q, self.vectors, k)
-        inner, ids = self.faiss_index.search(_pad(q, self.faiss_index.d), k, params=params)
+        inner, ids = self.faiss_index.search(zero_pad(q, self.faiss_index.d), k, params=params)
         return np.where(ids >= 0, inner, -np.inf).astype(np.float32), ids
 
     def exact_search(self, queries: np.ndarray, k: int, subset: np.ndarray | None = None

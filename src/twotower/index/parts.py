@@ -19,7 +19,7 @@ Building an index from the parts (``build_run_index_from_parts``) reads one part
 and HNSW kinds add each part as it is read; the IVF kinds gather a uniform sample of rows across all
 parts while reading, train k-means on it, then add the lists part by part. The raw embeddings go
 to ``item_embeddings.npy`` of the index folder through a memory map (what ``load_run_index``, and so
-``twotower serve`` and ``Recommender``, read), the augmented vectors (``scoring.ScoreLayout``) to a
+``twotower serve`` and ``Recommender``, read), the augmented vectors (``model.scoring.ScoreLayout``) to a
 temporary memory map used for tuning and the recall measurement, then removed.
 """
 from __future__ import annotations
@@ -37,13 +37,14 @@ import torch
 
 from .. import artifacts
 from ..errors import ArtifactError, ConfigError
-from .embeddings import NUMPY, PARQUET, item_bias
-from .index import IndexParams, ItemIndex, _pad, new_faiss_index, train_size, with_search_defaults
-from .scoring import ScoreLayout, log_popularity
+from ..model.scoring import ScoreLayout
+from ..model.towers import embed_items
+from .embeddings import NUMPY, PARQUET, embedding_progress, embeddings_table
+from .index import IndexParams, ItemIndex, new_faiss_index, train_size, with_search_defaults, zero_pad
+from .run_index import tune_measure_save
 
 FORMAT = "twotower-embedding-parts/1"
 MANIFEST = "embeddings.json"
-DEFAULT_DIR = "embeddings"
 DEFAULT_CHUNK = 1_000_000
 
 
@@ -86,15 +87,11 @@ class EmbeddingPart:
 
 # ---- writing ------------------------------------------------------------------------------------
 def _write_part(path: Path, ids: np.ndarray, vectors: np.ndarray) -> tuple[int, str]:
-    """Write one part atomically; returns its size in bytes and sha256."""
-    import pyarrow as pa
+    """Write one part atomically (``embeddings.embeddings_table``); returns its size in bytes and sha256."""
     import pyarrow.parquet as pq
 
-    d = vectors.shape[1]
-    id_col = pa.array(ids.astype(np.int64)) if ids.dtype.kind in "iu" else pa.array([str(x) for x in ids], pa.string())
-    vec_col = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1)), d)
     with artifacts.atomic_path(path) as tmp:
-        pq.write_table(pa.table({"item": id_col, "vector": vec_col}), tmp)
+        pq.write_table(embeddings_table(ids, vectors), tmp)
         size, digest = tmp.stat().st_size, artifacts.sha256_file(tmp)
     return size, digest
 
@@ -125,8 +122,6 @@ def embed_to_parts(model, ids: np.ndarray, folder: str | Path, chunk_size: int =
     time. This job writes the parts ``p % n_jobs == job`` (parts already written with the same
     plan and weights are kept unless ``overwrite``); the manifest is written once every part exists.
     Returns ``{"written": [...], "kept": [...], "missing": [...], "manifest": dict | None}``."""
-    from tqdm.auto import tqdm
-
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -152,19 +147,12 @@ def embed_to_parts(model, ids: np.ndarray, folder: str | Path, chunk_size: int =
             old.unlink(missing_ok=True)
     todo = [p for p in mine if overwrite or not _record_ok(folder, p, _read_record(folder, p), expect(p))]
     kept = sorted(set(mine) - set(todo))
-    model.eval()
-    dev = next(model.parameters()).device
     written = []
-    with tqdm(total=sum(parts[p][1] - parts[p][0] for p in todo), desc="embedding items", unit="item",
-              disable=not progress, leave=False) as bar:
+    with embedding_progress(sum(parts[p][1] - parts[p][0] for p in todo), progress) as bar:
         for p in todo:
             t0 = time.perf_counter()
             s, e = parts[p]
-            out = np.empty((e - s, d), dtype=np.float32)
-            for b in range(s, e, batch):
-                be = min(b + batch, e)
-                out[b - s : be - s] = model.encode_items(torch.arange(b, be, device=dev)).float().cpu().numpy()
-                bar.update(be - b)
+            out = embed_items(model, s, e, batch, bar.update).float().cpu().numpy()
             size, digest = _write_part(folder / part_name(p), ids[s:e], out)
             del out
             artifacts.write_json(folder / record_name(p), {
@@ -205,12 +193,10 @@ def embed_run_to_parts(run, folder: str | Path | None = None, chunk_size: int = 
                        progress: bool = True, log=None) -> dict:
     """``embed_to_parts`` for a trained run, into ``folder`` (default ``RUN/embeddings``), on
     ``device`` (default: where the run's model is, the CPU)."""
-    from .run_index import _model_digest
-
-    folder = Path(folder) if folder is not None else Path(run.path) / DEFAULT_DIR
+    folder = Path(folder) if folder is not None else run.dir.embeddings_dir
     if device:
         run.model.to(device)
-    return embed_to_parts(run.model, run.items.ids, folder, chunk_size, batch, job, n_jobs, _model_digest(run),
+    return embed_to_parts(run.model, run.items.ids, folder, chunk_size, batch, job, n_jobs, run.dir.model_digest(),
                           overwrite, progress, log)
 
 
@@ -264,15 +250,13 @@ def iter_parts(folder: str | Path, manifest: dict | None = None, verify: bool = 
 
 def check_parts_match_run(manifest: dict, run, folder: str | Path) -> None:
     """Refuse parts embedded from another run or other weights."""
-    from .run_index import _model_digest
-
     if manifest["n_items"] != len(run.items) or manifest["dim"] != int(run.model.cfg.dim):
         raise ArtifactError(f"{folder}: parts hold {manifest['n_items']:,} items x {manifest['dim']} dims, the run "
                             f"{run.path} has {len(run.items):,} x {run.model.cfg.dim}: embedded from another run. "
                             f"Write them with `twotower embed {run.path} --out {folder}`")
-    digest = _model_digest(run)
+    digest = run.dir.model_digest()
     if manifest.get("model_sha256") and digest and manifest["model_sha256"] != digest:
-        raise ArtifactError(f"{folder}: embedded with other weights than {run.path}/model.safetensors. "
+        raise ArtifactError(f"{folder}: embedded with other weights than {run.dir.weights_path}. "
                             f"Write them again with `twotower embed {run.path} --out {folder} --overwrite`")
 
 
@@ -286,18 +270,15 @@ def build_run_index_from_parts(run, parts_dir: str | Path, params: IndexParams, 
     (``params.train_size``, default 64 per list)."""
     from tqdm.auto import tqdm
 
-    from .run_index import INDEX_DIR, _model_digest, _tune_measure_save
-
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     parts_dir = Path(parts_dir)
-    folder = Path(folder) if folder is not None else Path(run.path) / INDEX_DIR
+    folder = Path(folder) if folder is not None else run.dir.index_dir
     manifest = read_manifest(parts_dir)
     check_parts_match_run(manifest, run, parts_dir)
     n, d = int(manifest["n_items"]), int(manifest["dim"])
-    log_p = log_popularity(run.item_counts)
-    bias = item_bias(run.model)
-    layout = ScoreLayout.fit(log_p, float(run.model.temperature), bias)
-    width = d + 1 + (bias is not None)
+    log_p = run.log_popularity
+    layout, bias = ScoreLayout.of(run.model, log_p)
+    width = d + layout.width
     p = params.resolved(n)
     ivf = p.kind in ("ivf", "ivfpq")
     t0 = time.perf_counter()
@@ -331,12 +312,12 @@ def build_run_index_from_parts(run, parts_dir: str | Path, params: IndexParams, 
             del raw
         read_s = time.perf_counter() - t0
         if ivf:
-            index.train(_pad(train, index.d))
+            index.train(zero_pad(train, index.d))
             del train
             step = int(manifest["chunk_size"])
             with tqdm(total=n, desc="adding to lists", unit="item", disable=not progress, leave=False) as bar:
                 for s in range(0, n, step):
-                    index.add(_pad(np.ascontiguousarray(aug[s : s + step]), index.d))
+                    index.add(zero_pad(np.ascontiguousarray(aug[s : s + step]), index.d))
                     bar.update(min(step, n - s))
         p = with_search_defaults(p)
         idx = ItemIndex(index, p, layout, aug)
@@ -344,10 +325,10 @@ def build_run_index_from_parts(run, parts_dir: str | Path, params: IndexParams, 
         log(f"index: {p.kind} over {n:,} items x {idx.dim} dims from {manifest['n_parts']} part(s) in "
             f"{idx.info['build_seconds']:.1f}s" + (f" (k-means on {m:,} sampled items)" if ivf else ""))
         (folder / PARQUET).unlink(missing_ok=True)  # a whole-catalog export from an earlier in-memory build would be stale
-        extra = {"model_sha256": _model_digest(run), "read_parts_seconds": read_s,
+        extra = {"model_sha256": run.dir.model_digest(), "read_parts_seconds": read_s,
                  "from_parts": {"dir": str(parts_dir), "n_parts": manifest["n_parts"], "chunk_size": manifest["chunk_size"],
                                 "train_sample": m}}
         tune = p.kind == "hnsw" and params.ef_search is None or ivf and params.nprobe is None
-        return _tune_measure_save(run, idx, folder, tune, sample, seed, log, extra)
+        return tune_measure_save(run, idx, folder, tune, sample, seed, log, extra)
     finally:
         Path(aug_path).unlink(missing_ok=True)  # the map stays readable while idx holds it (POSIX)

@@ -11,19 +11,10 @@ import numpy as np
 
 from .. import artifacts
 from ..errors import ArtifactError
-from ..evaluation.ranking import embed_users
-from .embeddings import NUMPY, embed_all_items, item_bias, save_embeddings
+from ..model.scoring import ScoreLayout
+from ..model.towers import embed_items, embed_users
+from .embeddings import NUMPY, embedding_progress, save_embeddings
 from .index import EF_GRID, META_FILE, IndexParams, ItemIndex
-from .scoring import ScoreLayout, log_popularity
-
-INDEX_DIR = "index"
-
-
-def _model_digest(run) -> str | None:
-    path = Path(run.path) / artifacts.MANIFEST
-    if not path.is_file():
-        return None
-    return artifacts.read_json(path).get("sha256", {}).get("model.safetensors")
 
 
 def sample_users(run, n: int = 1000, seed: int = 0) -> np.ndarray:
@@ -36,18 +27,14 @@ def sample_users(run, n: int = 1000, seed: int = 0) -> np.ndarray:
 
 def user_vectors(run, users: np.ndarray, batch: int = 4096) -> np.ndarray:
     """``f(u)`` of known users with their most recent known items as history, float32."""
-    hl = run.config.model.history_length
-    out = [embed_users(run.model, users[s : s + batch], run.known, hl).float().cpu().numpy() for s in range(0, len(users), batch)]
-    return np.concatenate(out) if out else np.empty((0, run.config.model.dim), np.float32)
+    return embed_users(run.model, users, run.known, run.config.model.history_length, batch).float().cpu().numpy()
 
 
 def item_vectors(run, embeddings: np.ndarray) -> tuple[np.ndarray, ScoreLayout]:
     """The augmented item vectors of ``run`` (its popularity and learned bias laid out after
     ``embeddings``) and the layout that forms matching queries."""
-    log_p = log_popularity(run.item_counts)
-    bias = item_bias(run.model)
-    layout = ScoreLayout.fit(log_p, float(run.model.temperature), bias)
-    return layout.items(embeddings, log_p, bias), layout
+    layout, bias = ScoreLayout.of(run.model, run.log_popularity)
+    return layout.items(embeddings, run.log_popularity, bias), layout
 
 
 def build_run_index(run, params: IndexParams, folder: str | Path | None = None, sample: int = 1000, seed: int = 0,
@@ -58,18 +45,19 @@ def build_run_index(run, params: IndexParams, folder: str | Path | None = None, 
     ``alpha = 0``, and also at 0.5 and 1) and per-query latency are measured on the other half and
     stored with the index."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    folder = Path(folder) if folder is not None else Path(run.path) / INDEX_DIR
+    folder = Path(folder) if folder is not None else run.dir.index_dir
     t0 = time.perf_counter()
-    emb = embed_all_items(run.model, progress=progress)
+    with embedding_progress(len(run.items), progress) as bar:
+        emb = embed_items(run.model, progress=bar.update).float().cpu().numpy()
     save_embeddings(folder, run.items.ids, emb)
     embed_s = time.perf_counter() - t0
     vecs, layout = item_vectors(run, emb)
     idx = ItemIndex.build(vecs, params, layout, seed=seed)
     p = idx.params
     log(f"index: {p.kind} over {idx.n_items:,} items x {idx.dim} dims built in {idx.info['build_seconds']:.1f}s")
-    extra = {"embed_seconds": embed_s, "model_sha256": _model_digest(run)}
+    extra = {"embed_seconds": embed_s, "model_sha256": run.dir.model_digest()}
     tune = p.kind == "hnsw" and params.ef_search is None or p.kind in ("ivf", "ivfpq") and params.nprobe is None
-    return _tune_measure_save(run, idx, folder, tune, sample, seed, log, extra)
+    return tune_measure_save(run, idx, folder, tune, sample, seed, log, extra)
 
 
 def retune_run_index(run, folder: str | Path | None = None, ef_search: int | None = None, nprobe: int | None = None,
@@ -77,7 +65,7 @@ def retune_run_index(run, folder: str | Path | None = None, ef_search: int | Non
     """Change a saved index's search knobs without rebuilding it: set ``ef_search`` / ``nprobe``
     when given, else tune them again (to ``target_recall`` when given); measure and save."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    folder = Path(folder) if folder is not None else Path(run.path) / INDEX_DIR
+    folder = Path(folder) if folder is not None else run.dir.index_dir
     idx = load_run_index(run, folder, required=True)
     if target_recall is not None:
         idx.params = replace(idx.params, target_recall=float(target_recall))
@@ -85,10 +73,10 @@ def retune_run_index(run, folder: str | Path | None = None, ef_search: int | Non
     if given:
         idx.params = replace(idx.params, **given)
     keep = {k: idx.info[k] for k in ("embed_seconds", "model_sha256", "build_seconds") if k in idx.info}
-    return _tune_measure_save(run, idx, folder, not given and idx.kind != "flat", sample, seed, log, keep)
+    return tune_measure_save(run, idx, folder, not given and idx.kind != "flat", sample, seed, log, keep)
 
 
-def _tune_measure_save(run, idx: ItemIndex, folder: Path, tune: bool, sample: int, seed: int, log, extra: dict) -> ItemIndex:
+def tune_measure_save(run, idx: ItemIndex, folder: Path, tune: bool, sample: int, seed: int, log, extra: dict) -> ItemIndex:
     """Tune the search knob on half of a sample of real users (stepping further while the other
     half's recall is below target), measure recall and latency on that other half, save."""
     p, layout = idx.params, idx.layout
@@ -124,15 +112,15 @@ def _tune_measure_save(run, idx: ItemIndex, folder: Path, tune: bool, sample: in
 def load_run_index(run, folder: str | Path | None = None, required: bool = False) -> ItemIndex | None:
     """The index saved in ``folder`` (default ``RUN/index``), or ``None`` when there is none (an
     error when ``required``). Refuses an index built from other weights."""
-    folder = Path(folder) if folder is not None else Path(run.path) / INDEX_DIR
+    folder = Path(folder) if folder is not None else run.dir.index_dir
     if not (folder / META_FILE).is_file():
         if required:
             raise ArtifactError(f"{folder}: no index. Build it with `twotower index {run.path}`")
         return None
     meta = ItemIndex.read_meta(folder)
-    digest = _model_digest(run)
+    digest = run.dir.model_digest()
     if meta.get("model_sha256") and digest and meta["model_sha256"] != digest:
-        raise ArtifactError(f"{folder}: built from other weights than {run.path}/model.safetensors. "
+        raise ArtifactError(f"{folder}: built from other weights than {run.dir.weights_path}. "
                             f"Rebuild it with `twotower index {run.path}`")
     path = folder / NUMPY
     if not path.is_file():

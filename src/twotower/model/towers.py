@@ -1,19 +1,30 @@
 """The user tower and the item tower.
 
-Each tower sums the embeddings of its inputs (ids, pooled history, categorical features), passes the
-sum through an optional MLP and L2-normalises it, so that ``<f(u), g(j)>`` is a cosine in [-1, 1]
-and the temperature alone sets the sharpness of the softmax. With ids only and no MLP the model is
+Each tower sums the embeddings of its inputs (ids, pooled history, features), passes the sum
+through an optional MLP and L2-normalises it, so that ``<f(u), g(j)>`` is a cosine in [-1, 1] and
+the temperature alone sets the sharpness of the softmax. With ids only and no MLP the model is
 matrix factorisation on the unit sphere.
+
+A tower reads one typed batch, ``TowerInputs``, built by ``TwoTowerModel.user_inputs`` (or
+``item_inputs``) from vocabulary indices and raw values: training, evaluation, mining, the index,
+serving and batch recommendation all go through it and through the tower's own ``forward``, for
+known users and for new ones (history, features, or both). The towers' feature encoders own their
+fitted state (``feature_state`` / ``TwoTowerModel.from_state``).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..data.dataset import EncodedFeatures
+from ..data.dataset import CSR, EncodedFeatures
+from ..features.encoders import FeatureSet, FeatureState, FittedFeature, fit_features
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -53,37 +64,31 @@ def _has_dropout(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
 
 
-def gather_rows(indptr: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entries of CSR ``rows`` concatenated, and the offset where each row starts (EmbeddingBag input)."""
-    starts = indptr[rows]
-    lens = indptr[rows + 1] - starts
-    offsets = torch.cumsum(lens, 0) - lens
-    flat = torch.repeat_interleave(starts - offsets, lens) + torch.arange(int(lens.sum()), device=rows.device)
-    return indices[flat], offsets
+@dataclass
+class TowerInputs:
+    """What a tower reads for a batch of ``B`` users or items; ``TwoTowerModel.user_inputs`` and
+    ``item_inputs`` build it from vocabulary indices and raw values.
 
+    - ``ids`` ``[B]`` int64: vocabulary indices; ``-1`` for an entity not in the vocabulary (a new
+      user), whose id contributes nothing (``id_vectors``: the one place an unknown id is handled);
+    - ``history`` / ``history_mask`` ``[B, L]``: item indices, oldest first, and which are real
+      (user tower; ``None``: no history);
+    - ``features``: each feature's encoded input (``FeatureSet.encode``); ``None``: the stored
+      features of the entities, looked up by id (none for ``-1``);
+    - ``all_known``: every id is ``>= 0`` (the trainer's batches; skips the masking of unknown ids);
+    - ``unknown_features``: per entity, the raw feature values no encoder could place (reported to
+      the caller; they contribute nothing).
+    """
 
-class FeatureBags(nn.Module):
-    """Sum over categorical features of the mean embedding of the entity's values
-    (multi-valued features such as genres are mean-pooled; a missing value contributes zero)."""
+    ids: torch.Tensor
+    history: torch.Tensor | None = None
+    history_mask: torch.Tensor | None = None
+    features: dict[str, Any] | None = None
+    all_known: bool = False
+    unknown_features: list[dict] | None = None
 
-    def __init__(self, features: EncodedFeatures, dim: int, init_std: float, sparse: bool = False):
-        super().__init__()
-        self.names = features.names
-        self.bags = nn.ModuleDict()
-        for k, name in enumerate(self.names):
-            bag = nn.EmbeddingBag(max(len(features.values[name]), 1), dim, mode="mean", sparse=sparse)
-            nn.init.normal_(bag.weight, std=init_std)
-            self.bags[f"f{k}"] = bag
-            csr = features.rows[name]
-            self.register_buffer(f"indptr{k}", torch.from_numpy(csr.indptr.copy()))
-            self.register_buffer(f"values{k}", torch.from_numpy(csr.indices.copy()))
-
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        out = 0
-        for k in range(len(self.names)):
-            vals, offsets = gather_rows(getattr(self, f"indptr{k}"), getattr(self, f"values{k}"), rows)
-            out = out + self.bags[f"f{k}"](vals, offsets)
-        return out
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 def make_mlp(dim: int, hidden: list[int], dropout: float) -> nn.Module | None:
@@ -100,16 +105,66 @@ def make_mlp(dim: int, hidden: list[int], dropout: float) -> nn.Module | None:
     return nn.Sequential(*layers)
 
 
-class ItemTower(nn.Module):
-    """g(j): item-id embedding + categorical feature embeddings -> optional MLP -> L2 normalisation."""
+def _plus(a: torch.Tensor | int, b: torch.Tensor | int) -> torch.Tensor | int:
+    """``a + b`` where ``0`` stands for an absent part (no operation recorded for it)."""
+    if isinstance(b, int):
+        return a
+    return b if isinstance(a, int) else a + b
 
-    def __init__(self, n_items: int, cfg: ModelConfig, features: EncodedFeatures | None, sparse: bool = False):
+
+def _fitted(features: EncodedFeatures | Sequence[FittedFeature] | None) -> list[FittedFeature]:
+    if features is None:
+        return []
+    return fit_features(features) if isinstance(features, EncodedFeatures) else list(features)
+
+
+class _Tower(nn.Module):
+    """What both towers share: the id part and the finish (MLP, L2 normalisation)."""
+
+    id_embedding: nn.Embedding | None
+    features: FeatureSet | None
+    mlp: nn.Module | None
+
+    def id_vectors(self, x: TowerInputs) -> torch.Tensor | int:
+        """The id embedding of each row; nothing (zero) for an id not in the vocabulary (``-1``):
+        a new user is placed by its history and features alone."""
+        if self.id_embedding is None:
+            return 0
+        if x.all_known:
+            return self.id_embedding(x.ids)
+        known = (x.ids >= 0).unsqueeze(-1)
+        return self.id_embedding(x.ids.clamp_min(0)) * known.to(self.id_embedding.weight.dtype)
+
+    def feature_vectors(self, x: TowerInputs) -> torch.Tensor | int:
+        if self.features is None:
+            return 0
+        return self.features(x.features if x.features is not None else self.features.lookup(x.ids, x.all_known))
+
+    def finish(self, x: torch.Tensor | int, n: int) -> torch.Tensor:
+        if isinstance(x, int):  # no input at all for these rows (e.g. a new user of an ids-only tower)
+            p = next(self.parameters())
+            x = torch.zeros(n, self.dim, dtype=p.dtype, device=p.device)
+        if self.mlp is not None:
+            x = self.mlp(x)
+        return l2_normalize(x)
+
+    def feature_state(self) -> list[FittedFeature]:
+        return [] if self.features is None else self.features.fitted()
+
+
+class ItemTower(_Tower):
+    """g(j): item-id embedding + feature embeddings -> optional MLP -> L2 normalisation."""
+
+    def __init__(self, n_items: int, cfg: ModelConfig, features: EncodedFeatures | Sequence[FittedFeature] | None,
+                 sparse: bool = False):
         super().__init__()
+        self.dim = cfg.dim
         self.id_embedding = None
         if cfg.item_id:
             self.id_embedding = nn.Embedding(n_items, cfg.dim, sparse=sparse)
             nn.init.normal_(self.id_embedding.weight, std=cfg.init_std)
-        self.features = FeatureBags(features, cfg.dim, cfg.init_std, sparse) if features is not None and features.names else None
+        fitted = _fitted(features)
+        self.features = FeatureSet(fitted, cfg.dim, cfg.init_std, sparse) if fitted else None
         self.mlp = make_mlp(cfg.dim, cfg.mlp, cfg.dropout)
 
     @property
@@ -117,24 +172,23 @@ class ItemTower(nn.Module):
         """Equal ids give equal vectors, in training too (no dropout)."""
         return not _has_dropout(self)
 
-    def forward(self, items: torch.Tensor) -> torch.Tensor:
-        x = 0
-        if self.id_embedding is not None:
-            x = self.id_embedding(items)
-        if self.features is not None:
-            x = x + self.features(items)
-        if self.mlp is not None:
-            x = self.mlp(x)
-        return l2_normalize(x)
+    def forward(self, x: TowerInputs) -> torch.Tensor:
+        h = _plus(self.id_vectors(x), self.feature_vectors(x))
+        return self.finish(h, len(x))
 
 
-class UserTower(nn.Module):
+class UserTower(_Tower):
     """f(u): user-id embedding + mean of the user's history items' embeddings + user features
     -> optional MLP -> L2 normalisation. The history table is the item tower's id table when
-    shared (then it is passed in at call time, so each weight is stored once)."""
+    shared (then it is passed in at call time, so each weight is stored once).
 
-    def __init__(self, n_users: int, n_items: int, cfg: ModelConfig, features: EncodedFeatures | None, sparse: bool = False):
+    One forward for every kind of user: a known one (id, its history and stored features), and a
+    new one (id ``-1``) with a history, features, or both (``TowerInputs``)."""
+
+    def __init__(self, n_users: int, n_items: int, cfg: ModelConfig,
+                 features: EncodedFeatures | Sequence[FittedFeature] | None, sparse: bool = False):
         super().__init__()
+        self.dim = cfg.dim
         self.id_embedding = None
         if cfg.user_id:
             self.id_embedding = nn.Embedding(n_users, cfg.dim, sparse=sparse)
@@ -144,7 +198,8 @@ class UserTower(nn.Module):
         if cfg.user_history and not (cfg.share_item_table and cfg.item_id):
             self.history_table = nn.Embedding(n_items, cfg.dim, sparse=sparse)
             nn.init.normal_(self.history_table.weight, std=cfg.init_std)
-        self.features = FeatureBags(features, cfg.dim, cfg.init_std, sparse) if features is not None and features.names else None
+        fitted = _fitted(features)
+        self.features = FeatureSet(fitted, cfg.dim, cfg.init_std, sparse) if fitted else None
         self.mlp = make_mlp(cfg.dim, cfg.mlp, cfg.dropout)
 
     @property
@@ -153,21 +208,18 @@ class UserTower(nn.Module):
         training pair's history is its own)."""
         return not self.use_history and not _has_dropout(self)
 
-    def forward(self, users: torch.Tensor, history: torch.Tensor | None = None, history_mask: torch.Tensor | None = None,
-                shared_table: nn.Embedding | None = None) -> torch.Tensor:
-        x = 0
-        if self.id_embedding is not None:
-            x = self.id_embedding(users)
-        if self.use_history and history is not None:
-            table = self.history_table if self.history_table is not None else shared_table
-            m = history_mask.to(table.weight.dtype).unsqueeze(-1)
-            pooled = (table(history) * m).sum(1) / m.sum(1).clamp_min(1.0)
-            x = x + pooled
-        if self.features is not None:
-            x = x + self.features(users)
-        if self.mlp is not None:
-            x = self.mlp(x)
-        return l2_normalize(x)
+    def history_vectors(self, x: TowerInputs, shared_table: nn.Embedding | None = None) -> torch.Tensor | int:
+        """The mean of the history items' embeddings (zero for an empty history)."""
+        if not self.use_history or x.history is None:
+            return 0
+        table = self.history_table if self.history_table is not None else shared_table
+        m = x.history_mask.to(table.weight.dtype).unsqueeze(-1)
+        return (table(x.history) * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def forward(self, x: TowerInputs, shared_table: nn.Embedding | None = None) -> torch.Tensor:
+        h = _plus(self.id_vectors(x), self.history_vectors(x, shared_table))
+        h = _plus(h, self.feature_vectors(x))
+        return self.finish(h, len(x))
 
 
 class TwoTowerModel(nn.Module):
@@ -179,8 +231,9 @@ class TwoTowerModel(nn.Module):
     """
 
     def __init__(self, n_users: int, n_items: int, cfg: ModelConfig,
-                 item_features: EncodedFeatures | None = None, user_features: EncodedFeatures | None = None,
-                 sparse: bool = False):
+                 item_features: EncodedFeatures | Sequence[FittedFeature] | None = None,
+                 user_features: EncodedFeatures | Sequence[FittedFeature] | None = None, sparse: bool = False):
+        """``item_features`` / ``user_features``: a dataset's table (fitted here) or fitted state."""
         super().__init__()
         self.cfg = cfg
         self.n_users, self.n_items = n_users, n_items
@@ -192,6 +245,21 @@ class TwoTowerModel(nn.Module):
         if cfg.item_bias:
             self.item_bias = nn.Embedding(n_items, 1, sparse=sparse)
             nn.init.zeros_(self.item_bias.weight)
+
+    # ---- the fitted feature state (saved with a run beside the weights) --------------------------
+    def feature_state(self) -> FeatureState:
+        """What the towers' feature encoders took from the training data (vocabularies, each known
+        entity's values): with the weights, all a run needs to rebuild the model (``from_state``)."""
+        return FeatureState.of({"item": self.item_tower.feature_state(), "user": self.user_tower.feature_state()})
+
+    @classmethod
+    def from_state(cls, n_users: int, n_items: int, cfg: ModelConfig, features: FeatureState) -> "TwoTowerModel":
+        """The model of a saved run, before its weights are loaded."""
+        return cls(n_users, n_items, cfg, features.tower("item"), features.tower("user"))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
 
     def tau(self) -> torch.Tensor:
         if self.log_temperature is None:
@@ -205,12 +273,81 @@ class TwoTowerModel(nn.Module):
         """``b_j`` for ``items`` (any shape), or None without a learned bias."""
         return None if self.item_bias is None else self.item_bias(items).squeeze(-1)
 
+    # ---- the towers' inputs ------------------------------------------------------------------------
+    def user_inputs(self, users, history: CSR | Sequence[np.ndarray] | None = None,
+                    features: Sequence[Mapping[str, Any] | None] | None = None,
+                    history_length: int | None = None) -> TowerInputs:
+        """The user tower's input for ``B`` users, on the model's device: the one place where raw
+        values become what the tower reads.
+
+        ``users``: ``[B]`` user indices, ``-1`` for a user not in the vocabulary. ``history``: a CSR
+        over user indices (each known user's items in time order: ``run.known``, a dataset's
+        history), or one array of item indices per user (oldest first; a new user's); the last
+        ``history_length`` items (default ``model.history_length``) are kept. ``features``: per
+        user a mapping ``{feature: value or [values]}`` (or ``None``), encoded by the tower's
+        encoders, which report what they cannot place (``unknown_features``); ``None`` for the
+        whole batch: the stored features of known users."""
+        ids = np.asarray(users, dtype=np.int64).reshape(-1)
+        all_known = bool((ids >= 0).all())
+        length = int(history_length or self.cfg.history_length)
+        dev = self.device
+        hist = mask = None
+        if history is not None:
+            if isinstance(history, CSR):
+                h, m = history.last(np.maximum(ids, 0), length)
+                if not all_known:
+                    m = m & (ids >= 0)[:, None]
+            else:
+                h, m = _pad_histories(history, length)
+            hist, mask = torch.from_numpy(h).to(dev), torch.from_numpy(m).to(dev)
+        feats, unknown = _encode_features(self.user_tower, features, len(ids), "user")
+        return TowerInputs(torch.from_numpy(ids).to(dev), hist, mask, feats, all_known, unknown)
+
+    def item_inputs(self, items, features: Sequence[Mapping[str, Any] | None] | None = None) -> TowerInputs:
+        """The item tower's input for ``B`` items (item indices, ``-1``: not in the vocabulary;
+        ``features`` as for ``user_inputs``)."""
+        ids = np.asarray(items, dtype=np.int64).reshape(-1)
+        feats, unknown = _encode_features(self.item_tower, features, len(ids), "item")
+        return TowerInputs(torch.from_numpy(ids).to(self.device), None, None, feats, bool((ids >= 0).all()), unknown)
+
+    # ---- the towers ------------------------------------------------------------------------------
     def encode_items(self, items: torch.Tensor) -> torch.Tensor:
-        return self.item_tower(items)
+        """``g(j)`` of items of the vocabulary (a tensor of item indices)."""
+        return self.item_tower(TowerInputs(items, all_known=True))
 
     def encode_users(self, users: torch.Tensor, history: torch.Tensor | None = None,
                      history_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.user_tower(users, history, history_mask, shared_table=self.item_tower.id_embedding)
+        """``f(u)`` of users of the vocabulary with the given history (the trainer's batches)."""
+        return self.user_tower(TowerInputs(users, history, history_mask, all_known=True),
+                               shared_table=self.item_tower.id_embedding)
+
+    def item_vectors(self, x: TowerInputs) -> torch.Tensor:
+        """``g(j)`` for any items (``item_inputs``): the item tower's forward; an item not in the
+        vocabulary (id ``-1``) is placed by its features alone."""
+        return self.item_tower(x)
+
+    def user_vectors(self, x: TowerInputs, item_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """``f(u)`` for any users (``user_inputs``): the user tower's forward. A new user (id ``-1``)
+        with a history, of a tower that reads no history, is placed by ``fold_in`` (the items'
+        ``g(j)``: ``item_vectors``, computed when not given)."""
+        f = self.user_tower(x, shared_table=self.item_tower.id_embedding)
+        if self.user_tower.use_history or x.all_known or x.history is None:
+            return f
+        fold = (x.ids < 0) & x.history_mask.any(1)
+        if not bool(fold.any()):
+            return f
+        if item_vectors is None:
+            item_vectors = embed_items(self)
+        return torch.where(fold[:, None], self.fold_in(x.history, x.history_mask, item_vectors.to(f.device)).to(f.dtype), f)
+
+    @staticmethod
+    def fold_in(history: torch.Tensor, history_mask: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+        """A new user of a tower without history input (ids only: matrix factorisation) as the
+        normalised mean of its history items' ``g(j)``, ``f = normalize(sum_j g(j))``: the point on
+        the unit sphere whose summed cosine to those items is largest (the least-squares position
+        of a user whose positives are those items)."""
+        m = history_mask.to(item_vectors.dtype).unsqueeze(-1)
+        return F.normalize((item_vectors[history] * m).sum(1), dim=-1)
 
     def score(self, user_vecs: torch.Tensor, item_vecs: torch.Tensor, item_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, C]`` scores of every user against every (shared) candidate."""
@@ -232,3 +369,63 @@ class TwoTowerModel(nn.Module):
     def dense_parameters(self) -> list[nn.Parameter]:
         sparse_ids = {id(p) for p in self.sparse_parameters()}
         return [p for p in self.parameters() if id(p) not in sparse_ids]
+
+
+def _encode_features(tower: _Tower, features, n: int, kind: str) -> tuple[dict | None, list[dict] | None]:
+    """Raw feature values of ``n`` entities through ``tower``'s encoders (``None``: stored ones)."""
+    if features is None:
+        return None, None
+    if len(features) != n:
+        raise ValueError(f"{len(features)} feature rows for {n} {kind}s")
+    if tower.features is None:
+        if any(features):
+            raise KeyError(f"this model's {kind} tower has no features")
+        return None, None
+    return tower.features.encode(features)
+
+
+def _pad_histories(histories: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """The last ``length`` items of each history as ``[B, length]`` (left-aligned) and its mask."""
+    lens = np.array([min(len(h), length) for h in histories], dtype=np.int64)
+    flat = np.concatenate([np.asarray(h, dtype=np.int64)[len(h) - n:] for h, n in zip(histories, lens)]) if len(histories) \
+        else np.empty(0, np.int64)
+    rows = np.repeat(np.arange(len(histories)), lens)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
+    hist = np.zeros((len(histories), length), dtype=np.int64)
+    mask = np.zeros((len(histories), length), dtype=bool)
+    hist[rows, cols], mask[rows, cols] = flat, True
+    return hist, mask
+
+
+@torch.no_grad()
+def embed_items(model: TwoTowerModel, start: int = 0, stop: int | None = None, batch: int = 65536,
+                progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """``g(j)`` of items ``[start, stop)`` (default: every item), ``[n, d]`` on the model's device,
+    ``batch`` items per item-tower pass (``progress(n)`` after each): the one way every item is
+    embedded (evaluation, mining, the index, embedding parts, the run's ``item_embeddings.npy``).
+    Puts the model in eval mode."""
+    model.eval()
+    dev = next(model.parameters()).device
+    stop = model.n_items if stop is None else int(stop)
+    out = None
+    for s in range(start, stop, batch):
+        e = min(s + batch, stop)
+        g = model.encode_items(torch.arange(s, e, device=dev))
+        if out is None:  # filled in place: no second copy of the catalog's vectors
+            out = torch.empty(stop - start, g.shape[1], device=g.device, dtype=g.dtype)
+        out[s - start : e - start] = g
+        if progress is not None:
+            progress(e - s)
+    return out if out is not None else torch.empty(0, model.cfg.dim, device=dev)
+
+
+@torch.no_grad()
+def embed_users(model: TwoTowerModel, users: np.ndarray, history: CSR, history_length: int | None = None,
+                batch: int = 8192) -> torch.Tensor:
+    """``f(u)`` of known users with their last ``history_length`` items of ``history`` (a CSR over
+    user indices), ``batch`` users per user-tower pass, on the model's device."""
+    model.eval()
+    users = np.asarray(users, dtype=np.int64)
+    out = [model.user_vectors(model.user_inputs(users[s : s + batch], history, history_length=history_length))
+           for s in range(0, len(users), batch)]
+    return torch.cat(out) if out else torch.empty(0, model.cfg.dim, device=model.device)

@@ -2,12 +2,14 @@
 items and categories filtered, raw ids and served scores out. ``twotower recommend`` and the HTTP
 service both call ``Recommender``.
 
-Served score (docs/design.md, "The served score"; ``index.scoring``)::
+Served score (docs/design.md, "The served score"; ``model.scoring``), the scale of
+every face (this service, ``twotower recommend``, ``Run.recommend``)::
 
     score(u, j) = <f(u), g(j)> / tau + b_j - alpha * log p(j)
 
 computed exactly through the index's appended dimensions, so a per-request ``alpha`` changes which
-items are retrieved, not only their order in a short list.
+items are retrieved, not only their order in a short list. Every user, known or new, goes through
+the user tower's own forward (``TwoTowerModel.user_inputs`` / ``user_vectors``).
 """
 from __future__ import annotations
 
@@ -18,12 +20,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import TwotowerError
 from ..index.index import ItemIndex
 from ..index.run_index import exact_run_index, load_run_index
-from ..index.scoring import log_popularity
 
 MAX_K = 1000
 MAX_HISTORY = 10_000
@@ -76,49 +76,6 @@ class Recommendation:
     unknown_features: dict = field(default_factory=dict)
     fallback: str | None = None
 
-    def to_dict(self) -> dict:
-        """JSON-ready: ``{"items": [{"item": id, "score": s}, ...], "user": ..., ...}``."""
-        return {
-            "items": [{"item": i, "score": s} for i, s in zip(self.items.tolist(), np.round(self.scores.astype(np.float64), 6).tolist())],
-            "user": _py(self.user), "k": self.k, "alpha": self.alpha, "exclude_seen": self.exclude_seen,
-            "category": self.category, "unknown_items": [_py(x) for x in self.unknown_items],
-            "unknown_features": self.unknown_features, "fallback": self.fallback,
-        }
-
-
-def _py(x):
-    return x.item() if isinstance(x, np.generic) else x
-
-
-# ---- the user tower for users the model has never seen ------------------------------------------
-@torch.no_grad()
-def encode_new_users(model, history: torch.Tensor, mask: torch.Tensor, feature_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                     item_vectors: torch.Tensor | None = None) -> torch.Tensor:
-    """``f(u)`` for users without a user id: ``UserTower.forward`` with the id embedding taken as
-    zero (the user's pooled history and feature embeddings through the tower's MLP, L2-normalised).
-
-    ``history [B, L]`` / ``mask [B, L]`` are item indices, oldest first; ``feature_values`` holds, per
-    user feature of the tower, ``(values, offsets)`` in ``EmbeddingBag`` layout. A tower that does
-    not pool history (ids only, matrix factorisation) cannot place a new user; then the user is
-    folded in as the normalised mean of the history items' ``g(j)`` (``item_vectors``), which is
-    the least-squares position of a user whose positives are those items on the unit sphere.
-    """
-    tower = model.user_tower
-    if not tower.use_history:
-        if item_vectors is None:
-            raise ValueError("a user tower without history needs item_vectors to fold a new user in")
-        m = mask.to(item_vectors.dtype).unsqueeze(-1)
-        return F.normalize((item_vectors[history] * m).sum(1), dim=-1)
-    table = tower.history_table if tower.history_table is not None else model.item_tower.id_embedding
-    m = mask.to(table.weight.dtype).unsqueeze(-1)
-    x = (table(history) * m).sum(1) / m.sum(1).clamp_min(1.0)
-    if tower.features is not None and feature_values:
-        for k, (vals, offsets) in enumerate(feature_values):
-            x = x + tower.features.bags[f"f{k}"](vals, offsets)
-    if tower.mlp is not None:
-        x = tower.mlp(x)
-    return F.normalize(x, dim=-1)
-
 
 class Recommender:
     """Recommendations from a run and its item index; the code path of the CLI and the service.
@@ -133,7 +90,7 @@ class Recommender:
         self.model = run.model
         self.dim = int(run.config.model.dim)
         self.history_length = int(run.config.model.history_length)
-        self.log_p = log_popularity(run.item_counts)
+        self.log_p = run.log_popularity
         self._pop_order = np.argsort(-run.item_counts, kind="stable")
         feats = run.item_feature_values()
         if category_feature is not None and category_feature not in feats:
@@ -142,15 +99,8 @@ class Recommender:
         self.category_feature = category_feature or (next(iter(feats)) if feats else None)
         self.category_values = [str(v) for v in feats.get(self.category_feature, [])] if self.category_feature else []
         self._categories: dict[str, tuple[np.ndarray, Any]] = {}
-        user_feats = getattr(self.model.user_tower, "features", None)
+        user_feats = self.model.user_tower.features
         self.user_feature_names = list(user_feats.names) if user_feats is not None else []
-        if self.user_feature_names:
-            from .. import artifacts
-
-            vocabs = artifacts.read_json(Path(run.path) / "features.json").get("user", {})
-            self._user_feature_vocab = {n: {str(v): i for i, v in enumerate(vocabs.get(n, []))} for n in self.user_feature_names}
-        else:
-            self._user_feature_vocab = {}
         self._item_vecs_t: torch.Tensor | None = None  # g(j) as a tensor, for folding in new users of an ids-only tower
 
     @classmethod
@@ -200,12 +150,13 @@ class Recommender:
                     plans[i]["uidx"] = int(u)
             user_rows = [i for i in user_rows if results[i] is None]
         vec_rows = user_rows + hist_rows
+        vecs = np.empty((len(vec_rows), self.dim), dtype=np.float32)
+        if user_rows:
+            vecs[: len(user_rows)] = self._known_user_vectors(np.array([plans[i]["uidx"] for i in user_rows], dtype=np.int64))
+        if hist_rows or pop_rows:  # new users: one user-tower pass (its feature encoders report what they cannot place)
+            new = self._new_user_vectors([queries[i] for i in hist_rows + pop_rows], [plans[i] for i in hist_rows + pop_rows])
+            vecs[len(user_rows):] = new[: len(hist_rows)]
         if vec_rows:
-            vecs = np.empty((len(vec_rows), self.dim), dtype=np.float32)
-            if user_rows:
-                vecs[: len(user_rows)] = self._known_user_vectors(np.array([plans[i]["uidx"] for i in user_rows], dtype=np.int64))
-            if hist_rows:
-                vecs[len(user_rows):] = self._new_user_vectors([plans[i] for i in hist_rows])
             self._search(vec_rows, vecs, queries, plans, results)
         if pop_rows:
             self._popular(pop_rows, queries, plans, results)
@@ -309,59 +260,37 @@ class Recommender:
             hist = self.run.items.encode(self.run.items.coerce(list(q.history))) if len(q.history) else np.empty(0, np.int64)
             unknown = [x for x, i in zip(q.history, hist) if i < 0] if (hist < 0).any() else []
             hist = hist[hist >= 0]
-            feats, unknown_feats = self._encode_features(q.features)
-            if len(hist) == 0:
-                return {"kind": "popular", "unknown": unknown, "unknown_features": unknown_feats}
-            return {"kind": "history", "hist": hist, "unknown": unknown, "feats": feats, "unknown_features": unknown_feats}
+            self._check_features(q.features)
+            return {"kind": "history" if len(hist) else "popular", "hist": hist, "unknown": unknown}
         except RequestError as e:
             return e
 
-    def _encode_features(self, features) -> tuple[list[list[int]], dict]:
-        """User feature values as indices per tower feature; unknown values are reported."""
+    def _check_features(self, features) -> None:
+        """A new user's features name features of the user tower (their values are the encoders' to place)."""
         if not features:
-            return [[] for _ in self.user_feature_names], {}
+            return
         if not isinstance(features, dict):
             raise RequestError("features must be an object {feature: value or [values]}")
         extra = sorted(set(features) - set(self.user_feature_names))
         if extra:
             raise RequestError(f"unknown user feature(s) {extra}; this model's user features: {self.user_feature_names or 'none'}")
-        out, unknown = [], {}
-        for name in self.user_feature_names:
-            v = features.get(name)
-            vals = [] if v is None else (list(v) if isinstance(v, (list, tuple)) else [v])
-            vocab = self._user_feature_vocab[name]
-            out.append([vocab[str(x)] for x in vals if str(x) in vocab])
-            bad = [x for x in vals if str(x) not in vocab]
-            if bad:
-                unknown[name] = bad
-        return out, unknown
 
     def _known_user_vectors(self, users: np.ndarray) -> np.ndarray:
-        hist, mask = self.run.known.last(users, self.history_length)
         with torch.no_grad():
-            f = self.model.encode_users(torch.from_numpy(users), torch.from_numpy(hist), torch.from_numpy(mask))
+            f = self.model.user_vectors(self.model.user_inputs(users, self.run.known))
         return f.float().numpy()
 
-    def _new_user_vectors(self, plans: list[dict]) -> np.ndarray:
-        L = self.history_length
-        lens = np.array([min(len(p["hist"]), L) for p in plans], dtype=np.int64)
-        flat = np.concatenate([p["hist"][-L:] for p in plans])
-        rows = np.repeat(np.arange(len(plans)), lens)
-        cols = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
-        hist = np.zeros((len(plans), L), dtype=np.int64)
-        mask = np.zeros((len(plans), L), dtype=bool)
-        hist[rows, cols], mask[rows, cols] = flat, True
-        feature_values = None
-        if self.user_feature_names:
-            feature_values = []
-            for k in range(len(self.user_feature_names)):
-                per = [p["feats"][k] for p in plans]
-                fl = np.fromiter((v for vals in per for v in vals), dtype=np.int64)
-                ln = np.array([len(v) for v in per], dtype=np.int64)
-                feature_values.append((torch.from_numpy(fl), torch.from_numpy(np.cumsum(ln) - ln)))
+    def _new_user_vectors(self, queries: list[Query], plans: list[dict]) -> np.ndarray:
+        """``f(u)`` of new users (id ``-1``) from their history and features, through the user
+        tower; each plan gets the feature values the encoders could not place."""
         if self._item_vecs_t is None and not self.model.user_tower.use_history:
             self._item_vecs_t = torch.from_numpy(np.ascontiguousarray(self.index.vectors[:, : self.dim]))
-        f = encode_new_users(self.model, torch.from_numpy(hist), torch.from_numpy(mask), feature_values, self._item_vecs_t)
+        features = [q.features for q in queries] if self.user_feature_names else None
+        with torch.no_grad():
+            x = self.model.user_inputs(np.full(len(plans), -1), [p["hist"] for p in plans], features)
+            f = self.model.user_vectors(x, self._item_vecs_t)
+        for p, unknown in zip(plans, x.unknown_features or [{}] * len(plans)):
+            p["unknown_features"] = unknown
         return f.float().numpy()
 
     def _seen(self, rows: list[int], plans: list[dict], queries: Sequence[Query]) -> tuple[np.ndarray, np.ndarray]:
@@ -457,5 +386,4 @@ class Recommender:
         }
 
 
-__all__ = ["Query", "Recommendation", "Recommender", "RequestError", "UnknownUserError", "UnknownItemError",
-           "encode_new_users", "MAX_K"]
+__all__ = ["Query", "Recommendation", "Recommender", "RequestError", "UnknownUserError", "UnknownItemError", "MAX_K"]

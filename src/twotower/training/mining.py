@@ -12,16 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 
-def scoring_vectors(user_vecs: np.ndarray, item_vecs: np.ndarray, temperature: float,
-                    bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Queries and items whose inner product is the model's ranking score: the cosine itself, or
-    ``<[u / tau, 1], [v, b]> = cos / tau + b_j`` when the model learns an item bias."""
-    if bias is None:
-        return user_vecs, item_vecs
-    q = np.hstack([user_vecs / np.float32(temperature), np.ones((len(user_vecs), 1), np.float32)])
-    return q.astype(np.float32), np.hstack([item_vecs, np.asarray(bias, np.float32).reshape(-1, 1)]).astype(np.float32)
-
-
 def mine_negatives(user_vecs: np.ndarray, item_vecs: np.ndarray, users: np.ndarray, positives_indptr: np.ndarray,
                    positives_indices: np.ndarray, top_r: int, lo: int, hi: int, n_users: int,
                    block: int = 4096, progress=None) -> tuple[np.ndarray, np.ndarray]:

@@ -3,13 +3,12 @@
 Everything a step does is visible in ``Trainer.step``: encode the batch, build the candidate set,
 assemble the logit (``losses.logit_inputs``), take the softmax loss, update. ``Trainer.fit`` runs the
 epochs; which epoch is best, when to stop and when mining rounds begin are ``schedule``'s objects.
-Only ``Trainer`` touches the run directory.
+During training only ``Trainer`` writes the run directory, through ``run_dir.RunDir`` (the one
+owner of its format).
 """
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,16 +17,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import artifacts
 from ..config import RunConfig
 from ..data.dataset import Dataset
 from ..errors import ArtifactError
 from ..evaluation.evaluator import evaluate
-from ..model.towers import TwoTowerModel
+from ..model.scoring import ServedScore
+from ..model.towers import TwoTowerModel, embed_items, embed_users
+from ..run_dir import RunDir
 from . import distributed, losses
 from .batching import epoch_batches
 from .candidates import CandidateBuilder
-from .mining import mine_negatives, scoring_vectors
+from .mining import mine_negatives
 from .optim import DeferredAdam, RowAdam
 from .schedule import EarlyStopping, MiningSchedule, TrainState
 
@@ -253,8 +253,6 @@ class Trainer:
         """One mining round (docs/design.md): embed every item with the current model, take each training
         user's top R, drop the user's positives, keep ranks in the window; the next epochs sample
         their hard negatives from these lists."""
-        from ..evaluation.ranking import embed_items, embed_users
-
         mc, ds = self.cfg.mining, self.dataset
         t0 = time.perf_counter()
         users = np.unique(ds.train.users)
@@ -263,10 +261,8 @@ class Trainer:
             hist = ds.history("train")
             with torch.no_grad():
                 items = embed_items(self.model).float().cpu().numpy()
-                uv = torch.cat([embed_users(self.model, users[s : s + 8192], hist, self.cfg.model.history_length)
-                                for s in range(0, len(users), 8192)]).float().cpu().numpy()
-                bias = self.model.bias(torch.arange(ds.n_items, device=self.device)) if self.model.item_bias is not None else None
-                uv, items = scoring_vectors(uv, items, float(self.model.temperature), None if bias is None else bias.float().cpu().numpy())
+                uv = embed_users(self.model, users, hist, self.cfg.model.history_length).float().cpu().numpy()
+                uv, items = ServedScore.of(self.model).inner_product(uv, items)
             return mine_negatives(uv, items, users, hist.indptr, hist.indices, mc.top_r, mc.window_lo, mc.window_hi, ds.n_users)
 
         indptr, indices = self.par.on_main(lists)  # every rank samples from the lists rank 0 mined
@@ -369,85 +365,70 @@ class Trainer:
             # A crash in the middle of a checkpoint swap left a second copy beside it; with no epoch
             # left to train no later save would clear it. Rank 0 settles it once every rank has read.
             self.par.barrier()
-            if self._writes:
-                artifacts.settle_dir(self.run_dir / "checkpoint", "state.json")
+            self._settle_checkpoint()
         elif self._writes:
             self._start_run_dir(restart=resume)
 
-    def _save_best_weights(self) -> None:
-        if self._writes:
-            artifacts.save_tensors(self.run_dir / "model.safetensors", self.best_weights)
-
-    def _record_epoch(self, record: dict) -> None:
-        """After each epoch: its line of metrics.jsonl, then the checkpoint."""
-        if self._writes:
-            artifacts.append_jsonl(self.run_dir / "metrics.jsonl", record)
-            self._save_checkpoint()
+    @property
+    def _dir(self) -> RunDir | None:
+        return None if self.run_dir is None else RunDir(self.run_dir)
 
     def _start_run_dir(self, restart: bool = False) -> None:
         """``restart``: --resume found no checkpoint (the run died before its first one), so it
         starts over in the same directory, provided the config is the same."""
-        d = self.run_dir
+        d = self._dir
         if restart:
-            self._check_same_config()
-            # what the dead process left: a half-written first checkpoint, an epoch line
-            for stale in ("checkpoint", "checkpoint.new", "checkpoint.old"):
-                shutil.rmtree(d / stale, ignore_errors=True)
-            (d / "metrics.jsonl").unlink(missing_ok=True)
-            if d.exists():
-                self.log(f"no checkpoint in {d} yet: starting the run from the beginning")
-        elif (d / "checkpoint").exists() or (d / "metrics.jsonl").exists():
-            raise ArtifactError(f"{d}: already holds a run. Pass --resume to continue it, or choose another --out")
-        d.mkdir(parents=True, exist_ok=True)
-        write_run_metadata(d, self.cfg, self.dataset)
+            d.check_config(self.cfg)
+            d.clear_progress()
+            if d.path.exists():
+                self.log(f"no checkpoint in {d.path} yet: starting the run from the beginning")
+        elif d.holds_run():
+            raise ArtifactError(f"{d.path}: already holds a run. Pass --resume to continue it, or choose another --out")
+        d.write_metadata(self.cfg, self.dataset, self.model.feature_state())
 
     def _checkpoint(self) -> Path | None:
-        return None if self.run_dir is None else artifacts.committed_dir(self.run_dir / "checkpoint", "state.json")
+        return None if self.run_dir is None else self._dir.checkpoint_dir()
 
     def _check_same_config(self) -> None:
-        d = self.run_dir
-        if (d / "config.json").is_file() and artifacts.read_json(d / "config.json") != self.cfg.to_dict():
-            raise ArtifactError(f"{d}: the run was started with a different config; resume it with the same config "
-                                f"(see {d}/config.json) or start a new run")
+        self._dir.check_config(self.cfg)
+
+    def _save_best_weights(self) -> None:
+        """``best_weights`` become the run's weights (rank 0, with a run directory)."""
+        if self._writes:
+            self._dir.save_weights(self.best_weights)
+
+    def _record_epoch(self, record: dict) -> None:
+        """One epoch's line in the run directory (rank 0, with a run directory)."""
+        if self._writes:
+            self._dir.append_epoch(record)
+            self._save_checkpoint()
+
+    def _settle_checkpoint(self) -> None:
+        if self._writes:
+            self._dir.settle_checkpoint()
 
     def _save_checkpoint(self) -> None:
-        # The files of a checkpoint must change together: weights of epoch E with the state of
-        # epoch E - 1 would replay epoch E from the wrong start. So each checkpoint is written whole
-        # into checkpoint.new (state.json last) and swapped in.
-        final = self.run_dir / "checkpoint"
-        ck = artifacts.staging_dir(final, "state.json")
-        artifacts.save_tensors(ck / "last.safetensors", self.model.state_dict())
-        if self.best_weights is not None:  # not model.safetensors: a refit replaces that with its own weights
-            artifacts.save_tensors(ck / "best.safetensors", self.best_weights)
-        artifacts.save_torch_state(ck / "optimizer.pt", self.optimizer.state_dict())
-        state = dict(self.state.__dict__)
-        state["best_value"] = None if not math.isfinite(state["best_value"]) else state["best_value"]
-        extra = self.candidates.state_dict()
-        if extra:  # memory bank, streaming frequencies, ratio counts, mined lists: resume replays exactly
-            artifacts.save_tensors(ck / "negatives.safetensors", extra)
-        artifacts.write_json(ck / "state.json", state)
-        artifacts.replace_dir(ck, final)
+        self._dir.save_checkpoint(self.model.state_dict(), self.best_weights, self.optimizer.state_dict(),
+                                  dict(self.state.__dict__), self.candidates.state_dict())
 
     def _load_checkpoint(self) -> None:
-        d, ck = self.run_dir, self._checkpoint()
-        if ck is None:
-            raise ArtifactError(f"{d}: no checkpoint to resume from. Start the run without --resume")
+        d = self._dir
+        if self._checkpoint() is None:
+            raise ArtifactError(f"{d.path}: no checkpoint to resume from. Start the run without --resume")
         self._check_same_config()
-        self.model.load_state_dict(artifacts.load_tensors(ck / "last.safetensors"))
-        self.optimizer.load_state_dict(artifacts.load_torch_state(ck / "optimizer.pt"))  # moved to param devices
-        st = artifacts.read_json(ck / "state.json")
-        st["best_value"] = -math.inf if st["best_value"] is None else st["best_value"]
-        self.state = TrainState(**st)
-        if (ck / "negatives.safetensors").exists():
-            self.candidates.load_state_dict(artifacts.load_tensors(ck / "negatives.safetensors"))
-        # The checkpoint's history is the record: a crash between writing metrics.jsonl and the
+        ck = d.load_checkpoint()
+        self.model.load_state_dict(ck.last)
+        self.optimizer.load_state_dict(ck.optimizer)
+        self.state = TrainState(**ck.state)
+        if ck.negatives is not None:
+            self.candidates.load_state_dict(ck.negatives)
+        # The checkpoint's history is the record: a crash between writing an epoch's line and the
         # checkpoint must not leave a line for an epoch that will be trained again.
         if self._writes:
-            artifacts.write_text(d / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.state.history))
-        best = ck / "best.safetensors" if (ck / "best.safetensors").exists() else d / "model.safetensors"
-        if best.exists():
-            self.best_weights = artifacts.load_tensors(best)
-        self.log(f"resuming {d} after epoch {self.state.epoch}")
+            d.write_epochs(self.state.history)
+        if ck.best is not None:
+            self.best_weights = ck.best
+        self.log(f"resuming {d.path} after epoch {self.state.epoch}")
 
 
 def _exposure(cfg: RunConfig, ds: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
@@ -458,24 +439,3 @@ def _exposure(cfg: RunConfig, ds: Dataset) -> tuple[np.ndarray, np.ndarray] | No
     from ..data.sources import load_impressions
 
     return load_impressions(neg.exposure_file, ds, neg.exposure_user_col, neg.exposure_item_col)
-
-
-def write_run_metadata(d: Path, cfg: RunConfig, ds: Dataset) -> None:
-    """Config, vocabularies, known items per user and item counts: what serving and evaluation need."""
-    artifacts.write_text(d / "config.json", cfg.to_json() + "\n")
-    artifacts.write_json(d / "dataset.json", ds.summary())
-    artifacts.write_text(d / "users.json", ds.users.to_json())
-    artifacts.write_text(d / "items.json", ds.items.to_json())
-    known = ds.history("valid")
-    artifacts.save_tensors(d / "known.safetensors", {
-        "indptr": torch.from_numpy(known.indptr), "indices": torch.from_numpy(known.indices),
-        "item_counts": torch.from_numpy(ds.item_counts().astype(np.int64)),
-        "test_users": torch.from_numpy(np.unique(ds.test.users).astype(np.int64)),
-    })
-    feats = {}
-    for kind, f in (("item", ds.item_features), ("user", ds.user_features)):
-        if f is not None:
-            feats[kind] = {name: v.ids.tolist() for name, v in f.values.items()}
-    artifacts.write_json(d / "features.json", feats)
-    if ds.item_titles is not None:
-        artifacts.write_json(d / "titles.json", [None if t is None else str(t) for t in ds.item_titles])

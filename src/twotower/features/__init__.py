@@ -1,0 +1,2 @@
+"""Features: one encoder per feature of a tower, owning what was fitted on the training data
+(``encoders``)."""

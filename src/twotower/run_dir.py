@@ -1,0 +1,299 @@
+"""The run directory's format: every file of a run is named, written and read here, and nowhere else.
+
+    RUN/
+      config.json            the resolved config (``RunConfig``)
+      dataset.json           the data's summary (counts, feature cardinalities)
+      users.json, items.json vocabularies: raw id <-> index
+      known.safetensors      each user's known items (training + validation, in time order), the
+                             training positives per item (behind p(j)), the test split's users
+      features.json          the towers' fitted feature state (``FeatureState.meta``: vocabularies)
+      features.safetensors   its per-entity tables (``FeatureState.arrays``)
+      titles.json            item titles, when the data has them
+      model.safetensors      the final weights: best on validation, or the refit's
+      metrics.jsonl          one line per epoch
+      metrics.json           final validation and test figures
+      item_embeddings.npy    g(j) of every item at the final weights
+      manifest.json          the sha256 of every file above; written last (the run is complete)
+      checkpoint/            working state for --resume: last.safetensors, best.safetensors,
+                             optimizer.pt, negatives.safetensors, state.json (written last); each
+                             checkpoint is written whole into checkpoint.new and swapped in
+      refit/                 the refit's own run directory (its checkpoints)
+      index/                 the item index (``twotower index``; its files are ``index``'s)
+      embeddings/            item embeddings as Parquet parts (``twotower embed``)
+
+``RunDir`` is the one owner: the trainer and ``api.train`` write through it, ``Run`` and every command
+read through it. ``artifacts`` is the atomic writer and reader it uses (it knows no names).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import artifacts
+from .config import RunConfig
+from .data.dataset import CSR, Dataset
+from .data.vocab import Vocabulary
+from .errors import ArtifactError
+from .features.encoders import FeatureState
+
+CONFIG = "config.json"
+DATASET = "dataset.json"
+USERS = "users.json"
+ITEMS = "items.json"
+KNOWN = "known.safetensors"
+FEATURES = "features.json"
+FEATURE_ARRAYS = "features.safetensors"
+TITLES = "titles.json"
+WEIGHTS = "model.safetensors"
+EPOCHS = "metrics.jsonl"
+METRICS = "metrics.json"
+ITEM_EMBEDDINGS = "item_embeddings.npy"
+MANIFEST = "manifest.json"
+CHECKPOINT = "checkpoint"
+REFIT = "refit"
+INDEX = "index"
+EMBEDDINGS = "embeddings"
+# inside checkpoint/
+_LAST, _BEST, _OPTIMIZER, _NEGATIVES, _STATE = "last.safetensors", "best.safetensors", "optimizer.pt", \
+    "negatives.safetensors", "state.json"
+
+
+@dataclass
+class Known:
+    """What a run knows of its users and items: each user's known items (training + validation, in
+    time order; what serving excludes and feeds the user tower), training positives per item, and
+    the users of the test split."""
+
+    history: CSR
+    item_counts: np.ndarray
+    test_users: np.ndarray
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back: the last weights, the best ones so far (``None`` before the first
+    validation), the optimizer's state, the trainer's state and the negative sources' state."""
+
+    last: dict[str, torch.Tensor]
+    best: dict[str, torch.Tensor] | None
+    optimizer: Any
+    state: dict
+    negatives: dict[str, torch.Tensor] | None
+
+
+class RunDir:
+    """A run directory (module docstring): where each part of a run is, and how it is written and read."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # ---- places ----------------------------------------------------------------------------------
+    @property
+    def refit(self) -> "RunDir":
+        """The refit's own run directory (its checkpoints live there)."""
+        return RunDir(self.path / REFIT)
+
+    @property
+    def index_dir(self) -> Path:
+        """Where ``twotower index`` puts the item index by default."""
+        return self.path / INDEX
+
+    @property
+    def embeddings_dir(self) -> Path:
+        """Where ``twotower embed`` writes the embedding parts by default."""
+        return self.path / EMBEDDINGS
+
+    # ---- training: the start -----------------------------------------------------------------------
+    def holds_run(self) -> bool:
+        """Training has begun here (a checkpoint or an epoch line exists)."""
+        return (self.path / CHECKPOINT).exists() or (self.path / EPOCHS).exists()
+
+    def clear_progress(self) -> None:
+        """Remove what a run that died before its first checkpoint left: a half-written first
+        checkpoint, an epoch line."""
+        for stale in (CHECKPOINT, CHECKPOINT + ".new", CHECKPOINT + ".old"):
+            shutil.rmtree(self.path / stale, ignore_errors=True)
+        (self.path / EPOCHS).unlink(missing_ok=True)
+
+    def check_config(self, cfg: RunConfig) -> None:
+        """Refuse to continue a run started with another config."""
+        p = self.path / CONFIG
+        if p.is_file() and artifacts.read_json(p) != cfg.to_dict():
+            raise ArtifactError(f"{self.path}: the run was started with a different config; resume it with the same config "
+                                f"(see {p}) or start a new run")
+
+    def write_metadata(self, cfg: RunConfig, ds: Dataset, features: FeatureState) -> None:
+        """Config, vocabularies, known items per user, item counts and the fitted feature state:
+        what serving and evaluation need besides the weights."""
+        self.write_description(cfg, ds.users, ds.items, ds.history("valid"), ds.item_counts(),
+                               np.unique(ds.test.users), features, ds.summary(), ds.item_titles)
+
+    def write_description(self, cfg: RunConfig, users: Vocabulary, items: Vocabulary, known: CSR, item_counts: np.ndarray,
+                          test_users: np.ndarray, features: FeatureState, summary: dict | None = None,
+                          titles: np.ndarray | None = None) -> None:
+        """``write_metadata`` from its parts (a run assembled without a ``Dataset``)."""
+        d = self.path
+        d.mkdir(parents=True, exist_ok=True)
+        artifacts.write_text(d / CONFIG, cfg.to_json() + "\n")
+        if summary is not None:
+            artifacts.write_json(d / DATASET, summary)
+        artifacts.write_text(d / USERS, users.to_json())
+        artifacts.write_text(d / ITEMS, items.to_json())
+        artifacts.save_tensors(d / KNOWN, {
+            "indptr": torch.from_numpy(np.asarray(known.indptr, dtype=np.int64)),
+            "indices": torch.from_numpy(np.asarray(known.indices, dtype=np.int64)),
+            "item_counts": torch.from_numpy(np.asarray(item_counts).astype(np.int64)),
+            "test_users": torch.from_numpy(np.asarray(test_users).astype(np.int64)),
+        })
+        artifacts.write_json(d / FEATURES, features.meta)
+        artifacts.save_tensors(d / FEATURE_ARRAYS, features.arrays)
+        if titles is not None:
+            artifacts.write_json(d / TITLES, [None if t is None else str(t) for t in titles])
+
+    # ---- training: epochs, weights, checkpoints ----------------------------------------------------
+    def save_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """The final (best so far) weights, ``model.safetensors``."""
+        artifacts.save_tensors(self.path / WEIGHTS, weights)
+
+    def append_epoch(self, record: dict) -> None:
+        artifacts.append_jsonl(self.path / EPOCHS, record)
+
+    def write_epochs(self, records: list[dict]) -> None:
+        """Replace the epoch lines (on resume the checkpoint's history is the record)."""
+        artifacts.write_text(self.path / EPOCHS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+    def read_epochs(self) -> list[dict]:
+        lines = (self.path / EPOCHS).read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def checkpoint_dir(self) -> Path | None:
+        """The complete checkpoint (also one a crash left mid-swap), or ``None``."""
+        return artifacts.committed_dir(self.path / CHECKPOINT, _STATE)
+
+    def settle_checkpoint(self) -> None:
+        """Finish a checkpoint swap a crash cut short (one complete copy, in place)."""
+        artifacts.settle_dir(self.path / CHECKPOINT, _STATE)
+
+    def save_checkpoint(self, last: dict[str, torch.Tensor], best: dict[str, torch.Tensor] | None, optimizer: Any,
+                        state: dict, negatives: dict[str, torch.Tensor] | None = None) -> None:
+        """Write a checkpoint whole and swap it in. Its files must change together: weights of
+        epoch E with the state of epoch E - 1 would replay epoch E from the wrong start; so it is
+        written into ``checkpoint.new``, ``state.json`` last, and swapped in."""
+        final = self.path / CHECKPOINT
+        ck = artifacts.staging_dir(final, _STATE)
+        artifacts.save_tensors(ck / _LAST, last)
+        if best is not None:  # not model.safetensors: a refit replaces that with its own weights
+            artifacts.save_tensors(ck / _BEST, best)
+        artifacts.save_torch_state(ck / _OPTIMIZER, optimizer)
+        if negatives:  # memory bank, streaming frequencies, ratio counts, mined lists: resume replays exactly
+            artifacts.save_tensors(ck / _NEGATIVES, negatives)
+        state = dict(state)
+        if isinstance(state.get("best_value"), float) and not math.isfinite(state["best_value"]):
+            state["best_value"] = None
+        artifacts.write_json(ck / _STATE, state)
+        artifacts.replace_dir(ck, final)
+
+    def load_checkpoint(self) -> Checkpoint:
+        """The checkpoint to resume from (an error saying what to do when there is none)."""
+        ck = self.checkpoint_dir()
+        if ck is None:
+            raise ArtifactError(f"{self.path}: no checkpoint to resume from. Start the run without --resume")
+        state = artifacts.read_json(ck / _STATE)
+        state["best_value"] = -math.inf if state.get("best_value") is None else state["best_value"]
+        best_path = ck / _BEST if (ck / _BEST).exists() else self.path / WEIGHTS
+        return Checkpoint(
+            last=artifacts.load_tensors(ck / _LAST),
+            best=artifacts.load_tensors(best_path) if best_path.exists() else None,
+            optimizer=artifacts.load_torch_state(ck / _OPTIMIZER),  # moved to param devices by the optimizer
+            state=state,
+            negatives=artifacts.load_tensors(ck / _NEGATIVES) if (ck / _NEGATIVES).exists() else None)
+
+    # ---- the end of training -------------------------------------------------------------------------
+    def finish(self, metrics: dict, item_vectors: np.ndarray | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """The final artifacts, then the manifest that marks the run complete: the items' vectors,
+        the final weights when they are not the ones already saved (a refit's), the metrics."""
+        if item_vectors is not None:
+            artifacts.save_numpy(self.path / ITEM_EMBEDDINGS, item_vectors)
+        if weights is not None:
+            self.save_weights(weights)
+        artifacts.write_json(self.path / METRICS, metrics)
+        artifacts.write_manifest(self.path, MANIFEST)
+
+    # ---- reading ----------------------------------------------------------------------------------
+    def check_is_dir(self) -> None:
+        if not self.path.is_dir():
+            raise ArtifactError(f"{self.path}: not a directory. Pass the --out folder of `twotower train`")
+
+    def verify(self) -> None:
+        """Refuse a run whose files do not match its manifest, or that has none (unfinished). The
+        manifest covers the files at the top (what serving and evaluation load); ``checkpoint/``
+        is working state for ``--resume``."""
+        if not (self.path / MANIFEST).is_file():
+            raise ArtifactError(f"{self.path}: no {MANIFEST}, so the run did not finish. Resume it with "
+                                "`twotower train CONFIG --out RUN --resume`, or load it unverified with Run(path, verify=False)")
+        artifacts.verify_manifest(self.path, MANIFEST)
+
+    def read_config(self) -> RunConfig:
+        return RunConfig.from_dict(artifacts.read_json(self.path / CONFIG), source=str(self.path / CONFIG))
+
+    def read_vocabularies(self) -> tuple[Vocabulary, Vocabulary]:
+        """The user and item vocabularies."""
+        return tuple(Vocabulary.from_json(self._read_text(name)) for name in (USERS, ITEMS))
+
+    def read_known(self) -> Known:
+        t = artifacts.load_tensors(self.path / KNOWN)
+        return Known(CSR(t["indptr"].numpy(), t["indices"].numpy()), t["item_counts"].numpy(), t["test_users"].numpy())
+
+    def read_features(self) -> FeatureState:
+        if (self.path / FEATURES).is_file() and not (self.path / FEATURE_ARRAYS).is_file():
+            raise ArtifactError(f"{self.path}: no {FEATURE_ARRAYS} beside {FEATURES}: the run was written by an earlier "
+                                "version of twotower, whose runs kept feature tables in the weights. Train it again")
+        return FeatureState(artifacts.read_json(self.path / FEATURES), artifacts.load_tensors(self.path / FEATURE_ARRAYS))
+
+    def read_titles(self) -> np.ndarray | None:
+        p = self.path / TITLES
+        return np.asarray(artifacts.read_json(p), dtype=object) if p.exists() else None
+
+    def read_weights(self) -> dict[str, torch.Tensor]:
+        return artifacts.load_tensors(self.path / WEIGHTS)
+
+    @property
+    def weights_path(self) -> Path:
+        """For messages that name the weights file."""
+        return self.path / WEIGHTS
+
+    def read_metrics(self) -> dict:
+        return artifacts.read_json(self.path / METRICS)
+
+    def finished_metrics(self, cfg: RunConfig) -> dict | None:
+        """The final metrics of a run that completed with exactly ``cfg``, else ``None``."""
+        if not ((self.path / METRICS).is_file() and (self.path / CONFIG).is_file()):
+            return None
+        if artifacts.read_json(self.path / CONFIG) != cfg.to_dict():
+            return None
+        return artifacts.read_json(self.path / METRICS)
+
+    def model_digest(self) -> str | None:
+        """The sha256 of the final weights as the manifest records it (``None`` without one): what
+        an index or embedding parts built from these weights carry."""
+        p = self.path / MANIFEST
+        if not p.is_file():
+            return None
+        return artifacts.read_json(p).get("sha256", {}).get(WEIGHTS)
+
+    def _read_text(self, name: str) -> str:
+        p = self.path / name
+        try:
+            return p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ArtifactError(f"{p}: missing. Is this a run directory written by `twotower train`?") from None
