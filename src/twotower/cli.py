@@ -1,4 +1,4 @@
-"""Command line: ``twotower train | evaluate | recommend | mine | compare | index | embed | serve | demo``.
+"""Command line: ``twotower train | evaluate | recommend | mine | compare | index | embed | serve | demo | info``.
 
 Every subcommand is a thin shell over the Python API (``twotower.api``, ``twotower.run.Run``).
 User mistakes (bad data, bad config, bad run directory) print one message and exit with code 2.
@@ -279,6 +279,48 @@ def cmd_demo(args) -> int:
                     offline=args.offline, synthetic=args.synthetic, epochs=args.epochs)
 
 
+def cmd_info(args) -> int:
+    from . import __version__, native
+
+    native.env_off()  # a TWOTOWER_NATIVE that is neither 0 nor 1: one message, exit code 2
+    rep = native.report()
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    import platform
+
+    import torch
+
+    sw = rep["switch"]
+    why = ("on" if sw["on"] else "OFF") + f" ({native.ENV}={sw['env'] if sw['env'] is not None else 'unset'}, " \
+        f"train.native = {'true' if sw['config'] else 'false'} in this process)"
+    print(f"twotower {__version__}, PyTorch {torch.__version__}, Python {platform.python_version()}")
+    print(f"compiled kernels, switch {why}:")
+    print(f"  {'kernel':<9}{'built':<7}{'MKL entry points':<18}{'runs':<10}why")
+    for name, k in rep["kernels"].items():
+        blas = "-" if k["blas_found"] is None else ("found" if k["blas_found"] else "NOT FOUND")
+        print(f"  {name:<9}{'yes' if k['built'] else 'no':<7}{blas:<18}{k['path']:<10}{k['why']}")
+    cpu, th = rep["cpu"], rep["threads"]
+    print(f"CPU: AVX2 {'yes' if cpu['avx2'] else 'no'}, FMA {'yes' if cpu['fma'] else 'no'}; "
+          f"MKL looked up in {rep['blas']['library']}")
+    env = ", ".join(f"{k}={v}" for k, v in th.items() if k.isupper() and v is not None) or "no OpenMP variables set"
+    print(f"threads: {th['torch']} (interop {th['interop']}); {env}")
+    return 0
+
+
+def add_info_parser(sub) -> None:
+    i = sub.add_parser("info", help="which compiled kernels run, and why (build, MKL, switch, CPU, threads)",
+                       description="Say, for each compiled kernel (the fused softmax, full-catalog top-k, DeferredAdam's "
+                                   "row passes), whether it was built, whether the MKL entry points it calls were found in "
+                                   "PyTorch's library, whether the switch is on, and so whether the compiled path or the "
+                                   "PyTorch path runs. TWOTOWER_NATIVE=0 turns every compiled path off; so does "
+                                   "train.native = false for a training.",
+                       epilog="examples:\n  twotower info\n  TWOTOWER_NATIVE=0 twotower info --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("--json", action="store_true", help="print the report as JSON (the same as the `native` entry of a run's metrics.json)")
+    i.set_defaults(func=cmd_info)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="twotower", description="Train, evaluate and use two-tower retrieval models.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -431,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, help="cap the number of epochs (default: the demo config's 30, early-stopped)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
+    add_info_parser(sub)
     return p
 
 
