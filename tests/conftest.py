@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+import twotower  # noqa: F401  before any test imports torch: it sets OpenMP's wait policy (twotower/openmp.py)
+
 DATA_DIR = Path(os.environ.get("TWOTOWER_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 

@@ -303,8 +303,8 @@ def cmd_info(args) -> int:
     cpu, th = rep["cpu"], rep["threads"]
     print(f"CPU: AVX2 {'yes' if cpu['avx2'] else 'no'}, FMA {'yes' if cpu['fma'] else 'no'}; "
           f"MKL looked up in {rep['blas']['library']}")
-    env = ", ".join(f"{k}={v}" for k, v in th.items() if k.isupper() and v is not None) or "no OpenMP variables set"
-    print(f"threads: {th['torch']} (interop {th['interop']}); {env}")
+    print(f"threads: {native.summary(rep).rsplit('; ', 1)[-1]} (interop {th['interop']}"
+          + (f", OMP_NUM_THREADS={th['OMP_NUM_THREADS']}" if th["OMP_NUM_THREADS"] else "") + ")")
     return 0
 
 

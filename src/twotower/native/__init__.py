@@ -33,6 +33,7 @@ import os
 
 import torch
 
+from .. import openmp
 from ..errors import ConfigError
 from . import _blas
 
@@ -165,7 +166,7 @@ def report() -> dict:
         "blas": {"library": _blas.library_path(), **{name: addr is not None for name, addr in blas.items()}},
         "cpu": cpu,
         "threads": {"torch": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),
-                    **{name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}},
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "wait": openmp.status()},
         "kernels": kernels,
     }
 
@@ -180,7 +181,18 @@ def summary(rep: dict | None = None) -> str:
     parts = [f"compiled: {', '.join(on)} ({cpu})" if on else "compiled: none"]
     if off:
         parts.append(f"PyTorch path: {'; '.join(off)}")
-    return "; ".join(parts)
+    return "; ".join(parts) + f"; {_threads(rep['threads'])}"
+
+
+def _threads(th: dict) -> str:
+    """``2 threads, OMP_WAIT_POLICY=PASSIVE (set by twotower)``."""
+    wait = th["wait"]
+    if wait["OMP_WAIT_POLICY"] is None and wait["GOMP_SPINCOUNT"] is None:
+        policy = "OpenMP threads spin ~3 ms before sleeping (no OMP_WAIT_POLICY)"
+    else:
+        policy = ", ".join(f"{k}={wait[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if wait[k] is not None)
+        policy += f" (set by {wait['set_by']}" + ("" if wait["in_effect"] else ", too late: torch was imported first") + ")"
+    return f"{th['torch']} threads, {policy}"
 
 
 # ---- argument checks -----------------------------------------------------------------------------------
