@@ -16,8 +16,11 @@ Settings (``train.threads`` unset means all cores):
 - ``libgomp default``: ``GOMP_SPINCOUNT=300000``, what libgomp does when ``OMP_WAIT_POLICY`` is not
   set (a waiting thread spins ~3 ms before it sleeps); the behaviour before twotower set its own;
 - ``threads 1``: the same with ``train.threads = 1``;
+- ``spin 1k``, ``spin 10k``, ``spin 30k``: ``GOMP_SPINCOUNT`` = 1,000 / 10,000 / 30,000 (about
+  0.01 / 0.1 / 0.3 ms of spinning, then sleep);
 - ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` (a waiting thread sleeps at once);
-- ``twotower default``: nothing set; what ``import twotower`` sets before PyTorch loads.
+- ``twotower default``: nothing set: what ``import twotower`` sets before PyTorch loads
+  (``twotower/openmp.py``: ``GOMP_SPINCOUNT=10000``); and with ``train.threads = 1``.
 """
 from __future__ import annotations
 
@@ -37,11 +40,14 @@ OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
 SETTINGS = {
     "libgomp default": ({"GOMP_SPINCOUNT": "300000"}, []),
     "threads 1": ({"GOMP_SPINCOUNT": "300000"}, ["train.threads=1"]),
-    "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, []),
+    "spin 1k": ({"GOMP_SPINCOUNT": "1000"}, []),
     "spin 10k": ({"GOMP_SPINCOUNT": "10000"}, []),
-    "passive, threads 1": ({"OMP_WAIT_POLICY": "PASSIVE"}, ["train.threads=1"]),
+    "spin 30k": ({"GOMP_SPINCOUNT": "30000"}, []),
     "twotower default": ({}, []),
+    "twotower default, threads 1": ({}, ["train.threads=1"]),
+    "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, []),
 }
+DEFAULT_SETTINGS = ["libgomp default", "threads 1", "spin 10k", "twotower default", "twotower default, threads 1"]
 
 LOAD = """
 import torch
@@ -99,7 +105,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workload", choices=["ml-100k", "gowalla"], default="ml-100k")
     p.add_argument("--steps", type=int, default=120, help="gowalla: training steps timed")
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
     p.add_argument("--loads", nargs="+", default=["quiet", "loaded"], choices=["quiet", "loaded"])
     p.add_argument("--out", default=None, help="results file (default benchmarks/results/busy-machine-<workload>.json)")
     p.add_argument("--child", help=argparse.SUPPRESS)

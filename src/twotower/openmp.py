@@ -1,44 +1,46 @@
-"""OpenMP's wait policy for this process, chosen before PyTorch loads its OpenMP runtime.
+"""How long OpenMP's waiting threads spin, chosen before PyTorch loads its OpenMP runtime.
 
 PyTorch's CPU operators, MKL inside them and the compiled kernels (``twotower.native``) share one
-OpenMP runtime, GNU libgomp. Without ``OMP_WAIT_POLICY`` a libgomp thread that waits for the others
-(at the end of every parallel operator) spins for about 3 ms before it sleeps. On a machine that
-runs other work the thread it waits for is often off the CPU for a whole time slice, while the
-spinning one keeps a core from it: each of the thousands of small parallel operators of an
-epoch then costs milliseconds. ``PASSIVE`` sleeps at once: a loaded machine costs about its share
-of the cores. Measured (``benchmarks/busy_machine.py``, docs/benchmarks.md "A busy machine").
+OpenMP runtime, GNU libgomp (PyTorch's Linux wheels; FAISS's wheels carry their own copy). Without
+``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` a libgomp thread that waits for the others (at the end of
+every parallel operator, and for the next one) spins 300,000 times, about 3 ms, before it sleeps.
+On a machine that runs other work, the thread it waits for is often off the CPU for a whole time
+slice while the spinning one keeps a core from it: every small parallel operator of an epoch can
+then cost milliseconds. Sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) is safe under load, but on
+an idle machine each operator then pays a wake-up (an ML-100K epoch 40 % slower). A short spin,
+``GOMP_SPINCOUNT=10000`` (~0.1 ms), keeps the idle machine's speed and lets a loaded one cost
+about its share of the cores (``benchmarks/busy_machine.py``; docs/benchmarks.md, "A busy
+machine").
 
-``import twotower`` sets ``OMP_WAIT_POLICY=PASSIVE`` unless ``OMP_WAIT_POLICY`` or
-``GOMP_SPINCOUNT`` is already set (a choice made in the environment wins). libgomp reads its
-environment once, when it is loaded: the setting takes effect where twotower is imported before
-torch (the ``twotower`` command always is); ``status()`` (and ``twotower info``) says whether it did.
+``import twotower`` sets ``DEFAULTS`` unless ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is already
+set (a choice made in the environment wins). libgomp reads its environment once, when it is loaded:
+the setting takes effect where twotower is imported before torch (the ``twotower`` command always
+is); ``status()`` (and ``twotower info``) says whether it did. Other OpenMP runtimes (LLVM's libomp,
+Intel's) ignore ``GOMP_SPINCOUNT``.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
-_USER_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-_applied: dict[str, bool] = {}  # variable -> whether set before PyTorch (so OpenMP) was loaded
+DEFAULTS = {"GOMP_SPINCOUNT": "10000"}
+VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+_in_time: bool | None = None  # None: twotower set nothing; else whether before PyTorch (so OpenMP) loaded
 
 
 def apply_defaults() -> None:
     """Set ``DEFAULTS`` in the environment unless the user chose a wait policy (idempotent)."""
-    if any(name in os.environ for name in _USER_VARS):
+    global _in_time
+    if any(name in os.environ for name in VARIABLES):
         return
-    loaded = "torch" in sys.modules
-    for name, value in DEFAULTS.items():
-        os.environ[name] = value
-        _applied[name] = not loaded
+    os.environ.update(DEFAULTS)
+    _in_time = "torch" not in sys.modules
 
 
 def status() -> dict:
-    """The wait policy in the environment, who set it (``"twotower"``, ``"environment"`` or None:
-    libgomp's spinning default) and whether it is in effect (False: twotower set it after PyTorch
-    had loaded OpenMP)."""
-    policy = os.environ.get("OMP_WAIT_POLICY")
-    by_us = "OMP_WAIT_POLICY" in _applied
-    return {"OMP_WAIT_POLICY": policy, "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
-            "set_by": "twotower" if by_us else ("environment" if policy or "GOMP_SPINCOUNT" in os.environ else None),
-            "in_effect": _applied.get("OMP_WAIT_POLICY", True)}
+    """``OMP_WAIT_POLICY`` and ``GOMP_SPINCOUNT`` as set, who set them (``"twotower"``,
+    ``"environment"``, or None: libgomp's ~3 ms spin) and whether in effect (False: twotower set
+    them after PyTorch had loaded OpenMP)."""
+    values = {name: os.environ.get(name) for name in VARIABLES}
+    set_by = "twotower" if _in_time is not None else ("environment" if any(values.values()) else None)
+    return {**values, "set_by": set_by, "in_effect": _in_time is not False}
