@@ -42,6 +42,7 @@ SETTINGS = {
     "threads 1": ({"GOMP_SPINCOUNT": "300000"}, ["train.threads=1"]),
     "spin 1k": ({"GOMP_SPINCOUNT": "1000"}, []),
     "spin 10k": ({"GOMP_SPINCOUNT": "10000"}, []),
+    "spin 20k": ({"GOMP_SPINCOUNT": "20000"}, []),
     "spin 30k": ({"GOMP_SPINCOUNT": "30000"}, []),
     "twotower default": ({}, []),
     "twotower default, threads 1": ({}, ["train.threads=1"]),
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
                 runs[name][load].append(r)
                 print(f"rep {rep + 1}  {name:<17} {load:<7} epoch {r['epoch_s']:6.2f} s  valid {r['valid_s']:5.2f} s  "
                       f"threads {r['threads']}  loadavg {r['loadavg_1min']:.1f}", flush=True)
-    res = {"command": f"python benchmarks/busy_machine.py --workload {args.workload} --reps {args.reps}",
+    res = {"command": "python benchmarks/busy_machine.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": f"{os.cpu_count()} cores {platform.machine()}", "workload": args.workload,
            "load_generator": "2-thread 512x512 float32 matmul loop, libgomp defaults", "settings": {}}
     print(f"\n{'setting':<18}{'quiet s':>9}{'loaded s':>10}{'loaded/quiet':>14}   (median epoch seconds)")

@@ -170,10 +170,10 @@ def shared_softmax_loss(query: torch.Tensor, vectors: torch.Tensor, target: torc
     Gradients are computed in the forward pass (the loss is a scalar, so they only need scaling
     afterwards); the target must not be excluded. Where the ``softmax`` kernel is active
     (``native.active``: built, MKL found, not switched off), float32 CPU batches run the whole loop
-    in C (``_blocks_compiled``): the blocks are shared
-    between the threads, each calling single-threaded MKL for its products, which on the 2-core
-    CPU runs a Gowalla step's loss ~25 % faster than two-threaded products one block at a time
-    (paired whole steps: 20.8 -> 17.4 ms). Elsewhere the same loop runs as PyTorch operations.
+    in C (``_blocks_compiled``): the blocks are shared between the threads, each calling
+    single-threaded MKL for its products, which on the 2-core CPU runs a Gowalla step's loss ~25 %
+    faster than two-threaded products one block at a time (paired whole steps: 20.8 -> 17.4 ms).
+    Elsewhere the same loop runs as PyTorch operations.
 
     ``query_ids`` (optional) says which rows have equal queries (a user tower that is a function of
     the user id: the trainer passes the users). The compiled loop then scores such rows once where
