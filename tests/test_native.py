@@ -200,8 +200,8 @@ def test_rowadam_wrappers_check_the_table_and_the_gradient():
 
 # ---- OpenMP's wait policy ------------------------------------------------------------------------------
 @pytest.mark.parametrize("env, first, expected", [
-    ({}, "twotower", {"GOMP_SPINCOUNT": "10000", "OMP_WAIT_POLICY": None, "set_by": "twotower", "in_effect": True}),
-    ({}, "torch", {"GOMP_SPINCOUNT": "10000", "OMP_WAIT_POLICY": None, "set_by": "twotower", "in_effect": False}),
+    ({}, "twotower", {"GOMP_SPINCOUNT": "30000", "OMP_WAIT_POLICY": None, "set_by": "twotower", "in_effect": True}),
+    ({}, "torch", {"GOMP_SPINCOUNT": "30000", "OMP_WAIT_POLICY": None, "set_by": "twotower", "in_effect": False}),
     ({"OMP_WAIT_POLICY": "passive"}, "twotower",
      {"GOMP_SPINCOUNT": None, "OMP_WAIT_POLICY": "passive", "set_by": "environment", "in_effect": True}),
     ({"GOMP_SPINCOUNT": "300000"}, "twotower",

@@ -7,10 +7,11 @@ every parallel operator, and for the next one) spins 300,000 times, about 3 ms, 
 On a machine that runs other work, the thread it waits for is often off the CPU for a whole time
 slice while the spinning one keeps a core from it: every small parallel operator of an epoch can
 then cost milliseconds. Sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) is safe under load, but on
-an idle machine each operator then pays a wake-up (an ML-100K epoch 40 % slower). A short spin,
-``GOMP_SPINCOUNT=10000`` (~0.1 ms), keeps the idle machine's speed and lets a loaded one cost
-about its share of the cores (``benchmarks/busy_machine.py``; docs/benchmarks.md, "A busy
-machine").
+an idle machine each operator then pays a wake-up (an epoch 40 % slower or more). A bounded spin,
+``GOMP_SPINCOUNT=30000`` (~0.3 ms), keeps an idle machine's Gowalla epoch within a few per cent
+and cuts the cost of a machine shared with a 2-thread job from 12x-23x to 4x-5x; 10,000 (~0.1 ms)
+would cost about its share (2x-2.7x) but an idle Gowalla epoch ~10 % (``benchmarks/busy_machine.py``;
+docs/benchmarks.md, "A busy machine").
 
 ``import twotower`` sets ``DEFAULTS`` unless ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is already
 set (a choice made in the environment wins). libgomp reads its environment once, when it is loaded:
@@ -23,7 +24,7 @@ from __future__ import annotations
 import os
 import sys
 
-DEFAULTS = {"GOMP_SPINCOUNT": "10000"}
+DEFAULTS = {"GOMP_SPINCOUNT": "30000"}
 VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 _in_time: bool | None = None  # None: twotower set nothing; else whether before PyTorch (so OpenMP) loaded
 

@@ -188,7 +188,7 @@ def summary(rep: dict | None = None) -> str:
 
 
 def _threads(th: dict) -> str:
-    """``2 threads, GOMP_SPINCOUNT=10000 (set by twotower)``."""
+    """``2 threads, GOMP_SPINCOUNT=30000 (set by twotower)``."""
     wait = th["wait"]
     if wait["set_by"] is None:
         policy = "OpenMP threads spin ~3 ms before sleeping (no OMP_WAIT_POLICY)"
