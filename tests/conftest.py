@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+import twotower  # noqa: F401  before any test imports torch: it sets OpenMP's wait policy (twotower/openmp.py)
+
 DATA_DIR = Path(os.environ.get("TWOTOWER_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
@@ -24,3 +26,13 @@ def synthetic_run(tmp_path_factory) -> Path:
                                "model": {"dim": 8}, "train": {"epochs": 1, "batch_size": 256}, "eval": {"ks": [10]}})
     train(cfg, out, quiet=True, log=lambda m: None)
     return out
+
+
+@pytest.fixture
+def native_on(monkeypatch):
+    """The compiled paths switched on for this test whatever ``TWOTOWER_NATIVE`` says, so that the
+    tests of a kernel against its reference run in both CI passes (the second has it set to 0)."""
+    from twotower import native
+
+    monkeypatch.delenv(native.ENV, raising=False)
+    monkeypatch.setattr(native, "_configured", True)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from twotower import native
 from twotower.config import EvalConfig, ModelConfig
 from twotower.data.dataset import CSR, Split
 from twotower.evaluation import ranking
@@ -17,10 +18,16 @@ def ranking_path(request, monkeypatch):
     """The hand-computed cases run through both top-k paths: the compiled pass (where built) and
     matmul + topk."""
     if request.param == "pytorch":
-        monkeypatch.setattr(ranking, "_topk", None)
-    elif ranking._topk is None or ranking.mkl() is None:
+        monkeypatch.setenv(native.ENV, "0")
+    elif not native.available("topk"):
         pytest.skip("C extension not built, or no MKL")
-    return request.param
+    else:
+        monkeypatch.delenv(native.ENV, raising=False)
+        monkeypatch.setattr(native, "_configured", True)
+    calls, compiled = [], native.top_k
+    monkeypatch.setattr(native, "top_k", lambda *a, **k: calls.append(1) or compiled(*a, **k))
+    yield request.param
+    assert bool(calls) == (request.param == "compiled"), "the top-k path taken is not the one under test"
 
 
 def _model():
@@ -86,7 +93,7 @@ def test_alpha_ranks_by_the_served_score_with_popularity_correction():
     assert damped["recall@2"] == 0.0 and damped["popularity@2"] == pytest.approx((1 + 2) / 2)
 
 
-@pytest.mark.skipif(ranking._topk is None or ranking.mkl() is None, reason="C extension not built, or no MKL")
+@pytest.mark.skipif(not native.available("topk"), reason="C extension not built, or no MKL")
 @pytest.mark.parametrize("n, m, k", [(5, 7, 3), (300, 2500, 20), (130, 1500, 1200), (3, 40, 40)])
 def test_compiled_top_k_is_topk_of_the_masked_scores(n, m, k):
     """Against ``torch.topk`` of the full score matrix: exclusions, an additive item term, users not
@@ -112,7 +119,7 @@ def test_compiled_top_k_is_topk_of_the_masked_scores(n, m, k):
         assert index[r][~finite[r]].tolist() == sorted(index[r][~finite[r]].tolist())
 
 
-@pytest.mark.skipif(ranking._topk is None or ranking.mkl() is None, reason="C extension not built, or no MKL")
+@pytest.mark.skipif(not native.available("topk"), reason="C extension not built, or no MKL")
 def test_compiled_top_k_breaks_ties_by_the_lower_item_index():
     # items 0..2499 in pairs of equal vectors: each tie goes to the lower index, across chunks too
     base = torch.randn(1250, 4)

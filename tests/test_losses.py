@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from twotower import native
 from twotower.training import losses
 from twotower.training.losses import CandidateSet, LogitInputs
 
@@ -300,7 +301,7 @@ def test_row_shift_bounds_each_row_without_reading_the_logits():
     # a row spreading over more than 184 (base-2 units) has no safe shift: the row maxima are used
     assert losses._row_shift(q2 * 4, v, off2) is None
     assert losses._row_shift(torch.tensor([[float("inf"), 0.0]]), v, None) is None
-    if losses._softmax is not None:  # the compiled loop's own pass: the same bound
+    if native.available("softmax"):  # the compiled loop's own pass: the same bound
         assert losses._compiled_row_shift(q2, v, off2)[0]
         assert torch.allclose(losses._compiled_row_shift(q2, v, off2)[1], torch.tensor([0.0, 6.0, 0.0]))
         assert losses._compiled_row_shift(q2, v, -off2.abs()) == (True, None)  # [-51, 50] at most: no shift
@@ -336,8 +337,8 @@ def test_shared_softmax_loss_of_an_empty_batch_gives_no_gradient():
     assert torch.equal(v.grad, torch.zeros(4, 3))
 
 
-@pytest.mark.skipif(losses._softmax is None or losses._mkl() is None, reason="C extension not built, or no MKL")
-def test_compiled_block_loop_scores_the_rows_of_one_query_id_once():
+@pytest.mark.skipif(not native.available("softmax"), reason="C extension not built, or no MKL")
+def test_compiled_block_loop_scores_the_rows_of_one_query_id_once(native_on):
     """What ``query_ids`` promises is taken at its word: rows said to share a query are scored with
     the first one's, unless a positive shift or an excluded coordinate keeps them apart. Claiming
     that every row is one query gives the composed loss of that reading, value and gradients."""
@@ -364,7 +365,7 @@ def test_compiled_block_loop_scores_the_rows_of_one_query_id_once():
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=2e-6)
 
 
-@pytest.mark.skipif(losses._softmax is None, reason="C extension not built")
+@pytest.mark.skipif(not native.built("softmax"), reason="C extension not built")
 @pytest.mark.parametrize("vectorised", [True, False])
 def test_compiled_exp2_pass_matches_exp2_and_sum(vectorised):
     """The C pass (AVX2, and its scalar loop), 2^(z + row offset): within 2 float32 ulps of exp2
@@ -379,8 +380,8 @@ def test_compiled_exp2_pass_matches_exp2_and_sum(vectorised):
     shifted = z + offset[:, None]
     exact = torch.exp2(shifted.double())
     exact[shifted < -126] = 0.0
-    got, sums = z.clone(), torch.empty(13)
-    losses._softmax.exp2_colsum(got.data_ptr(), 300, 13, sums.data_ptr(), vectorised, offset.data_ptr())
+    got = z.clone()
+    sums = native.exp2_column_sums(got, offset, vectorised=vectorised)
     normal = shifted >= -126
     rel = (got.double() - exact).abs()[normal] / exact[normal]
     assert rel.max() < 2.5e-7
@@ -388,10 +389,10 @@ def test_compiled_exp2_pass_matches_exp2_and_sum(vectorised):
     torch.testing.assert_close(sums.double(), exact.sum(0), rtol=1e-6, atol=0)
 
 
-@pytest.mark.skipif(losses._softmax is None or losses._mkl() is None, reason="C extension not built, or no MKL")
+@pytest.mark.skipif(not native.available("softmax"), reason="C extension not built, or no MKL")
 @pytest.mark.parametrize("block", [1, 5, 32, None])
 @pytest.mark.parametrize("regime", ["plain", "everything", "shifted rows", "shared queries", "shared, shifted rows"])
-def test_compiled_block_loop_matches_the_composed_loss(monkeypatch, block, regime):
+def test_compiled_block_loop_matches_the_composed_loss(monkeypatch, native_on, block, regime):
     """The C block loop (float32, MKL products, blocks shared between threads) against the composed
     loss in float64: accidental hits and seen items excluded, a positive shift, a learnt offset,
     per-row columns with a mask, rows whose logits need a shift; blocks that do not divide B; rows

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from twotower.training import optim
+from twotower import native
 from twotower.training.optim import DeferredAdam, RowAdam
 
-compiled_paths = [False, pytest.param(True, marks=pytest.mark.skipif(optim._rowadam is None, reason="C extension not built"))]
+compiled_paths = [False, pytest.param(True, marks=pytest.mark.skipif(not native.built("rowadam"), reason="C extension not built"))]
 
 
 def test_row_adam_matches_sparse_adam_and_leaves_untouched_rows_alone():
@@ -93,19 +93,15 @@ def test_deferred_adam_follows_dense_adam_with_a_varying_learning_rate(compiled)
     assert torch.allclose(dense.weight, rows.weight, atol=5e-6, rtol=1e-5)
 
 
-def test_the_c_extension_is_built_wherever_a_c_compiler_is():
+def test_the_c_extension_is_built_wherever_a_c_compiler_is(native_on):
     # setup.py marks it optional, so a broken build would otherwise pass unnoticed
     if shutil.which("cc") or shutil.which("gcc"):
-        from twotower.evaluation import ranking
-        from twotower.training import losses
-
-        for name, module in (("training._rowadam", optim._rowadam), ("training._softmax", losses._softmax),
-                             ("evaluation._topk", ranking._topk)):
-            assert module is not None, f"twotower.{name} was not built: run `pip install -e .` and read its errors"
+        for kernel in native.KERNELS:
+            assert native.built(kernel), f"twotower.native._{kernel} was not built: run `pip install -e .` and read its errors"
         assert DeferredAdam([nn.Parameter(torch.zeros(2, 2))]).compiled
 
 
-@pytest.mark.skipif(optim._rowadam is None, reason="C extension not built")
+@pytest.mark.skipif(not native.built("rowadam"), reason="C extension not built")
 def test_compiled_deferred_adam_matches_the_pytorch_path_on_the_same_gradients():
     """Same sparse gradients into both paths: repeated rows, gradients from 1e-10 to 1 (Adam's
     normalisation is most sensitive where |g| is near eps), and rows in the gradient that the
@@ -139,7 +135,7 @@ def test_compiled_deferred_adam_matches_the_pytorch_path_on_the_same_gradients()
     assert torch.equal(ob.state[b.weight]["tail"], oa.state[a.weight]["tail"])
 
 
-@pytest.mark.skipif(optim._rowadam is None, reason="C extension not built")
+@pytest.mark.skipif(not native.built("rowadam"), reason="C extension not built")
 def test_compiled_deferred_adam_rejects_an_out_of_range_row_before_writing_anything():
     emb = nn.Embedding(10, 3, sparse=True)
     opt = DeferredAdam(emb.parameters(), lr=0.1, compiled=True)
@@ -154,11 +150,20 @@ def test_compiled_deferred_adam_rejects_an_out_of_range_row_before_writing_anyth
 
 
 def test_deferred_adam_without_the_c_extension(monkeypatch):
-    monkeypatch.setattr(optim, "_rowadam", None)
+    monkeypatch.setitem(native._MODULES, "rowadam", None)
     p = nn.Parameter(torch.zeros(3, 2))
     assert not DeferredAdam([p]).compiled  # the PyTorch path, silently
     with pytest.raises(RuntimeError, match="was not built"):
         DeferredAdam([p], compiled=True)
+
+
+@pytest.mark.skipif(not native.built("rowadam"), reason="C extension not built")
+def test_deferred_adam_follows_the_switch(monkeypatch, native_on):
+    p = nn.Parameter(torch.zeros(3, 2))
+    assert DeferredAdam([p]).compiled
+    monkeypatch.setenv(native.ENV, "0")
+    assert not DeferredAdam([p]).compiled
+    assert DeferredAdam([p], compiled=True).compiled  # an explicit request, as the tests of the kernel make
 
 
 def test_deferred_adam_differs_from_lazy_adam_where_rows_are_rare():

@@ -4,14 +4,18 @@ The data flow, one subpackage per stage: ``data`` -> ``model`` -> ``evaluation``
 -> ``index`` -> ``serving`` (each imports only the ones before it; docs/design.md, "Module map").
 ``api`` and ``cli`` are two faces of the same objects.
 """
-from .api import TrainResult, evaluate_run, train
-from .config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
-from .data.dataset import Dataset
-from .data.sources import load_dataset
-from .errors import ArtifactError, ConfigError, DataError, TwotowerError
-from .model.towers import TwoTowerModel
-from .run import Run
-from .training.trainer import Trainer
+from . import openmp
+
+openmp.apply_defaults()  # first: OpenMP reads its environment once, when PyTorch loads it
+
+from .api import TrainResult, evaluate_run, train  # noqa: E402
+from .config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from .data.dataset import Dataset  # noqa: E402
+from .data.sources import load_dataset  # noqa: E402
+from .errors import ArtifactError, ConfigError, DataError, TwotowerError  # noqa: E402
+from .model.towers import TwoTowerModel  # noqa: E402
+from .run import Run  # noqa: E402
+from .training.trainer import Trainer  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import artifacts
+from . import artifacts, native
 from .config import RunConfig
 from .data.dataset import Dataset
 from .data.sources import load_dataset
@@ -53,6 +53,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, data_dir: str | Path | 
     s = ds.summary()
     log(f"data: {s['name']}: {s['users']:,} users, {s['items']:,} items; train {s['train']:,}, valid {s['valid']:,}, test {s['test']:,}")
     trainer = Trainer(cfg, ds, out, quiet=quiet, log=log)
+    log(f"native: {native.summary()}")  # so that no speed figure silently comes from the PyTorch paths
     state = trainer.fit(resume=resume)
     hl = cfg.model.history_length
     valid = trainer.par.on_main(lambda: evaluate(trainer.model, ds, "valid", cfg.eval, hl)) if len(ds.valid) else {}
@@ -67,6 +68,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, data_dir: str | Path | 
             "refit": final is not trainer,
             "valid": valid, "test": test, "seconds": seconds,
             "seconds_per_epoch": float(np.mean([r["seconds"] for r in state.history])) if state.history else None,
+            "native": native.report(),  # which kernels those seconds ran (twotower info --json)
         }, embed_items(final.model).cpu().numpy(), weights=final.model.state_dict() if final is not trainer else None)
     final.par.barrier()
     return TrainResult(Path(out) if out is not None else None, final, valid, test, seconds)

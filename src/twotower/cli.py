@@ -1,4 +1,4 @@
-"""Command line: ``twotower train | evaluate | recommend | index | embed | serve | mine | compare | demo | config``.
+"""Command line: ``twotower train | evaluate | recommend | index | embed | serve | mine | compare | demo | config | info``.
 
 Every subcommand is a thin shell over the Python API (``twotower.api``, ``twotower.run.Run``): a
 ``cmd_<command>`` function that runs it, beside the ``add_<command>_parser`` function that declares
@@ -480,8 +480,51 @@ def add_config_parser(sub) -> None:
 
 
 # One function per command, in the order `twotower --help` lists them.
+def cmd_info(args) -> int:
+    from . import __version__, native
+
+    native.env_off()  # a TWOTOWER_NATIVE that is neither 0 nor 1: one message, exit code 2
+    rep = native.report()
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    import platform
+
+    import torch
+
+    sw = rep["switch"]
+    why = ("on" if sw["on"] else "OFF") + f" ({native.ENV}={sw['env'] if sw['env'] is not None else 'unset'}, " \
+        f"train.native = {'true' if sw['config'] else 'false'} in this process)"
+    print(f"twotower {__version__}, PyTorch {torch.__version__}, Python {platform.python_version()}")
+    print(f"compiled kernels, switch {why}:")
+    print(f"  {'kernel':<9}{'built':<7}{'MKL entry points':<18}{'runs':<10}why")
+    for name, k in rep["kernels"].items():
+        blas = "-" if k["blas_found"] is None else ("found" if k["blas_found"] else "NOT FOUND")
+        print(f"  {name:<9}{'yes' if k['built'] else 'no':<7}{blas:<18}{k['path']:<10}{k['why']}")
+    cpu, th = rep["cpu"], rep["threads"]
+    print(f"CPU: AVX2 {'yes' if cpu['avx2'] else 'no'}, FMA {'yes' if cpu['fma'] else 'no'}; "
+          f"MKL looked up in {rep['blas']['library']}")
+    print(f"threads: {native.summary(rep).rsplit('; ', 1)[-1]} (interop {th['interop']}"
+          + (f", OMP_NUM_THREADS={th['OMP_NUM_THREADS']}" if th["OMP_NUM_THREADS"] else "") + ")")
+    return 0
+
+
+def add_info_parser(sub) -> None:
+    i = sub.add_parser("info", help="which compiled kernels run, and why (build, MKL, switch, CPU, threads)",
+                       description="Say, for each compiled kernel (the fused softmax, full-catalog top-k, DeferredAdam's "
+                                   "row passes), whether it was built, whether the MKL entry points it calls were found in "
+                                   "PyTorch's library, whether the switch is on, and so whether the compiled path or the "
+                                   "PyTorch path runs. TWOTOWER_NATIVE=0 turns every compiled path off; so does "
+                                   "train.native = false for a training.",
+                       epilog="examples:\n  twotower info\n  TWOTOWER_NATIVE=0 twotower info --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("--json", action="store_true", help="print the report as JSON (the same as the `native` entry of a run's metrics.json)")
+    i.set_defaults(func=cmd_info)
+
+
 COMMANDS = (add_train_parser, add_evaluate_parser, add_recommend_parser, add_index_parser, add_embed_parser,
-            add_serve_parser, add_mine_parser, add_compare_parser, add_demo_parser, add_config_parser)
+            add_serve_parser, add_mine_parser, add_compare_parser, add_demo_parser, add_config_parser,
+            add_info_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -142,8 +142,14 @@ class TrainConfig(_Section):
                                           "best number of epochs (selection stays on validation; more data for the final model)")
     seed: int = Field(0, description="seed of initialisation, batch order and negative sampling")
     device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="where to train and evaluate; auto: CUDA when available")
-    threads: int | None = Field(None, ge=1, description="CPU threads of PyTorch's operators (torch.set_num_threads); "
-                                                       "none: PyTorch's default")
+    threads: int | None = Field(None, ge=1, description=(
+        "PyTorch's intra-op threads for this process (torch.set_num_threads); default: all cores. On a machine "
+        "shared with other work, give each job a share of the cores (e.g. 1 on 2 cores with another training): "
+        "threads that wait on a busy core cost more than they bring (docs/benchmarks.md, 'A busy machine')"))
+    native: bool = Field(True, description=(
+        "take the compiled kernels (fused softmax, top-k, DeferredAdam's row passes) where built; false: their "
+        "PyTorch paths (same results to float rounding). TWOTOWER_NATIVE=0 in the environment turns them off "
+        "whatever this says; `twotower info` shows which run"))
 
     @field_validator("monitor")
     @classmethod

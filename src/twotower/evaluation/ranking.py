@@ -6,15 +6,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .._blas import mkl
+from .. import native
 from ..data.dataset import CSR
 from ..model.scoring import ServedScore
 from ..model.towers import TwoTowerModel, embed_items, embed_users
-
-try:  # the product and the selection in one pass, compiled by setup.py; else matmul and topk
-    from . import _topk
-except ImportError:  # pragma: no cover - depends on the install
-    _topk = None
 
 
 def mask_rows(scores: torch.Tensor, rows: np.ndarray, exclude: CSR) -> None:
@@ -39,8 +34,8 @@ def top_k_blocks(model: TwoTowerModel, users: np.ndarray, history: CSR, exclude:
         score = ServedScore.of(model)
     bias = None if score.terms is None else score.terms.to(device=item_vecs.device, dtype=item_vecs.dtype)
     k = min(k, item_vecs.shape[0])
-    compiled = (_topk is not None and item_vecs.device.type == "cpu" and item_vecs.dtype == torch.float32
-                and k > 0 and mkl() is not None)
+    # the product and the selection in one C pass where the topk kernel is active; else matmul and topk
+    compiled = native.active("topk") and item_vecs.device.type == "cpu" and item_vecs.dtype == torch.float32 and k > 0
     if compiled:
         item_vecs = item_vecs.contiguous()
         bias = None if bias is None else bias.to(torch.float32).contiguous()
@@ -70,17 +65,10 @@ def top_k_blocks(model: TwoTowerModel, users: np.ndarray, history: CSR, exclude:
 def _top_k_compiled(u: torch.Tensor, item_vecs: torch.Tensor, bias: torch.Tensor | None, rows: np.ndarray,
                     exclude: CSR | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``topk(u @ item_vecs.T + bias, k)`` with ``exclude``'s items of each row at -inf, in one C pass
-    (``_topk.c``: 128 users x 1024 items of scores at a time, in cache, and a running top-k per user;
-    ties go to the lower item index)."""
+    (``native.top_k``: 128 users x 1024 items of scores at a time, in cache, and a running top-k per
+    user; ties go to the lower item index)."""
     u = u.to(torch.float32).contiguous()
-    values = torch.empty(len(rows), k, dtype=torch.float32)
-    index = torch.empty(len(rows), k, dtype=torch.int64)
-    if len(rows) == 0:
-        return values, index
-    rows = np.ascontiguousarray(rows, dtype=np.int64)
-    sgemm, threads_local = mkl()
-    _topk.top_k(sgemm, threads_local, torch.get_num_threads(), True, u.data_ptr(), len(rows), item_vecs.data_ptr(),
-                item_vecs.shape[0], item_vecs.shape[1], 0 if bias is None else bias.data_ptr(),
-                0 if exclude is None else rows.ctypes.data, 0 if exclude is None else exclude.indptr.ctypes.data,
-                0 if exclude is None else exclude.indices.ctypes.data, k, values.data_ptr(), index.data_ptr())
-    return values, index
+    if exclude is None:
+        return native.top_k(u, item_vecs, k, bias)
+    return native.top_k(u, item_vecs, k, bias, torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)),
+                        torch.from_numpy(exclude.indptr), torch.from_numpy(exclude.indices))

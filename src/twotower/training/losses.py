@@ -15,12 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._blas import mkl as _mkl
-
-try:  # the fused softmax's block loop, compiled by setup.py; without a C compiler, PyTorch operations
-    from . import _softmax
-except ImportError:  # pragma: no cover - depends on the install
-    _softmax = None
+from .. import native
 
 _NEG_INF = float("-inf")
 _LOG2E = 1.4426950408889634  # log2(e)
@@ -297,11 +292,12 @@ def shared_softmax_loss(query: torch.Tensor, vectors: torch.Tensor, logits: Logi
         grad_offset    = (1 / sum_c E) @ E - count of c among the targets
 
     Gradients are computed in the forward pass (the loss is a scalar, so they only need scaling
-    afterwards); the target must not be excluded. Where ``_softmax.c`` was built and PyTorch has
-    MKL, float32 CPU batches run the whole loop in C (``_blocks_compiled``): the blocks are shared
-    between the threads, each calling single-threaded MKL for its products, which on the 2-core
-    CPU runs a Gowalla step's loss ~25 % faster than two-threaded products one block at a time
-    (paired whole steps: 20.8 -> 17.4 ms). Elsewhere the same loop runs as PyTorch operations.
+    afterwards); the target must not be excluded. Where the ``softmax`` kernel is active
+    (``native.active``: built, MKL found, not switched off), float32 CPU batches run the whole loop
+    in C (``_blocks_compiled``): the blocks are shared between the threads, each calling
+    single-threaded MKL for its products, which on the 2-core CPU runs a Gowalla step's loss ~25 %
+    faster than two-threaded products one block at a time (paired whole steps: 20.8 -> 17.4 ms).
+    Elsewhere the same loop runs as PyTorch operations.
 
     ``query_ids`` (optional) says which rows have equal queries (a user tower that is a function of
     the user id: the trainer passes the users). The compiled loop then scores such rows once where
@@ -347,14 +343,10 @@ def _row_shift(q2: torch.Tensor, v: torch.Tensor, off2: torch.Tensor | None) -> 
 
 def _exp2_column_sums(zt: torch.Tensor, row_offset: torch.Tensor | None = None) -> torch.Tensor:
     """``zt <- 2^(zt + row_offset[:, None])`` in place; returns the column sums. One pass in C for a
-    float32 CPU block (its own exp2, within a float32 ulp or two of PyTorch's: ``_softmax.c``), else
-    PyTorch's element-wise operations."""
-    if _softmax is not None and zt.dtype == torch.float32 and zt.device.type == "cpu" and zt.is_contiguous():
-        sums = torch.empty(zt.shape[1], dtype=zt.dtype)
-        off = None if row_offset is None else row_offset.to(zt.dtype).contiguous()
-        _softmax.exp2_colsum(zt.data_ptr(), zt.shape[0], zt.shape[1], sums.data_ptr(), True,
-                             0 if off is None else off.data_ptr())
-        return sums
+    float32 CPU block (its own exp2, within a float32 ulp or two of PyTorch's: ``native/_softmax.c``)
+    where the ``softmax`` kernel is active, else PyTorch's element-wise operations."""
+    if native.active("softmax") and zt.dtype == torch.float32 and zt.device.type == "cpu" and zt.is_contiguous():
+        return native.exp2_column_sums(zt, None if row_offset is None else row_offset.to(zt.dtype).contiguous())
     if row_offset is not None:
         zt.add_(row_offset[:, None])
     return zt.exp2_().sum(0)
@@ -440,9 +432,9 @@ def _blocks_python(q, q2, v, off2, shift, target, positive_shift, hit_rows, hit_
 
 def _blocks_compiled(q, q2, v, off2, shift, target, positive_shift, hit_rows, hit_cols, extra, extra_mask, block,
                      want_off, query_ids):
-    """The same block loop in C (``_softmax.forward``), for float32 on the CPU with a known shift: the
-    blocks shared between the threads, each running its products as single-threaded MKL calls."""
-    B, C, d = q.shape[0], v.shape[0], q.shape[1]
+    """The same block loop in C (``native.softmax_blocks``), for float32 on the CPU with a known shift:
+    the blocks shared between the threads, each running its products as single-threaded MKL calls."""
+    C = v.shape[0]
     if block is None:
         # Measured on the 2-core CPU (Gowalla, B = 2048, C ~ 1,900, d = 64): ~100-row blocks,
         # about 0.75 MB of scores each, stay in a core's cache; at least 16 rows for wide candidate sets.
@@ -455,43 +447,30 @@ def _blocks_compiled(q, q2, v, off2, shift, target, positive_shift, hit_rows, hi
         m = x.amax(1).clamp_min_(0.0) if m is None else torch.maximum(m, x.amax(1))
         xe = x.sub_(m[:, None]).exp2_()
         xsum = xe.sum(1)
-    v, q, target = v.contiguous(), q.contiguous(), target.contiguous()
-    if query_ids is not None:
-        query_ids = query_ids.to(torch.long).contiguous()
-    grad_q, grad_v = torch.empty_like(q), torch.empty_like(v)
-    grad_off = torch.empty(C, dtype=q.dtype) if want_off else None
-    denom = torch.empty(B, dtype=q.dtype)
-    pos2 = None if positive_shift is None else (positive_shift.to(q.dtype) * _LOG2E).contiguous()
-    if hit_rows is not None:
-        hit_rows, hit_cols = hit_rows.contiguous(), hit_cols.contiguous()
-    row_shift = None if m is None else m.contiguous()
 
-    def ptr(t):
-        return 0 if t is None else t.data_ptr()
+    def flat(t, dtype=None):
+        return None if t is None else t.to(dtype or t.dtype).contiguous()
 
-    sgemm, threads_local = _mkl()
+    total, grad_q, grad_v, grad_off, denom = native.softmax_blocks(
+        v.contiguous(), q2.contiguous(), q.contiguous(), target.contiguous(), int(block), offset2=flat(off2),
+        shift=flat(m), positive_shift2=None if positive_shift is None else flat(positive_shift.to(q.dtype) * _LOG2E),
+        hit_rows=flat(hit_rows), hit_cols=flat(hit_cols), extra_sum=flat(xsum), query_ids=flat(query_ids, torch.long),
+        want_offset=want_off)
     # the sum over rows of loss_b = ln(sum_c e^{z_c}) - z_t = (log2(denom) + m - z2_t) * ln 2
-    total = _LN2 * _softmax.forward(sgemm, threads_local, torch.get_num_threads(), int(block), True,
-                                    ptr(v), C, ptr(q2), ptr(q), B, d,
-                                    ptr(off2), ptr(row_shift), ptr(target), ptr(pos2), ptr(hit_rows), ptr(hit_cols),
-                                    0 if hit_rows is None else len(hit_rows), ptr(xsum), ptr(query_ids),
-                                    ptr(grad_q), ptr(grad_v), ptr(grad_off), ptr(denom))
-    total = torch.tensor(total, dtype=torch.float64)
+    total = torch.tensor(_LN2 * total, dtype=torch.float64)
     grad_extra = None if xe is None else xe.div_(denom[:, None])
     return total, grad_q, grad_v, grad_off, grad_extra
 
 
 def _compiled_loop(q: torch.Tensor, v: torch.Tensor) -> bool:
-    return (_softmax is not None and q.shape[0] > 0 and q.device.type == "cpu" and q.dtype == torch.float32
-            and v.dtype == torch.float32 and _mkl() is not None)
+    return (native.active("softmax") and q.shape[0] > 0 and q.device.type == "cpu" and q.dtype == torch.float32
+            and v.dtype == torch.float32)
 
 
 def _compiled_row_shift(q2: torch.Tensor, v: torch.Tensor, off2: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
     """``_row_shift`` in one C pass: ``(found, shift)``, the shift None where every row takes 0."""
-    shift = torch.empty(q2.shape[0], dtype=q2.dtype)
-    status = _softmax.row_shift(q2.data_ptr(), q2.shape[0], q2.shape[1], v.data_ptr(), v.shape[0],
-                                0 if off2 is None else off2.data_ptr(), shift.data_ptr(), _EXP2_LO, _EXP2_HI)
-    return status > 0, (shift if status == 2 else None)
+    return native.softmax_row_shift(q2.contiguous(), v.contiguous(), None if off2 is None else off2.contiguous(),
+                                    _EXP2_LO, _EXP2_HI)
 
 
 class _SharedSoftmax(torch.autograd.Function):

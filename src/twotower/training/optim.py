@@ -18,10 +18,7 @@ import math
 
 import torch
 
-try:  # DeferredAdam's row passes, compiled by setup.py; without a C compiler, the PyTorch path
-    from . import _rowadam
-except ImportError:  # pragma: no cover - depends on the install
-    _rowadam = None
+from .. import native
 
 
 def _rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -126,21 +123,23 @@ class DeferredAdam(torch.optim.Optimizer):
     Adam gives them. No weight decay: it would move every row every step.
 
     ``compiled``: the per-row passes (a lookup's moves, the step) run in a small C extension
-    (``_rowadam.c``, the same formulas in one loop over the rows; 2.3x fewer milliseconds per step
-    than the PyTorch path on a 70,000-row table, ``benchmarks/optimizer.py``) for float32 tables on the CPU, when it was built at install. None uses it
-    where it can; False keeps the PyTorch path, which is the reference; True requires it.
+    (``native/_rowadam.c``, the same formulas in one loop over the rows; 2.3x fewer milliseconds per
+    step than the PyTorch path on a 70,000-row table, ``benchmarks/optimizer.py``) for float32 tables
+    on the CPU, when it was built at install. None uses it where the ``rowadam`` kernel is active
+    (``native.active``: built, not switched off); False keeps the PyTorch path, which is the
+    reference; True requires it to be built (an explicit request, taken even with the switch off).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  window: int = 2048, compiled: bool | None = None):
         if lr < 0 or eps < 0 or not all(0 <= b < 1 for b in betas) or window < 1:
             raise ValueError(f"invalid DeferredAdam hyper-parameters: lr={lr}, betas={betas}, eps={eps}, window={window}")
-        if compiled and _rowadam is None:
-            raise RuntimeError("DeferredAdam(compiled=True): the C extension twotower.training._rowadam was not built "
+        if compiled and not native.built("rowadam"):
+            raise RuntimeError("DeferredAdam(compiled=True): the C extension twotower.native._rowadam was not built "
                                "(reinstall twotower where a C compiler is available)")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
         self.window = int(window)
-        self.compiled = _rowadam is not None if compiled is None else bool(compiled)
+        self.compiled = native.active("rowadam") if compiled is None else bool(compiled)
         self._read: dict[torch.Tensor, tuple] = {}  # parameter -> what its latest lookup gathered
         self._slots: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> the C step's scratch, -1 everywhere
         self._powers: dict[tuple, torch.Tensor] = {}  # (rho, device) -> rho^window .. rho^1
@@ -166,8 +165,7 @@ class DeferredAdam(torch.optim.Optimizer):
         rows = args[0].reshape(-1)
         g = self._group(p)
         if self._use_kernel(p, state):
-            rows = rows.to(torch.int64).contiguous()
-            _rowadam.catch_up(*self._table(p, state, g), rows.data_ptr(), rows.numel(), int(state["step"]))
+            native.rowadam_catch_up(self._table(p, state, g), rows.to(torch.int64).contiguous(), int(state["step"]))
             torch.autograd.graph.increment_version(p)  # written in place, as index_copy_ would count
             return
         # Kept only for a lookup whose gradient will follow; one per table (a second lookup in the
@@ -237,11 +235,10 @@ class DeferredAdam(torch.optim.Optimizer):
                 and state["tail"].is_contiguous())
 
     @staticmethod
-    def _table(p: torch.Tensor, state: dict, group: dict) -> tuple:
-        """The leading arguments of the C functions: the table, its state and the hyper-parameters."""
-        beta1, beta2 = group["betas"]
-        return (p.data_ptr(), state["moments"].data_ptr(), state["clock"].data_ptr(), state["tail"].data_ptr(),
-                len(state["tail"]), int(state["base"]), p.shape[0], p.shape[1], beta1, beta2, group["eps"])
+    def _table(p: torch.Tensor, state: dict, group: dict) -> native.RowAdamTable:
+        """What the C functions start from: the table, its state and the hyper-parameters."""
+        return native.RowAdamTable(p.detach(), state["moments"], state["clock"], state["tail"], int(state["base"]),
+                                   group["betas"], group["eps"])
 
     def _kernel_step(self, p: torch.Tensor, state: dict, group: dict, t: int) -> None:
         index, values = _sparse_parts(p.grad, "DeferredAdam")
@@ -249,10 +246,7 @@ class DeferredAdam(torch.optim.Optimizer):
         slot = self._slots.get(p)
         if slot is None or len(slot) != p.shape[0]:
             slot = self._slots[p] = torch.full((p.shape[0],), -1, dtype=torch.int32)
-        n = index.numel()
-        acc, unique = torch.empty(n, p.shape[1], dtype=p.dtype), torch.empty(n, dtype=torch.int64)
-        _rowadam.step(*self._table(p, state, group), index.data_ptr(), values.data_ptr(), n, t, group["lr"],
-                      slot.data_ptr(), acc.data_ptr(), unique.data_ptr())
+        native.rowadam_step(self._table(p, state, group), index, values, t, group["lr"], slot)
         torch.autograd.graph.increment_version(p)
 
     def _advance(self, state, h: float, rho: float) -> None:

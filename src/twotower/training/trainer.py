@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import native
 from ..config import RunConfig
 from ..data.dataset import Dataset
 from ..errors import ArtifactError
@@ -148,6 +149,7 @@ class Trainer:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        native.configure(cfg.train.native)  # for the process, as the thread count
         torch.manual_seed(cfg.train.seed)
         self.device = distributed.setup(resolve_device(cfg.train.device))
         self.model = build_model(cfg, dataset).to(self.device)

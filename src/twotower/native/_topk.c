@@ -19,7 +19,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#include "../_native.h"
+#include "_native.h"
 
 
 /* 128 x 1024 scores (512 KB) per thread: on the 2-core CPU, Gowalla's test ranking took 1.67 s
@@ -217,6 +217,7 @@ static PyObject *top_k(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
+    CPU_FEATURES_METHOD,
     {"top_k", top_k, METH_VARARGS, "Each user's k best items over the whole catalog (see the source)."},
     {NULL, NULL, 0, NULL},
 };

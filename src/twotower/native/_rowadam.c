@@ -20,6 +20,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include "_native.h"
 
 enum { OK = 0, BAD_ROW = 1, BAD_CLOCK = 2, NO_MEMORY = 3 };
 #ifndef AHEAD
@@ -310,6 +311,7 @@ static PyObject *step(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
+    CPU_FEATURES_METHOD,
     {"catch_up", catch_up, METH_VARARGS, "Move rows to a step with their deferred Adam moves."},
     {"step", step, METH_VARARGS, "One Adam step on the rows of a sparse gradient."},
     {NULL, NULL, 0, NULL},

@@ -25,7 +25,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#include "../_native.h"
+#include "_native.h"
 
 /* 2^f, f in [-1/2, 1/2]: Taylor coefficients of e^(f ln 2); the first term left out is below
  * 1e-8 relative at degree 7 */
@@ -491,6 +491,7 @@ static PyObject *forward(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
+    CPU_FEATURES_METHOD,
     {"exp2_colsum", exp2_colsum, METH_VARARGS, "2^z in place over a float32 block, and its column sums."},
     {"forward", forward, METH_VARARGS, "The fused softmax's block loop: loss terms and gradients (see the source)."},
     {"row_shift", row_shift, METH_VARARGS, "A safe exp2 shift per row from a Cauchy-Schwarz bound (see the source)."},
