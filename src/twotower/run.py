@@ -5,6 +5,7 @@ files, only the run directory.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,30 @@ class Run:
                 "rank": np.tile(np.arange(1, kk + 1), len(block))[ok],
             }))
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["user", "item", "score", "rank"])
+
+    # ---- heldout.safetensors and metrics.jsonl (issue 20, for the page of `twotower serve`) ---------
+    def heldout(self) -> tuple[CSR, CSR] | None:
+        """Each user's validation and test items as two CSRs over the user vocabulary (written by
+        ``trainer.write_heldout``), or ``None`` for a run trained before that file existed."""
+        if not hasattr(self, "_heldout"):
+            path = self.path / "heldout.safetensors"
+            if not path.is_file():
+                self._heldout = None
+            else:
+                t = artifacts.load_tensors(path)
+                self._heldout = tuple(CSR(t[f"{s}_indptr"].numpy(), t[f"{s}_indices"].numpy()) for s in ("valid", "test"))
+        return self._heldout
+
+    def epoch_records(self) -> list[dict]:
+        """The per-epoch records of ``metrics.jsonl`` (loss, seconds, ``valid/<metric>``), oldest
+        first; ``[]`` when the file is absent."""
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        try:
+            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"{path}: corrupted ({e}). Re-run training") from None
 
     def title(self, item_raw) -> str | None:
         if self.titles is None:

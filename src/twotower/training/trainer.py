@@ -493,3 +493,17 @@ def write_run_metadata(d: Path, cfg: RunConfig, ds: Dataset) -> None:
     artifacts.write_json(d / "features.json", feats)
     if ds.item_titles is not None:
         artifacts.write_json(d / "titles.json", [None if t is None else str(t) for t in ds.item_titles])
+    write_heldout(d, ds)
+
+
+# ---- heldout.safetensors (issue 20; run-directory I/O: one writer here, one reader, Run.heldout) --
+def write_heldout(d: Path, ds: Dataset) -> None:
+    """Each user's validation and test items (per-user CSRs over the user vocabulary, in time order
+    when the data has timestamps): what a user went on to interact with after the training data,
+    shown as marks by the page of ``twotower serve``. Nothing trains or evaluates from this file."""
+    tensors = {}
+    for name, split in (("valid", ds.valid), ("test", ds.test)):
+        csr = split.csr(ds.n_users)
+        tensors[f"{name}_indptr"] = torch.from_numpy(csr.indptr.astype(np.int64))
+        tensors[f"{name}_indices"] = torch.from_numpy(csr.indices.astype(np.int64))
+    artifacts.save_tensors(d / "heldout.safetensors", tensors)
