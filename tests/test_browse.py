@@ -281,3 +281,15 @@ def test_the_page_files_are_package_data():
     from importlib import resources
 
     assert resources.files("twotower.serving").joinpath("page", "page.js").read_bytes() == (PAGE / "page.js").read_bytes()
+
+
+def test_text_search_maps_matches_to_lines_when_lowercasing_changes_lengths():
+    from twotower.serving.catalog import TextIndex
+
+    # "İ".lower() is two characters: offsets measured before lowering would land on the wrong line
+    idx = TextIndex(["İ" * 10 + " a", "b", "İstanbul c", "target d", "e"], np.array([10, 11, 12, 13, 14]))
+    assert idx.find("target", 5).tolist() == [13]
+    assert idx.find("E", 5).tolist() == [13, 14]
+    assert idx.find("istanbul", 5).tolist() == []  # "İ" lowers to "i̇", not "i"
+    assert idx.find("i̇stanbul", 5).tolist() == [12]
+    assert idx.find(" ", 2).tolist() == [10, 12]  # one match per line, in order, stopped at the limit

@@ -36,7 +36,10 @@ class TextIndex:
 
     def __init__(self, lines: list[str], order: np.ndarray):
         self.order = np.asarray(order, dtype=np.int64)
-        self.text = "\n".join(lines).lower()
+        # lower-cased before measuring (lower() may change a line's length: "İ"), and a newline
+        # inside a line (a title can hold one) made a space, so that lines stay lines
+        lines = [s.lower().replace("\n", " ") for s in lines]
+        self.text = "\n".join(lines)
         lengths = np.fromiter((len(s) + 1 for s in lines), dtype=np.int64, count=len(lines))
         self.starts = np.zeros(len(lines) + 1, dtype=np.int64)
         np.cumsum(lengths, out=self.starts[1:])
@@ -81,26 +84,30 @@ class Catalog:
     def __init__(self, recommender):
         self.recommender = recommender
         self.run = recommender.run
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # for the per-item arrays
+        self._text_lock = threading.Lock()  # for the search texts (a second or so to build on 1M items)
         self._items_text: TextIndex | None = None
         self._users_text: TextIndex | None = None
+        self._user_order: np.ndarray | None = None
         self._bucket: np.ndarray | None = None
         self._features: dict[str, tuple[CSR, np.ndarray]] | None = None
         self._item_rank: np.ndarray | None = None
 
     # ---- items -------------------------------------------------------------------------------------
     def _lazy_items(self) -> None:
+        if self._bucket is not None:
+            return
         with self._lock:
             if self._bucket is not None:
                 return
             counts = self.run.item_counts
             cuts = list(self.run.config.eval.popularity_buckets)
             self._bucket_names = bucket_names(len(cuts) + 1)
-            self._bucket = popularity_buckets(torch.from_numpy(np.asarray(counts, dtype=np.int64)), cuts).numpy()
+            bucket = popularity_buckets(torch.from_numpy(np.asarray(counts, dtype=np.int64)), cuts).numpy()
             order = np.argsort(-counts, kind="stable")
             rank = np.empty(len(order), dtype=np.int64)
             rank[order] = np.arange(1, len(order) + 1)
-            self._item_rank = rank
+            self._item_rank, self._pop_order = rank, order
             feats = {}
             bags = getattr(self.run.model.item_tower, "features", None)
             if bags is not None:
@@ -109,6 +116,7 @@ class Catalog:
                     csr = CSR(getattr(bags, f"indptr{k}").cpu().numpy(), getattr(bags, f"values{k}").cpu().numpy())
                     feats[name] = (csr, np.asarray([str(v) for v in values.get(name, [])], dtype=object))
             self._features = feats
+            self._bucket = bucket  # last: a non-None bucket array says every array above is ready
 
     def items_at(self, idx: np.ndarray) -> list[dict]:
         """Records of the items at vocabulary positions ``idx``: ``item`` (raw id), ``title``,
@@ -149,17 +157,20 @@ class Catalog:
         id first of all. An empty ``q``: the most popular items."""
         limit = _check_limit(limit, MAX_SEARCH)
         q = _check_query(q)
-        if self._items_text is None:
-            self._lazy_items()
-            with self._lock:
-                if self._items_text is None:
-                    order = np.argsort(self._item_rank, kind="stable")
-                    ids = self.run.items.ids[order].tolist()
-                    titles = self.run.titles[order].tolist() if self.run.titles is not None else [None] * len(order)
-                    lines = [f"{i}\t{t}" if t is not None else str(i) for i, t in zip(ids, titles)]
-                    self._items_text = TextIndex([" ".join(s.split("\n")) for s in lines], order)
+        self._lazy_items()
         if not q:
-            return self.items_at(self._items_text.order[:limit])
+            return self.items_at(self._pop_order[:limit])
+        if self._items_text is None:
+            with self._text_lock:
+                if self._items_text is None:
+                    order = self._pop_order
+                    ids = self.run.items.ids[order].tolist()
+                    if self.run.titles is not None:
+                        titles = self.run.titles[order].tolist()
+                        lines = [f"{i}\t{t}" if t is not None else str(i) for i, t in zip(ids, titles)]
+                    else:
+                        lines = [str(i) for i in ids]
+                    self._items_text = TextIndex(lines, order)
         exact = self.run.items.encode(self.run.items.coerce([q]))
         found = self._items_text.find(q, limit)
         if exact[0] >= 0:
@@ -192,13 +203,15 @@ class Catalog:
                 return []
             rng = random.Random(seed)
             return self._summaries(active[np.asarray(rng.sample(range(len(active)), min(limit, len(active))), dtype=np.int64)])
-        if self._users_text is None:
-            with self._lock:
-                if self._users_text is None:
-                    order = np.argsort(-lens, kind="stable")
-                    self._users_text = TextIndex([" ".join(str(u).split()) for u in self.run.users.ids[order].tolist()], order)
+        if self._user_order is None:
+            self._user_order = np.argsort(-lens, kind="stable")  # most active first (a benign race: same result)
         if not q:
-            return self._summaries(self._users_text.order[:limit])
+            return self._summaries(self._user_order[:limit])
+        if self._users_text is None:
+            with self._text_lock:
+                if self._users_text is None:
+                    order = self._user_order
+                    self._users_text = TextIndex([str(u) for u in self.run.users.ids[order].tolist()], order)
         exact = self.run.users.encode(self.run.users.coerce([q]))
         found = self._users_text.find(q, limit)
         if exact[0] >= 0:

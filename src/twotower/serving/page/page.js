@@ -7,6 +7,7 @@
   const $ = (id) => document.getElementById(id);
   const SVG = 'http://www.w3.org/2000/svg';
   const CACHE_MAX = 20000; // item records kept in the browser (a page of results needs tens)
+  const MAX_OPTIONS = 1000; // category values in the select
 
   const state = {
     meta: null,
@@ -184,7 +185,8 @@
     const buckets = {};
     for (const x of recs) if (x.bucket) buckets[x.bucket] = (buckets[x.bucket] || 0) + 1;
     const parts = [`${recs.length} items`, `mean training count ${mean.toFixed(1)}`,
-      Object.entries(buckets).map(([b, n]) => `${b} ${n}`).join(' / ')];
+      ['head', 'torso', 'tail', ...Object.keys(buckets)].filter((b, i, all) => buckets[b] && all.indexOf(b) === i)
+        .map((b) => `${b} ${buckets[b]}`).join(' / ')];
     if (state.mode === 'known') {
       if (state.heldout) {
         const hits = recs.filter((x) => state.marks.test.has(key(x.item))).length;
@@ -516,7 +518,11 @@
     const sel = $('category');
     if (meta.category_feature) {
       sel.previousSibling.textContent = meta.category_feature + ' ';
-      for (const c of meta.categories) sel.append(el('option', { value: c, text: c }));
+      // a select of a few hundred values is usable; past that the first ones, and the API for the rest
+      for (const c of meta.categories.slice(0, MAX_OPTIONS)) sel.append(el('option', { value: c, text: c }));
+      if (meta.categories.length > MAX_OPTIONS) {
+        sel.title = `the first ${MAX_OPTIONS} of ${meta.categories.length} values; POST /recommend takes any of them`;
+      }
     } else {
       sel.disabled = true;
       sel.title = 'the item tower uses no categorical feature';
