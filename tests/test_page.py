@@ -10,7 +10,7 @@ arrays, the HTTP API), then that the browser logged no error. Screenshots of eac
 Without a browser (not installed, and this machine cannot install it: ``scripts/setup.sh`` does so
 as root with apt-get) the tests are skipped with the reason, never passed.
 """
-import json
+import os
 import shutil
 import socket
 import subprocess
@@ -29,8 +29,9 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "reports" / "screenshots"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+# elsewhere (another distribution, a browser in another place): TWOTOWER_CHROMIUM, TWOTOWER_CHROMEDRIVER
+CHROMIUM = os.environ.get("TWOTOWER_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = os.environ.get("TWOTOWER_CHROMEDRIVER") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1440,1000",
          "--hide-scrollbars", "--force-device-scale-factor=1"]

@@ -108,7 +108,10 @@
       rec.title ? el('span', { class: 'id', text: `#${rec.item}` }) : null);
     const meta = el('div', { class: 'meta' });
     const cats = rec.categories || {};
-    for (const vals of Object.values(cats)) for (const v of vals) meta.append(el('span', { class: 'chip', text: v }));
+    const chosen = $('category').value;
+    for (const vals of Object.values(cats)) {
+      for (const v of vals) meta.append(el('span', { class: v === chosen ? 'chip chosen' : 'chip', text: v }));
+    }
     if (opt.split === 'valid') meta.append(el('span', { class: 'tag', text: 'valid', title: 'from the validation split' }));
     const right = el('div', { class: 'right' });
     if (opt.score !== undefined) right.append(el('span', { class: 'score', text: opt.score.toFixed(3), title: 'served score' }));
