@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="a trained run directory both trees can serve")
     ap.add_argument("--before-src", required=True, help="the src/ folder of the tree to compare against")
-    ap.add_argument("--after-src", default=str(ROOT / "src"), help="default: this tree's src/")
+    ap.add_argument("--after-src", default="src", help="default: this tree's src/")
     ap.add_argument("--starts", type=int, default=5, help="start-ups of each tree")
     ap.add_argument("--reps", type=int, default=2, help="load tests of each tree")
     ap.add_argument("--requests", type=int, default=2000)
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve-ab.json"))
     args = ap.parse_args(argv)
     run = Path(args.run)
-    trees = {"before": Path(args.before_src).resolve(), "after": Path(args.after_src).resolve()}
+    trees = {"before": Path(args.before_src).resolve(), "after": (ROOT / args.after_src).resolve()}
 
     starts = {k: [] for k in trees}
     pages = {}
@@ -110,11 +110,12 @@ def main(argv=None) -> int:
     # paired ratios: each "after" run over the "before" run just before it
     summary["p50_paired_ratios"] = [a["p50_ms"] / b["p50_ms"] for b, a in zip(loads["before"], loads["after"])]
     summary["start_paired_ratios"] = [a / b for b, a in zip(starts["before"], starts["after"])]
-    res = {"run": str(run), "trees": {k: str(v) for k, v in trees.items()}, "page_status": pages,
+    res = {"run": str(run), "trees": {"before": args.before_src, "after": args.after_src}, "page_status": pages,
            "requests": args.requests, "concurrency": args.concurrency, "starts": starts,
            "loads": {k: [{x: r[x] for x in ("p50_ms", "p95_ms", "p99_ms", "mean_ms", "throughput_rps", "server_errors_5xx", "unexpected")}
                          for r in v] for k, v in loads.items()},
-           "summary": summary, "load_average": os.getloadavg()[0]}
+           "summary": summary, "load_average": os.getloadavg()[0],
+           "command": ".venv/bin/python benchmarks/serve_ab.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(f"GET / answered {pages['before']} before, {pages['after']} after")
