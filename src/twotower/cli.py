@@ -345,14 +345,15 @@ def cmd_serve(args) -> int:
     rec = Recommender.load(args.run, args.index, category_feature=args.category_feature)
     i = rec.index
     saved = "" if i.info.get("saved", True) else " (no saved index: exact search; build one with `twotower index RUN`)"
-    print(f"serving {args.run}: {i.n_items:,} items, index {i.kind}{saved}; http://{args.host}:{args.port}/docs", flush=True)
+    print(f"serving {args.run}: {i.n_items:,} items, index {i.kind}{saved}; page http://{args.host}:{args.port}/, "
+          f"API http://{args.host}:{args.port}/docs", flush=True)
     serve(rec, host=args.host, port=args.port, log_level=args.log_level, max_batch=args.max_batch)
     return 0
 
 
 def add_serve_parser(sub) -> None:
-    sv = sub.add_parser("serve", help="HTTP API: recommendations, similar items, health, metadata (FastAPI + uvicorn)",
-                        epilog="examples:\n  twotower serve runs/ml100k                 # http://127.0.0.1:8000/docs\n"
+    sv = sub.add_parser("serve", help="HTTP API (recommendations, similar items, look-ups, metadata) and a page to look at them",
+                        epilog="examples:\n  twotower serve runs/ml100k                 # the page: http://127.0.0.1:8000/, the API: /docs\n"
                                "  curl -s localhost:8000/recommend -d '{\"user\": 196, \"k\": 10}' -H 'content-type: application/json'",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     sv.add_argument("run", help="run directory written by `twotower train` (with RUN/index if `twotower index` built one)")

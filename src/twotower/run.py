@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .data.dataset import CSR
 from .errors import ArtifactError
 from .evaluation.ranking import top_k_blocks
 from .model.towers import TwoTowerModel, embed_items
@@ -87,6 +88,18 @@ class Run:
                 "rank": np.tile(np.arange(1, kk + 1), len(block))[ok],
             }))
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["user", "item", "score", "rank"])
+
+    # ---- for the page of `twotower serve` ----------------------------------------------------------
+    def heldout(self) -> tuple[CSR, CSR] | None:
+        """Each user's validation and test items as two CSRs over the user vocabulary, or ``None``
+        for a run trained before they were stored."""
+        if not hasattr(self, "_heldout"):
+            self._heldout = self.dir.read_heldout()
+        return self._heldout
+
+    def epoch_records(self) -> list[dict]:
+        """The per-epoch records (loss, seconds, ``valid/<metric>``), oldest first."""
+        return self.dir.read_epochs()
 
     def title(self, item_raw) -> str | None:
         if self.titles is None:

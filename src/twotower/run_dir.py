@@ -9,6 +9,8 @@
       features.json          the towers' fitted feature state (``FeatureState.meta``: vocabularies)
       features.safetensors   its per-entity tables (``FeatureState.arrays``)
       titles.json            item titles, when the data has them
+      heldout.safetensors    each user's validation and test items (the marks of the serve page;
+                             nothing trains or evaluates from it)
       model.safetensors      the final weights: best on validation, or the refit's
       metrics.jsonl          one line per epoch
       metrics.json           final validation and test figures
@@ -51,6 +53,7 @@ KNOWN = "known.safetensors"
 FEATURES = "features.json"
 FEATURE_ARRAYS = "features.safetensors"
 TITLES = "titles.json"
+HELDOUT = "heldout.safetensors"
 WEIGHTS = "model.safetensors"
 EPOCHS = "metrics.jsonl"
 METRICS = "metrics.json"
@@ -137,6 +140,17 @@ class RunDir:
         what serving and evaluation need besides the weights."""
         self.write_description(cfg, ds.users, ds.items, ds.history("valid"), ds.item_counts(),
                                np.unique(ds.test.users), features, ds.summary(), ds.item_titles)
+        self.write_heldout(ds.valid.csr(ds.n_users), ds.test.csr(ds.n_users))
+
+    def write_heldout(self, valid: CSR, test: CSR) -> None:
+        """Each user's validation and test items (per-user CSRs over the user vocabulary, in time
+        order when the data has timestamps): what a user went on to interact with after the
+        training data, shown as marks by the page of ``twotower serve``."""
+        tensors = {}
+        for name, csr in (("valid", valid), ("test", test)):
+            tensors[f"{name}_indptr"] = torch.from_numpy(np.asarray(csr.indptr, dtype=np.int64))
+            tensors[f"{name}_indices"] = torch.from_numpy(np.asarray(csr.indices, dtype=np.int64))
+        artifacts.save_tensors(self.path / HELDOUT, tensors)
 
     def write_description(self, cfg: RunConfig, users: Vocabulary, items: Vocabulary, known: CSR, item_counts: np.ndarray,
                           test_users: np.ndarray, features: FeatureState, summary: dict | None = None,
@@ -173,8 +187,14 @@ class RunDir:
         artifacts.write_text(self.path / EPOCHS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
     def read_epochs(self) -> list[dict]:
-        lines = (self.path / EPOCHS).read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        """The per-epoch records, oldest first; ``[]`` when there are none yet."""
+        p = self.path / EPOCHS
+        if not p.is_file():
+            return []
+        try:
+            return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"{p}: corrupted ({e}). Re-run training") from None
 
     def checkpoint_dir(self) -> Path | None:
         """The complete checkpoint (also one a crash left mid-swap), or ``None``."""
@@ -259,6 +279,14 @@ class RunDir:
             raise ArtifactError(f"{self.path}: no {FEATURE_ARRAYS} beside {FEATURES}: the run was written by an earlier "
                                 "version of twotower, whose runs kept feature tables in the weights. Train it again")
         return FeatureState(artifacts.read_json(self.path / FEATURES), artifacts.load_tensors(self.path / FEATURE_ARRAYS))
+
+    def read_heldout(self) -> tuple[CSR, CSR] | None:
+        """``(valid, test)`` per-user CSRs, or ``None`` for a run written before the file existed."""
+        p = self.path / HELDOUT
+        if not p.is_file():
+            return None
+        t = artifacts.load_tensors(p)
+        return tuple(CSR(t[f"{s}_indptr"].numpy(), t[f"{s}_indices"].numpy()) for s in ("valid", "test"))
 
     def read_titles(self) -> np.ndarray | None:
         p = self.path / TITLES

@@ -12,7 +12,7 @@ import pandas as pd
 
 from ..config import DataConfig
 from ..errors import ConfigError, DataError
-from .dataset import Dataset, EncodedFeatures, Split, encode_interactions
+from .dataset import Dataset, EncodedFeatures, encode_interactions
 from .paths import default_data_dir
 from .readers import Features, read_features, read_interactions, read_lightgcn, read_movielens_100k
 from .splits import last_n_holdout, random_holdout

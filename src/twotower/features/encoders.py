@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.dataset import CSR, EncodedFeatures
+from ..data.dataset import EncodedFeatures
 
 
 @dataclass

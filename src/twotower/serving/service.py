@@ -5,6 +5,7 @@
     POST /recommend/batch      {"requests": [<as above>, ...]}
     GET  /items/{id}/similar   ?k=10&alpha=0&category=...
     GET  /health, GET /metadata, GET /docs (OpenAPI)
+    GET  /items, /items/{id}, /users, /users/{id}, /run/curves; the page at / (browse.py)
 
 Every client mistake is a 4xx whose ``detail`` says what to fix (malformed JSON 400, oversize body
 413, wrong types or values 422, unknown user or item 404); a 500 means a bug. Requests in flight
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from .batcher import MicroBatcher
+from .browse import add_browse_routes
 from .query import MAX_HISTORY, MAX_K, Query, Recommendation, Recommender, RequestError
 
 Id = Union[StrictInt, StrictStr]
@@ -126,6 +128,10 @@ HINTS = {
     "category": "send category as a string (GET /metadata lists the values)",
     "features": "send features as {\"name\": \"value\"} or {\"name\": [\"v1\", \"v2\"]}",
     "requests": f"send {{\"requests\": [{{\"user\": ID, \"k\": 10}}, ...]}} with 1 to {MAX_BATCH} requests",
+    "limit": "send limit as a whole number in the range the API documents (GET /docs)",
+    "q": "send q as a short text: part of an id or a title",
+    "random": "send random as true or false",
+    "seed": "send seed as a non-negative integer, or leave it out",
 }
 
 
@@ -314,6 +320,7 @@ def create_app(recommender: Recommender, max_body_bytes: int = MAX_BODY_BYTES, m
     async def metadata():
         return JSONResponse(meta)
 
+    add_browse_routes(app, recommender, ErrorResponse)  # look-ups and the page (browse.py)
     return app
 
 

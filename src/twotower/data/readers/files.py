@@ -80,7 +80,7 @@ def decode_text(path: Path, raw: bytes, encoding: str = "utf-8") -> str:
         raise DataError(
             path,
             f"byte 0x{bad.hex()} at byte offset {exc.start} is not valid {encoding}",
-            f"save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8); from Python, "
+            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8); from Python, "
             f"pass the file's real encoding, e.g. encoding='latin-1'",
             where=f"line {line}, column {col}",
         ) from None
