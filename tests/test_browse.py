@@ -199,14 +199,14 @@ def test_a_users_history_is_newest_first_and_held_out_items_are_the_datasets(cli
 
 
 def test_a_run_without_heldout_file_gives_no_marks(synthetic_run, tmp_path):
-    from twotower import artifacts
+    from twotower.run_dir import RunDir
     from twotower.serving.catalog import Catalog
     from twotower.serving.query import Recommender
 
     old = tmp_path / "old-run"
     shutil.copytree(synthetic_run, old)
     (old / "heldout.safetensors").unlink()
-    artifacts.write_manifest(old)  # a run trained before the file existed
+    RunDir(old).write_manifest()  # a run trained before the file existed
     rec = Recommender.load(old)
     assert rec.run.heldout() is None
     user = Catalog(rec).user(rec.run.users.ids[0])

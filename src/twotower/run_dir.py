@@ -247,6 +247,10 @@ class RunDir:
         if weights is not None:
             self.save_weights(weights)
         artifacts.write_json(self.path / METRICS, metrics)
+        self.write_manifest()
+
+    def write_manifest(self) -> None:
+        """The sha256 of every file at the top of the run: written last, it marks the run complete."""
         artifacts.write_manifest(self.path, MANIFEST)
 
     # ---- reading ----------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.dataset import CSR
 from ..errors import ArtifactError
 from ..evaluation.metrics import bucket_names, popularity_buckets
 from .query import RequestError, UnknownItemError, UnknownUserError
@@ -90,7 +89,7 @@ class Catalog:
         self._users_text: TextIndex | None = None
         self._user_order: np.ndarray | None = None
         self._bucket: np.ndarray | None = None
-        self._features: dict[str, tuple[CSR, np.ndarray]] | None = None
+        self._features: dict[str, tuple[Any, np.ndarray]] | None = None
         self._item_rank: np.ndarray | None = None
 
     # ---- items -------------------------------------------------------------------------------------
@@ -108,14 +107,10 @@ class Catalog:
             rank = np.empty(len(order), dtype=np.int64)
             rank[order] = np.arange(1, len(order) + 1)
             self._item_rank, self._pop_order = rank, order
-            feats = {}
-            bags = getattr(self.run.model.item_tower, "features", None)
-            if bags is not None:
-                values = self.run.item_feature_values()
-                for k, name in enumerate(bags.names):
-                    csr = CSR(getattr(bags, f"indptr{k}").cpu().numpy(), getattr(bags, f"values{k}").cpu().numpy())
-                    feats[name] = (csr, np.asarray([str(v) for v in values.get(name, [])], dtype=object))
-            self._features = feats
+            # the item tower's categorical features (those with a vocabulary), each with its values
+            tower = self.run.model.item_tower.features
+            self._features = {name: (tower[name], np.asarray([str(v) for v in values], dtype=object))
+                              for name, values in self.run.item_feature_values().items()}
             self._bucket = bucket  # last: a non-None bucket array says every array above is ready
 
     def items_at(self, idx: np.ndarray) -> list[dict]:
@@ -130,9 +125,10 @@ class Catalog:
         ranks = self._item_rank[idx].tolist()
         buckets = [self._bucket_names[b] for b in self._bucket[idx].tolist()]
         cats: dict[str, list[list[str]]] = {}
-        for name, (csr, vocab) in self._features.items():
-            vals, offsets = csr.gather(idx)
-            cats[name] = [list(x) for x in np.split(vocab[vals], offsets[1:])] if len(idx) else []
+        for name, (feature, vocab) in self._features.items():
+            bag = feature.lookup(torch.from_numpy(idx.copy()))  # a copy: idx may be a reversed view
+            codes, offsets = bag.codes.cpu().numpy(), bag.offsets.cpu().numpy()
+            cats[name] = [list(x) for x in np.split(vocab[codes], offsets[1:])] if len(idx) else []
         return [{"item": ids[i], "title": titles[i], "categories": {n: c[i] for n, c in cats.items()},
                  "count": int(counts[i]), "rank": int(ranks[i]), "bucket": buckets[i]} for i in range(len(idx))]
 

@@ -81,7 +81,7 @@ def decode_text(path: Path, raw: bytes, encoding: str = "utf-8") -> str:
             path,
             f"byte 0x{bad.hex()} at byte offset {exc.start} is not valid {encoding}",
             "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8); from Python, "
-            f"pass the file's real encoding, e.g. encoding='latin-1'",
+            "pass the file's real encoding, e.g. encoding='latin-1'",
             where=f"line {line}, column {col}",
         ) from None
     except LookupError:
