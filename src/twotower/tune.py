@@ -140,6 +140,7 @@ class TrialRecord:
     seconds: float = 0.0
     train_seconds_per_epoch: float | None = None
     eval_seconds: float | None = None
+    setup_seconds: float = 0.0        # building the model (and its SVD / ALS start)
     curve: list[tuple[float, int, float]] = field(default_factory=list)  # (time since start, epoch, value)
     error: str | None = None
 
@@ -158,11 +159,14 @@ class Clock:
         return self.budget - self.now()
 
 
-def final_cost(cfg: RunConfig, train_s_per_epoch: float, eval_s: float, best_epoch: int, valid_share: float) -> float:
-    """Seconds the final step of a trial takes: the validation and test evaluations at every
-    cut-off (about three quick validations each: top-500 against top-20), and with ``train.refit``
-    ``best_epoch`` epochs on training + validation (``1 + valid_share`` times the pairs)."""
-    cost = 2 * 3 * max(eval_s, 0.5) + 3.0
+def final_cost(cfg: RunConfig, train_s_per_epoch: float, eval_s: float, best_epoch: int, valid_share: float,
+               setup_s: float = 0.0) -> float:
+    """Seconds the final step of a trial takes, with 15 % to spare: building the model twice (the
+    run, the refit: ``setup_s`` each, an SVD start included), the validation and test evaluations
+    at every cut-off (about three quick validations each: top-500 against top-20), and with
+    ``train.refit`` ``best_epoch`` epochs on training + validation (``1 + valid_share`` times the
+    pairs)."""
+    cost = 2 * setup_s + 2 * 3 * eval_s + 1.0
     if cfg.train.refit:
         cost += best_epoch * train_s_per_epoch * (1 + valid_share)
     return 1.15 * cost
@@ -202,7 +206,7 @@ class _Search:
         if b is None or self.best_cfg is None:
             return 0.0
         return final_cost(self.best_cfg, b.train_seconds_per_epoch or 0.0, b.eval_seconds or 0.0, b.best_epoch,
-                          self.valid_share)
+                          self.valid_share, b.setup_seconds)
 
     def shortest_epoch(self) -> float:
         walls = [(r.train_seconds_per_epoch or 0) + (r.eval_seconds or 0) for r in self.records if r.epochs]
@@ -267,7 +271,7 @@ class _Search:
             # would become the best after it: its refit grows with its epochs)?
             wall = max(walls[-3:])
             own = final_cost(cfg, float(np.mean(trains)), float(np.mean(evals)) if evals else 0.0, epoch + 1,
-                             self.valid_share)
+                             self.valid_share, rec.setup_seconds)
             with self.lock:
                 reserve = max(self.best_reserve(), own)
             if self.clock.left() < 1.1 * wall + reserve:
@@ -279,6 +283,8 @@ class _Search:
         try:
             trainer = Trainer(cfg, self.ds, folder, quiet=True,
                               log=(lambda m: None) if self.quiet else (lambda m: self.log(f"  trial {rec.number}: {m}")))
+            rec.setup_seconds = self.clock.now() - t0
+            last[0] = self.clock.now()
             state = trainer.fit(on_epoch=on_epoch)
         except (FloatingPointError, ConfigError, RuntimeError, ValueError) as e:
             rec.state, rec.error, rec.seconds = "failed", str(e).splitlines()[0][:200], self.clock.now() - t0

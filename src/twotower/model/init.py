@@ -81,5 +81,11 @@ def als_factors(x: torch.Tensor, dim: int, seed: int = 0, iterations: int = 3, r
     m = sp.csr_matrix((np.ones(idx.shape[1], dtype=np.float32), (idx[0], idx[1])), shape=tuple(x.shape))
     als = AlternatingLeastSquares(factors=dim, regularization=regularization, alpha=alpha, iterations=iterations,
                                   random_state=seed, num_threads=torch.get_num_threads())
-    als.fit(m, show_progress=False)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # an older implicit without it: its warning about BLAS threads stays
+        als.fit(m, show_progress=False)
+    else:
+        with threadpool_limits(1, "blas"):  # implicit parallelises itself
+            als.fit(m, show_progress=False)
     return torch.from_numpy(np.asarray(als.user_factors)).float(), torch.from_numpy(np.asarray(als.item_factors)).float()

@@ -62,8 +62,18 @@ def als_ranker(ds: Dataset, factors: int, regularization: float, alpha: float, i
     als = AlternatingLeastSquares(factors=int(factors), regularization=float(regularization), alpha=float(alpha),
                                   iterations=int(iterations), random_state=seed,
                                   num_threads=int(threads or torch.get_num_threads()))
-    als.fit(binary_matrix(ds), show_progress=False)
+    with _one_blas_thread():  # implicit parallelises itself; a BLAS pool inside each thread only competes
+        als.fit(binary_matrix(ds), show_progress=False)
     return FactorRanker(torch.from_numpy(np.asarray(als.user_factors)), torch.from_numpy(np.asarray(als.item_factors)))
+
+
+def _one_blas_thread():
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # an older implicit without it: its warning about BLAS threads stays
+        import contextlib
+        return contextlib.nullcontext()
+    return threadpool_limits(1, "blas")
 
 
 def ease_memory_bytes(n_items: int) -> int:
