@@ -202,3 +202,11 @@ def test_svd_init_sets_the_id_tables(tmp_path):
     assert np.allclose(w.norm(dim=1).numpy(), cfg.model.init_std * math.sqrt(cfg.model.dim), rtol=1e-4)
     normal = Trainer(_cfg(), ds, None, quiet=True, log=lambda m: None)
     assert not np.allclose(w.numpy(), normal.model.item_tower.id_embedding.weight.detach().numpy())
+
+
+def test_trials_in_parallel_threads(tmp_path):
+    res = T.tune(_cfg(), tmp_path / "t", 600, jobs=2, max_trials=4, log=lambda m: None, quiet=True)
+    assert len(res.trials) == 4 and sorted(t.number for t in res.trials) == [0, 1, 2, 3]
+    assert all(t.state in ("complete", "pruned") for t in res.trials)
+    assert res.valid["recall@20"] == pytest.approx(res.best.value, abs=1e-9)
+    assert not (tmp_path / "t" / "trials").exists()

@@ -212,20 +212,25 @@ class _Search:
         walls = [(r.train_seconds_per_epoch or 0) + (r.eval_seconds or 0) for r in self.records if r.epochs]
         return min(walls) if walls else 0.0
 
-    def may_start(self) -> bool:
+    def next_slot(self) -> TrialRecord | None:
+        """A record for the next trial, or None when no trial may start (the count is reached, or
+        the time left holds no epoch beside the final step's room). Taken under the lock, so that
+        parallel workers never start more trials than allowed."""
         with self.lock:
             if self.max_trials and len(self.records) >= self.max_trials:
-                return False
-            return self.clock.left() > self.shortest_epoch() + self.best_reserve()
+                return None
+            if self.clock.left() <= self.shortest_epoch() + self.best_reserve():
+                return None
+            rec = TrialRecord(-1, {}, started=self.clock.now())
+            self.records.append(rec)
+            return rec
 
     def worker(self) -> None:
         import optuna
 
-        while self.may_start():
+        while (rec := self.next_slot()) is not None:
             trial = self.study.ask()
-            rec = TrialRecord(trial.number, {}, started=self.clock.now())
-            with self.lock:
-                self.records.append(rec)
+            rec.number = trial.number
             try:
                 values = suggest(trial, self.base.tune)
                 rec.params = values
@@ -409,8 +414,8 @@ def tune(base: RunConfig, out: str | Path, budget: float, data_dir=None, baselin
         valid, test = res.valid, res.test
     importance, method = setting_importance(study, search.records, base.tune)
     load["end"] = list(os.getloadavg())
-    result = TuneResult(out, search.records, search.best, valid, test, known_baselines, clock.now(), search_seconds,
-                        importance, method, load)
+    result = TuneResult(out, sorted(search.records, key=lambda r: r.number), search.best, valid, test, known_baselines,
+                        clock.now(), search_seconds, importance, method, load)
     write_report(result, base, budget)
     return result
 

@@ -37,7 +37,7 @@ def interaction_matrix(users: np.ndarray, items: np.ndarray, n_users: int, n_ite
     """The binary users x items matrix of the pairs, sparse (repeats counted once)."""
     keys = np.unique(np.asarray(users, dtype=np.int64) * n_items + np.asarray(items, dtype=np.int64))
     idx = torch.from_numpy(np.stack([keys // n_items, keys % n_items]))
-    return torch.sparse_coo_tensor(idx, torch.ones(len(keys)), (n_users, n_items)).coalesce()
+    return torch.sparse_coo_tensor(idx, torch.ones(len(keys)), (n_users, n_items), check_invariants=False).coalesce()
 
 
 def svd_factors(x: torch.Tensor, dim: int, seed: int = 0, niter: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +50,7 @@ def svd_factors(x: torch.Tensor, dim: int, seed: int = 0, niter: int = 4) -> tup
     du = torch.zeros(n_users, dtype=torch.float64).index_add_(0, idx[0], val)
     di = torch.zeros(n_items, dtype=torch.float64).index_add_(0, idx[1], val)
     norm = val / (du[idx[0]].clamp_min(1).sqrt() * di[idx[1]].clamp_min(1).sqrt())
-    xn = torch.sparse_coo_tensor(idx, norm.float(), x.shape).coalesce()
+    xn = torch.sparse_coo_tensor(idx, norm.float(), x.shape, check_invariants=False).coalesce()
     q = min(dim, n_users, n_items)
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # svd_lowrank draws its random projection from the global generator
