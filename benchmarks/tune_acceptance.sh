@@ -54,8 +54,8 @@ for step in "${STEPS[@]}"; do
             "$OUT/gowalla-als/baseline.json" 2>/dev/null || echo "factors=256,regularization=0.1,alpha=5,iterations=15")
       timed .venv/bin/python benchmarks/time_to_quality.py configs/gowalla.toml --out "$OUT/time_to_quality-gowalla" \
             --als "$als" --settings normal,svd,svd+early-batch --set train.epochs=6 --set train.refit=false ;;
-    tune-ml-100k) tune ml-100k configs/tune-ml-100k.toml ;;
-    tune-grocery) tune grocery configs/tune-grocery.toml ;;
+    tune-ml-100k) tune ml-100k configs/tune-ml-100k.toml --enqueue configs/ml-100k.toml ;;
+    tune-grocery) tune grocery configs/tune-grocery.toml --enqueue configs/grocery.toml ;;
     tune-gowalla) tune gowalla configs/tune-gowalla.toml --enqueue configs/tune-gowalla.toml ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

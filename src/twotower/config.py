@@ -278,11 +278,11 @@ class TuneConfig(_Section):
     prune_after: int = Field(2, ge=0, description="epochs a trial runs before it may be pruned")
     startup_trials: int = Field(2, ge=0, description="trials finished before pruning begins (and before TPE "
                                                      "replaces random sampling)")
-    als_factors: list[int] = Field(default_factory=lambda: [64, 128, 256], description="baseline ALS: factors, "
-                                                                                       "chosen on validation")
-    als_regularization: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0],
+    als_factors: list[int] = Field(default_factory=lambda: [32, 64, 128, 256], description="baseline ALS: factors, "
+                                                                                           "chosen on validation")
+    als_regularization: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0],
                                             description="baseline ALS: L2 regularisation choices")
-    als_alpha: list[float] = Field(default_factory=lambda: [1.0, 5.0, 20.0],
+    als_alpha: list[float] = Field(default_factory=lambda: [0.5, 1.0, 5.0, 20.0],
                                    description="baseline ALS: confidence weight alpha (c = 1 + alpha r) choices")
     als_iterations: list[int] = Field(default_factory=lambda: [15], description="baseline ALS: sweeps choices")
     ease_lambda: list[float] = Field(default_factory=lambda: [10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 3000.0],

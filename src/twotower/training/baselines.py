@@ -157,11 +157,12 @@ def make_ranker(method: str, ds: Dataset, settings: dict, seed: int = 0, threads
     raise ConfigError(f"unknown baseline {method!r}: choose one of {', '.join(METHODS)}")
 
 
-def coordinate_search(space: dict[str, list], score: Callable[[dict], float]) -> tuple[dict, list[dict]]:
-    """One pass of coordinate ascent: start every setting at the middle of its list, then, setting
-    by setting, try each value with the others at their best so far and keep the best. Each
-    distinct point is scored once. Returns the best settings and every scored point
-    (``{"settings", "value"}``, in order)."""
+def coordinate_search(space: dict[str, list], score: Callable[[dict], float], passes: int = 3) -> tuple[dict, list[dict]]:
+    """Coordinate ascent: start every setting at the middle of its list, then, setting by setting,
+    try each value with the others at their best so far and keep the best; repeat the pass (at most
+    ``passes``) while it changes something, since the best of one setting moves with another (ALS's
+    regularisation with its factors). Each distinct point is scored once. Returns the best settings
+    and every scored point (``{"settings", "value"}``, in order)."""
     best = {k: v[len(v) // 2] for k, v in space.items()}
     seen: dict[tuple, float] = {}
     table: list[dict] = []
@@ -174,12 +175,16 @@ def coordinate_search(space: dict[str, list], score: Callable[[dict], float]) ->
         return seen[key]
 
     best_value = value(best)
-    for k, values in space.items():
-        for v in values:
-            point = {**best, k: v}
-            got = value(point)
-            if got > best_value:
-                best, best_value = point, got
+    for _ in range(passes):
+        start = dict(best)
+        for k, values in space.items():
+            for v in values:
+                point = {**best, k: v}
+                got = value(point)
+                if got > best_value:
+                    best, best_value = point, got
+        if best == start:
+            break
     return best, table
 
 
