@@ -276,8 +276,8 @@ class TuneConfig(_Section):
         "median", description="stop a trial whose per-epoch validation curve falls behind: median (below the median "
                               "of earlier trials at the same epoch), halving (successive halving), none")
     prune_after: int = Field(2, ge=0, description="epochs a trial runs before it may be pruned")
-    startup_trials: int = Field(2, ge=0, description="trials finished before pruning begins (and before TPE "
-                                                     "replaces random sampling)")
+    startup_trials: int = Field(4, ge=0, description="trials sampled at random before TPE models the results, and "
+                                                     "finished before pruning begins")
     als_factors: list[int] = Field(default_factory=lambda: [32, 64, 128, 256], description="baseline ALS: factors, "
                                                                                            "chosen on validation")
     als_regularization: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0],

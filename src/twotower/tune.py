@@ -336,7 +336,14 @@ def make_study(tune: TuneConfig):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=tune.sampler_seed, n_startup_trials=max(tune.startup_trials, 1))
+    import warnings
+
+    with warnings.catch_warnings():  # multivariate TPE is marked experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # Multivariate: the settings interact (the learning rate with the batch size, the temperature
+        # with the logQ weight), which independent per-setting densities cannot see.
+        sampler = optuna.samplers.TPESampler(seed=tune.sampler_seed, n_startup_trials=max(tune.startup_trials, 1),
+                                             multivariate=True)
     if tune.pruner == "median":
         pruner = optuna.pruners.MedianPruner(n_startup_trials=tune.startup_trials, n_warmup_steps=tune.prune_after)
     elif tune.pruner == "halving":
