@@ -396,14 +396,20 @@ def tune(base: RunConfig, out: str | Path, budget: float, data_dir=None, baselin
     log(f"tune: {s['name']}: {s['users']:,} users, {s['items']:,} items; budget {budget:.0f}s, "
         f"{len(space(base.tune))} settings searched, {len(enqueue or [])} enqueued")
     search = _Search(base, ds, out, clock, study, max_trials, log, quiet)
-    if jobs == 1:
-        search.worker()
-    else:
-        threads = [threading.Thread(target=search.worker, name=f"tune-{i}") for i in range(jobs)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    try:
+        if jobs == 1:
+            search.worker()
+        else:
+            threads = [threading.Thread(target=search.worker, name=f"tune-{i}") for i in range(jobs)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    except BaseException:
+        # interrupted, or a trial died of something other than its settings: no trial folder is left
+        # behind as if it were a result (a search cannot be resumed; start it again)
+        shutil.rmtree(out / "trials", ignore_errors=True)
+        raise
     search_seconds = clock.now()
     valid, test = {}, None
     if search.best is not None:
