@@ -540,7 +540,11 @@ def write_report(r: TuneResult, base: RunConfig, budget: float) -> None:
         md.append(f"| {b['name']} {_short(b['settings'] or {})} | {b['valid'].get(mon, float('nan')):.4f} | "
                   f"{b['test'].get(f'recall@{k}', float('nan')):.4f} | {b['test'].get(f'ndcg@{k}', float('nan')):.4f} | "
                   f"{'' if fs is None else f'{fs:.1f}'} |")
-    md += ["", "![validation against time](validation_vs_time.png)", "", "## Trials", "",
+    md += ["", "![validation against time](validation_vs_time.png)", "", "## What the budget bought", "",
+           f"The best validation {mon} of any trial's epoch so far (pruned and cut trials included), against time "
+           "since the tune began:", "", "| seconds | best valid so far |", "|---|---|"]
+    md += [f"| {t:.0f} | {'' if v is None else f'{v:.4f}'} |" for t, v in best_by_time(r.trials, budget)]
+    md += ["", "## Trials", "",
            f"| # | state | valid {mon} | best epoch | epochs | started (s) | seconds | settings |", "|---|---|---|---|---|---|---|---|"]
     for t in r.trials:
         v = "" if t.value is None else f"{t.value:.4f}"
@@ -557,7 +561,20 @@ def write_report(r: TuneResult, base: RunConfig, budget: float) -> None:
         "budget": budget, "seconds": r.seconds, "search_seconds": r.search_seconds, "monitor": mon,
         "best": None if r.best is None else asdict(r.best), "valid": r.valid, "test": r.test,
         "baselines": r.baselines, "trials": [asdict(t) for t in r.trials], "importance": r.importance,
-        "importance_method": r.importance_method, "load": r.load, "space": {n: v for n, (_, _, v) in space(base.tune).items()}})
+        "importance_method": r.importance_method, "load": r.load, "best_by_time": best_by_time(r.trials, budget),
+        "space": {n: v for n, (_, _, v) in space(base.tune).items()}})
+
+
+def best_by_time(trials: list[TrialRecord], budget: float) -> list[tuple[float, float | None]]:
+    """The best validation figure reached by each of 1, 2, 5, 10, 20, 30, 60 ... minutes (those within
+    the budget) and at the budget: what a shorter budget would have bought in this run."""
+    points = sorted((t, v) for rec in trials for t, _, v in rec.curve)
+    marks = [m * 60.0 for m in (1, 2, 5, 10, 20, 30, 60, 120, 240) if m * 60.0 < budget] + [budget]
+    out = []
+    for mark in marks:
+        seen = [v for t, v in points if t <= mark]
+        out.append((mark, max(seen) if seen else None))
+    return out
 
 
 def _load(values) -> str:
