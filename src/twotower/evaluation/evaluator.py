@@ -101,6 +101,7 @@ def evaluate_ranker(ranker: Ranker, dataset: Dataset, split: str, cfg: EvalConfi
 
 def evaluate_split(model: TwoTowerModel, truth_split: Split, known: CSR, item_counts: np.ndarray, cfg: EvalConfig,
                    history_length: int = 50, progress=None) -> dict[str, float]:
+    """Metrics of ``model`` on the held-out ``truth_split``, ``known`` items masked and fed as history."""
     return ranker_metrics(ModelRanker(model, history_length, item_counts, cfg.alpha), truth_split, known, item_counts,
                           cfg, progress)
 

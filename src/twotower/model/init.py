@@ -65,27 +65,30 @@ def svd_factors(x: torch.Tensor, dim: int, seed: int = 0, niter: int = 4) -> tup
 
 
 def als_factors(x: torch.Tensor, dim: int, seed: int = 0, iterations: int = 3, regularization: float = 0.01,
-                alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(users, items)`` factors after ``iterations`` sweeps of implicit-feedback ALS (Hu et al.
-    2008; confidence ``1 + alpha``) on the binary matrix ``x``, through ``implicit``."""
+                alpha: float = 1.0, threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(users, items)`` factors after ``iterations`` sweeps of implicit-feedback ALS (Hu, Koren and
+    Volinsky, ICDM 2008: confidence ``c = 1 + alpha`` on the binary matrix ``x``, L2
+    ``regularization``) through ``implicit``, on ``threads`` threads (default: PyTorch's). The ALS
+    baseline (``training/baselines.py``) and ``model.init = "als"`` both fit through here."""
     from ..errors import ConfigError
 
     try:
         from implicit.cpu.als import AlternatingLeastSquares
     except ImportError:
-        raise ConfigError("model.init = \"als\" needs the `implicit` package: pip install -e \".[als]\" "
-                          "(or use model.init = \"svd\")") from None
+        raise ConfigError("ALS (the baseline, or model.init = \"als\") needs the `implicit` package: "
+                          "pip install -e \".[als]\" (or use model.init = \"svd\")") from None
     import scipy.sparse as sp
 
     idx = x.indices().numpy()
     m = sp.csr_matrix((np.ones(idx.shape[1], dtype=np.float32), (idx[0], idx[1])), shape=tuple(x.shape))
-    als = AlternatingLeastSquares(factors=dim, regularization=regularization, alpha=alpha, iterations=iterations,
-                                  random_state=seed, num_threads=torch.get_num_threads())
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # an older implicit without it: its warning about BLAS threads stays
+        import contextlib
+        threadpool_limits = lambda *a: contextlib.nullcontext()  # noqa: E731
+    with threadpool_limits(1, "blas"):  # implicit parallelises itself
+        als = AlternatingLeastSquares(factors=int(dim), regularization=float(regularization), alpha=float(alpha),
+                                      iterations=int(iterations), random_state=seed,
+                                      num_threads=int(threads or torch.get_num_threads()))
         als.fit(m, show_progress=False)
-    else:
-        with threadpool_limits(1, "blas"):  # implicit parallelises itself
-            als.fit(m, show_progress=False)
     return torch.from_numpy(np.asarray(als.user_factors)).float(), torch.from_numpy(np.asarray(als.item_factors)).float()

@@ -31,6 +31,7 @@ from ..config import RunConfig, TuneConfig
 from ..data.dataset import CSR, Dataset
 from ..errors import ConfigError
 from ..evaluation.evaluator import BlockRanker, FactorRanker, Ranker, evaluate_ranker
+from ..model import init
 from ..run_dir import RunDir
 
 METHODS = ("popularity", "als", "ease")
@@ -54,26 +55,10 @@ def binary_matrix(ds: Dataset):
 
 def als_ranker(ds: Dataset, factors: int, regularization: float, alpha: float, iterations: int, seed: int = 0,
                threads: int | None = None) -> FactorRanker:
-    """Implicit ALS fitted on ``ds``'s training pairs; ranks by ``<x_u, y_j>``."""
-    try:
-        from implicit.cpu.als import AlternatingLeastSquares
-    except ImportError:
-        raise ConfigError("the ALS baseline needs the `implicit` package: pip install -e \".[als]\"") from None
-    als = AlternatingLeastSquares(factors=int(factors), regularization=float(regularization), alpha=float(alpha),
-                                  iterations=int(iterations), random_state=seed,
-                                  num_threads=int(threads or torch.get_num_threads()))
-    with _one_blas_thread():  # implicit parallelises itself; a BLAS pool inside each thread only competes
-        als.fit(binary_matrix(ds), show_progress=False)
-    return FactorRanker(torch.from_numpy(np.asarray(als.user_factors)), torch.from_numpy(np.asarray(als.item_factors)))
-
-
-def _one_blas_thread():
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # an older implicit without it: its warning about BLAS threads stays
-        import contextlib
-        return contextlib.nullcontext()
-    return threadpool_limits(1, "blas")
+    """Implicit ALS fitted on ``ds``'s training pairs (``model.init.als_factors``); ranks by ``<x_u, y_j>``."""
+    x = init.interaction_matrix(ds.train.users, ds.train.items, ds.n_users, ds.n_items)
+    users, items = init.als_factors(x, factors, seed, iterations, regularization, alpha, threads)
+    return FactorRanker(users, items)
 
 
 def ease_memory_bytes(n_items: int) -> int:
@@ -126,11 +111,12 @@ def ease_ranker(ds: Dataset, lam: float) -> BlockRanker:
     b = ease_weights(binary_matrix(ds), lam)
 
     def scores_of(block: np.ndarray, known: CSR) -> torch.Tensor:
+        # the users' rows as a sparse matrix: a row holds a user's few known items, not the catalog
         vals, _ = known.gather(block)
         rows = np.repeat(np.arange(len(block)), known.lengths()[block])
-        x = torch.zeros(len(block), b.shape[0])
-        x[torch.from_numpy(rows), torch.from_numpy(vals)] = 1.0
-        return x @ b
+        idx = torch.from_numpy(np.stack([rows, vals]).astype(np.int64))
+        x = torch.sparse_coo_tensor(idx, torch.ones(len(vals)), (len(block), b.shape[0]), check_invariants=False)
+        return torch.sparse.mm(x.coalesce(), b)
 
     return BlockRanker(b.shape[0], scores_of)
 
