@@ -75,8 +75,9 @@ def test_a_tiny_budget_ends_on_time_with_a_valid_run(tmp_path):
     t0 = time.perf_counter()
     res = T.tune(cfg, tmp_path / "t", budget, log=lambda m: None, quiet=True)
     wall = time.perf_counter() - t0
-    # one synthetic epoch is ~0.1 s: the cut lands within a couple of epochs of the deadline
-    assert wall <= budget + 3.0, f"took {wall:.1f}s for a {budget}s budget"
+    # one synthetic epoch is ~0.1 s (a few times that on a loaded machine): the cut lands within a
+    # couple of epochs and a misestimate of the final step of the deadline
+    assert wall <= budget + max(3.0, 0.25 * budget), f"took {wall:.1f}s for a {budget}s budget"
     assert res.best is not None and len(res.trials) >= 2
     assert any(t.state == "cut" for t in res.trials), [t.state for t in res.trials]
     RunDir(tmp_path / "t" / "best").verify()
