@@ -489,17 +489,21 @@ def write_report(r: TuneResult, base: RunConfig, budget: float) -> None:
         if rec.curve:
             t, _, v = zip(*rec.curve)
             style = {"complete": "-", "cut": "--", "pruned": ":"}.get(rec.state, "-")
-            ax.plot(t, v, style, lw=0.9, alpha=0.6, marker=".", ms=3)
+            ax.plot(t, v, style, lw=0.9, alpha=0.7, marker="o", ms=3 if len(t) > 1 else 5)
     for t, v in points:
         cur = max(cur, v)
         best_t.append(t)
         best_v.append(cur)
     if best_t:
         ax.step(best_t, best_v, where="post", color="black", lw=2, label="best so far")
+    labels: dict[float, list[str]] = {}
     for b in r.baselines:
         if mon in b["valid"]:
-            ax.axhline(b["valid"][mon], ls="--", lw=1, color="gray")
-            ax.annotate(f"{b['name']} {b['valid'][mon]:.4f}", (0, b["valid"][mon]), fontsize=8, va="bottom")
+            labels.setdefault(round(b["valid"][mon], 4), []).append(b["name"])
+    for level, names in labels.items():  # baselines with the same figure share one line
+        ax.axhline(level, ls="--", lw=1, color="gray")
+        ax.text(0.01, level, f"{', '.join(names)} {level:.4f}", transform=ax.get_yaxis_transform(), fontsize=8,
+                va="bottom", color="dimgray")
     ax.axvline(budget, color="red", lw=1, label="budget")
     ax.set_xlabel("seconds since the tune began")
     ax.set_ylabel(f"validation {mon}")
