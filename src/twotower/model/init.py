@@ -18,8 +18,12 @@ with no training interaction keep a random direction.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+
+from .towers import TwoTowerModel
 
 
 def on_sphere(rows: torch.Tensor, radius: float, generator: torch.Generator) -> torch.Tensor:
@@ -92,3 +96,21 @@ def als_factors(x: torch.Tensor, dim: int, seed: int = 0, iterations: int = 3, r
                                       num_threads=int(threads or torch.get_num_threads()))
         als.fit(m, show_progress=False)
     return torch.from_numpy(np.asarray(als.user_factors)).float(), torch.from_numpy(np.asarray(als.item_factors)).float()
+
+
+@torch.no_grad()
+def start_id_tables(model: TwoTowerModel, users: np.ndarray, items: np.ndarray, method: str, seed: int) -> None:
+    """Start the user-id and item-id tables (and a separate history table) of ``model`` from the
+    factors of the training pairs ``(users, items)`` (``method``: ``svd`` or ``als``), each row on
+    the sphere of a normal row's expected norm, ``init_std * sqrt(d)``."""
+    cfg = model.cfg
+    x = interaction_matrix(users, items, model.n_users, model.n_items)
+    factors = svd_factors if method == "svd" else als_factors
+    u, v = factors(x, cfg.dim, seed)
+    gen = torch.Generator().manual_seed(seed)
+    radius = cfg.init_std * math.sqrt(cfg.dim)
+    u, v = on_sphere(u, radius, gen), on_sphere(v, radius, gen)
+    for table, rows in ((model.user_tower.id_embedding, u), (model.item_tower.id_embedding, v),
+                        (model.user_tower.history_table, v)):
+        if table is not None:
+            table.weight.copy_(rows.to(table.weight.dtype))

@@ -23,8 +23,8 @@ from ..config import RunConfig
 from ..data.dataset import Dataset
 from ..errors import ArtifactError
 from ..evaluation.evaluator import evaluate
-from ..model.scoring import ServedScore
 from ..model import init
+from ..model.scoring import ServedScore
 from ..model.towers import TwoTowerModel, embed_items, embed_users
 from ..run_dir import RunDir
 from . import distributed, losses
@@ -86,26 +86,8 @@ def build_model(cfg: RunConfig, dataset: Dataset) -> TwoTowerModel:
     model = TwoTowerModel(dataset.n_users, dataset.n_items, m, item_feats, user_feats,
                           sparse=cfg.train.sparse_embeddings)
     if m.init != "normal":
-        init_id_tables(model, dataset, m.init, cfg.train.seed)
+        init.start_id_tables(model, dataset.train.users, dataset.train.items, m.init, cfg.train.seed)
     return model
-
-
-@torch.no_grad()
-def init_id_tables(model: TwoTowerModel, dataset: Dataset, method: str, seed: int) -> None:
-    """Start the user-id and item-id tables (and a separate history table) from the training
-    matrix's factors (``model.init``: ``model/init.py``), each row on the sphere of a normal row's
-    expected norm, ``init_std * sqrt(d)``."""
-    cfg = model.cfg
-    x = init.interaction_matrix(dataset.train.users, dataset.train.items, dataset.n_users, dataset.n_items)
-    factors = init.svd_factors if method == "svd" else init.als_factors
-    users, items = factors(x, cfg.dim, seed)
-    gen = torch.Generator().manual_seed(seed)
-    radius = cfg.init_std * math.sqrt(cfg.dim)
-    users, items = init.on_sphere(users, radius, gen), init.on_sphere(items, radius, gen)
-    for table, rows in ((model.user_tower.id_embedding, users), (model.item_tower.id_embedding, items),
-                        (model.user_tower.history_table, items)):
-        if table is not None:
-            table.weight.copy_(rows.to(table.weight.dtype))
 
 
 def _check_names(names, available, key, kind):
