@@ -199,7 +199,6 @@ class _Search:
         self.best: TrialRecord | None = None
         self.best_cfg: RunConfig | None = None
         self.lock = threading.Lock()
-        self.running = 0
 
     def best_reserve(self) -> float:
         b = self.best
@@ -208,9 +207,12 @@ class _Search:
         return final_cost(self.best_cfg, b.train_seconds_per_epoch or 0.0, b.eval_seconds or 0.0, b.best_epoch,
                           self.valid_share, b.setup_seconds)
 
-    def shortest_epoch(self) -> float:
-        walls = [(r.train_seconds_per_epoch or 0) + (r.eval_seconds or 0) for r in self.records if r.epochs]
-        return min(walls) if walls else 0.0
+    def first_epoch_estimate(self) -> float:
+        """What a new trial needs before the tuner can first stop it: building its model and one
+        epoch with its validation. Its settings are not drawn yet, so the longest seen so far."""
+        walls = [r.setup_seconds + (r.train_seconds_per_epoch or 0) + (r.eval_seconds or 0)
+                 for r in self.records if r.epochs]
+        return max(walls) if walls else 0.0
 
     def next_slot(self) -> TrialRecord | None:
         """A record for the next trial, or None when no trial may start (the count is reached, or
@@ -219,7 +221,7 @@ class _Search:
         with self.lock:
             if self.max_trials and len(self.records) >= self.max_trials:
                 return None
-            if self.clock.left() <= self.shortest_epoch() + self.best_reserve():
+            if self.clock.left() <= self.first_epoch_estimate() + self.best_reserve():
                 return None
             rec = TrialRecord(-1, {}, started=self.clock.now())
             self.records.append(rec)
