@@ -103,7 +103,7 @@ def embedding_bag_onnx(weight, indices, offsets, scale_grad_by_freq=False, mode=
     return out, seg, sizes, sizes
 
 
-def _embedding_bag_table(module: nn.Module) -> dict:
+def embedding_bag_translations(module: nn.Module) -> dict:
     """The custom translations for ``module``: ours for ``embedding_bag`` when every bag qualifies."""
     bags = [m for m in module.modules() if isinstance(m, nn.EmbeddingBag)]
     if not bags or any(m.mode not in ("sum", "mean") or m.padding_idx is not None or m.include_last_offset for m in bags):
@@ -130,7 +130,7 @@ def save_onnx(module: TowerExport, example: tuple[torch.Tensor, ...], path: str 
         try:
             program = torch.onnx.export(module, example, input_names=[s.name for s in sig.inputs], output_names=["vectors"],
                                         dynamo=True, dynamic_shapes=(dynamic,),  # forward(*tensors)
-                                        custom_translation_table=_embedding_bag_table(module),
+                                        custom_translation_table=embedding_bag_translations(module),
                                         verbose=False, optimize=True, report=False)
         except Exception as e:
             raise ExportError(f"the {sig.tower} tower could not be exported to ONNX ({_reason(e)}); --format "
@@ -161,6 +161,7 @@ def save_torchscript(module: TowerExport, example: tuple[torch.Tensor, ...], pat
     """Trace ``module`` on ``example``, freeze it and save it at ``path``."""
     path = Path(path)
     with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated in PyTorch 2.13, still the format asked for
         warnings.simplefilter("error", torch.jit.TracerWarning)  # a trace that may not generalise is refused
         try:
             traced = torch.jit.trace(module, example, check_trace=False)
@@ -175,7 +176,9 @@ class TorchScriptTower:
     """An exported TorchScript tower, loaded (``torch.jit.load``, CPU)."""
 
     def __init__(self, path: str | Path):
-        self.module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.module = torch.jit.load(str(path), map_location="cpu")
 
     def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         with torch.no_grad():
