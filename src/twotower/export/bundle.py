@@ -185,15 +185,13 @@ def _write(run: Run, stage: Path, fmt: str, with_users: bool, log) -> dict:
     artifacts.write_json(stage / VOCAB / "features.json",
                          {tower: {f["name"]: {k: v for k, v in f.items() if k != "name"} for f in feats}
                           for tower, feats in model.feature_state().meta.items()})
-    from .. import __version__
-
     return {
         "format": "twotower-export",
         "schema": SCHEMA,
         "runtime": fmt,
         "run": {"path": str(run.path.resolve()), "weights_sha256": run.dir.model_digest(),
                 "model": run.config.model.model_dump(mode="json")},
-        "made_with": {"twotower": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "made_with": {"twotower": _version(), "torch": torch.__version__, "python": platform.python_version()},
         "dim": int(model.cfg.dim),
         "towers": towers,
         "score": score_convention(layout, bias is not None, fold_in=not model.user_tower.use_history),
@@ -207,6 +205,15 @@ def _write(run: Run, stage: Path, fmt: str, with_users: bool, log) -> dict:
                          "how": "a JSON list of raw ids: the position of an id is its index; features.json: "
                                 "{tower: {feature: {kind, ...}}}, a categorical feature's code i is values[i]"},
     }
+
+
+def _version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("twotower")
+    except PackageNotFoundError:
+        return None
 
 
 def _pa():
