@@ -125,7 +125,8 @@ def save_onnx(module: TowerExport, example: tuple[torch.Tensor, ...], path: str 
                     for names in dimension_names(sig))
     external = sum(p.numel() * p.element_size() for p in module.parameters()) > ONNX_INLINE_MAX
     quiet = io.StringIO()
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_loggers("torch.onnx", "torch.export"):
+    loggers = _quiet_loggers("torch.onnx", "torch.export", "onnxscript", "onnx_ir")
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(quiet), loggers:
         warnings.simplefilter("ignore")  # the exporter's notes on its own internals, not the user's business
         try:
             program = torch.onnx.export(module, example, input_names=[s.name for s in sig.inputs], output_names=["vectors"],

@@ -61,12 +61,15 @@ class TowerSignature:
     history: bool
     features: tuple[FeatureInputs, ...]
     dim: int
+    reads_ids: bool = True
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        out = [TensorSpec("ids", "int64", ("batch",),
-                          f"{self.tower} vocabulary indices (vocab/{self.tower}s.json: position = index); -1 for a "
-                          f"{self.tower} not in the vocabulary, whose id contributes nothing")]
+        ids = (f"{self.tower} vocabulary indices (vocab/{self.tower}s.json: position = index); -1 for a {self.tower} "
+               "not in the vocabulary, whose id contributes nothing")
+        if not self.reads_ids:
+            ids = f"not read by this tower (it has no {self.tower}-id embedding): any int64 values, one per {self.tower}"
+        out = [TensorSpec("ids", "int64", ("batch",), ids)]
         if self.history:
             out += [TensorSpec("history", "int64", ("batch", "history_length"),
                                "item vocabulary indices of the user's most recent items, oldest first, left-aligned; "
@@ -129,7 +132,7 @@ def signature(model: TwoTowerModel, tower: str) -> TowerSignature:
                               f"({fields or 'not a tensor nor a dataclass of tensors'}); they must match, in order")
         feats.append(FeatureInputs(enc.name, kind, specs, rebuild))
     history = tower == "user" and bool(model.user_tower.use_history)
-    return TowerSignature(tower, history, tuple(feats), int(model.cfg.dim))
+    return TowerSignature(tower, history, tuple(feats), int(model.cfg.dim), t.id_embedding is not None)
 
 
 class TowerExport(nn.Module):
