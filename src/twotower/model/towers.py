@@ -178,6 +178,7 @@ class ItemTower(_Tower):
 
     def forward(self, x: TowerInputs) -> torch.Tensor:
         h = _plus(self.id_vectors(x), self.feature_vectors(x))
+        # ids.shape[0], not len(x): under torch.export (twotower export) len() fixes the batch size
         return self.finish(h, x.ids.shape[0])
 
 
