@@ -130,17 +130,17 @@ def add_evaluate_parser(sub) -> None:
     e.set_defaults(func=cmd_evaluate)
 
 
-def _read_user_file(path: Path) -> list[str]:
+def _read_user_file(path: Path, entity: str = "user", what: str = "users") -> list[str]:
     from .errors import DataError
 
     if not path.is_file():
-        raise DataError(path, "users file not found", "pass a text file with one raw user id per line")
+        raise DataError(path, f"{what} file not found", f"pass a text file with one raw {entity} id per line")
     try:
         ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError as e:
         raise DataError(path, f"not UTF-8 text (byte {e.start})", "save the file as UTF-8") from None
     if not ids:
-        raise DataError(path, "no user ids in the file", "write one raw user id per line")
+        raise DataError(path, f"no {entity} ids in the file", f"write one raw {entity} id per line")
     return ids
 
 
@@ -243,6 +243,8 @@ def cmd_index(args) -> int:
     from .run import Run
 
     run = Run(args.run)
+    if args.update or any(x is not None for x in (args.add, args.replace, args.remove)) or args.add_new:
+        return _update_index(run, args)
     if args.retune:
         from .index.run_index import retune_run_index
 
@@ -263,9 +265,62 @@ def cmd_index(args) -> int:
         idx = build_run_index(run, params, args.out, sample=args.sample_users, seed=args.seed, progress=not args.quiet,
                               log=lambda m: print(m, flush=True))
     m = idx.info.get("measured", {})
-    print(f"{idx.kind}: {idx.n_items:,} items, dim {idx.dim}; "
+    print(f"{idx.kind}: {idx.size:,} items, dim {idx.dim}; "
           + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("recall@"))
           + f"; {m.get('ann_ms_p50', float('nan')):.3f} ms per query (exact {m.get('exact_ms_p50', float('nan')):.3f} ms)")
+    return 0
+
+
+def _item_list(path: str, what: str, vectors: bool):
+    """Raw item ids (and vectors) from ``--add`` / ``--replace`` / ``--remove``: a text file with one
+    id per line, or a Parquet file with a column ``item`` (and ``vector``, a list of floats per item,
+    as `twotower embed` writes: used instead of the item tower when present)."""
+    import numpy as np
+
+    from .errors import DataError
+
+    p = Path(path)
+    if p.suffix.lower() != ".parquet":
+        ids = _read_user_file(p, "item", what)
+        return ids, None
+    try:
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(p)
+    except FileNotFoundError:
+        raise DataError(p, "file not found", f"pass the items to {what} as a Parquet file or a text file") from None
+    except Exception as e:  # pyarrow's errors for a damaged file
+        raise DataError(p, f"cannot read it as Parquet ({str(e).splitlines()[0]})", "write it again") from None
+    if "item" not in t.column_names:
+        raise DataError(p, f"no column 'item' (columns: {', '.join(t.column_names)})",
+                        "name the column of raw item ids 'item'")
+    ids = t.column("item").to_pylist()
+    if not vectors or "vector" not in t.column_names:
+        return ids, None
+    vec = t.column("vector").to_pylist()
+    width = {len(v) if v is not None else -1 for v in vec}
+    if len(width) != 1 or -1 in width:
+        raise DataError(p, "the 'vector' column has missing values or rows of different lengths",
+                        "give every item a vector of the model's dimension")
+    return ids, np.asarray(vec, dtype=np.float32)
+
+
+def _update_index(run, args) -> int:
+    from .index.run_index import update_run_index
+
+    if args.from_parts or args.retune:
+        from .errors import ConfigError
+
+        raise ConfigError("--update changes a built index: it cannot be combined with --from-parts or --retune")
+    add, add_v = _item_list(args.add, "add", True) if args.add else (None, None)
+    rep, rep_v = _item_list(args.replace, "replace", True) if args.replace else (None, None)
+    rem, _ = _item_list(args.remove, "remove", False) if args.remove else (None, None)
+    idx = update_run_index(run, add=add, replace=rep, remove=rem, add_vectors=add_v, replace_vectors=rep_v,
+                           add_new=args.add_new, folder=args.out, rebuild_share=args.rebuild_share,
+                           sample=args.sample_users, seed=args.seed, log=lambda m: print(m, flush=True))
+    m = idx.info.get("measured", {})
+    print(f"{idx.kind}: {idx.size:,} items after the update; "
+          + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("recall@")))
     return 0
 
 
@@ -274,7 +329,8 @@ def add_index_parser(sub) -> None:
                         epilog="examples:\n  twotower index runs/ml100k                      # auto: flat below 50k items, HNSW up to 5M, IVF beyond\n"
                                "  twotower index runs/gowalla --kind hnsw --M 32 --ef-search 128\n"
                                "  twotower index runs/big --kind ivfpq --nlist 4096 --pq-m 16 --refine 4\n"
-                               "  twotower index runs/big --from-parts runs/big/embeddings --kind ivf   # parts of `twotower embed`\n\n"
+                               "  twotower index runs/big --from-parts runs/big/embeddings --kind ivf   # parts of `twotower embed`\n"
+                               "  twotower index runs/big --update --add new.parquet --remove retired.txt   # no rebuild\n\n"
                                "Search knobs not given (--nprobe, --ef-search) are tuned on real users to reach --target-recall.\n"
                                "Recall@10/@100 against exact search and per-query latency are printed and stored in RUN/index/index.json.",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -301,6 +357,16 @@ def add_index_parser(sub) -> None:
     ix.add_argument("--from-parts", metavar="DIR", help="build from the Parquet parts of `twotower embed` (one part in memory at "
                     "a time; IVF kinds train on a sample of all parts) instead of embedding every item in memory")
     ix.add_argument("--train-size", type=int, metavar="N", help="IVF kinds: items k-means trains on (default 64 per list, at least 10,000)")
+    up = ix.add_argument_group("updating a built index without a rebuild (--update)")
+    up.add_argument("--update", action="store_true", help="change the built index: --add, --replace, --remove, --add-new; "
+                    "then recall against exact search is measured and stored as at build")
+    up.add_argument("--add", metavar="FILE", help="items to add: a text file of raw item ids, one per line (vectors from the "
+                    "item tower), or Parquet with columns item and vector (e.g. from `twotower embed`); the run must know the ids")
+    up.add_argument("--replace", metavar="FILE", help="items whose vectors changed (same formats as --add)")
+    up.add_argument("--remove", metavar="FILE", help="items to retire: a text file of raw item ids, or Parquet with a column item")
+    up.add_argument("--add-new", action="store_true", help="add every item the run has beyond the index (admitted since it was built)")
+    up.add_argument("--rebuild-share", type=float, metavar="S", help="HNSW / IVF-PQ: rebuild when removed or replaced entries "
+                    "pass this share of the index (default 0.2, kept in index.json)")
     ix.set_defaults(func=cmd_index)
 
 
