@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from _mf_runs import clustered, write_mf_run
 from twotower.errors import ArtifactError, ConfigError
 from twotower.index import IndexParams, ItemIndex, ScoreLayout, log_popularity, recall_at
 
@@ -17,12 +18,7 @@ KINDS = [("flat", {}), ("ivf", {"nlist": 64, "nprobe": 16}), ("hnsw", {"M": 16, 
 
 
 def _catalog(n=6000, d=16, q=200, seed=0):
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(60, d))
-    x = centres[rng.integers(0, 60, n)] + 0.5 * rng.normal(size=(n, d))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    users = centres[rng.integers(0, 60, q)] + 0.7 * rng.normal(size=(q, d))
-    return x.astype(np.float32), users.astype(np.float32)
+    return clustered(n, d, q, seed)
 
 
 def _brute(q, vectors, gone, k):
@@ -145,32 +141,6 @@ def test_an_updated_index_saves_and_loads_and_tampering_is_refused(kind, params,
 
 
 # ---- a run's index ----------------------------------------------------------------------------------
-def _write_run(path, n_items, n_users=300, d=16, seed=0, items=None, counts=None, users=None):
-    """An ids-only run directory whose item vectors are ``items`` (what `twotower train` would have
-    written, without the training): the same layout as the synthetic runs of the benchmarks."""
-    from twotower.config import RunConfig
-    from twotower.data.dataset import CSR
-    from twotower.data.vocab import Vocabulary
-    from twotower.model.towers import TwoTowerModel
-    from twotower.run_dir import RunDir
-
-    rng = np.random.default_rng(seed)
-    cfg = RunConfig.from_dict({"data": {"dataset": "synthetic", "synthetic_users": n_users, "synthetic_items": n_items},
-                               "model": {"dim": d, "user_history": False, "temperature": 0.1}})
-    model = TwoTowerModel(n_users, n_items, cfg.model)
-    with torch.no_grad():
-        model.item_tower.id_embedding.weight.copy_(torch.from_numpy(items))
-        model.user_tower.id_embedding.weight.copy_(torch.from_numpy(users))
-    known = CSR.from_pairs(np.repeat(np.arange(n_users), 5), rng.integers(0, min(n_items, 1000), n_users * 5), n_users)
-    rd = RunDir(path)
-    rd.write_description(cfg, Vocabulary(np.arange(n_users, dtype=np.int64) + 1000, name="user"),
-                         Vocabulary(np.arange(n_items, dtype=np.int64) * 10, name="item"), known, counts,
-                         np.arange(n_users), model.feature_state())
-    rd.save_weights(model.state_dict())
-    rd.finish({"valid": {}, "test": None})
-    return path
-
-
 @pytest.fixture
 def grown_run(tmp_path):
     """A run of 3,000 items with an HNSW index, then the same run with 300 items admitted (what
@@ -182,10 +152,10 @@ def grown_run(tmp_path):
     counts = np.random.default_rng(2).zipf(1.5, 3300).astype(np.int64) - 1
     counts[3000:3100] = 0  # admitted without a count: add-one smoothing from 0
     counts[3100:] = np.arange(1, 201)  # admitted with counts
-    path = _write_run(tmp_path / "run", 3000, items=x[:3000], counts=counts[:3000], users=users)
+    path = write_mf_run(tmp_path / "run", x[:3000], users, counts[:3000])
     run = Run(path)
     build_run_index(run, IndexParams(kind="hnsw", M=16, ef_search=64), sample=200, progress=False, log=lambda m: None)
-    _write_run(tmp_path / "run", 3300, items=x, counts=counts, users=users)  # the admission rewrites the run
+    write_mf_run(tmp_path / "run", x, users, counts)  # the admission rewrites the run
     return path, x, users, counts
 
 
@@ -264,7 +234,7 @@ def test_update_refuses_ids_the_run_does_not_know_and_an_index_from_other_weight
         update_run_index(run, add=[5], log=lambda m: None)  # raw ids are multiples of 10
     with pytest.raises(ConfigError, match="already in the index"):
         update_run_index(run, add=[10], log=lambda m: None)
-    other = _write_run(tmp_path / "other", 3300, items=x[::-1].copy(), counts=counts, users=users)
+    other = write_mf_run(tmp_path / "other", x[::-1].copy(), users, counts)
     shutil.copytree(path / "index", other / "index")
     with pytest.raises(ArtifactError, match="other weights"):
         update_run_index(Run(other), add_new=True, log=lambda m: None)

@@ -407,20 +407,37 @@ def add_embed_parser(sub) -> None:
 def cmd_serve(args) -> int:
     from .serving.query import Recommender
     from .serving.service import serve
+    from .serving.swap import SwapSettings, read_token
 
+    token = read_token(args.admin_token_file, args.admin_token_from_env)  # before the (long) load: fail fast
+    settings = SwapSettings(run=args.run, token=token, watch=args.watch, interval=args.watch_interval,
+                            category_feature=args.category_feature)
     rec = Recommender.load(args.run, args.index, category_feature=args.category_feature)
     i = rec.index
     saved = "" if i.info.get("saved", True) else " (no saved index: exact search; build one with `twotower index RUN`)"
-    print(f"serving {args.run}: {i.n_items:,} items, index {i.kind}{saved}; page http://{args.host}:{args.port}/, "
+    print(f"serving {args.run}: {i.size:,} items, index {i.kind}{saved}; page http://{args.host}:{args.port}/, "
           f"API http://{args.host}:{args.port}/docs", flush=True)
-    serve(rec, host=args.host, port=args.port, log_level=args.log_level, max_batch=args.max_batch)
+    if token is not None or args.watch:
+        print("swaps: " + ", ".join(x for x in (
+            f"POST http://{args.host}:{args.port}/admin/swap with the admin token" if token is not None else "",
+            f"watching {args.run} every {args.watch_interval:g}s" if args.watch else "") if x), flush=True)
+    serve(rec, host=args.host, port=args.port, log_level=args.log_level, max_batch=args.max_batch, swap=settings)
     return 0
 
 
 def add_serve_parser(sub) -> None:
     sv = sub.add_parser("serve", help="HTTP API (recommendations, similar items, look-ups, metadata) and a page to look at them",
                         epilog="examples:\n  twotower serve runs/ml100k                 # the page: http://127.0.0.1:8000/, the API: /docs\n"
-                               "  curl -s localhost:8000/recommend -d '{\"user\": 196, \"k\": 10}' -H 'content-type: application/json'",
+                               "  curl -s localhost:8000/recommend -d '{\"user\": 196, \"k\": 10}' -H 'content-type: application/json'\n\n"
+                               "moving to a new model without dropping a request (off unless asked for):\n"
+                               "  twotower serve runs/current --watch       # runs/current: a symlink; switch it atomically:\n"
+                               "  ln -s v8 runs/next && mv -T runs/next runs/current\n"
+                               "  twotower serve runs/v7 --admin-token-file /etc/twotower/token\n"
+                               "  curl -s localhost:8000/admin/swap -H \"Authorization: Bearer $(cat /etc/twotower/token)\" \\\n"
+                               "       -H 'content-type: application/json' -d '{\"run\": \"runs/v8\"}'\n"
+                               "The new run and index are loaded and warmed beside the old ones, then swapped in at once;\n"
+                               "requests being computed finish on the old model. A run that fails to load leaves the old\n"
+                               "one serving (the reason is logged, returned by /admin/swap and shown in /metadata).",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     sv.add_argument("run", help="run directory written by `twotower train` (with RUN/index if `twotower index` built one)")
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
@@ -430,6 +447,13 @@ def add_serve_parser(sub) -> None:
     sv.add_argument("--max-batch", type=int, default=64, help="most concurrent requests computed together (default 64)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn's log level (default info: start-up and errors; debug adds one line per request)")
+    sw = sv.add_argument_group("model swaps")
+    sw.add_argument("--watch", action="store_true", help="reload when RUN changes: a symlink switched to another run "
+                    "directory, or a new manifest or index in it")
+    sw.add_argument("--watch-interval", type=float, default=2.0, metavar="S", help="seconds between looks at RUN (default 2)")
+    sw.add_argument("--admin-token-file", metavar="FILE", help="enable POST /admin/swap for requests that send "
+                    "'Authorization: Bearer TOKEN', TOKEN the first line of FILE (at least 16 characters)")
+    sw.add_argument("--admin-token-from-env", action="store_true", help="the same, with the token in $TWOTOWER_ADMIN_TOKEN")
     sv.set_defaults(func=cmd_serve)
 
 
