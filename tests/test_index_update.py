@@ -266,3 +266,17 @@ def test_cli_update_add_replace_remove(grown_run, tmp_path, capsys):
     assert "rebuild_share" in capsys.readouterr().err
     assert main(["index", str(path), "--add-new", "--sample-users", "100"]) == 0  # the other 290 admitted items
     assert json.loads((path / "index" / "index.json").read_text())["items_present"] == 3300 - 2
+
+
+def test_update_into_another_folder_leaves_the_source_as_it_was(grown_run, tmp_path):
+    """What a command rewriting a whole run directory at once uses: the updated index written where
+    it says (its staging area), the index it started from untouched."""
+    from twotower.index.run_index import load_run_index, update_run_index
+    from twotower.run import Run
+
+    path, x, users, counts = grown_run
+    before = {p.name: p.read_bytes() for p in (path / "index").iterdir()}
+    run = Run(path)
+    update_run_index(run, add_new=True, out=tmp_path / "staged-index", sample=100, log=lambda m: None)
+    assert {p.name: p.read_bytes() for p in (path / "index").iterdir()} == before
+    assert load_run_index(run, tmp_path / "staged-index").size == 3300

@@ -246,8 +246,8 @@ def _tower_vectors(run, items: np.ndarray, given, what: str) -> np.ndarray:
 
 
 def update_run_index(run, add=None, replace=None, remove=None, add_vectors=None, replace_vectors=None,
-                     add_new: bool = False, folder: str | Path | None = None, rebuild_share: float | None = None,
-                     sample: int = 1000, seed: int = 0, log=None) -> ItemIndex:
+                     add_new: bool = False, folder: str | Path | None = None, out: str | Path | None = None,
+                     rebuild_share: float | None = None, sample: int = 1000, seed: int = 0, log=None) -> ItemIndex:
     """Update the saved index of ``run`` without rebuilding it, then measure recall against exact
     search on real users and save (``index.json`` records the update and the recall after it).
 
@@ -258,7 +258,9 @@ def update_run_index(run, add=None, replace=None, remove=None, add_vectors=None,
     run's item tower unless given (``add_vectors`` / ``replace_vectors``: float32 ``[m, d]`` in the
     order of the ids). Popularity comes from the run's item counts (count 0 for an item admitted
     without one). The new version is written beside the old one and swapped in whole, so a server
-    watching the folder never reads half of it (``index_folder``)."""
+    watching the folder never reads half of it (``index_folder``); with ``out``, it is written
+    there instead (a new folder, e.g. the index folder of a run directory being rewritten) and
+    ``folder`` is left as it was."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     final = Path(folder) if folder is not None else run.dir.index_dir
     t0 = time.perf_counter()
@@ -282,7 +284,8 @@ def update_run_index(run, add=None, replace=None, remove=None, add_vectors=None,
     log(f"index: {done['added']:,} added, {done['replaced']:,} replaced, {done['removed']:,} removed in "
         f"{done['seconds']:.1f}s" + (" (rebuilt: dead entries passed the rebuild share)" if done["rebuilt"] else "")
         + f"; {idx.size:,} items searchable")
-    staging = artifacts.staging_dir(final, META_FILE)
+    staging = artifacts.staging_dir(final, META_FILE) if out is None else Path(out)
+    staging.mkdir(parents=True, exist_ok=True)
     if (src / PARQUET).is_file():  # keep the Parquet export in step when the folder has one
         save_embeddings(staging, run.items.ids[: len(emb)], emb)
     else:
@@ -292,12 +295,13 @@ def update_run_index(run, add=None, replace=None, remove=None, add_vectors=None,
     extra["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     extra["update_load_seconds"] = load_s
     tune_measure_save(run, idx, staging, False, sample, seed, log, extra, say_saved=False)
-    artifacts.replace_dir(staging, final)
+    if out is None:
+        artifacts.replace_dir(staging, final)
     m = idx.info.get("measured", {})
     if any(m.get(f"recall@{k}", 1.0) < idx.params.target_recall for k in (10, 100)):
         log(f"index: recall after the update is below the target {idx.params.target_recall}; tune the search knob "
             f"again with `twotower index {run.path} --retune`")
-    log(f"index: saved to {final}")
+    log(f"index: saved to {final if out is None else out}")
     return idx
 
 
