@@ -44,7 +44,8 @@ KEEP_ALIVE = 4.0  # seconds a client connection may sit idle and be reused (uvic
 
 
 # ---- client mode (runs pinned to its own core) --------------------------------------------------
-async def _client(host: str, port: int, bodies: list[bytes], rate: float, duration: float, max_conns: int) -> dict:
+async def _client(host: str, port: int, bodies: list[bytes], rate: float, duration: float, max_conns: int,
+                  health: bool = False) -> dict:
     loop = asyncio.get_running_loop()
     n = int(rate * duration)
     due = np.empty(n)
@@ -82,8 +83,11 @@ async def _client(host: str, port: int, bodies: list[bytes], rate: float, durati
         reader, writer = conn
         body = bodies[i % len(bodies)]
         sent[i] = time.perf_counter()
-        writer.write(b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                     % (len(body), body))
+        if health:
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        else:
+            writer.write(b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
             status[i] = int(head[9:12])
@@ -150,7 +154,7 @@ async def _client(host: str, port: int, bodies: list[bytes], rate: float, durati
 
 def client_main(args) -> int:
     bodies = [json.dumps({"user": u, "k": args.k}).encode() for u in json.loads(Path(args.users_file).read_text())]
-    res = asyncio.run(_client("127.0.0.1", args.port, bodies, args.rate, args.duration, args.connections))
+    res = asyncio.run(_client("127.0.0.1", args.port, bodies, args.rate, args.duration, args.connections, args.health))
     Path(args.out).write_text(json.dumps(res))
     return 0
 
@@ -183,14 +187,16 @@ def start_server(run: Path, port: int, core: int, extra: list[str], log) -> subp
     raise RuntimeError("server did not start in 600 s")
 
 
-def run_level(port: int, core: int, users_file: str, rate: float, duration: float, k: int, connections: int, pid: int) -> dict:
+def run_level(port: int, core: int, users_file: str, rate: float, duration: float, k: int, connections: int, pid: int,
+              health: bool = False) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     try:
         cpu0, t0 = cpu_seconds(pid), time.time()
         subprocess.run(["taskset", "-c", str(core), sys.executable, __file__, "--client-mode", "--port", str(port),
                         "--users-file", users_file, "--rate", str(rate), "--duration", str(duration), "-k", str(k),
-                        "--connections", str(connections), "--out", out], check=True, timeout=duration + 300)
+                        "--connections", str(connections), "--out", out] + (["--health"] if health else []),
+                       check=True, timeout=duration + 300)
         cpu = cpu_seconds(pid) - cpu0
         res = json.loads(Path(out).read_text())
     finally:
@@ -223,6 +229,51 @@ def level_summary(res: dict, rate: float, duration: float) -> dict:
               "server_cpu_utilisation": res["server_cpu_s"] / res["wall_s"],
               "client_cpu_utilisation": res["client_cpu_s"] / res["wall_s"], "connections": res["connections"]})
     return s
+
+
+def breakdown(run: Path, core: int, k: int, log, n: int = 400) -> dict:
+    """Where a request's server time goes, in this process pinned to the server's core with one
+    thread (before the server starts): the index search alone (one query, k + the user's seen items,
+    as the service asks), the user tower alone, and the serving code for a request (``Recommender``
+    and the JSON of the answer) alone and in micro-batches of 8."""
+    import faiss
+    import torch
+
+    from twotower.serving.query import Query, Recommender
+    from twotower.serving.service import _encode
+
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {core})
+    threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    try:
+        rec = Recommender.load(run)
+        users = np.flatnonzero(rec.run.known.lengths() > 0)
+        users = np.random.default_rng(1).choice(users, min(n, len(users)), replace=False)
+        raw = rec.run.users.decode(users).tolist()
+        seen = rec.run.known.lengths()[users]
+        q = rec.index.layout.queries(rec._known_user_vectors(users), 0.0)
+
+        def per_call(fn, reps):
+            fn(0)
+            t = time.perf_counter()
+            for i in range(reps):
+                fn(i)
+            return (time.perf_counter() - t) * 1e3 / reps
+
+        out = {"search_ms": per_call(lambda i: rec.index.search(q[i : i + 1], k + int(seen[i])), len(users)),
+               "user_tower_ms": per_call(lambda i: rec._known_user_vectors(users[i : i + 1]), len(users)),
+               "serving_code_ms": per_call(lambda i: _encode(rec.recommend_many([Query(user=raw[i], k=k)])[0]), len(users)),
+               "serving_code_batch8_ms_per_request": per_call(
+                   lambda i: [_encode(r) for r in rec.recommend_many([Query(user=u, k=k) for u in raw[8 * i : 8 * i + 8]])],
+                   len(users) // 8) / 8}
+    finally:
+        torch.set_num_threads(threads[0])
+        faiss.omp_set_num_threads(threads[1])
+        os.sched_setaffinity(0, before)
+    log("breakdown (one core, one thread): " + ", ".join(f"{k} {v:.3f}" for k, v in out.items()))
+    return out
 
 
 def swap_phase(port: int, args, users_file: str, pid: int, token: str, runs: list[str], log) -> dict:
@@ -282,6 +333,16 @@ def markdown(results: list[dict]) -> str:
                          f"**{r['p99_ms']:.2f}** | {r['p999_ms']:.2f} | {r['max_ms']:.1f} | {r['non_2xx']} | "
                          f"**{r['server_cpu_ms_per_request']:.2f}** | {100 * r['server_cpu_utilisation']:.0f} % | "
                          f"{r['dispatch_lag_p99_ms']:.2f} |")
+        b = res.get("breakdown")
+        if b:
+            lines += ["", "Where the server's time goes (one core, one thread; in-process, before the server starts; "
+                          "the HTTP stack from `GET /health` at the middle rate):", "",
+                      "| part | ms |", "| --- | --- |",
+                      f"| index search alone (k + the user's seen items) | {b['search_ms']:.3f} |",
+                      f"| user tower alone | {b['user_tower_ms']:.3f} |",
+                      f"| serving code for one request (Recommender + JSON of the answer; includes the two above) | {b['serving_code_ms']:.3f} |",
+                      f"| the same per request, in micro-batches of 8 | {b['serving_code_batch8_ms_per_request']:.3f} |",
+                      f"| HTTP stack per request (server CPU for `GET /health`) | {b.get('http_health_cpu_ms_per_request', float('nan')):.3f} |"]
         sw = res.get("swap")
         if sw:
             a, d, o = sw["all"], sw["during_swaps"], sw["outside_swaps"]
@@ -319,6 +380,7 @@ def main(argv=None) -> int:
     p.add_argument("--server-core", type=int, default=1)
     p.add_argument("--client-core", type=int, default=0)
     p.add_argument("--serve-args", default="", help="extra arguments for `twotower serve`")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the measurement of where a request's time goes")
     p.add_argument("--swap-to", metavar="RUN2", help="also swap the model to RUN2 and back, three times, under load")
     p.add_argument("--swaps", type=int, default=3)
     p.add_argument("--swap-rate", type=float, default=200.0)
@@ -334,6 +396,7 @@ def main(argv=None) -> int:
     p.add_argument("--users-file", help=argparse.SUPPRESS)
     p.add_argument("--rate", type=float, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--health", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.client_mode:
         return client_main(args)
@@ -367,6 +430,7 @@ def main(argv=None) -> int:
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     load = os.getloadavg()
     log(uptime)
+    parts = breakdown(run, args.server_core, args.k, log) if not args.no_breakdown else None
     port = free_port()
     proc = start_server(run, port, args.server_core, extra, log)
     try:
@@ -381,6 +445,14 @@ def main(argv=None) -> int:
             log(f"{rate:>5g} req/s: p50 {s['p50_ms']:.2f} ms, p90 {s['p90_ms']:.2f}, p99 {s['p99_ms']:.2f}, max {s['max_ms']:.1f}; "
                 f"server CPU {s['server_cpu_ms_per_request']:.2f} ms/request ({100 * s['server_cpu_utilisation']:.0f} % of its core); "
                 f"{s['non_2xx']} non-2xx; dispatch lag p99 {s['dispatch_lag_p99_ms']:.2f} ms")
+        if parts is not None:  # the HTTP stack alone: GET /health at the middle rate
+            rate = args.rates[len(args.rates) // 2]
+            res = run_level(port, args.client_core, users_file, rate, min(args.duration, 10), args.k, args.connections,
+                            proc.pid, health=True)
+            h = level_summary(res, rate, min(args.duration, 10))
+            parts["http_health_cpu_ms_per_request"] = h["server_cpu_ms_per_request"]
+            parts["http_health_p50_ms"] = h["p50_ms"]
+            log(f"GET /health at {rate:g} req/s: server CPU {h['server_cpu_ms_per_request']:.3f} ms per request, p50 {h['p50_ms']:.2f} ms")
         swap = None
         if args.swap_to:
             swap = swap_phase(port, args, users_file, proc.pid, token, [str(run), str(args.swap_to)], log)
@@ -404,6 +476,7 @@ def main(argv=None) -> int:
         f" --serve-args \"{args.serve_args}\"" if args.serve_args else "")
     res = {"catalog": "synthetic clustered" if not args.run else f"{meta['dataset']['name']} (trained run)", "slug": slug,
            "n_items": meta["counts"]["items"], "k": args.k, "index": meta["index"], "levels": levels, "swap": swap,
+           "breakdown": parts,
            "server_core": args.server_core, "client_core": args.client_core, "server_stack": stack, "command": cmd,
            "machine": machine(), "load_before": f"{load[0]:.1f}", "uptime_before": uptime,
            "uptime_after": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
