@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -136,7 +137,7 @@ def test_three_swaps_under_concurrent_requests_drop_nothing(runs):
     with Server(_app(runs["A"])) as s, httpx.Client(base_url=s.url, timeout=60) as c:
         meta = c.get("/metadata").json()["serving"]
         assert meta["generation"] == 0 and meta["weights_sha256"] == RunDir(runs["A"]).model_digest()
-        assert meta["run"] == str(runs["A"]) and meta["loaded_at"]
+        assert meta["run"] == "A" and meta["loaded_at"]  # names, not where they lie on the server
 
         def swaps():
             out = []
@@ -156,7 +157,7 @@ def test_three_swaps_under_concurrent_requests_drop_nothing(runs):
         meta = c.get("/metadata").json()
         assert meta["serving"]["weights_sha256"] == RunDir(runs["B"]).model_digest()
         assert meta["serving"]["swaps"] == 3 and meta["serving"]["last_swap"]["ok"]
-        assert meta["run"] == str(runs["B"])  # the model's own metadata moved with it
+        assert Path(meta["run"]).name == "B"  # the model's own metadata moved with it
         r = c.post("/recommend", json={"user": USERS[0], "k": 10})
         assert [x["item"] for x in r.json()["items"]] == want["B"][USERS[0]]
 
@@ -204,7 +205,8 @@ def test_a_broken_run_never_takes_the_service_down(runs, tmp_path):
         assert all(items == want[u] for _, u, items in answers if u)  # the old model answered throughout
         meta = c.get("/metadata").json()["serving"]
         assert meta["generation"] == 0 and meta["weights_sha256"] == RunDir(runs["A"]).model_digest()
-        assert meta["last_swap"]["ok"] is False and "not a directory" in meta["last_swap"]["error"]
+        assert meta["last_swap"]["ok"] is False and meta["last_swap"]["run"] == "nowhere"
+        assert "error" not in meta["last_swap"]  # it names files on the server: in the log and the admin answer only
         assert sum("failed, still serving" in m for m in logs) == len(done)
         assert c.post("/admin/swap", json={"run": str(runs["B"])}, headers=AUTH).status_code == 200  # and recovers
 
@@ -223,7 +225,7 @@ def test_the_admin_route_needs_its_token(runs, monkeypatch, tmp_path):
         r = c.post("/admin/swap", json={"run": str(runs["B"]), "model": "x"}, headers=AUTH)
         assert r.status_code == 422 and "run, index" in r.json()["detail"]
         assert c.post("/admin/swap", headers=AUTH).status_code == 200  # no body: reload the run being served
-        assert c.get("/metadata").json()["serving"]["run"] == str(runs["A"])
+        assert c.get("/metadata").json()["serving"]["run"] == "A"
         assert "/admin/swap" not in c.get("/openapi.json").text
     # where the token comes from
     f = tmp_path / "token"
@@ -302,7 +304,7 @@ def test_a_watched_symlink_and_an_index_updated_in_place_are_picked_up(runs, tmp
     logs = []
     with Server(_app(current, logs, token=None, watch=True, interval=0.1)) as s, httpx.Client(base_url=s.url, timeout=30) as c:
         serving = lambda: c.get("/metadata").json()["serving"]  # noqa: E731
-        assert serving()["run_resolved"] == str((live / "v1").resolve())
+        assert serving()["run"] == "current" and serving()["run_resolved"] == "v1"
         stop, answers = threading.Event(), []
         t = threading.Thread(target=lambda: asyncio.run(_hammer(s.url, stop, answers, clients=4)), daemon=True)
         t.start()
@@ -311,7 +313,7 @@ def test_a_watched_symlink_and_an_index_updated_in_place_are_picked_up(runs, tmp
             assert _wait_for(lambda: serving()["weights_sha256"] == RunDir(live / "v2").model_digest())
             point("v3")  # broken: logged, not served, not retried
             assert _wait_for(lambda: serving()["last_swap"]["ok"] is False)
-            assert serving()["run_resolved"] == str((live / "v2").resolve()) and "index.faiss" in serving()["last_swap"]["error"]
+            assert serving()["run_resolved"] == "v2" and any("index.faiss" in m for m in logs)
             time.sleep(0.5)
             assert serving()["swaps"] == 1 and sum("failed" in m for m in logs) == 1
             point("v2")  # a change of target again: loaded (the same run as before the broken one)
@@ -347,7 +349,7 @@ def test_serve_command_with_an_admin_token_file(runs, tmp_path):
         assert _wait_for(lambda: proc.poll() is None and _ok(f"{url}/health"), 60), proc.stdout.read() if proc.poll() else ""
         r = httpx.post(f"{url}/admin/swap", json={"run": str(runs["B"])}, headers=AUTH, timeout=60)
         assert r.status_code == 200 and r.json()["serving"]["generation"] == 1
-        assert json.loads(httpx.get(f"{url}/metadata").text)["serving"]["run"] == str(runs["B"])
+        assert json.loads(httpx.get(f"{url}/metadata").text)["serving"]["run"] == "B"
     finally:
         proc.terminate()
         proc.wait(timeout=10)

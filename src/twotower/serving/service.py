@@ -376,8 +376,8 @@ def add_admin_routes(app: FastAPI, swapper: Swapper, token: str) -> None:
             return _error(409, str(e))
         if not record.ok:
             return JSONResponse({"detail": f"could not load {record.run}: {record.error}; still serving "
-                                           f"{slot.current.serving['run']}", "serving": slot.describe()}, 422)
-        return JSONResponse({"status": "swapped", "seconds": round(record.seconds, 3), "serving": slot.describe()})
+                                           f"{slot.current.path}", "serving": slot.describe(public=False)}, 422)
+        return JSONResponse({"status": "swapped", "seconds": round(record.seconds, 3), "serving": slot.describe(public=False)})
 
 
 def _coerce_item(recommender: Recommender, item: str):

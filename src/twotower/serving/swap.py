@@ -61,29 +61,33 @@ def now() -> str:
 
 @dataclass(frozen=True)
 class Served:
-    """One loaded model as the handlers see it; never changed after it is made."""
+    """One loaded model as the handlers see it; never changed after it is made. ``path`` is the run
+    path as given (what a reload loads again); ``serving`` what ``/metadata`` says of it: names, not
+    where they lie on the server."""
 
     recommender: Recommender
     catalog: Catalog
     metadata: dict
     serving: dict
+    path: str
 
     @classmethod
     def of(cls, recommender: Recommender, run_arg: str | Path | None = None, index_arg: str | Path | None = None,
            generation: int = 0) -> "Served":
         run = recommender.run
         info = recommender.index.info
+        path = str(run_arg if run_arg is not None else run.path)
         serving = {
-            "run": str(run_arg if run_arg is not None else run.path),
-            "run_resolved": os.path.realpath(run.path),
-            "index": None if index_arg is None else str(index_arg),
+            "run": Path(path).name,
+            "run_resolved": Path(os.path.realpath(run.path)).name,  # where a symbolic link points
+            "index": None if index_arg is None else Path(index_arg).name,
             "weights_sha256": run.dir.model_digest(),
             "index_sha256": info.get("index_sha256"),
             "index_saved": info.get("saved", True),
             "loaded_at": now(),
             "generation": generation,
         }
-        return cls(recommender, Catalog(recommender), recommender.metadata(), serving)
+        return cls(recommender, Catalog(recommender), recommender.metadata(), serving, path)
 
 
 @dataclass
@@ -162,8 +166,14 @@ class SwapRecord:
     error: str | None = None
     generation: int | None = None
 
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("at", "run", "by", "ok", "seconds", "error", "generation")}
+    def to_dict(self, public: bool = False) -> dict:
+        """The record; ``public``: for ``/metadata``, the run by name and without the error text
+        (which names files on the server: the log and the admin response have it)."""
+        out = {k: getattr(self, k) for k in ("at", "run", "by", "ok", "seconds", "error", "generation")}
+        if public:
+            out["run"] = Path(self.run).name
+            del out["error"]
+        return out
 
 
 @dataclass
@@ -176,9 +186,11 @@ class ModelSlot:
     last: SwapRecord | None = None
     history: list = field(default_factory=list)
 
-    def describe(self) -> dict:
-        """The ``serving`` block of ``/metadata``: what serves now, and how the last swap went."""
-        return {**self.current.serving, "swaps": self.swaps, "last_swap": None if self.last is None else self.last.to_dict()}
+    def describe(self, public: bool = True) -> dict:
+        """The ``serving`` block of ``/metadata``: what serves now, and how the last swap went
+        (``public=False``: with the failure's reason, for the admin response)."""
+        last = None if self.last is None else self.last.to_dict(public)
+        return {**self.current.serving, "swaps": self.swaps, "last_swap": last}
 
 
 def warm(recommender: Recommender, users: int = 32) -> None:
@@ -248,7 +260,7 @@ class Swapper:
         """Load ``run`` (default: the run path being served) and serve it. Raises ``SwapBusy`` while
         another swap loads; any other failure is recorded, logged and returned (``ok`` false) and
         the old model keeps serving."""
-        run = str(run if run is not None else self.slot.current.serving["run"])
+        run = str(run if run is not None else self.slot.current.path)
         if not self._lock.acquire(blocking=False):
             raise SwapBusy(f"a swap is already loading {self.loading[0]} (since {self.loading[1]}); try again when it ends")
         t0 = time.perf_counter()
@@ -260,7 +272,7 @@ class Swapper:
             except Exception as e:  # whatever went wrong, the old model keeps serving
                 reason = str(e) if isinstance(e, (TwotowerError, OSError)) else f"{type(e).__name__}: {e}"
                 record = self._record(SwapRecord(now(), run, by, False, time.perf_counter() - t0, reason))
-                self.log(f"swap to {run} failed, still serving {old.serving['run']} "
+                self.log(f"swap to {run} failed, still serving {old.path} "
                          f"(generation {old.serving['generation']}): {reason}")
                 return record
             self.slot.current = new  # the one assignment the handlers see
