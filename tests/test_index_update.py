@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from _mf_runs import clustered, write_mf_run
 from twotower.errors import ArtifactError, ConfigError
