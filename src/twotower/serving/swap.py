@@ -7,7 +7,8 @@ on a thread of its own, warms them (a few queries of every kind, so the first re
 swap do not pay for first use), and only then replaces ``current`` in one assignment: requests
 being computed finish on the old model, the next ones use the new one, and nothing is refused or
 paused. A load that fails (a corrupted manifest, a missing index, weights that do not match) leaves
-the old model serving and says why: in the log, in the admin response and in ``/metadata``.
+the old model serving and says why in the log and the admin response (``/metadata`` says that the
+last swap failed, not why: the reason names files on the server).
 
 Two ways to ask for a swap, both off unless ``twotower serve`` is told:
 
