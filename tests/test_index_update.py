@@ -279,3 +279,32 @@ def test_update_into_another_folder_leaves_the_source_as_it_was(grown_run, tmp_p
     update_run_index(run, add_new=True, out=tmp_path / "staged-index", sample=100, log=lambda m: None)
     assert {p.name: p.read_bytes() for p in (path / "index").iterdir()} == before
     assert load_run_index(run, tmp_path / "staged-index").size == 3300
+
+
+def test_an_admission_staging_a_new_run_directory_updates_the_old_index_into_it(tmp_path):
+    """The flow of a command that admits items by writing a grown copy of the run (a staging
+    directory) and committing it whole: the old run's index read, the new items added with the
+    vectors the command computed, the result written into the staging directory's index folder."""
+    from twotower.index.run_index import build_run_index, load_run_index, update_run_index
+    from twotower.run import Run
+    from twotower.serving.query import Query, Recommender
+
+    x, users = _catalog(n=2200, q=200)
+    counts = np.r_[np.random.default_rng(3).zipf(1.5, 2000).astype(np.int64) - 1, np.zeros(200, np.int64)]
+    old = write_mf_run(tmp_path / "run", x[:2000], users, counts[:2000])
+    build_run_index(Run(old), IndexParams(kind="hnsw", M=16, ef_search=64), sample=100, progress=False, log=lambda m: None)
+    before = {p.name: p.read_bytes() for p in (old / "index").iterdir()}
+    staged = write_mf_run(tmp_path / "staged", x, users, counts)  # the grown run, not yet committed
+    new_raw = np.arange(2000, 2200) * 10
+    idx = update_run_index(Run(staged), add=new_raw, add_vectors=x[2000:], folder=old / "index", out=staged / "index",
+                           sample=100, log=lambda m: None)
+    assert idx.size == 2200 and {p.name: p.read_bytes() for p in (old / "index").iterdir()} == before
+    assert load_run_index(Run(staged)).size == 2200  # the staged run's own index, as serving loads it
+    rec = Recommender.load(Run(staged))
+    # a new item is a query and a result at once: its neighbours by <g(i), g(j)> over all 2,200 items
+    got = rec.run.items.encode(rec.similar(int(new_raw[0]), k=10).items)
+    s = x @ x[2000]
+    s[2000] = -np.inf
+    assert recall_at(got[None, :], np.argsort(-s)[None, :10], 10) >= 0.9
+    res = rec.recommend_many([Query(user=int(u), k=20, alpha=1.0, exclude_seen=False) for u in range(1000, 1100)])
+    assert any((np.asarray(r.items) >= 20000).any() for r in res)  # new items come back (count 0: log p = -log D')
