@@ -322,7 +322,12 @@ def markdown(results: list[dict]) -> str:
              "requests sent on a clock at a fixed rate and latency measured from each request's due time, so time spent "
              "queueing (in the server or for a connection) counts. `POST /recommend` `{\"user\": U, \"k\": 100}` for random "
              "known users (seen items excluded). Server CPU per request: growth of the server process's utime + stime "
-             "(every thread) over the level, divided by the requests answered. `benchmarks/open_loop.py`.", ""]
+             "(every thread) over the level, divided by the requests answered. `benchmarks/open_loop.py`.", "",
+             "One command measures every figure below on a quiet machine (about 4 minutes once the runs exist; "
+             "`--prepare-only` writes and indexes the 1M-item synthetic run first, about 6 minutes): "
+             "`flock /tmp/twotower-bench.lock .venv/bin/python benchmarks/open_loop.py --run synthetic runs/gowalla` "
+             "(`runs/gowalla`: `twotower train configs/gowalla.toml --out runs/gowalla`, then `twotower index runs/gowalla`). "
+             "The three swaps run under load on the first run, to a hard-linked twin of it and back.", ""]
     for res in results:
         idx = res["index"]
         m = idx.get("measured", {})
