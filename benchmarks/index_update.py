@@ -110,6 +110,12 @@ def bench(name: str, items: np.ndarray, n_base: int, log_p: np.ndarray, users: n
             "kinds": {k: bench_kind(k, x, n_base, removed, q, layout, rounds.get(k, 1), target, n_single, log) for k in kinds}}
 
 
+def verdict(kind: str, r: dict) -> str:
+    if kind == "flat":  # the time criterion cannot apply (the section's text says why)
+        return f"recall {'yes' if abs(r['recall100_difference']) <= 0.01 else 'no'}; time n/a"
+    return "yes" if r["accepted"] else "no"
+
+
 def markdown(results: list[dict]) -> str:
     lines = ["<!-- index-update:begin -->", "## Index updates against fresh builds", "",
              "Add 10 % new items and remove 5 % of the base (`ItemIndex.update`: `add_with_ids` / `remove_ids` for flat "
@@ -118,7 +124,10 @@ def markdown(results: list[dict]) -> str:
              "IVF's lists trained on the base). Recall against exact search over the final items, on the same queries; "
              "times are FAISS wall-clock with both cores, update and fresh build interleaved (medians over rounds); "
              "single-query latency with one thread. Acceptance: recall@100 within 0.01 of the fresh build, update time "
-             "at most a quarter of the build's.", ""]
+             "at most a quarter of the build's. Flat is shown for its recall only: its build is one copy of the vectors, and "
+             "an update copies them once as well (the arrays are never written in place: a server may be reading them), so "
+             "no update can cost a quarter of a build; the time criterion is for the kinds whose build trains lists or "
+             "links a graph (IVF, HNSW, the kinds chosen for large catalogs).", ""]
     for res in results:
         lines += [f"### {res['catalog']}", "", "```bash", res["command"], "```", "",
                   f"Machine: {res['machine']}; load average before: {res.get('load_before', '?')}. {res.get('note', '')}", "",
@@ -131,7 +140,7 @@ def markdown(results: list[dict]) -> str:
                          f"{r['fresh_build_s_median']:.2f} | **{r['ratio_median']:.3f}** ({len(r['rounds'])} round"
                          f"{'s' if len(r['rounds']) > 1 else ''}) | {ru['recall@100']:.4f} | {rf['recall@100']:.4f} | "
                          f"**{r['recall100_difference']:+.4f}** | {ru['recall@10']:.4f} / {rf['recall@10']:.4f} | "
-                         f"{r['ms_p50_updated']:.3f} / {r['ms_p50_fresh']:.3f} | {'yes' if r['accepted'] else 'no'} |")
+                         f"{r['ms_p50_updated']:.3f} / {r['ms_p50_fresh']:.3f} | {verdict(k, r)} |")
         lines.append("")
     lines += ["Result files: `benchmarks/results/index-update-<catalog>.json`.", "<!-- index-update:end -->"]
     return "\n".join(lines)
