@@ -129,7 +129,8 @@ def markdown(results: list[dict]) -> str:
              "no update can cost a quarter of a build; the time criterion is for the kinds whose build trains lists or "
              "links a graph (IVF, HNSW, the kinds chosen for large catalogs).", ""]
     for res in results:
-        lines += [f"### {res['catalog']}", "", "```bash", res["command"], "```", "",
+        kinds = "" if sorted(res["kinds"]) == sorted(KINDS) else f" ({', '.join(res['kinds'])})"
+        lines += [f"### {res['catalog']}{kinds}", "", "```bash", res["command"], "```", "",
                   f"Machine: {res['machine']}; load average before: {res.get('load_before', '?')}. {res.get('note', '')}", "",
                   "| kind | knob | items: base + new - removed | update (s) | fresh build (s) | update / build | recall@100 updated | recall@100 fresh | difference | recall@10 updated / fresh | ms/query updated / fresh | accepted |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -148,7 +149,7 @@ def markdown(results: list[dict]) -> str:
 
 def render(out_dir: Path, doc: Path) -> None:
     every = [json.loads(f.read_text()) for f in sorted(out_dir.glob("index-update-*.json"))]
-    every.sort(key=lambda r: r["slug"] != "synthetic")
+    every.sort(key=lambda r: (not r["slug"].startswith("synthetic"), r["slug"]))
     write_section(doc, markdown(every), "<!-- index-update:begin -->", "<!-- index-update:end -->")
 
 
@@ -213,7 +214,9 @@ def main(argv=None) -> int:
         f" --kinds {' '.join(args.kinds)}" if args.kinds != ["flat", "ivf", "hnsw"] else "") + (
         f" --rounds {args.rounds}" if args.rounds != 3 else "") + (f" --hnsw-rounds {args.hnsw_rounds}" if args.hnsw_rounds != 1 else "")
     out_dir = Path(args.out_dir)
-    for res in results:
+    for res in results:  # a subset of the kinds gets a file of its own: it never replaces the others' figures
+        if sorted(args.kinds) != sorted(KINDS):
+            res["slug"] += "-" + "-".join(args.kinds)
         res["command"], res["machine"], res["load_before"] = cmd, machine(), f"{load[0]:.1f}"
         res["uptime_before"], res["uptime_after"] = uptime, subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         artifacts.write_json(out_dir / f"index-update-{res['slug']}.json", res)

@@ -331,7 +331,8 @@ def markdown(results: list[dict]) -> str:
     for res in results:
         idx = res["index"]
         m = idx.get("measured", {})
-        knob = {k: v for k, v in idx["params"].items() if k in ("M", "ef_search", "nlist", "nprobe") and v is not None}
+        names = {"hnsw": ("M", "ef_search"), "ivf": ("nlist", "nprobe"), "ivfpq": ("nlist", "nprobe", "pq_m", "refine")}
+        knob = {k: v for k, v in idx["params"].items() if k in names.get(idx["kind"], ()) and v is not None}
         lines += [f"### {res['catalog']}: {res['n_items']:,} items, top-{res['k']}, {idx['kind'].upper()}", "", "```bash",
                   res["command"], "```", "",
                   f"Machine: {res['machine']}; server on core {res['server_core']}, client on core {res['client_core']}; "
