@@ -215,6 +215,8 @@ def main(argv=None) -> int:
         f" --rounds {args.rounds}" if args.rounds != 3 else "") + (f" --hnsw-rounds {args.hnsw_rounds}" if args.hnsw_rounds != 1 else "")
     out_dir = Path(args.out_dir)
     for res in results:  # a subset of the kinds gets a file of its own: it never replaces the others' figures
+        if res["slug"] == "synthetic" and args.items != 1_000_000:
+            res["slug"] += f"-{args.items}"
         if sorted(args.kinds) != sorted(KINDS):
             res["slug"] += "-" + "-".join(args.kinds)
         res["command"], res["machine"], res["load_before"] = cmd, machine(), f"{load[0]:.1f}"
