@@ -5,6 +5,7 @@ by hand; malformed feature input refused with one message and exit code 2 at tra
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -598,3 +599,60 @@ def test_a_feature_item_tower_places_items_that_ids_never_saw():
     chance = 10 / 80
     assert recalls["features"] > 2 * chance and recalls["features"] > 1.8 * recalls["ids"], recalls
     assert recalls["ids"] < 1.6 * chance, recalls
+
+
+# ---- the named datasets' features --------------------------------------------------------------------
+def test_movielens_100k_has_every_kind(data_dir):
+    """configs/ml-100k-features.toml reads genres (lists), titles (text), the release year (numeric,
+    missing where the date is), the age as a number, zip codes and each rating's hour and weekday."""
+    from twotower.config import RunConfig
+    from twotower.data.sources import load_dataset
+
+    cfg = RunConfig.load(Path(__file__).resolve().parents[1] / "configs" / "ml-100k-features.toml")
+    kinds = {s.kind for t in ("item", "user", "context") for s in cfg.features.tower(t)}
+    assert kinds == {"categorical", "multi_categorical", "numeric", "text"} and cfg.model.user_history
+    ds = load_dataset(cfg, data_dir)
+    items, users = ds.item_features, ds.user_features
+    toy = ds.items.encode([1])[0]
+    assert items.dense["title"][toy] == "Toy Story (1995)" and items.dense["year"][toy] == 1995.0
+    assert np.isnan(items.dense["year"][ds.items.encode([267])[0]])  # the film without a release date
+    u1 = ds.users.encode([1])[0]
+    assert users.dense["age"][u1] == 24.0 and users.rows["zip"].row(u1).size == 1
+    assert set(ds.train.context["weekday"]) <= {"Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"}
+    assert set(ds.test.context["hour"]) <= {str(h) for h in range(24)} and len(ds.test.context["hour"]) == len(ds.test)
+    # a rating's context is its own: hour of its timestamp (UTC)
+    k = 0
+    assert ds.train.context["hour"][k] == str(int(ds.train.timestamps[k]) // 3600 % 24)
+    # fitted on training rows only: the users of the training split
+    assert items.fit_rows.sum() == len(np.unique(ds.train.items)) and users.fit_rows.sum() == len(np.unique(ds.train.users))
+
+
+def test_grocery_has_categories_and_the_weekday(data_dir):
+    from twotower.config import RunConfig
+    from twotower.data.sources import load_dataset
+
+    cfg = RunConfig.from_dict({"data": {"dataset": "grocery", "split": "temporal"},
+                               "features": {"item": [{"name": "i_category", "kind": "categorical"}],
+                                            "context": [{"name": "weekday", "kind": "categorical", "derive": "weekday"}]}})
+    ds = load_dataset(cfg, data_dir)
+    assert ds.item_features.kinds() == {"i_category": "categorical"}
+    assert set(ds.test.context["weekday"]) <= {"Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"}
+    assert len(set(ds.train.context["weekday"])) == 7
+
+
+@pytest.mark.slow
+def test_a_refit_keeps_the_fitted_state_the_run_directory_holds(tmp_path):
+    """train.refit retrains on train + validation; the encoders it builds fit the same state as the
+    first model's (the training split's), so the run directory's features describe the final weights."""
+    from twotower.api import train
+    from twotower.config import RunConfig
+    from twotower.run import Run
+    from twotower.model.towers import embed_items
+
+    _files(tmp_path)
+    cfg = RunConfig.load(_config(tmp_path), ["train.refit=true"])
+    result = train(cfg, tmp_path / "run", quiet=True, log=lambda m: None)
+    run = Run(tmp_path / "run")
+    state, back = result.model.feature_state(), run.model.feature_state()
+    assert back.meta == json.loads(json.dumps(state.meta))
+    torch.testing.assert_close(embed_items(run.model), embed_items(result.model))
