@@ -656,3 +656,22 @@ def test_a_refit_keeps_the_fitted_state_the_run_directory_holds(tmp_path):
     state, back = result.model.feature_state(), run.model.feature_state()
     assert back.meta == json.loads(json.dumps(state.meta))
     torch.testing.assert_close(embed_items(run.model), embed_items(result.model))
+
+
+def test_new_entities_join_every_kinds_table_as_encode_places_them(trained):
+    """``FeatureSet.extended`` (admitting items to a trained run) appends a row per new item to each
+    encoder's per-entity table: looked up, the new rows are what ``encode`` gives for the same values."""
+    from twotower.features.encoders import FeatureSet
+
+    run = _run(trained)
+    feats = run.model.item_tower.features
+    fitted, unknown = feats.extended([ITEM, {**OTHER_ITEM, "cat": "never seen"}])
+    assert unknown == [{}, {"cat": ["never seen"]}]
+    torch.manual_seed(0)
+    grown = FeatureSet(fitted, 8, 0.1)
+    grown.load_state_dict(feats.state_dict())
+    with torch.no_grad():
+        stored = grown(grown.lookup(torch.tensor([N_ITEMS, N_ITEMS + 1])))
+        encoded = feats(feats.encode([ITEM, {**OTHER_ITEM, "cat": "never seen"}])[0])
+        torch.testing.assert_close(stored, encoded)
+        torch.testing.assert_close(grown(grown.lookup(torch.arange(N_ITEMS))), feats(feats.lookup(torch.arange(N_ITEMS))))

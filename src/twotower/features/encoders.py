@@ -230,6 +230,19 @@ class _Encoder(nn.Module):
         table = self.rows(column)
         return self.take(table, torch.arange(len(raw), device=self.device), True), unknown
 
+    def extended(self, raw: Sequence[Any]) -> tuple[FittedFeature, list[list]]:
+        """The fitted state with a row per new entity appended to the per-entity table (values as
+        ``encode`` takes them; the vocabulary and statistics stay the training data's), and per new
+        entity the values not placed: how entities join a trained run without retraining."""
+        column, unknown = self.column_of(raw)
+        new, old = self.rows(column), self.stored()
+        if "indptr" in new:  # a bag per row: the new rows' offsets continue the table's
+            arrays = {"indptr": torch.cat([old["indptr"].cpu(), old["indptr"][-1].cpu() + new["indptr"][1:].cpu()]),
+                      "codes": torch.cat([old["codes"].cpu(), new["codes"].cpu()])}
+        else:
+            arrays = {k: torch.cat([old[k].cpu(), new[k].cpu()]) for k in old}
+        return FittedFeature(self.name, self.kind, dict(self.meta), arrays), unknown
+
     def from_text(self, text: str):
         """A value written on a command line (``--features name=VALUE``) as the kind takes it."""
         return text
@@ -738,6 +751,20 @@ class FeatureSet(nn.Module):
                 if b:
                     row[e.name] = b
         return out, unknown
+
+    def extended(self, raw: Sequence[Mapping[str, Any] | None]) -> tuple[list[FittedFeature], list[dict[str, list]]]:
+        """Every feature's fitted state with the new entities ``raw`` (one mapping per entity, as for
+        ``encode``) appended to its per-entity table, and per entity ``{feature: [values not placed]}``."""
+        for r in raw:
+            self.check_names(r)
+        fitted, unknown = [], [{} for _ in raw]
+        for e in self.encoders:
+            f, bad = e.extended([(r or {}).get(e.name, ABSENT) for r in raw])
+            fitted.append(f)
+            for row, b in zip(unknown, bad):
+                if b:
+                    row[e.name] = b
+        return fitted, unknown
 
     def categories(self) -> dict[str, list]:
         """The values of each feature that has a vocabulary (what a category filter can name)."""
