@@ -675,3 +675,32 @@ def test_new_entities_join_every_kinds_table_as_encode_places_them(trained):
         encoded = feats(feats.encode([ITEM, {**OTHER_ITEM, "cat": "never seen"}])[0])
         torch.testing.assert_close(stored, encoded)
         torch.testing.assert_close(grown(grown.lookup(torch.arange(N_ITEMS))), feats(feats.lookup(torch.arange(N_ITEMS))))
+
+
+def test_every_encoder_runs_on_plain_tensors_and_exports(trained):
+    """Each encoder's forward takes plain tensors (a Bag's codes and offsets, or one tensor) and
+    exports with ``torch.export`` to the same values, so that the towers can be exported;
+    ``example_input`` gives an input."""
+    from torch import nn
+
+    from twotower.features.encoders import Bag
+
+    class OnTensors(nn.Module):
+        def __init__(self, enc):
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, *x):
+            return self.enc(Bag(*x) if len(x) == 2 else x[0])
+
+    run = _run(trained)
+    encoders = list(run.model.item_tower.features.encoders) + list(run.model.user_tower.features.encoders) \
+        + list(run.model.user_tower.context.encoders)
+    for enc in encoders:
+        x = enc.example_input(3)
+        args = (x.codes, x.offsets) if isinstance(x, Bag) else (x,)
+        with torch.no_grad():
+            out = OnTensors(enc)(*args)
+            assert out.shape == (3, 8) and torch.isfinite(out).all(), enc.name
+            exported = torch.export.export(OnTensors(enc), args)
+            torch.testing.assert_close(exported.module()(*args), out)

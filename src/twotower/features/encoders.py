@@ -247,6 +247,13 @@ class _Encoder(nn.Module):
         """A value written on a command line (``--features name=VALUE``) as the kind takes it."""
         return text
 
+    def example_input(self, n: int):
+        """A valid input of ``n`` rows for ``forward`` (an exporter's example): the first stored
+        entity's values repeated, or a context feature's default."""
+        if self.has_table:
+            return self.lookup(torch.zeros(n, dtype=torch.int64, device=self.device))
+        return self.encode([ABSENT] * n, absent_default=True)[0]
+
     def _missing_or_refuse(self, row: int, what: str = "missing") -> None:
         if self.spec.missing == "error":
             raise FeatureInputError(self.name, f"the value is {what} and this feature refuses missing values "
