@@ -25,6 +25,12 @@ Every kind has the same ways in:
 kind: a code of their own (categorical, text, numeric buckets) or NaN in the input tensor that the
 forward replaces by a learned vector (numeric, vector). ``FeatureSet`` is a tower's features, summed.
 A new kind is a class with these methods, registered in ``KINDS``.
+
+For ``twotower export`` (``export/towers.py``) a kind also says what its ``forward`` input is made of
+as plain tensors: ``export_inputs()`` lists them (``TensorSpec``: name, dtype, shape, meaning), in the
+order of the fields of the input (a dataclass of tensors such as ``Bag``, or a single tensor), and
+``example_input(n)`` gives an input for ``n`` entities to trace ``forward`` with. The exported
+tower then runs the encoder's own ``forward`` on those tensors.
 """
 from __future__ import annotations
 
@@ -87,6 +93,18 @@ class FeatureState:
         return out
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """One plain tensor of an exported tower's input (``twotower export``): ``dtype`` a NumPy name,
+    ``shape`` one entry per dimension, an int (fixed) or a name (varies with the request: ``"batch"``
+    is the number of entities; another name is a length of its own, such as a number of codes)."""
+
+    name: str
+    dtype: str
+    shape: tuple
+    meaning: str
+
+
 @dataclass
 class Bag:
     """Codes of ``B`` rows in ``EmbeddingBag`` layout: ``codes`` concatenated, ``offsets[b]`` where
@@ -97,6 +115,14 @@ class Bag:
 
     def to(self, device) -> "Bag":
         return Bag(self.codes.to(device), self.offsets.to(device))
+
+
+def bag_specs(codes_meaning: str) -> list[TensorSpec]:
+    """A ``Bag``'s two tensors as an exported tower takes them (``export_inputs`` of the bag kinds)."""
+    return [TensorSpec("codes", "int64", ("n_codes",), codes_meaning),
+            TensorSpec("offsets", "int64", ("batch",),
+                       "where each entity's codes start in codes: non-decreasing, first 0; every entity has at least one "
+                       "code (a missing value is the missing code); the mean of an entity's codes' embeddings is used")]
 
 
 def gather_rows(indptr: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,6 +395,12 @@ class CategoricalFeature(_Encoder):
     def from_text(self, text: str):
         return [v for v in text.split(self.spec.separator or "|") if v] if self.kind == "multi_categorical" else text
 
+    def export_inputs(self) -> list[TensorSpec]:
+        """``Bag``'s two tensors, as an exported tower takes them."""
+        return bag_specs(f"codes of the {self.name} values of every entity, concatenated (vocab/features.json: "
+                         "code i is values[i] for i < len(values), then the out-of-vocabulary code, then the missing "
+                         "code; with hash_buckets, a seeded hash of the value, then the missing code)")
+
     def entities_with(self, value) -> np.ndarray:
         """Sorted indices of the stored entities whose values include ``value`` (compared as a
         string). Raises ``KeyError`` naming the known values."""
@@ -490,6 +522,16 @@ class NumericFeature(_Encoder):
         except ValueError:
             raise FeatureInputError(self.name, f"{text!r} is not a number", f"write a number, e.g. {self.name}=31") from None
 
+    def export_inputs(self) -> list[TensorSpec]:
+        if self.transform == "quantile":
+            return [TensorSpec("values", "int64", ("batch",),
+                               f"bucket code of {self.name}: searchsorted(edges, value, side='right') with the edges of "
+                               "vocab/features.json; len(edges) + 1 for a missing value")]
+        how = "log1p(value)" if self.transform == "log1p" else "value"
+        return [TensorSpec("values", "float32", ("batch",),
+                           f"{self.name} standardised: ({how} - mean) / std with mean and std of vocab/features.json, "
+                           f"clipped to +-{CLIP:g}; NaN for a missing value")]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.transform == "quantile":
             return self.embedding(x)
@@ -565,6 +607,10 @@ class VectorFeature(_Encoder):
         except ValueError:
             raise FeatureInputError(self.name, f"{text[:60]!r} is not a list of numbers",
                                     f"write the {self.length} numbers separated by spaces or ';'") from None
+
+    def export_inputs(self) -> list[TensorSpec]:
+        return [TensorSpec("vectors", "float32", ("batch", self.length),
+                           f"the {self.name} vector of each entity as given (a row of NaN: missing)")]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         miss = torch.isnan(x).any(-1, keepdim=True)
@@ -645,6 +691,11 @@ class TextFeature(_Encoder):
             else:
                 out[row] = v
         return out, [[] for _ in raw]
+
+    def export_inputs(self) -> list[TensorSpec]:
+        return bag_specs(f"hashed tokens of the {self.name} text of every entity, concatenated (the built-in tokenizer "
+                         "of features/encoders.py, `tokens`, with the settings, buckets and seed of vocab/features.json; "
+                         "the missing code = buckets for a missing or empty text)")
 
     def forward(self, x: Bag) -> torch.Tensor:
         return self.bag(x.codes, x.offsets)
