@@ -704,3 +704,41 @@ def test_every_encoder_runs_on_plain_tensors_and_exports(trained):
             assert out.shape == (3, 8) and torch.isfinite(out).all(), enc.name
             exported = torch.export.export(OnTensors(enc), args)
             torch.testing.assert_close(exported.module()(*args), out)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_every_kind_and_the_context_export_with_the_towers(trained, tmp_path, fmt):
+    """``twotower export`` takes a run with every kind: each feature's tensors are inputs of its
+    tower (context ones named ``context.NAME.FIELD``), and the exported towers give the Python
+    path's vectors for new entities with given values, missing values and another context."""
+    if fmt == "onnx":
+        for p in ("onnx", "onnxscript", "onnxruntime"):
+            pytest.importorskip(p)
+    from twotower.export import TowerExport, export_run
+    from twotower.export.formats import LOAD
+    from twotower.export.towers import numpy_inputs
+
+    run = _run(trained)
+    desc = export_run(run, tmp_path / "exp", fmt=fmt)
+    names = {t: [i["name"] for i in desc["towers"][t]["inputs"]] for t in ("user", "item")}
+    for tower, name in KINDS:
+        where = "user" if tower == "context" else tower
+        prefix = "context." if tower == "context" else ""
+        assert any(n.startswith(f"{prefix}{name}.") for n in names[where]), (tower, name, names[where])
+    kinds = {i["name"]: i.get("kind") for i in desc["towers"]["item"]["inputs"]}
+    assert kinds["price.values"] == "numeric" and kinds["title.codes"] == "text" and kinds["emb.vectors"] == "vector"
+
+    model = run.model.cpu().eval()
+    cases = {
+        "item": model.item_inputs(np.array([-1, -1, 0]), [ITEM, OTHER_ITEM, {}]),
+        "user": model.user_inputs(np.array([-1, 0, 0]), [np.array([1, 2]), np.array([3]), np.array([4, 5])],
+                                  [USER, {}, OTHER_USER], context=[CONTEXT, OTHER_CONTEXT, {}]),
+    }
+    for tower, x in cases.items():
+        module = TowerExport(model, tower)
+        runtime = LOAD[fmt](tmp_path / "exp" / desc["towers"][tower]["file"])
+        with torch.no_grad():
+            want = (model.user_vectors(x) if tower == "user" else model.item_vectors(x)).numpy()
+        got = runtime(numpy_inputs(module.sig, module.tensors_of(x)))
+        np.testing.assert_allclose(got, want, atol=1e-4, err_msg=tower)
+        assert np.abs(want[0] - want[1]).max() > 1e-3  # the rows' values differ, and so do their vectors
