@@ -1,7 +1,9 @@
 """Full-corpus evaluation (docs/design.md, "Evaluation protocol").
 
 Every item is ranked for every user with held-out items; the user's known items are masked
-(training items when scoring validation; training and validation items when scoring test).
+(training items when scoring validation; training and validation items when scoring test). A user
+tower that reads context is given the context of the user's first held-out interaction of the split
+(by time; with leave-last-one splits, the held-out interaction's own).
 
 What ranks is a ``Ranker``: the two towers (``ModelRanker``), or any other model that gives each
 block of users its top-k items with the known items excluded: factor models (``FactorRanker``:
@@ -19,7 +21,7 @@ from ..config import EvalConfig
 from ..data.dataset import CSR, Dataset, Split
 from ..data.popularity import log_popularity
 from ..model.scoring import ServedScore
-from ..model.towers import TwoTowerModel, embed_items
+from ..model.towers import ContextTable, TwoTowerModel, embed_items
 from . import metrics as M
 from .ranking import top_k_blocks, top_k_scores, top_k_vectors
 
@@ -39,15 +41,16 @@ class ModelRanker:
     """The two towers, ranking by the served score (with ``- alpha log p(j)`` when ``alpha``)."""
 
     def __init__(self, model: TwoTowerModel, history_length: int = 50, item_counts: np.ndarray | None = None,
-                 alpha: float = 0.0):
+                 alpha: float = 0.0, context: ContextTable | None = None):
         self.model, self.history_length, self.n_items = model, history_length, model.n_items
-        self.item_counts, self.alpha = item_counts, alpha
+        self.item_counts, self.alpha, self.context = item_counts, alpha, context
 
     def top_k(self, users, known, k, batch_users):
         item_vecs = embed_items(self.model)
         # The served score, with its popularity correction - alpha * log p(j): evaluated without a server.
         score = ServedScore.of(self.model, log_popularity(self.item_counts) if self.alpha else None, self.alpha)
-        return top_k_blocks(self.model, users, known, known, k, self.history_length, batch_users, item_vecs, score)
+        return top_k_blocks(self.model, users, known, known, k, self.history_length, batch_users, item_vecs, score,
+                            self.context)
 
 
 class FactorRanker:
@@ -89,8 +92,9 @@ def protocol(dataset: Dataset, split: str) -> tuple[Split, CSR]:
 def evaluate(model: TwoTowerModel, dataset: Dataset, split: str, cfg: EvalConfig, history_length: int = 50,
              progress=None) -> dict[str, float]:
     """Metrics of ``model`` on ``split`` ('valid' or 'test'), averaged over users with held-out items."""
-    return evaluate_ranker(ModelRanker(model, history_length, dataset.item_counts(), cfg.alpha), dataset, split, cfg,
-                           progress)
+    truth_split, known = protocol(dataset, split)
+    return evaluate_split(model, truth_split, known, dataset.item_counts(), cfg, history_length, progress,
+                          heldout_context(model, truth_split, known.n_rows))
 
 
 def evaluate_ranker(ranker: Ranker, dataset: Dataset, split: str, cfg: EvalConfig, progress=None) -> dict[str, float]:
@@ -99,11 +103,30 @@ def evaluate_ranker(ranker: Ranker, dataset: Dataset, split: str, cfg: EvalConfi
     return ranker_metrics(ranker, truth_split, known, dataset.item_counts(), cfg, progress)
 
 
+def heldout_context(model: TwoTowerModel, truth_split: Split, n_users: int) -> ContextTable | None:
+    """Each user's context when ranking for a held-out split: that of the user's first held-out
+    interaction (``Split.first_per_user``), as a table over user indices; ``None`` when the user
+    tower reads no context."""
+    if model.user_tower.context is None:
+        return None
+    if truth_split.context is None:
+        raise ValueError("the model reads context features but the split has no context values; load the dataset "
+                         "with the run's config (load_dataset(run_config))")
+    first = truth_split.first_per_user(n_users)
+    columns = {}
+    for name, col in truth_split.context.items():
+        out = np.full(n_users, None if col.dtype == object else np.nan, dtype=col.dtype)
+        out[first >= 0] = col[first[first >= 0]]
+        columns[name] = out
+    return model.context_table(columns)
+
+
 def evaluate_split(model: TwoTowerModel, truth_split: Split, known: CSR, item_counts: np.ndarray, cfg: EvalConfig,
-                   history_length: int = 50, progress=None) -> dict[str, float]:
-    """Metrics of ``model`` on the held-out ``truth_split``, ``known`` items masked and fed as history."""
-    return ranker_metrics(ModelRanker(model, history_length, item_counts, cfg.alpha), truth_split, known, item_counts,
-                          cfg, progress)
+                   history_length: int = 50, progress=None, context: ContextTable | None = None) -> dict[str, float]:
+    """Metrics of ``model`` on the held-out ``truth_split``, ``known`` items masked and fed as history;
+    ``context``: the user tower's context per user index (``heldout_context``; ``None``: the defaults)."""
+    return ranker_metrics(ModelRanker(model, history_length, item_counts, cfg.alpha, context), truth_split, known,
+                          item_counts, cfg, progress)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import torch
 from .. import native
 from ..data.dataset import CSR
 from ..model.scoring import ServedScore
-from ..model.towers import TwoTowerModel, embed_items, embed_users
+from ..model.towers import ContextTable, TwoTowerModel, embed_items, embed_users
 
 
 def mask_rows(scores: torch.Tensor, rows: np.ndarray, exclude: CSR) -> None:
@@ -23,17 +23,19 @@ def mask_rows(scores: torch.Tensor, rows: np.ndarray, exclude: CSR) -> None:
 @torch.no_grad()
 def top_k_blocks(model: TwoTowerModel, users: np.ndarray, history: CSR, exclude: CSR | None, k: int,
                  history_length: int, batch_users: int = 1024, item_vecs: torch.Tensor | None = None,
-                 score: ServedScore | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+                 score: ServedScore | None = None, context: ContextTable | None = None
+                 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     """Yield ``(block_users, top_scores [b, k], top_items [b, k])`` (CPU tensors) block by block,
     excluding each user's ``exclude`` items, ranked and scored by the served score
     ``<f(u), g(j)>/tau + b_j - alpha log p(j)`` (``score``: default the model's, at ``alpha = 0``;
-    ``model.scoring.ServedScore``). Each block's users go through the user tower once."""
+    ``model.scoring.ServedScore``). Each block's users go through the user tower once, with their
+    rows of ``context`` (a table over user indices; ``None``: the context features' defaults)."""
     if item_vecs is None:
         item_vecs = embed_items(model)
     if score is None:
         score = ServedScore.of(model)
     bias = None if score.terms is None else score.terms.to(device=item_vecs.device, dtype=item_vecs.dtype)
-    queries = lambda block: score.query(embed_users(model, block, history, history_length))  # noqa: E731
+    queries = lambda block: score.query(embed_users(model, block, history, history_length, context=context))  # noqa: E731
     return top_k_vectors(users, queries, item_vecs, exclude, k, batch_users, bias, score.finish)
 
 
