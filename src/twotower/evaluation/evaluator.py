@@ -2,6 +2,14 @@
 
 Every item is ranked for every user with held-out items; the user's known items are masked
 (training items when scoring validation; training and validation items when scoring test).
+
+With a cold split (docs/features.md, "Cold start") the withheld items and users are scored as new
+ones (``TwoTowerModel.new_entities``), the ranking is still over every item, and the metrics are
+also reported per group of held-out pairs: ``cold_items/`` (pairs of a withheld item),
+``warm_items/`` (the others), ``cold_users/`` and ``warm_users/`` alike. A group's metric is the
+plain one restricted to the group's pairs: for user ``u`` with ``T_g(u)`` held-out items in group
+``g`` (users with none are left out) and hits counted only on them, e.g.
+``Recall@K_g(u) = |top-K(u) ∩ T_g(u)| / |T_g(u)|``, averaged over the group's users.
 """
 from __future__ import annotations
 
@@ -26,12 +34,38 @@ def evaluate(model: TwoTowerModel, dataset: Dataset, split: str, cfg: EvalConfig
         truth_split, known = dataset.test, dataset.history("valid")
     else:
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-    return evaluate_split(model, truth_split, known, dataset.item_counts(), cfg, history_length, progress)
+    new_items, new_users = model.new_entities(dataset)
+    groups = {}
+    if dataset.cold_items is not None:
+        groups.update({"warm_items": ("item", ~dataset.cold_items), "cold_items": ("item", dataset.cold_items)})
+    if dataset.cold_users is not None:
+        groups.update({"warm_users": ("user", ~dataset.cold_users), "cold_users": ("user", dataset.cold_users)})
+    return evaluate_split(model, truth_split, known, dataset.item_counts(), cfg, history_length, progress,
+                          new_items=new_items, new_users=new_users, groups=groups)
+
+
+def group_pairs(truth: CSR, block: np.ndarray, top: torch.Tensor, hits: torch.Tensor, axis: str,
+                member: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's view of a block: ``(hits_g [b, K], n_relevant_g [b])``, the hits and held-out
+    counts of the pairs whose item (``axis = "item"``) or user (``"user"``) is a ``member``."""
+    if axis == "item":
+        items, _ = truth.gather(block)
+        rows = np.repeat(np.arange(len(block)), truth.lengths()[block])
+        n_rel = np.bincount(rows, weights=member[items], minlength=len(block)).astype(np.int64)
+        return hits & torch.from_numpy(member)[top], torch.from_numpy(n_rel)
+    mine = torch.from_numpy(member[block])
+    return hits & mine[:, None], torch.from_numpy(truth.lengths()[block]) * mine
 
 
 @torch.no_grad()
 def evaluate_split(model: TwoTowerModel, truth_split: Split, known: CSR, item_counts: np.ndarray, cfg: EvalConfig,
-                   history_length: int = 50, progress=None) -> dict[str, float]:
+                   history_length: int = 50, progress=None, new_items: np.ndarray | None = None,
+                   new_users: np.ndarray | None = None,
+                   groups: dict[str, tuple[str, np.ndarray]] | None = None) -> dict[str, float]:
+    """Metrics of ``model`` on ``truth_split`` with each user's ``known`` items masked.
+    ``new_items`` / ``new_users``: bool masks of the entities scored as new (id ``-1``);
+    ``groups``: ``name -> ("item" or "user", membership mask)``, metrics per group (module docstring)."""
+    groups = groups or {}
     n_items = model.n_items
     truth = truth_split.csr(known.n_rows)
     users = np.flatnonzero(truth.lengths() > 0)
@@ -55,11 +89,12 @@ def evaluate_split(model: TwoTowerModel, truth_split: Split, known: CSR, item_co
 
     # Held-out (user, item) pairs as sorted keys: a hit is a binary-search match, no dense mask.
     truth_keys = torch.from_numpy(np.sort(np.repeat(np.arange(truth.n_rows), truth.lengths()) * n_items + truth.indices))
-    item_vecs = embed_items(model)
+    item_vecs = embed_items(model, new=new_items)
     # The served score, with its popularity correction - alpha * log p(j): evaluated without a server.
     score = ServedScore.of(model, log_popularity(item_counts) if cfg.alpha else None, cfg.alpha)
+    group_users = dict.fromkeys(groups, 0)
     for block, _, top in top_k_blocks(model, users, known, known, max_k, history_length, cfg.batch_users, item_vecs,
-                                      score):
+                                      score, new_users=new_users):
         n_rel = torch.from_numpy(truth.lengths()[block])
         keys = torch.from_numpy(block)[:, None] * n_items + top
         pos = torch.searchsorted(truth_keys, keys).clamp_max(len(truth_keys) - 1)
@@ -77,11 +112,29 @@ def evaluate_split(model: TwoTowerModel, truth_split: Split, known: CSR, item_co
             add(f"tail_share@{k}", (top_bucket[:, :kk] == tail).double().mean(1))
             covered[k][top[:, :kk].reshape(-1)] = True
             bucket_hits[k] += torch.bincount(top_bucket[:, :kk][hits[:, :kk]], minlength=n_buckets).double()
+        for name, (axis, member) in groups.items():
+            g_hits, g_rel = group_pairs(truth, block, top, hits, axis, member)
+            rows = g_rel > 0
+            g_hits, g_rel = g_hits[rows], g_rel[rows]
+            group_users[name] += int(rows.sum())
+            for k in ks:
+                kk = min(k, max_k)
+                add(f"{name}/recall@{k}", M.recall_at_k(g_hits, g_rel, kk))
+                add(f"{name}/ndcg@{k}", M.ndcg_at_k(g_hits, g_rel, kk))
+                add(f"{name}/hr@{k}", M.hit_rate_at_k(g_hits, kk))
+                add(f"{name}/precision@{k}", M.precision_at_k(g_hits, kk))
+                add(f"{name}/mrr@{k}", M.mrr_at_k(g_hits, kk))
         if progress is not None:
             progress(len(block))
 
     n = len(users)
-    out = {key: value / n for key, value in sums.items()}
+    out = {key: value / n for key, value in sums.items() if key.partition("/")[0] not in groups}
+    for name, n_g in group_users.items():  # a group without users in this split has no figure (nan)
+        for k in ks:
+            for metric in ("recall", "ndcg", "hr", "precision", "mrr"):
+                key = f"{name}/{metric}@{k}"
+                out[key] = sums.get(key, 0.0) / n_g if n_g else float("nan")
+        out[f"{name}/users"] = float(n_g)
     for k in ks:
         out[f"coverage@{k}"] = float(covered[k].double().mean())
         for b, name in enumerate(names):

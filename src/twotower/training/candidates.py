@@ -64,7 +64,10 @@ class CandidateBuilder:
     """Owns the negative sources and their state (frequency estimates, memory bank, hard samplers)."""
 
     def __init__(self, cfg: RunConfig, dataset: Dataset, device: torch.device, dim: int,
-                 exposure: tuple[np.ndarray, np.ndarray] | None = None, merge_duplicates: bool = False):
+                 exposure: tuple[np.ndarray, np.ndarray] | None = None, merge_duplicates: bool = False,
+                 exclude: np.ndarray | None = None):
+        """``exclude``: items never drawn as sampled negatives (bool over the items: those scored as
+        new, ``TwoTowerModel.new_entities``; a withheld item must not be seen in training at all)."""
         t, neg = cfg.train, cfg.negatives
         self.cfg, self.device = cfg, device
         # In-batch positives of the same item as one column (``distinct_positives``): exact only for a
@@ -80,6 +83,12 @@ class CandidateBuilder:
                                                 init_gap=max(1.0, dataset.n_items / t.batch_size), device=device)
         self.ratio = NegPosRatio(dataset.n_items, device) if t.logq and t.logq_form == "neg_pos_ratio" else None
         self.r = proposal_probabilities(counts, neg.proposal, neg.beta).to(device) if neg.sampled else None
+        self.allowed = None  # the items a uniform proposal draws from, when not all
+        if neg.sampled and exclude is not None and exclude.any():
+            self.allowed = torch.from_numpy(np.flatnonzero(~exclude)).to(device)
+            if neg.proposal == "uniform":
+                self.r = torch.zeros(self.n_items, dtype=torch.float32, device=device)
+                self.r[self.allowed] = 1.0 / len(self.allowed)
         self.bank = MemoryBank(neg.bank_size, dim, neg.bank_warmup_steps, device) if neg.bank_size else None
         self.hard = None
         if neg.hard == "category":
@@ -120,8 +129,12 @@ class CandidateBuilder:
         if neg.sampled:
             m = neg.sampled
             draw = shared.generator if shared is not None else gen
-            drawn = torch.multinomial(self.r, m, replacement=True, generator=draw) if neg.proposal == "frequency" \
-                else torch.randint(self.n_items, (m,), generator=draw, device=self.device)
+            if neg.proposal == "frequency":
+                drawn = torch.multinomial(self.r, m, replacement=True, generator=draw)
+            elif self.allowed is not None:
+                drawn = self.allowed[torch.randint(len(self.allowed), (m,), generator=draw, device=self.device)]
+            else:
+                drawn = torch.randint(self.n_items, (m,), generator=draw, device=self.device)
             vecs.append(model.encode_items(drawn))
             ids.append(drawn)
         if self.bank is not None and self.bank.active(step):
