@@ -207,7 +207,7 @@ def _recommend_one(run, args) -> int:
         print(f"new user: {len(q.history) - len(r.unknown_items)} known items"
               + (f" ({len(r.unknown_items)} unknown ignored: {', '.join(map(str, r.unknown_items[:5]))})" if r.unknown_items else ""))
     if r.fallback:
-        print(f"(no usable history: the most popular items{' of ' + str(args.category) if args.category else ''})")
+        print(f"(nothing usable: {r.fallback_reason}; the most popular items{' of ' + str(args.category) if args.category else ''})")
     print(f"{'rank':>4}  {'item':>10}  {'score':>7}  title")
     for rank, (item, score) in enumerate(zip(r.items.tolist(), r.scores.tolist()), 1):
         print(f"{rank:>4}  {str(item):>10}  {score:7.4f}  {run.title(item) or ''}")
