@@ -1,4 +1,4 @@
-"""Command line: ``twotower train | evaluate | recommend | index | embed | serve | mine | compare | demo | config | info``.
+"""Command line: ``twotower train | evaluate | recommend | index | embed | add-items | serve | mine | compare | demo | config | info``.
 
 Every subcommand is a thin shell over the Python API (``twotower.api``, ``twotower.run.Run``): a
 ``cmd_<command>`` function that runs it, beside the ``add_<command>_parser`` function that declares
@@ -338,6 +338,48 @@ def add_embed_parser(sub) -> None:
     em.set_defaults(func=cmd_embed)
 
 
+def cmd_add_items(args) -> int:
+    from .index.admit import admit, read_new_items
+    from .run import Run
+
+    seps = {}
+    for item in args.sep or []:
+        name, eq, sep = item.partition("=")
+        if not eq or not name or not sep:
+            raise TwotowerError(f"--sep {item!r}: expected FEATURE=SEPARATOR, e.g. --sep 'genre=|'")
+        seps[name] = sep
+    new = read_new_items(Run(args.run), args.items, args.id_col, args.title_col, seps)
+    res = admit(args.run, items=new, log=lambda m: print(m, flush=True))
+    for raw, bad in list(res.unknown_features.items())[:10]:
+        print(f"  item {raw}: values the model does not know (ignored): "
+              + "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in bad.items()))
+    return 0
+
+
+def add_add_items_parser(sub) -> None:
+    a = sub.add_parser("add-items", help="admit new items to a trained run (and its index) without retraining",
+                       description="Append new items to a trained run: the item vocabulary, every item feature's table,\n"
+                                   "the weights (each new item's id row is the learned unknown vector: train with\n"
+                                   "model.item_id_dropout > 0 for one that means something; zero otherwise), the item\n"
+                                   "embeddings and RUN/index (FAISS add: no rebuild). Each new item's vector is what the\n"
+                                   "item tower computes from its features. The run directory is rewritten at once (a new\n"
+                                   "manifest); a `twotower serve` started afterwards serves the new items.",
+                       epilog="examples:\n  twotower add-items runs/ml100k new_movies.parquet\n"
+                              "  twotower add-items runs/ml100k new_movies.csv --sep 'genre=|' --title-col title\n\n"
+                              "The file has the run's item id column (data.item_id_col, default \"item\") and one column per\n"
+                              "item feature of the model (a list column, or text split by --sep); an empty cell is a missing\n"
+                              "value. Ids the run already knows are refused. Python: twotower.index.admit.admit(RUN, items=...).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("run", help="run directory written by `twotower train`")
+    a.add_argument("items", help="table of the new items: CSV, TSV or Parquet")
+    a.add_argument("--id-col", help="column holding the raw item id (default: the run's data.item_id_col)")
+    a.add_argument("--title-col", help="column holding a display title (default: the run's data.item_title_col)")
+    a.add_argument("--sep", action="append", metavar="FEATURE=SEP",
+                   help="separator of a multi-valued feature's values in a text cell (repeatable; default: the run's "
+                        "data.item_multi_valued)")
+    a.set_defaults(func=cmd_add_items)
+
+
 def cmd_serve(args) -> int:
     from .serving.query import Recommender
     from .serving.service import serve
@@ -524,7 +566,7 @@ def add_info_parser(sub) -> None:
 
 
 COMMANDS = (add_train_parser, add_evaluate_parser, add_recommend_parser, add_index_parser, add_embed_parser,
-            add_serve_parser, add_mine_parser, add_compare_parser, add_demo_parser, add_config_parser,
+            add_add_items_parser, add_serve_parser, add_mine_parser, add_compare_parser, add_demo_parser, add_config_parser,
             add_info_parser)
 
 

@@ -16,6 +16,10 @@ Three ways in, the same for every kind:
 
 ``forward`` takes what ``lookup`` or ``encode`` returned and gives ``[B, dim]``. ``FeatureSet`` is a
 tower's features, summed. A new kind is a class with these methods, registered in ``KINDS``.
+
+Entities admitted to a trained run (``index.admit``) join the per-entity table through
+``extended(raw)``: the fitted state with one more row per new entity, its values placed as
+``encode`` places them (the vocabulary stays the training data's; unplaced values are reported).
 """
 from __future__ import annotations
 
@@ -149,6 +153,15 @@ class CategoricalFeature(nn.Module):
         return Bag(torch.tensor(codes, dtype=torch.int64, device=dev),
                    torch.from_numpy(np.cumsum(lens_a) - lens_a).to(dev)), unknown
 
+    def extended(self, raw: Sequence[Any]) -> tuple[FittedFeature, list[list]]:
+        """The fitted state with a row per new entity appended (values as ``encode`` takes them),
+        and per new entity the values not in the vocabulary."""
+        bag, unknown = self.encode(raw)
+        lens = torch.diff(torch.cat([bag.offsets.cpu(), torch.tensor([len(bag.codes)])]))
+        indptr = torch.cat([self.indptr.cpu(), self.indptr[-1].cpu() + torch.cumsum(lens, 0)])
+        return FittedFeature(self.name, self.kind, {"values": list(self.values)},
+                             {"indptr": indptr, "codes": torch.cat([self.codes.cpu(), bag.codes.cpu()])}), unknown
+
     def forward(self, x: Bag) -> torch.Tensor:
         return self.bag(x.codes, x.offsets)
 
@@ -205,11 +218,7 @@ class FeatureSet(nn.Module):
         """Every feature's inputs from raw values, one mapping ``{feature: value(s)}`` (or ``None``)
         per entity; a feature absent from a mapping is missing. Returns the inputs and, per entity,
         ``{feature: [values not placed]}``. A name that is no feature of the tower raises ``KeyError``."""
-        names = set(self.names)
-        for r in raw:
-            extra = sorted(set(r or {}) - names)
-            if extra:
-                raise KeyError(f"unknown feature(s) {extra}; this tower's features: {self.names or 'none'}")
+        self._check_names(raw)
         out, unknown = {}, [{} for _ in raw]
         for e in self.encoders:
             out[e.name], bad = e.encode([(r or {}).get(e.name) for r in raw])
@@ -217,6 +226,26 @@ class FeatureSet(nn.Module):
                 if b:
                     row[e.name] = b
         return out, unknown
+
+    def _check_names(self, raw: Sequence[Mapping[str, Any] | None]) -> None:
+        names = set(self.names)
+        for r in raw:
+            extra = sorted(set(r or {}) - names)
+            if extra:
+                raise KeyError(f"unknown feature(s) {extra}; this tower's features: {self.names or 'none'}")
+
+    def extended(self, raw: Sequence[Mapping[str, Any] | None]) -> tuple[list[FittedFeature], list[dict[str, list]]]:
+        """Every feature's fitted state with the new entities ``raw`` (one mapping per entity, as for
+        ``encode``) appended to its per-entity table, and per entity ``{feature: [values not placed]}``."""
+        self._check_names(raw)
+        fitted, unknown = [], [{} for _ in raw]
+        for e in self.encoders:
+            f, bad = e.extended([(r or {}).get(e.name) for r in raw])
+            fitted.append(f)
+            for row, b in zip(unknown, bad):
+                if b:
+                    row[e.name] = b
+        return fitted, unknown
 
     def categories(self) -> dict[str, list]:
         """The values of each feature that has a vocabulary (what a category filter can name)."""

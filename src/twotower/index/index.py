@@ -220,6 +220,19 @@ class ItemIndex:
         out.info["build_seconds"] = time.perf_counter() - t0
         return out
 
+    def add(self, vectors: np.ndarray, layout: ScoreLayout | None = None) -> None:
+        """Append items (augmented vectors, ids ``n_items ..``) with FAISS's ``add``: no rebuild, no
+        retraining of IVF lists or PQ codes (new items go to the nearest existing list, HNSW links
+        them into the graph). ``layout``: the layout the whole catalog's vectors now follow (the
+        caller's, when adding items changed the popularity coordinates' offset)."""
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"vectors of width {x.shape[1]} for an index of width {self.dim}")
+        self.faiss_index.add(zero_pad(x, self.faiss_index.d))
+        self.vectors = np.ascontiguousarray(np.vstack([self.vectors, x]))
+        if layout is not None:
+            self.layout = layout
+
     # ---- properties ----------------------------------------------------------------------------
     @property
     def kind(self) -> str:
@@ -364,11 +377,12 @@ class ItemIndex:
         with artifacts.atomic_path(folder / INDEX_FILE) as tmp:
             faiss.write_index(self.faiss_index, str(tmp))
         meta = {
+            **self.info, **(extra or {}),
+            # after the info: an index loaded, changed (``add``) and saved again records its new digests
             "kind": self.kind, "params": self.params.to_dict(), "layout": self.layout.to_dict(),
             "n_items": self.n_items, "dim": self.dim,
             "vectors_sha256": vectors_digest(self.vectors),
             "index_sha256": artifacts.sha256_file(folder / INDEX_FILE),
-            **self.info, **(extra or {}),
         }
         artifacts.write_json(folder / META_FILE, meta)
         self.info = {k: v for k, v in meta.items() if k not in ("kind", "params", "layout", "n_items", "dim")}

@@ -373,6 +373,45 @@ class TwoTowerModel(nn.Module):
         return out[0], out[1]
 
     @torch.no_grad()
+    def with_new_entities(self, items: Sequence[Mapping[str, Any] | None] = (),
+                          users: Sequence[Mapping[str, Any] | None] = ()
+                          ) -> tuple["TwoTowerModel", list[dict], list[dict]]:
+        """This model with ``len(items)`` items and ``len(users)`` users appended to its
+        vocabularies (indices ``n_items ..`` and ``n_users ..``), without training: each new
+        entity's id row is what an entity outside the vocabulary gets (the learned unknown vector,
+        or zero; ``unknown_id_vector``), a new item's learned bias is zero, and its features
+        (``{feature: value or [values]}`` per entity, raw as ``encode`` takes them) join the
+        encoders' per-entity tables. So a new entity's vector is the one the tower computes for
+        it as an entity outside the vocabulary. Returns the model and, per new item and per new
+        user, the feature values no encoder could place."""
+        grown, unknown = [], []
+        for tower, raw, kind in ((self.item_tower, list(items), "item"), (self.user_tower, list(users), "user")):
+            if tower.features is None:
+                if any(raw):
+                    raise KeyError(f"this model's {kind} tower has no features")
+                grown.append(None)
+                unknown.append([{} for _ in raw])
+            else:
+                fitted, bad = tower.features.extended(raw)
+                grown.append(fitted)
+                unknown.append(bad)
+        new = TwoTowerModel(self.n_users + len(users), self.n_items + len(items), self.cfg, grown[0], grown[1])
+        weights = self.state_dict()
+        rows = {"item_tower.id_embedding.weight": (len(items), self.item_tower.unknown_id_vector()),
+                "user_tower.history_table.weight": (len(items), None),
+                "item_bias.weight": (len(items), None),
+                "user_tower.id_embedding.weight": (len(users), self.user_tower.unknown_id_vector())}
+        for name, (n, row) in rows.items():
+            if name in weights and n:
+                w = weights[name]
+                extra = torch.zeros(n, w.shape[1], dtype=w.dtype, device=w.device) if row is None else \
+                    row.to(w.dtype).expand(n, -1)
+                weights[name] = torch.cat([w, extra])
+        new.load_state_dict(weights)
+        new.to(self.device).eval()
+        return new, unknown[0], unknown[1]
+
+    @torch.no_grad()
     def forget_ids(self, items: np.ndarray | None = None, users: np.ndarray | None = None) -> bool:
         """Make the weights say what ``new_entities`` says: the id rows of ``items`` / ``users``
         (bool masks) become what an entity outside the vocabulary gets (the unknown vector, or
