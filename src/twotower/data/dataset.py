@@ -58,7 +58,9 @@ class CSR:
         end = self.indptr[rows + 1]
         pos = end[:, None] - length + np.arange(length)[None, :]
         valid = pos >= self.indptr[rows][:, None]
-        return np.where(valid, self.indices[np.clip(pos, 0, max(len(self.indices) - 1, 0))], 0), valid
+        if not len(self.indices):  # no row has an entry
+            return np.zeros(valid.shape, dtype=np.int64), valid
+        return np.where(valid, self.indices[np.clip(pos, 0, len(self.indices) - 1)], 0), valid
 
     def union(self, other: "CSR") -> "CSR":
         """Row-wise concatenation (self's entries first)."""

@@ -72,7 +72,7 @@ class RecencyHistory(nn.Module):
 
     @property
     def half_life(self) -> float:
-        return float(self.log_half_life.exp())
+        return float(self.log_half_life.detach().exp())
 
     def forward(self, e: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         w = recency_weights(history_ages(mask), mask, self.log_half_life.exp().to(e.dtype))
