@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default=str(HERE / "results" / "history-encoders.json"))
+    ap.add_argument("--no-docs", action="store_true", help="do not rewrite the table in docs/features.md")
     args = ap.parse_args()
 
     from twotower import RunConfig
@@ -71,6 +72,15 @@ def main() -> None:
         print(f"{name:<28} {np.median(ms[name]):8.1f} ms/step   x{ratio:.2f} of mean pooling")
     Path(args.out).parent.mkdir(exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    rows = ["| encoder | ms / step | x mean pooling | parameters |", "| --- | --- | --- | --- |"]
+    rows += [f"| {name} | {r['ms_per_step_median']:.1f} | {r['ratio_to_mean_median']:.2f} | {r['parameters']:,} |"
+             for name, r in out["encoders"].items()]
+    docs = ROOT / "docs" / "features.md"
+    text = docs.read_text(encoding="utf-8")
+    begin, end = "<!-- history-cost:begin -->", "<!-- history-cost:end -->"
+    if begin in text and end in text and not args.no_docs:
+        docs.write_text(text[: text.index(begin) + len(begin)] + "\n" + "\n".join(rows) + "\n" + text[text.index(end):],
+                        encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def test_warm_and_cold_metrics_by_hand():
     assert np.isnan(m["warm_users/recall@2"])
 
 
-def test_withheld_items_are_scored_as_new_and_the_saved_weights_say_so(tmp_path):
+def test_withheld_items_are_scored_as_new_and_the_saved_weights_say_so(tmp_path, capsys):
     from twotower import train
     from twotower.model.towers import embed_items
     from twotower.run import Run
@@ -174,6 +174,15 @@ def test_withheld_items_are_scored_as_new_and_the_saved_weights_say_so(tmp_path)
                                                               features=[{"category": run.model.item_tower.features.encoders[0]
                                                                          .values[c]} for c in _category_codes(run, cold)]))
     torch.testing.assert_close(embed_items(run.model)[cold], as_new)
+    # a reloaded run, re-scored on its data, gives the same warm and cold figures, and prints them
+    from twotower.api import evaluate_run
+    from twotower.cli import main
+
+    again = evaluate_run(tmp_path / "run")
+    assert again["cold_items/recall@10"] == pytest.approx(res.test["cold_items/recall@10"])
+    assert main(["evaluate", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    assert "warm_items/recall@10" in printed and "cold_items/ndcg@10" in printed
 
 
 def _category_codes(run, items):
