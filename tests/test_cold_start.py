@@ -332,3 +332,29 @@ def test_features_only_new_users_get_lists_from_their_features_over_http(http, f
     assert r["unknown_features"] == {"age": ["ancient"]}
     r = http.post("/recommend", json={"history": [], "k": 5}).json()
     assert r["fallback"] == "popularity" and "no history items" in r["fallback_reason"]
+
+
+def test_withheld_items_are_never_negatives_sampled_or_hard():
+    from twotower.data.sources import load_dataset
+    from twotower.training.trainer import Trainer
+
+    cfg = RunConfig.from_dict({"data": {"dataset": "synthetic", "synthetic_users": 200, "synthetic_items": 100,
+                                        "cold_items": 0.3},
+                               "model": {"dim": 8, "item_features": "all"},
+                               "negatives": {"sampled": 256, "hard": "category", "hard_k": 8},
+                               "train": {"epochs": 1, "batch_size": 128}})
+    ds = load_dataset(cfg.data)
+    tr = Trainer(cfg, ds, quiet=True, log=lambda m: None)
+    cold = torch.from_numpy(ds.cold_items)
+    gen = torch.Generator().manual_seed(0)
+    seen_sampled, seen_hard = set(), set()
+    for step in range(20):
+        users = torch.from_numpy(ds.train.users[step * 50 : step * 50 + 50])
+        items = torch.from_numpy(ds.train.items[step * 50 : step * 50 + 50])
+        with torch.no_grad():
+            cand = tr.candidates.build(tr.model, users, items, tr.model.encode_items(items), step, gen=gen)
+        seen_sampled |= set(cand.ids[len(items):].tolist())
+        seen_hard |= set(cand.hard_ids[cand.hard_ids >= 0].tolist())
+    assert len(seen_sampled) > 30 and len(seen_hard) > 10
+    assert not cold[list(seen_sampled)].any() and not cold[list(seen_hard)].any()
+    assert float(tr.candidates.r[cold].sum()) == 0.0 and float(tr.candidates.r.sum()) == pytest.approx(1.0)
