@@ -5,7 +5,8 @@ own virtual environment (it imports nothing from twotower).
 
 ``SPLIT.npz`` holds the training pairs, the item and user feature matrices (CSR parts) and, for
 validation and test, the users to rank and each one's known items (CSR over those users).
-``GRID.json``: ``{"configs": [{"no_components", "learning_rate", "item_alpha", "identity"}, ...],
+``GRID.json``: ``{"configs": [{"no_components", "learning_rate", "item_alpha", "identity"}, ...]`` (identity:
+"none", "all" or "trained"),
 "epochs": [5, 10, ...], "k": 50, "seed": 0, "threads": 1}``. For every configuration LightFM is
 trained with ``fit_partial`` up to each epoch count in turn; at each the top ``k`` items of every
 validation user (known items masked) are written, and the training seconds so far; ``--test``
@@ -23,13 +24,18 @@ import numpy as np
 import scipy.sparse as sp
 
 
-def features(prefix: str, z, n: int, identity: bool) -> sp.csr_matrix:
-    """The entity-by-feature matrix: one column per feature value (and per entity when
-    ``identity``), each row normalised to sum to one (LightFM's advice when mixing the two)."""
+def features(prefix: str, z, n: int, identity: str) -> sp.csr_matrix:
+    """The entity-by-feature matrix: one column per feature value, and per entity an identity
+    column (``identity = "all"``), none (``"none"``), or only for the entities that have training
+    interactions (``"trained"``: a new item has no identity of its own, only its features); each
+    row normalised to sum to one (LightFM's advice when mixing the two)."""
     m = sp.csr_matrix((np.ones(len(z[f"{prefix}_indices"]), np.float32), z[f"{prefix}_indices"], z[f"{prefix}_indptr"]),
                       shape=(n, int(z[f"{prefix}_width"])))
-    if identity:
-        m = sp.hstack([sp.identity(n, dtype=np.float32, format="csr"), m], format="csr")
+    if identity != "none":
+        ident = sp.identity(n, dtype=np.float32, format="csr")
+        if identity == "trained":
+            ident = sp.diags(np.isin(np.arange(n), z[f"train_{prefix}s"]).astype(np.float32), format="csr")
+        m = sp.hstack([ident, m], format="csr")
     sums = np.asarray(m.sum(1)).ravel()
     sums[sums == 0] = 1.0
     return sp.csr_matrix(sp.diags(1.0 / sums) @ m, dtype=np.float32)
