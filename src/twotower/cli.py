@@ -396,16 +396,17 @@ def add_add_items_parser(sub) -> None:
                        epilog="examples:\n  twotower add-items runs/ml100k new_movies.parquet\n"
                               "  twotower add-items runs/ml100k new_movies.csv --sep 'genre=|' --title-col title\n\n"
                               "The file has the run's item id column (data.item_id_col, default \"item\") and one column per\n"
-                              "item feature of the model (a list column, or text split by --sep); an empty cell is a missing\n"
-                              "value. Ids the run already knows are refused. Python: twotower.index.admit.admit(RUN, items=...).",
+                              "item feature of the model, read as its declared kind (a multi-valued one: a list column, or\n"
+                              "text split by --sep); an empty cell is a missing value. Ids the run already knows are refused.\n"
+                              "Python: twotower.index.admit.admit(RUN, items=...).",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("run", help="run directory written by `twotower train`")
     a.add_argument("items", help="table of the new items: CSV, TSV or Parquet")
     a.add_argument("--id-col", help="column holding the raw item id (default: the run's data.item_id_col)")
     a.add_argument("--title-col", help="column holding a display title (default: the run's data.item_title_col)")
     a.add_argument("--sep", action="append", metavar="FEATURE=SEP",
-                   help="separator of a multi-valued feature's values in a text cell (repeatable; default: the run's "
-                        "data.item_multi_valued)")
+                   help="separator of a multi-valued feature's values in a text cell (repeatable; default: the "
+                        "feature's declared separator, or the run's data.item_multi_valued)")
     a.set_defaults(func=cmd_add_items)
 
 
