@@ -38,7 +38,7 @@ from ..errors import TwotowerError
 from ..model.scoring import item_bias
 from ..model.towers import embed_items
 from .embeddings import save_embeddings
-from .run_index import load_run_index, shifted_layout
+from .run_index import load_run_index, popularity_denominator, shifted_layout
 
 
 @dataclass
@@ -144,10 +144,13 @@ def admit(run_dir, items: NewEntities | None = None, users: NewEntities | None =
     if index is not None:
         layout = shifted_layout(index.layout, run.item_counts, counts)
         aug = layout.items(vecs, log_popularity(counts), item_bias(model))
-        index.add(aug[n0:], layout)
+        index.layout = layout  # the known items' coordinates, and their FAISS entries, stay as they are
+        index.update(add=(np.arange(n0, n0 + m, dtype=np.int64), aug[n0:]))
         # the whole catalog as loading will lay it out (the known rows equal to the indexed ones up
-        # to float rounding), so that the saved digest is the one loading recomputes
+        # to float rounding), over the new popularity denominator, so that loading neither rebases
+        # it again nor finds another digest
         index.vectors = aug
+        index.info["popularity_denominator"] = popularity_denominator(counts)
         extra = {k: v for k, v in index.info.items() if k not in ("vectors_sha256", "index_sha256")}
         extra["model_sha256"] = artifacts.sha256_file(staged.weights_path)
         extra["admitted"] = list(extra.get("admitted", [])) + [{"items": m, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
