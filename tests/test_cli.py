@@ -111,16 +111,32 @@ def test_bad_interactions_exit_2_and_write_nothing(tmp_path, capsys, content, ex
     assert not out.exists()
 
 
-def test_unknown_item_in_features_table(tmp_path, capsys):
-    (tmp_path / "inter.csv").write_text("user,item\n1,10\n1,11\n2,10\n2,12\n")
-    (tmp_path / "items.csv").write_text("item,genre\n10,a\n99,b\n")
+def test_an_item_table_row_without_interactions_is_an_item_of_the_catalog(tmp_path, capsys):
+    """Item 99 has a row in the item table and no interaction: it is in the vocabulary, counted 0,
+    embedded from its features (the same vector as a new item with those features) and indexed."""
+    import numpy as np
+    import torch
+
+    from twotower.model.towers import embed_items
+    from twotower.run import Run
+
+    (tmp_path / "inter.csv").write_text("user,item\n1,10\n1,11\n2,10\n2,12\n3,11\n3,12\n")
+    (tmp_path / "items.csv").write_text("item,genre\n10,a\n11,a\n12,b\n99,b\n")
     cfg = tmp_path / "cfg.toml"
-    cfg.write_text(f'[data]\ndataset = "files"\ninteractions = "{tmp_path / "inter.csv"}"\n'
-                   f'item_features = "{tmp_path / "items.csv"}"\nitem_feature_cols = ["genre"]\n')
-    assert main(["train", str(cfg), "--out", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err
-    assert "items.csv" in err and "99" in err
-    assert not (tmp_path / "run").exists()
+    cfg.write_text(f'[data]\ndataset = "files"\ninteractions = "{tmp_path / "inter.csv"}"\nvalid_fraction = 0.0\n'
+                   f'item_features = "{tmp_path / "items.csv"}"\nitem_feature_cols = ["genre"]\n'
+                   '[model]\ndim = 4\nitem_features = "all"\nitem_id_dropout = 0.5\n'
+                   '[train]\nepochs = 2\nbatch_size = 4\nmonitor = "recall@2"\n[eval]\nks = [2]\n')
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run")]) == 0
+    run = Run(tmp_path / "run")
+    j = int(run.items.encode([99])[0])
+    assert j >= 0 and run.item_counts[j] == 0
+    with torch.no_grad():
+        as_new = run.model.item_vectors(run.model.item_inputs([-1], [{"genre": "b"}]))[0]
+        torch.testing.assert_close(embed_items(run.model)[j], as_new)
+    assert main(["index", str(tmp_path / "run"), "--quiet"]) == 0
+    assert "4 items" in capsys.readouterr().out
+    np.testing.assert_allclose(np.load(tmp_path / "run" / "item_embeddings.npy")[j], as_new.numpy(), rtol=1e-6)
 
 
 def test_config_errors_are_clear(tmp_path, capsys):

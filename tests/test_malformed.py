@@ -132,8 +132,6 @@ BAD = {
     "truncated_parquet": ({"inter.parquet": _parquet(pa.table({"user": [1, 2, 3], "item": [4, 5, 6]}))[:-20]},
                           FILES,
                           ["inter.parquet", "footer", "cannot read the Parquet file", "write or fetch it again"]),
-    "unknown_item_in_features": ({"inter.csv": GOOD, "items.csv": "item,genre\n1,a\n999,b\n"}, FEATURES,
-                                 ["items.csv", "line 3", "item id 999 is not among the known item ids", "drop rows"]),
     "non_numeric_timestamp": ({"inter.csv": _lines(FEW, "3,4,yesterday\n")}, TIMED,
                               ["inter.csv", "line 4", "timestamp 'yesterday'", "not a number", "convert dates"]),
     "parquet_text_timestamp": ({"inter.parquet": _parquet(pa.table({"user": [1, 2], "item": [3, 4],

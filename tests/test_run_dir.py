@@ -68,10 +68,16 @@ def test_serving_places_a_new_user_by_history_and_features_through_the_user_towe
     best = sorted(expected, key=expected.get, reverse=True)[:3]
     assert r.items.tolist() == best
     np.testing.assert_allclose(r.scores, [expected[i] for i in best], rtol=1e-5)
-    # features alone: the tower could place the user, but the service still answers by popularity
-    # (the current policy), and says which values it could not place
+    # features alone go through the tower too; only a request with nothing usable falls back to
+    # popularity, and says why and which values it could not place
+    with torch.no_grad():
+        f = model.user_vectors(model.user_inputs(np.array([-1]), [np.array([], dtype=np.int64)], [{"age": "b"}]))[0]
+    by_features = rec.recommend(Query(features={"age": "b"}, k=6, exclude_seen=False))
+    assert by_features.fallback is None
+    assert by_features.items.tolist() == [100 + j for j in np.argsort(-(g @ f).numpy(), kind="stable")]
     p = rec.recommend(Query(history=[], features={"age": "nope"}, k=2))
     assert p.fallback == "popularity" and p.unknown_features == {"age": ["nope"]}
+    assert "no feature value is known" in p.fallback_reason
 
 
 def test_a_checkpoint_goes_back_and_forth_whole(tmp_path):

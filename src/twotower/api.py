@@ -60,6 +60,9 @@ def train(cfg: RunConfig, out: str | Path | None = None, data_dir: str | Path | 
     final = trainer
     if cfg.train.refit and len(ds.valid):
         final = _refit(cfg, ds, state.best_epoch, out, resume, quiet, log, jump_after=state.phase_one_best)
+    # What evaluation scores as new (a cold split's withheld entities; with id dropout, every one
+    # without a training interaction) becomes so in the weights, for the index and serving too.
+    forgot = final.model.forget_ids(*final.model.new_entities(final.dataset))
     test = final.par.on_main(lambda: evaluate(final.model, ds, "test", cfg.eval, hl)) if evaluate_test and len(ds.test) else None
     seconds = time.perf_counter() - t0
     if out is not None and final.par.main:
@@ -69,7 +72,8 @@ def train(cfg: RunConfig, out: str | Path | None = None, data_dir: str | Path | 
             "valid": valid, "test": test, "seconds": seconds,
             "seconds_per_epoch": float(np.mean([r["seconds"] for r in state.history])) if state.history else None,
             "native": native.report(),  # which kernels those seconds ran (twotower info --json)
-        }, embed_items(final.model).cpu().numpy(), weights=final.model.state_dict() if final is not trainer else None)
+        }, embed_items(final.model).cpu().numpy(),
+            weights=final.model.state_dict() if final is not trainer or forgot else None)
     final.par.barrier()
     return TrainResult(Path(out) if out is not None else None, final, valid, test, seconds)
 

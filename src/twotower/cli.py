@@ -1,4 +1,4 @@
-"""Command line: ``twotower train | evaluate | recommend | index | embed | serve | export | mine | compare | tune | baseline | demo | config | info``.
+"""Command line: ``twotower train | evaluate | recommend | index | embed | add-items | serve | export | mine | compare | tune | baseline | demo | config | info``.
 
 Every subcommand is a thin shell over the Python API (``twotower.api``, ``twotower.run.Run``): a
 ``cmd_<command>`` function that runs it, beside the ``add_<command>_parser`` function that declares
@@ -214,7 +214,7 @@ def _recommend_one(run, args) -> int:
         print(f"new user: {len(q.history) - len(r.unknown_items)} known items"
               + (f" ({len(r.unknown_items)} unknown ignored: {', '.join(map(str, r.unknown_items[:5]))})" if r.unknown_items else ""))
     if r.fallback:
-        print(f"(no usable history: the most popular items{' of ' + str(args.category) if args.category else ''})")
+        print(f"(nothing usable: {r.fallback_reason}; the most popular items{' of ' + str(args.category) if args.category else ''})")
     print(f"{'rank':>4}  {'item':>10}  {'score':>7}  title")
     for rank, (item, score) in enumerate(zip(r.items.tolist(), r.scores.tolist()), 1):
         print(f"{rank:>4}  {str(item):>10}  {score:7.4f}  {run.title(item) or ''}")
@@ -431,6 +431,49 @@ def add_embed_parser(sub) -> None:
     em.add_argument("--overwrite", action="store_true", help="recompute this job's parts even when already written")
     em.add_argument("--quiet", action="store_true", help="no progress bar")
     em.set_defaults(func=cmd_embed)
+
+
+def cmd_add_items(args) -> int:
+    from .index.admit import admit, read_new_items
+    from .run import Run
+
+    seps = {}
+    for item in args.sep or []:
+        name, eq, sep = item.partition("=")
+        if not eq or not name or not sep:
+            raise TwotowerError(f"--sep {item!r}: expected FEATURE=SEPARATOR, e.g. --sep 'genre=|'")
+        seps[name] = sep
+    new = read_new_items(Run(args.run), args.items, args.id_col, args.title_col, seps)
+    res = admit(args.run, items=new, log=lambda m: print(m, flush=True))
+    for raw, bad in list(res.unknown_features.items())[:10]:
+        print(f"  item {raw}: values the model does not know (ignored): "
+              + "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in bad.items()))
+    return 0
+
+
+def add_add_items_parser(sub) -> None:
+    a = sub.add_parser("add-items", help="admit new items to a trained run (and its index) without retraining",
+                       description="Append new items to a trained run: the item vocabulary, every item feature's table,\n"
+                                   "the weights (each new item's id row is the learned unknown vector: train with\n"
+                                   "model.item_id_dropout > 0 for one that means something; zero otherwise), the item\n"
+                                   "embeddings and RUN/index (FAISS add: no rebuild). Each new item's vector is what the\n"
+                                   "item tower computes from its features. The run directory is rewritten at once (a new\n"
+                                   "manifest); a `twotower serve` started afterwards serves the new items.",
+                       epilog="examples:\n  twotower add-items runs/ml100k new_movies.parquet\n"
+                              "  twotower add-items runs/ml100k new_movies.csv --sep 'genre=|' --title-col title\n\n"
+                              "The file has the run's item id column (data.item_id_col, default \"item\") and one column per\n"
+                              "item feature of the model, read as its declared kind (a multi-valued one: a list column, or\n"
+                              "text split by --sep); an empty cell is a missing value. Ids the run already knows are refused.\n"
+                              "Python: twotower.index.admit.admit(RUN, items=...).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("run", help="run directory written by `twotower train`")
+    a.add_argument("items", help="table of the new items: CSV, TSV or Parquet")
+    a.add_argument("--id-col", help="column holding the raw item id (default: the run's data.item_id_col)")
+    a.add_argument("--title-col", help="column holding a display title (default: the run's data.item_title_col)")
+    a.add_argument("--sep", action="append", metavar="FEATURE=SEP",
+                   help="separator of a multi-valued feature's values in a text cell (repeatable; default: the "
+                        "feature's declared separator, or the run's data.item_multi_valued)")
+    a.set_defaults(func=cmd_add_items)
 
 
 def cmd_serve(args) -> int:
@@ -793,8 +836,8 @@ def add_info_parser(sub) -> None:
 
 
 COMMANDS = (add_train_parser, add_evaluate_parser, add_recommend_parser, add_index_parser, add_embed_parser,
-            add_serve_parser, add_export_parser, add_mine_parser, add_compare_parser, add_tune_parser,
-            add_baseline_parser, add_demo_parser, add_config_parser, add_info_parser)
+            add_add_items_parser, add_serve_parser, add_export_parser, add_mine_parser, add_compare_parser,
+            add_tune_parser, add_baseline_parser, add_demo_parser, add_config_parser, add_info_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

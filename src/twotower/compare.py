@@ -20,6 +20,9 @@ from .run_dir import RunDir
 TABLE_METRICS = ["recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50",
                  "coverage@20", "tail_share@20", "popularity@20"]
 BUCKETS = ["head", "torso", "tail"]
+# a cold split's warm and cold columns, shown when a variant has them
+COLD_METRICS = ["warm_items/recall@20", "cold_items/recall@20", "cold_items/ndcg@20",
+                "warm_users/recall@20", "cold_users/recall@20", "cold_users/ndcg@20"]
 
 
 @dataclass
@@ -173,7 +176,7 @@ def finished_result(path: str | Path) -> VariantResult:
 
 def report_markdown(results: list[VariantResult]) -> str:
     # Columns no variant measured (eval.ks without that cut-off) are left out, not shown as nan.
-    metrics = [m for m in TABLE_METRICS if any(m in r.test for r in results)]
+    metrics = [m for m in TABLE_METRICS + COLD_METRICS if any(m in r.test for r in results)]
     head = ["variant", *metrics, *(f"recall@20/{b}" for b in BUCKETS), "valid recall@20", "s/epoch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     best = {m: max((r.test.get(m, float("-inf")) for r in results), default=None) for m in metrics}
@@ -182,7 +185,8 @@ def report_markdown(results: list[VariantResult]) -> str:
         for m in metrics:
             val = r.test.get(m, float("nan"))
             s = f"{val:.4f}" if m != "popularity@20" else f"{val:.1f}"
-            cells.append(f"**{s}**" if m.startswith(("recall", "ndcg")) and val == best[m] else s)
+            # the best recall / NDCG of each column in bold, a group's (cold_items/recall@20) too
+            cells.append(f"**{s}**" if m.split("/")[-1].startswith(("recall", "ndcg")) and val == best[m] else s)
         cells += [f"{r.test.get(f'recall@20/{b}', float('nan')):.4f}" for b in BUCKETS]
         cells += [f"{r.valid.get('recall@20', float('nan')):.4f}", f"{r.seconds_per_epoch:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -19,6 +19,11 @@ from pydantic_core import PydanticUndefined
 from .errors import ConfigError
 
 
+# The groups of a cold split's metrics (``evaluation.evaluator``): the held-out pairs of withheld
+# items or users, and the others.
+COLD_GROUPS = ("warm_items", "cold_items", "warm_users", "cold_users")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -70,6 +75,19 @@ class DataConfig(_Section):
     synthetic_users: int = Field(2000, ge=1, description="dataset='synthetic': number of users generated")
     synthetic_items: int = Field(1000, ge=1, description="dataset='synthetic': number of items generated")
     seed: int = Field(0, description="seed of the random splits and of the synthetic data")
+    # Cold-start protocols (docs/features.md, "Cold start"): entities withheld from training entirely.
+    cold_items: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "cold-item split: this share of the items that have interactions (seeded) is withheld from training "
+        "entirely; every interaction of a withheld item is held out (a valid_fraction share of those items for "
+        "validation, the rest for test), and evaluation reports warm_items/ and cold_items/ metrics (0: off)"))
+    cold_users: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "cold-user split: this share of the users (seeded) is withheld from training entirely; each one's "
+        "interactions are split as the data.split says, the held-out part is the truth and the rest is the "
+        "input history a new user brings (never trained on); scored as new users through the user tower "
+        "(a valid_fraction share of them for validation), reported as warm_users/ and cold_users/ (0: off)"))
+    cold_user_history: int | None = Field(None, ge=0, description=(
+        "cold-user split: keep at most this many of a withheld user's most recent input items (0: features only; "
+        "none: all of them)"))
 
 
 class ModelConfig(_Section):
@@ -98,6 +116,39 @@ class ModelConfig(_Section):
                               "vectors of the degree-normalised training matrix; als: a few implicit-ALS sweeps "
                               "(needs the `als` extra). svd and als rows are put on the sphere of the normal rows' "
                               "expected norm, init_std * sqrt(dim) (docs/tuning.md, 'Time to quality')")
+    # History encoders (docs/features.md, "History encoders").
+    history_encoder: Literal["mean", "recency", "attention"] = Field(
+        "mean", description="user_history: how the history items' embeddings become one vector: mean (pooling); "
+                            "recency (weights 2^(-age / history_half_life), age 0 = the most recent item); attention "
+                            "(a small transformer over the last history_length items with positions, SASRec-style, "
+                            "the most recent position's output)")
+    history_half_life: float = Field(10.0, gt=0.0, le=1e6, description="recency: the age (in items) at which an "
+                                                                          "item's weight is half the most recent one's")
+    learn_half_life: bool = Field(False, description="recency: train the half-life too (history_half_life is its start)")
+    history_layers: int = Field(1, ge=1, le=8, description="attention: transformer layers")
+    history_heads: int = Field(2, ge=1, le=16, description="attention: heads per layer (dim must be a multiple of it)")
+    history_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="attention: dropout on attention weights and "
+                                                                      "residual branches while training")
+    # Id dropout (DropoutNet, Volkovs et al. NeurIPS 2017): towers that work without the id.
+    item_id_dropout: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "while training, replace a row's item-id embedding by a learned unknown vector with this probability; "
+        "an item not in the vocabulary (or with no training interactions) then gets that vector (0: off)"))
+    user_id_dropout: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "the same for the user tower: a new user (or one with no training interactions) gets the learned "
+        "unknown-user vector (0: off)"))
+
+    @model_validator(mode="after")
+    def _history_and_dropout_fit(self):
+        if self.history_encoder != "mean" and not self.user_history:
+            raise ValueError(f"history_encoder = {self.history_encoder!r} needs user_history = true")
+        if self.history_encoder == "attention" and self.dim % self.history_heads:
+            raise ValueError(f"history_encoder = \"attention\": dim ({self.dim}) must be a multiple of "
+                             f"history_heads ({self.history_heads})")
+        if self.item_id_dropout and not self.item_id:
+            raise ValueError("item_id_dropout > 0 needs item_id = true (there is no id embedding to drop)")
+        if self.user_id_dropout and not self.user_id:
+            raise ValueError("user_id_dropout > 0 needs user_id = true (there is no id embedding to drop)")
+        return self
 
 
 class TrainConfig(_Section):
@@ -138,7 +189,9 @@ class TrainConfig(_Section):
     mask_user_history: bool = Field(False, description="mask candidates that are among the row user's training items")
     patience: int = Field(3, ge=0, description="epochs without validation improvement before stopping (0: never stop early)")
     monitor: str = Field("recall@20", description="validation metric used for early stopping and model selection: "
-                                                       "recall, ndcg, hr, precision or mrr, at a K (e.g. recall@20)")
+                                                       "recall, ndcg, hr, precision or mrr, at a K (e.g. recall@20); "
+                                                       "with a cold split, a group may prefix it (e.g. "
+                                                       "cold_items/recall@20, warm_users/ndcg@10)")
     eval_every: int = Field(1, ge=1, description="validate every N epochs (and after the last)")
     refit: bool = Field(False, description="after early stopping, retrain from scratch on train + validation for the "
                                           "best number of epochs (selection stays on validation; more data for the final model)")
@@ -156,9 +209,11 @@ class TrainConfig(_Section):
     @field_validator("monitor")
     @classmethod
     def _known_metric(cls, v: str) -> str:
-        name, _, k = v.partition("@")
-        if name not in {"recall", "ndcg", "hr", "precision", "mrr"} or not k.isdigit():
-            raise ValueError(f"monitor must look like 'recall@20' or 'ndcg@10', got {v!r}")
+        group, _, metric = v.rpartition("/")
+        name, _, k = metric.partition("@")
+        if name not in {"recall", "ndcg", "hr", "precision", "mrr"} or not k.isdigit() or group not in ("", *COLD_GROUPS):
+            raise ValueError(f"monitor must look like 'recall@20', 'ndcg@10' or, with a cold split, "
+                             f"'cold_items/recall@20' (groups: {', '.join(COLD_GROUPS)}), got {v!r}")
         return v
 
     @property
@@ -526,6 +581,17 @@ class RunConfig(_Section):
             raise ValueError("mining.rounds > 0 needs negatives.hard = \"mined\" (and negatives.hard_k)")
         if self.negatives.hard == "mined" and not self.mining.rounds:
             raise ValueError("negatives.hard = \"mined\" needs mining.rounds > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _monitor_group_exists(self):
+        group = self.train.monitor.rpartition("/")[0]
+        if group and not (self.data.cold_items if group.endswith("_items") else self.data.cold_users):
+            key = "data.cold_items" if group.endswith("_items") else "data.cold_users"
+            raise ValueError(f"train.monitor = {self.train.monitor!r} needs a cold split: set {key} > 0")
+        if group.startswith("cold_") and not self.data.valid_fraction:
+            raise ValueError(f"train.monitor = {self.train.monitor!r} needs cold validation entities: "
+                             "set data.valid_fraction > 0")
         return self
 
     @model_validator(mode="after")

@@ -25,6 +25,8 @@
                              metrics.json and manifest.json
       index/                 the item index (``twotower index``; its files are ``index``'s)
       embeddings/            item embeddings as Parquet parts (``twotower embed``)
+      .staged/               a new version of some of the files above, written whole before any
+                             replaces the run's (``staging`` / ``commit_staged``: admitting items)
 
 ``RunDir`` is the one owner: the trainer and ``api.train`` write through it, ``Run`` and every command
 read through it. ``artifacts`` is the atomic writer and reader it uses (it knows no names).
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +70,10 @@ CHECKPOINT = "checkpoint"
 REFIT = "refit"
 INDEX = "index"
 EMBEDDINGS = "embeddings"
+STAGED = ".staged"
+# inside .staged/: written once every staged file is complete; from then on the swap is finished
+# by whoever opens the run next (``settle``)
+_COMMIT = "COMMIT"
 # inside checkpoint/
 _LAST, _BEST, _OPTIMIZER, _NEGATIVES, _STATE = "last.safetensors", "best.safetensors", "optimizer.pt", \
     "negatives.safetensors", "state.json"
@@ -242,12 +249,72 @@ class RunDir:
             state=state,
             negatives=artifacts.load_tensors(ck / _NEGATIVES) if (ck / _NEGATIVES).exists() else None)
 
+    # ---- replacing part of a finished run at once (admitting items) -----------------------------------
+    def staging(self) -> "RunDir":
+        """An empty ``RUN/.staged`` to write the next version of some of the run's files (and of
+        its ``index/``) into, with this class's own writers; ``commit_staged`` then puts them in
+        place. An uncommitted staging left by a crash is cleared first, a committed one finished."""
+        self.settle()
+        d = self.path / STAGED
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        return RunDir(d)
+
+    def commit_staged(self) -> None:
+        """Replace the run's files (and folders) by the staged ones, then write the manifest. The
+        marker written first makes the swap a commitment: a crash part-way is finished by
+        ``settle`` (which ``verify`` calls), so a reader finds the old run or the new one, whole."""
+        staged = self.path / STAGED
+        names = sorted(p.name for p in staged.iterdir())
+        artifacts.write_json(staged / _COMMIT, {"replace": names})
+        self._roll_forward()
+
+    def settle(self) -> None:
+        """Finish a committed replacement that a crash (or a concurrent reader) cut short; leave an
+        uncommitted staging alone (its writer may still be at work; the next ``staging`` clears it)."""
+        if (self.path / STAGED / _COMMIT).is_file():
+            self._roll_forward()
+
+    def _roll_forward(self) -> None:
+        staged = self.path / STAGED
+        try:
+            names = artifacts.read_json(staged / _COMMIT)["replace"]
+        except ArtifactError:  # another process finished it meanwhile
+            return
+        for name in names:
+            src, dst = staged / name, self.path / name
+            try:
+                if src.is_dir():
+                    artifacts.replace_dir(src, dst)
+                elif src.exists():
+                    os.replace(src, dst)
+            except FileNotFoundError:  # moved by another process finishing the same swap
+                pass
+            if not src.exists():  # a folder swap cut between its two renames leaves the old copy beside it
+                shutil.rmtree(dst.with_name(dst.name + ".old"), ignore_errors=True)
+        self.write_manifest()
+        shutil.rmtree(staged, ignore_errors=True)
+
+    def save_item_embeddings(self, vectors: np.ndarray) -> None:
+        """``g(j)`` of every item, ``item_embeddings.npy``."""
+        artifacts.save_numpy(self.path / ITEM_EMBEDDINGS, vectors)
+
+    def read_item_embeddings(self) -> np.ndarray | None:
+        """``item_embeddings.npy``, or ``None`` when the run has none."""
+        p = self.path / ITEM_EMBEDDINGS
+        return artifacts.load_numpy(p, "re-run training") if p.is_file() else None
+
+    def read_summary(self) -> dict | None:
+        """``dataset.json`` (the training data's summary), or ``None``."""
+        p = self.path / DATASET
+        return artifacts.read_json(p) if p.is_file() else None
+
     # ---- the end of training -------------------------------------------------------------------------
     def finish(self, metrics: dict, item_vectors: np.ndarray | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
         """The final artifacts, then the manifest that marks the run complete: the items' vectors,
         the final weights when they are not the ones already saved (a refit's), the metrics."""
         if item_vectors is not None:
-            artifacts.save_numpy(self.path / ITEM_EMBEDDINGS, item_vectors)
+            self.save_item_embeddings(item_vectors)
         if weights is not None:
             self.save_weights(weights)
         artifacts.write_json(self.path / METRICS, metrics)
@@ -277,6 +344,7 @@ class RunDir:
         """Refuse a run whose files do not match its manifest, or that has none (unfinished). The
         manifest covers the files at the top (what serving and evaluation load); ``checkpoint/``
         is working state for ``--resume``."""
+        self.settle()
         if not (self.path / MANIFEST).is_file():
             raise ArtifactError(f"{self.path}: no {MANIFEST}, so the run did not finish. Resume it with "
                                 "`twotower train CONFIG --out RUN --resume`, or load it unverified with Run(path, verify=False)")

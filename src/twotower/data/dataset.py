@@ -58,7 +58,9 @@ class CSR:
         end = self.indptr[rows + 1]
         pos = end[:, None] - length + np.arange(length)[None, :]
         valid = pos >= self.indptr[rows][:, None]
-        return np.where(valid, self.indices[np.clip(pos, 0, max(len(self.indices) - 1, 0))], 0), valid
+        if not len(self.indices):  # no row has an entry
+            return np.zeros(valid.shape, dtype=np.int64), valid
+        return np.where(valid, self.indices[np.clip(pos, 0, len(self.indices) - 1)], 0), valid
 
     def union(self, other: "CSR") -> "CSR":
         """Row-wise concatenation (self's entries first)."""
@@ -94,6 +96,13 @@ class Split:
         return Split(self.users[mask_or_idx], self.items[mask_or_idx],
                      None if self.timestamps is None else self.timestamps[mask_or_idx],
                      None if self.context is None else {k: v[mask_or_idx] for k, v in self.context.items()})
+
+    def concat(self, *others: "Split") -> "Split":
+        """This split's interactions followed by ``others``' (``concat_splits`` in turn)."""
+        out = self
+        for other in others:
+            out = concat_splits(out, other)
+        return out
 
     def csr(self, n_users: int) -> CSR:
         return CSR.from_pairs(self.users, self.items, n_users, key=self.timestamps)
@@ -203,6 +212,14 @@ class Dataset:
 
     ``train`` is what the model learns from; ``valid`` is carved from the training data for model
     selection; ``test`` is touched once, for the final figure.
+
+    Cold splits (``data.cold_items``, ``data.cold_users``; docs/features.md, "Cold start"):
+    ``cold_items`` / ``cold_users`` mark the withheld entities (bool over the vocabulary; ``None``
+    without a cold split). None of their interactions is in ``train``; a withheld item's are all
+    in ``valid`` or ``test`` (the truth of its group), a withheld user's are split into the truth
+    (``valid`` or ``test``) and ``cold_input``, the history the user brings as a new user.
+    ``cold_input`` is what is known (fed to the user tower, masked from the ranking) and never
+    trained on: those histories, and after ``with_valid_in_train`` the cold validation's interactions.
     """
 
     name: str
@@ -216,6 +233,9 @@ class Dataset:
     item_titles: np.ndarray | None = None
     context: list = field(default_factory=list)  # the context features' declarations (config.FeatureSpec)
     fit_context: dict[str, np.ndarray] | None = None  # the context values that fit the encoders: the training split's
+    cold_items: np.ndarray | None = None
+    cold_users: np.ndarray | None = None
+    cold_input: Split | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -246,16 +266,20 @@ class Dataset:
     def history(self, upto: str = "train") -> CSR:
         """Per-user items known at a point of the protocol, in time order:
         ``"train"`` (what the model trains on; the input and mask when scoring validation) or
-        ``"valid"`` (train + validation; the input and mask when scoring test, and at serving)."""
+        ``"valid"`` (train + validation; the input and mask when scoring test, and at serving).
+        Both include the withheld users' input histories (``cold_input``), known but never trained on."""
         if upto not in self._cache:
-            tr = self.train.csr(self.n_users)
-            if upto == "train":
-                self._cache[upto] = tr
-            elif upto == "valid":
-                self._cache[upto] = concat_splits(self.train, self.valid).csr(self.n_users)
-            else:
+            if upto not in ("train", "valid"):
                 raise ValueError(f"history upto must be 'train' or 'valid', got {upto!r}")
+            parts = ([self.valid] if upto == "valid" else []) + ([self.cold_input] if self.cold_input is not None else [])
+            self._cache[upto] = self.train.concat(*parts).csr(self.n_users) if parts else self._pairs()
         return self._cache[upto]
+
+    def _pairs(self) -> CSR:
+        """The training pairs per user, in history order: pair ``k`` is position ``k`` of it."""
+        if "pairs" not in self._cache:
+            self._cache["pairs"] = self.train.csr(self.n_users)
+        return self._cache["pairs"]
 
     def pair_history(self, pairs: np.ndarray, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Leakage-free history of training pairs (indices into ``train``): ``[len(pairs), length]`` items and mask.
@@ -265,7 +289,7 @@ class Dataset:
         Either way the pair's own target item is never in it (also when the user repeats an item).
         """
         pairs = np.asarray(pairs, dtype=np.int64)
-        h = self.history("train")
+        h = self._pairs()
         u = self.train.users[pairs]
         start = h.indptr[u]
         pos = pairs - start  # the pair's position in its user's row
@@ -286,12 +310,28 @@ class Dataset:
     def with_valid_in_train(self) -> "Dataset":
         """The same dataset with the validation part folded back into training (for a final refit
         once validation has chosen the number of epochs)."""
-        merged = concat_splits(self.train, self.valid)
+        # A withheld item's or user's validation interactions stay out of training (they are
+        # the truth of the cold validation, never training data).
+        warm = ~self.cold_pairs(self.valid)
+        merged = self.train.concat(self.valid.take(warm))
+        rest = self.valid.take(~warm)
+        cold_input = rest if self.cold_input is None else self.cold_input.concat(rest)
         empty = self.valid.take(np.zeros(len(self.valid), dtype=bool))
         # The features keep what fitted them (the training split's entities and context), so that the
         # refit's encoders are the ones the run directory already holds.
         return Dataset(self.name, self.users, self.items, merged, empty, self.test, self.item_features,
-                       self.user_features, self.item_titles, self.context, self.fit_context)
+                       self.user_features, self.item_titles, self.context, self.fit_context,
+                       cold_items=self.cold_items, cold_users=self.cold_users,
+                       cold_input=cold_input if len(cold_input) else self.cold_input)
+
+    def cold_pairs(self, split: Split) -> np.ndarray:
+        """Which interactions of ``split`` involve a withheld item or user (bool)."""
+        out = np.zeros(len(split), dtype=bool)
+        if self.cold_items is not None:
+            out |= self.cold_items[split.items]
+        if self.cold_users is not None:
+            out |= self.cold_users[split.users]
+        return out
 
     def summary(self) -> dict:
         return {
@@ -303,6 +343,8 @@ class Dataset:
             "feature_kinds": {"item": self.item_features.kinds() if self.item_features else {},
                               "user": self.user_features.kinds() if self.user_features else {},
                               "context": {s.name: s.kind for s in self.context}},
+            **({"cold_items": int(self.cold_items.sum())} if self.cold_items is not None else {}),
+            **({"cold_users": int(self.cold_users.sum())} if self.cold_users is not None else {}),
         }
 
 

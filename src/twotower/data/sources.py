@@ -5,6 +5,7 @@ publisher ships it. Generic interaction files are mapped by column names.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +13,14 @@ import pandas as pd
 
 from ..config import DataConfig, RunConfig, legacy_features
 from ..errors import ConfigError, DataError
-from .dataset import Dataset, EncodedFeatures, encode_interactions
+from .dataset import Dataset, EncodedFeatures, Split, encode_interactions
 from .paths import default_data_dir
 from .readers import Features, read_features, read_interactions, read_lightgcn
 from .readers.kinds import read_vector_file
 from .readers.movielens import movielens_100k_tables
 from .readers.table import Table, missing_column_error
 from .readers.tabular import context_frame, features_from_table, with_time_column
-from .splits import last_n_holdout, random_holdout
+from .splits import last_n_holdout, most_recent, random_holdout, withhold
 from .vocab import Vocabulary
 
 NAMED_FOLDERS = {"ml-100k": "ml-100k", "gowalla": "gowalla", "lightgcn": "gowalla", "grocery": "grocery"}
@@ -88,13 +89,14 @@ def load_dataset(cfg: RunConfig | DataConfig, data_dir: str | Path | None = None
         if cfg.test_interactions:
             test_frame = read_interactions(resolve(cfg.test_interactions, data_dir), cfg.user_col, cfg.item_col,
                                            cfg.time_col, cfg.weight_col, context=specs.context).frame
-        known = np.unique(np.concatenate([frame["item"].to_numpy()] + ([test_frame["item"].to_numpy()] if test_frame is not None else [])))
         item_specs = [s for s in specs.item if not (s.kind == "vector" and s.file)]
         user_specs = [s for s in specs.user if not (s.kind == "vector" and s.file)]
         # (the older columns are read as they always were: their messages name data.item_feature_cols ...)
         if cfg.item_features:
+            # Every row of the item table is an item of the catalog, with interactions or not
+            # (one without is embedded from its features, indexed and served).
             item_f = read_features(resolve(cfg.item_features, data_dir), cfg.item_id_col, cfg.item_feature_cols,
-                                   cfg.item_multi_valued, cfg.item_title_col, known_ids=known, kind="item",
+                                   cfg.item_multi_valued, cfg.item_title_col, kind="item",
                                    specs=specs.item if declared else None)
         elif item_specs:
             raise ConfigError(f"features.item {[s.name for s in item_specs]}: set data.item_features (the item table)")
@@ -217,10 +219,14 @@ def build_dataset(name: str, frame: pd.DataFrame, test_frame: pd.DataFrame | Non
     users = Vocabulary.from_values(_same_kind(users_all), name="user")
     items = Vocabulary.from_values(_same_kind(items_all), name="item")
     data = encode_interactions(frame, users, items)
+    given_test = encode_interactions(test_frame, users, items) if cfg.split == "given" else None
+    cold = _cold_split(data, given_test, len(users), len(items), cfg)
+    if cold is not None:  # the withheld entities' interactions leave the data before it is split
+        data, given_test = cold.data, cold.given_test
     rng = np.random.default_rng(cfg.seed)
 
     if cfg.split == "given":
-        train, test = data, encode_interactions(test_frame, users, items)
+        train, test = data, given_test
     elif cfg.split == "random":
         held = random_holdout(data.users, cfg.test_fraction, rng, cfg.min_train_items)
         train, test = data.take(~held), data.take(held)
@@ -233,6 +239,8 @@ def build_dataset(name: str, frame: pd.DataFrame, test_frame: pd.DataFrame | Non
     else:
         vmask = random_holdout(train.users, cfg.valid_fraction, np.random.default_rng([cfg.seed, 1]), cfg.min_train_items)
     valid, train = train.take(vmask), train.take(~vmask)
+    if cold is not None:
+        valid, test = valid.concat(cold.valid), test.concat(cold.test)
 
     item_feats = user_feats = None
     if item_f is not None and item_f.names:
@@ -246,7 +254,79 @@ def build_dataset(name: str, frame: pd.DataFrame, test_frame: pd.DataFrame | Non
         titles = np.full(len(items), None, dtype=object)
         idx = items.encode(item_f.ids)
         titles[idx[idx >= 0]] = item_f.titles[idx >= 0]
-    return Dataset(name, users, items, train, valid, test, item_feats, user_feats, titles, list(context))
+    if cold is None:
+        return Dataset(name, users, items, train, valid, test, item_feats, user_feats, titles, list(context))
+    return Dataset(name, users, items, train, valid, test, item_feats, user_feats, titles, list(context),
+                   cold_items=cold.items, cold_users=cold.users, cold_input=cold.input)
+
+
+@dataclass
+class _Cold:
+    """A cold split (``_cold_split``): the data left to split as usual, the withheld entities'
+    truth for validation and test, the withheld users' input histories, and the masks."""
+
+    data: Split
+    given_test: Split | None
+    valid: Split
+    test: Split
+    input: Split | None
+    items: np.ndarray | None
+    users: np.ndarray | None
+
+
+def _cold_split(data: Split, given_test: Split | None, n_users: int, n_items: int, cfg: DataConfig) -> _Cold | None:
+    """Withhold a seeded share of items (``data.cold_items``) and of users (``data.cold_users``)
+    from training (docs/features.md, "Cold start").
+
+    Items: among the items with interactions, ``cold_items`` of them; every interaction of one is
+    truth, of validation for a ``valid_fraction`` share of those items, of test for the others.
+    Users: ``cold_users`` of the users; each one's interactions are split as ``data.split`` splits
+    a user's (random: ``test_fraction`` held out; temporal: the last ``leave_last``; given: the
+    test file's), the held-out part is the truth (validation for a ``valid_fraction`` share of the
+    users, test for the others) and the rest is the user's input history (its most recent
+    ``cold_user_history`` items when set), known but never trained on. A pair of a withheld item
+    and a withheld user belongs to the item's truth. Seeds of their own: without a cold split the
+    data's split is the one it always was."""
+    if not (cfg.cold_items or cfg.cold_users):
+        return None
+    valid_parts, test_parts = [], []
+    parts = [data] + ([given_test] if given_test is not None else [])
+    item_mask = user_mask = cold_input = None
+    if cfg.cold_items:
+        rng = np.random.default_rng([cfg.seed, 2])
+        cold = withhold(np.concatenate([p.items for p in parts]), cfg.cold_items, rng)
+        item_mask, for_valid = np.zeros(n_items, dtype=bool), np.zeros(n_items, dtype=bool)
+        item_mask[cold] = True
+        for_valid[withhold(cold, cfg.valid_fraction, rng)] = True
+        for p in parts:
+            held = p.take(item_mask[p.items])
+            valid_parts.append(held.take(for_valid[held.items]))
+            test_parts.append(held.take(~for_valid[held.items]))
+        parts = [p.take(~item_mask[p.items]) for p in parts]
+    if cfg.cold_users:
+        rng = np.random.default_rng([cfg.seed, 3])
+        cold = withhold(np.concatenate([p.users for p in parts]), cfg.cold_users, rng)
+        user_mask, for_valid = np.zeros(n_users, dtype=bool), np.zeros(n_users, dtype=bool)
+        user_mask[cold] = True
+        for_valid[withhold(cold, cfg.valid_fraction, rng)] = True
+        theirs = parts[0].take(user_mask[parts[0].users])
+        if given_test is not None:
+            truth, cold_input = parts[1].take(user_mask[parts[1].users]), theirs
+        else:
+            if cfg.split == "random":
+                held = random_holdout(theirs.users, cfg.test_fraction, np.random.default_rng([cfg.seed, 4]), cfg.min_train_items)
+            else:
+                held = last_n_holdout(theirs.users, theirs.timestamps, cfg.leave_last, cfg.min_train_items)
+            truth, cold_input = theirs.take(held), theirs.take(~held)
+        if cfg.cold_user_history is not None:
+            key = cold_input.timestamps if cold_input.timestamps is not None else np.arange(len(cold_input))
+            cold_input = cold_input.take(most_recent(cold_input.users, key, cfg.cold_user_history))
+        valid_parts.append(truth.take(for_valid[truth.users]))
+        test_parts.append(truth.take(~for_valid[truth.users]))
+        parts = [p.take(~user_mask[p.users]) for p in parts]
+    empty = data.take(np.zeros(len(data), dtype=bool))
+    return _Cold(parts[0], parts[1] if given_test is not None else None, empty.concat(*valid_parts),
+                 empty.concat(*test_parts), cold_input, item_mask, user_mask)
 
 
 def load_impressions(path: str | Path, ds: Dataset, user_col: str = "user", item_col: str = "item",

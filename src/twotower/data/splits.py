@@ -42,3 +42,17 @@ def last_n_holdout(users: np.ndarray, time: np.ndarray, n: int, min_keep: int = 
     rank, count = rank_within_user(users, np.asarray(time))
     n_hold = np.minimum(n, np.maximum(count - min_keep, 0))
     return rank >= count - n_hold
+
+
+def withhold(present: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """A seeded ``round(share * n)`` of the ``n`` entities ``present`` (sorted indices), sorted: the
+    entities a cold split withholds from training."""
+    present = np.unique(np.asarray(present, dtype=np.int64))
+    n = int(np.floor(share * len(present) + 0.5))
+    return np.sort(rng.choice(present, n, replace=False)) if n else np.empty(0, np.int64)
+
+
+def most_recent(users: np.ndarray, key: np.ndarray, n: int) -> np.ndarray:
+    """Each user's last ``n`` interactions by ``key`` (ties: later rows count as later), as a mask."""
+    rank, count = rank_within_user(users, key)
+    return rank >= count - n

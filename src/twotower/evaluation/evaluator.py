@@ -9,6 +9,14 @@ What ranks is a ``Ranker``: the two towers (``ModelRanker``), or any other model
 block of users its top-k items with the known items excluded: factor models (``FactorRanker``:
 user and item vectors, e.g. ALS, popularity) and block scorers (``BlockRanker``: e.g. EASE, a
 user's row times a matrix). The protocol, the metrics and the buckets are the same for all.
+
+With a cold split (docs/features.md, "Cold start") the withheld items and users are scored as new
+ones (``TwoTowerModel.new_entities``), the ranking is still over every item, and the metrics are
+also reported per group of held-out pairs: ``cold_items/`` (pairs of a withheld item),
+``warm_items/`` (the others), ``cold_users/`` and ``warm_users/`` alike. A group's metric is the
+plain one restricted to the group's pairs: for user ``u`` with ``T_g(u)`` held-out items in group
+``g`` (users with none are left out) and hits counted only on them, e.g.
+``Recall@K_g(u) = |top-K(u) ∩ T_g(u)| / |T_g(u)|``, averaged over the group's users.
 """
 from __future__ import annotations
 
@@ -41,16 +49,18 @@ class ModelRanker:
     """The two towers, ranking by the served score (with ``- alpha log p(j)`` when ``alpha``)."""
 
     def __init__(self, model: TwoTowerModel, history_length: int = 50, item_counts: np.ndarray | None = None,
-                 alpha: float = 0.0, context: ContextTable | None = None):
+                 alpha: float = 0.0, context: ContextTable | None = None, new_items: np.ndarray | None = None,
+                 new_users: np.ndarray | None = None):
         self.model, self.history_length, self.n_items = model, history_length, model.n_items
         self.item_counts, self.alpha, self.context = item_counts, alpha, context
+        self.new_items, self.new_users = new_items, new_users
 
     def top_k(self, users, known, k, batch_users):
-        item_vecs = embed_items(self.model)
+        item_vecs = embed_items(self.model, new=self.new_items)
         # The served score, with its popularity correction - alpha * log p(j): evaluated without a server.
         score = ServedScore.of(self.model, log_popularity(self.item_counts) if self.alpha else None, self.alpha)
         return top_k_blocks(self.model, users, known, known, k, self.history_length, batch_users, item_vecs, score,
-                            self.context)
+                            self.context, new_users=self.new_users)
 
 
 class FactorRanker:
@@ -93,14 +103,40 @@ def evaluate(model: TwoTowerModel, dataset: Dataset, split: str, cfg: EvalConfig
              progress=None) -> dict[str, float]:
     """Metrics of ``model`` on ``split`` ('valid' or 'test'), averaged over users with held-out items."""
     truth_split, known = protocol(dataset, split)
+    new_items, new_users = model.new_entities(dataset)
     return evaluate_split(model, truth_split, known, dataset.item_counts(), cfg, history_length, progress,
-                          heldout_context(model, truth_split, known.n_rows))
+                          heldout_context(model, truth_split, known.n_rows), new_items=new_items,
+                          new_users=new_users, groups=cold_groups(dataset))
 
 
 def evaluate_ranker(ranker: Ranker, dataset: Dataset, split: str, cfg: EvalConfig, progress=None) -> dict[str, float]:
     """Metrics of any ``Ranker`` on ``split`` under the same protocol as the towers'."""
     truth_split, known = protocol(dataset, split)
-    return ranker_metrics(ranker, truth_split, known, dataset.item_counts(), cfg, progress)
+    return ranker_metrics(ranker, truth_split, known, dataset.item_counts(), cfg, progress, cold_groups(dataset))
+
+
+def cold_groups(dataset: Dataset) -> dict[str, tuple[str, np.ndarray]]:
+    """The warm and cold groups of a cold split: ``name -> ("item" or "user", membership mask)``
+    (empty without one)."""
+    groups = {}
+    if dataset.cold_items is not None:
+        groups.update({"warm_items": ("item", ~dataset.cold_items), "cold_items": ("item", dataset.cold_items)})
+    if dataset.cold_users is not None:
+        groups.update({"warm_users": ("user", ~dataset.cold_users), "cold_users": ("user", dataset.cold_users)})
+    return groups
+
+
+def group_pairs(truth: CSR, block: np.ndarray, top: torch.Tensor, hits: torch.Tensor, axis: str,
+                member: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's view of a block: ``(hits_g [b, K], n_relevant_g [b])``, the hits and held-out
+    counts of the pairs whose item (``axis = "item"``) or user (``"user"``) is a ``member``."""
+    if axis == "item":
+        items, _ = truth.gather(block)
+        rows = np.repeat(np.arange(len(block)), truth.lengths()[block])
+        n_rel = np.bincount(rows, weights=member[items], minlength=len(block)).astype(np.int64)
+        return hits & torch.from_numpy(member)[top], torch.from_numpy(n_rel)
+    mine = torch.from_numpy(member[block])
+    return hits & mine[:, None], torch.from_numpy(truth.lengths()[block]) * mine
 
 
 def heldout_context(model: TwoTowerModel, truth_split: Split, n_users: int) -> ContextTable | None:
@@ -122,19 +158,24 @@ def heldout_context(model: TwoTowerModel, truth_split: Split, n_users: int) -> C
 
 
 def evaluate_split(model: TwoTowerModel, truth_split: Split, known: CSR, item_counts: np.ndarray, cfg: EvalConfig,
-                   history_length: int = 50, progress=None, context: ContextTable | None = None) -> dict[str, float]:
+                   history_length: int = 50, progress=None, context: ContextTable | None = None,
+                   new_items: np.ndarray | None = None, new_users: np.ndarray | None = None,
+                   groups: dict[str, tuple[str, np.ndarray]] | None = None) -> dict[str, float]:
     """Metrics of ``model`` on the held-out ``truth_split``, ``known`` items masked and fed as history;
-    ``context``: the user tower's context per user index (``heldout_context``; ``None``: the defaults)."""
-    return ranker_metrics(ModelRanker(model, history_length, item_counts, cfg.alpha, context), truth_split, known,
-                          item_counts, cfg, progress)
+    ``context``: the user tower's context per user index (``heldout_context``; ``None``: the defaults).
+    ``new_items`` / ``new_users``: bool masks of the entities scored as new (id ``-1``); ``groups``:
+    ``name -> ("item" or "user", membership mask)``, metrics per group (module docstring)."""
+    ranker = ModelRanker(model, history_length, item_counts, cfg.alpha, context, new_items, new_users)
+    return ranker_metrics(ranker, truth_split, known, item_counts, cfg, progress, groups)
 
 
 @torch.no_grad()
 def ranker_metrics(ranker: Ranker, truth_split: Split, known: CSR, item_counts: np.ndarray, cfg: EvalConfig,
-                   progress=None) -> dict[str, float]:
+                   progress=None, groups: dict[str, tuple[str, np.ndarray]] | None = None) -> dict[str, float]:
     """Rank every item for every user of ``truth_split`` (``known`` items excluded) and average
     the metrics at each cut-off over those users; coverage, popularity, tail share and recall by
-    popularity bucket beside them."""
+    popularity bucket beside them; the same metrics per group of ``groups`` (``cold_groups``)."""
+    groups = groups or {}
     n_items = ranker.n_items
     truth = truth_split.csr(known.n_rows)
     users = np.flatnonzero(truth.lengths() > 0)
@@ -158,6 +199,7 @@ def ranker_metrics(ranker: Ranker, truth_split: Split, known: CSR, item_counts: 
 
     # Held-out (user, item) pairs as sorted keys: a hit is a binary-search match, no dense mask.
     truth_keys = torch.from_numpy(np.sort(np.repeat(np.arange(truth.n_rows), truth.lengths()) * n_items + truth.indices))
+    group_users = dict.fromkeys(groups, 0)
     for block, _, top in ranker.top_k(users, known, max_k, cfg.batch_users):
         n_rel = torch.from_numpy(truth.lengths()[block])
         keys = torch.from_numpy(block)[:, None] * n_items + top
@@ -176,11 +218,29 @@ def ranker_metrics(ranker: Ranker, truth_split: Split, known: CSR, item_counts: 
             add(f"tail_share@{k}", (top_bucket[:, :kk] == tail).double().mean(1))
             covered[k][top[:, :kk].reshape(-1)] = True
             bucket_hits[k] += torch.bincount(top_bucket[:, :kk][hits[:, :kk]], minlength=n_buckets).double()
+        for name, (axis, member) in groups.items():
+            g_hits, g_rel = group_pairs(truth, block, top, hits, axis, member)
+            rows = g_rel > 0
+            g_hits, g_rel = g_hits[rows], g_rel[rows]
+            group_users[name] += int(rows.sum())
+            for k in ks:
+                kk = min(k, max_k)
+                add(f"{name}/recall@{k}", M.recall_at_k(g_hits, g_rel, kk))
+                add(f"{name}/ndcg@{k}", M.ndcg_at_k(g_hits, g_rel, kk))
+                add(f"{name}/hr@{k}", M.hit_rate_at_k(g_hits, kk))
+                add(f"{name}/precision@{k}", M.precision_at_k(g_hits, kk))
+                add(f"{name}/mrr@{k}", M.mrr_at_k(g_hits, kk))
         if progress is not None:
             progress(len(block))
 
     n = len(users)
-    out = {key: value / n for key, value in sums.items()}
+    out = {key: value / n for key, value in sums.items() if key.partition("/")[0] not in groups}
+    for name, n_g in group_users.items():  # a group without users in this split has no figure (nan)
+        for k in ks:
+            for metric in ("recall", "ndcg", "hr", "precision", "mrr"):
+                key = f"{name}/{metric}@{k}"
+                out[key] = sums.get(key, 0.0) / n_g if n_g else float("nan")
+        out[f"{name}/users"] = float(n_g)
     for k in ks:
         out[f"coverage@{k}"] = float(covered[k].double().mean())
         for b, name in enumerate(names):

@@ -23,19 +23,22 @@ def mask_rows(scores: torch.Tensor, rows: np.ndarray, exclude: CSR) -> None:
 @torch.no_grad()
 def top_k_blocks(model: TwoTowerModel, users: np.ndarray, history: CSR, exclude: CSR | None, k: int,
                  history_length: int, batch_users: int = 1024, item_vecs: torch.Tensor | None = None,
-                 score: ServedScore | None = None, context: ContextTable | None = None
+                 score: ServedScore | None = None, context: ContextTable | None = None,
+                 new_users: np.ndarray | None = None
                  ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     """Yield ``(block_users, top_scores [b, k], top_items [b, k])`` (CPU tensors) block by block,
     excluding each user's ``exclude`` items, ranked and scored by the served score
     ``<f(u), g(j)>/tau + b_j - alpha log p(j)`` (``score``: default the model's, at ``alpha = 0``;
     ``model.scoring.ServedScore``). Each block's users go through the user tower once, with their
-    rows of ``context`` (a table over user indices; ``None``: the context features' defaults)."""
+    rows of ``context`` (a table over user indices; ``None``: the context features' defaults);
+    ``new_users``: bool over every user, those scored as new users (id -1)."""
     if item_vecs is None:
         item_vecs = embed_items(model)
     if score is None:
         score = ServedScore.of(model)
     bias = None if score.terms is None else score.terms.to(device=item_vecs.device, dtype=item_vecs.dtype)
-    queries = lambda block: score.query(embed_users(model, block, history, history_length, context=context))  # noqa: E731
+    queries = lambda block: score.query(embed_users(model, block, history, history_length, context=context,
+                                                          new=new_users))  # noqa: E731
     return top_k_vectors(users, queries, item_vecs, exclude, k, batch_users, bias, score.finish)
 
 

@@ -26,6 +26,10 @@ kind: a code of their own (categorical, text, numeric buckets) or NaN in the inp
 forward replaces by a learned vector (numeric, vector). ``FeatureSet`` is a tower's features, summed.
 A new kind is a class with these methods, registered in ``KINDS``.
 
+Entities admitted to a trained run (``index.admit``) join the per-entity table through
+``extended(raw)``: the fitted state with one more row per new entity, its values placed as
+``encode`` places them (the vocabulary stays the training data's; unplaced values are reported).
+
 For ``twotower export`` (``export/towers.py``) a kind also says what its ``forward`` input is made of
 as plain tensors: ``export_inputs()`` lists them (``TensorSpec``: name, dtype, shape, meaning), in the
 order of the fields of the input (a dataclass of tensors such as ``Bag``, or a single tensor), and

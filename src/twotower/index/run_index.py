@@ -41,11 +41,23 @@ def user_vectors(run, users: np.ndarray, batch: int = 4096) -> np.ndarray:
     return embed_users(run.model, users, run.known, run.config.model.history_length, batch).float().cpu().numpy()
 
 
-def item_vectors(run, embeddings: np.ndarray) -> tuple[np.ndarray, ScoreLayout]:
+def item_vectors(run, embeddings: np.ndarray, layout: ScoreLayout | None = None) -> tuple[np.ndarray, ScoreLayout]:
     """The augmented item vectors of ``run`` (its popularity and learned bias laid out after
-    ``embeddings``) and the layout that forms matching queries."""
-    layout, bias = ScoreLayout.of(run.model, run.log_popularity)
+    ``embeddings``) and the layout that forms matching queries: ``layout`` (an index's saved one),
+    else one fitted to the run's popularity."""
+    fitted, bias = ScoreLayout.of(run.model, run.log_popularity)
+    layout = layout or fitted
     return layout.items(embeddings, run.log_popularity, bias), layout
+
+
+def shifted_layout(layout: ScoreLayout, old_counts: np.ndarray, new_counts: np.ndarray) -> ScoreLayout:
+    """``layout`` after items were added to the catalog: with ``p(j) = (n_j + 1) / (N + n_items)``
+    every known item's ``-log p(j)`` grows by the same ``delta = log((N + n') / (N + n))``, so the
+    offset ``c`` grows by ``delta`` and the known items' coordinates ``s_p (-log p(j) - c)`` (and
+    their vectors in the index) stay as they are; the new ones are laid out on the same scale."""
+    before = float(np.sum(old_counts, dtype=np.float64)) + len(old_counts)
+    after = float(np.sum(new_counts, dtype=np.float64)) + len(new_counts)
+    return dataclasses.replace(layout, offset=layout.offset + float(np.log(after / before)))
 
 
 def popularity_denominator(counts: np.ndarray) -> float:

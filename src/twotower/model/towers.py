@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..data.dataset import CSR, EncodedFeatures
+from ..data.dataset import CSR, Dataset, EncodedFeatures
 from ..features.encoders import FeatureSet, FeatureState, FittedFeature, fit_context, fit_features
+from .history import make_history_encoder
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -76,7 +77,8 @@ class TowerInputs:
     ``item_inputs`` build it from vocabulary indices and raw values.
 
     - ``ids`` ``[B]`` int64: vocabulary indices; ``-1`` for an entity not in the vocabulary (a new
-      user), whose id contributes nothing (``id_vectors``: the one place an unknown id is handled);
+      user or item), whose id part is the tower's learned unknown vector when it was trained with id
+      dropout, else nothing (``id_vectors``: the one place an unknown id is handled);
     - ``history`` / ``history_mask`` ``[B, L]``: item indices, oldest first, and which are real
       (user tower; ``None``: no history);
     - ``features``: each feature's encoded input (``FeatureSet.encode``); ``None``: the stored
@@ -141,22 +143,60 @@ def _fitted(features: EncodedFeatures | Sequence[FittedFeature] | None) -> list[
     return fit_features(features) if isinstance(features, EncodedFeatures) else list(features)
 
 
+def drop_ids(ids: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Which rows take the unknown vector in place of their id embedding: the ids not in the
+    vocabulary (``-1``) and, while training, each other row with probability ``p`` (DropoutNet,
+    Volkovs, Yu and Poutanen, NeurIPS 2017: a tower that sometimes loses the id input learns to
+    place an entity from its other inputs, and the unknown vector learns where an entity without a
+    usable id sits). ``[B]`` bool."""
+    unknown = ids < 0
+    if training and p > 0:
+        unknown = unknown | (torch.rand(ids.shape, device=ids.device) < p)
+    return unknown
+
+
 class _Tower(nn.Module):
     """What both towers share: the id part and the finish (MLP, L2 normalisation)."""
 
     id_embedding: nn.Embedding | None
+    unknown_id: nn.Parameter | None
+    id_dropout: float
     features: FeatureSet | None
     mlp: nn.Module | None
 
+    def _init_ids(self, n: int, dim: int, init_std: float, sparse: bool, dropout: float) -> None:
+        """The id table and, with id dropout, the learned unknown vector (zero at the start: an
+        entity without its id begins with what its other inputs say)."""
+        self.id_embedding = nn.Embedding(n, dim, sparse=sparse)
+        nn.init.normal_(self.id_embedding.weight, std=init_std)
+        self.id_dropout = float(dropout)
+        self.unknown_id = nn.Parameter(torch.zeros(dim)) if dropout > 0 else None
+
     def id_vectors(self, x: TowerInputs) -> torch.Tensor | int:
-        """The id embedding of each row; nothing (zero) for an id not in the vocabulary (``-1``):
-        a new user is placed by its history and features alone."""
+        """The id embedding of each row. An id not in the vocabulary (``-1``) gets the learned
+        unknown vector when the tower was trained with id dropout (and, while training, so does a
+        random share ``id_dropout`` of the others: ``drop_ids``), else nothing (zero): a new user
+        or item is then placed by its history and features alone."""
         if self.id_embedding is None:
             return 0
+        if self.unknown_id is not None:
+            e = self.id_embedding(x.ids.clamp_min(0))
+            unknown = drop_ids(x.ids, self.id_dropout, self.training)
+            return torch.where(unknown.unsqueeze(-1), self.unknown_id.to(e.dtype), e)
         if x.all_known:
             return self.id_embedding(x.ids)
         known = (x.ids >= 0).unsqueeze(-1)
         return self.id_embedding(x.ids.clamp_min(0)) * known.to(self.id_embedding.weight.dtype)
+
+    def unknown_id_vector(self) -> torch.Tensor | None:
+        """What the id part of an entity outside the vocabulary is: the unknown vector, zero
+        without id dropout, ``None`` for a tower without ids."""
+        if self.id_embedding is None:
+            return None
+        if self.unknown_id is not None:
+            return self.unknown_id.detach()
+        return torch.zeros(self.id_embedding.weight.shape[1], dtype=self.id_embedding.weight.dtype,
+                           device=self.id_embedding.weight.device)
 
     def feature_vectors(self, x: TowerInputs) -> torch.Tensor | int:
         if self.features is None:
@@ -182,18 +222,17 @@ class ItemTower(_Tower):
                  sparse: bool = False):
         super().__init__()
         self.dim = cfg.dim
-        self.id_embedding = None
+        self.id_embedding, self.unknown_id, self.id_dropout = None, None, 0.0
         if cfg.item_id:
-            self.id_embedding = nn.Embedding(n_items, cfg.dim, sparse=sparse)
-            nn.init.normal_(self.id_embedding.weight, std=cfg.init_std)
+            self._init_ids(n_items, cfg.dim, cfg.init_std, sparse, cfg.item_id_dropout)
         fitted = _fitted(features)
         self.features = FeatureSet(fitted, cfg.dim, cfg.init_std, sparse) if fitted else None
         self.mlp = make_mlp(cfg.dim, cfg.mlp, cfg.dropout)
 
     @property
     def deterministic(self) -> bool:
-        """Equal ids give equal vectors, in training too (no dropout)."""
-        return not _has_dropout(self)
+        """Equal ids give equal vectors, in training too (no dropout, no id dropout)."""
+        return not _has_dropout(self) and not self.id_dropout
 
     def forward(self, x: TowerInputs) -> torch.Tensor:
         h = _plus(self.id_vectors(x), self.feature_vectors(x))
@@ -202,9 +241,10 @@ class ItemTower(_Tower):
 
 
 class UserTower(_Tower):
-    """f(u): user-id embedding + mean of the user's history items' embeddings + user features +
-    context features -> optional MLP -> L2 normalisation. The history table is the item tower's id
-    table when shared (then it is passed in at call time, so each weight is stored once).
+    """f(u): user-id embedding + the user's history items' embeddings through the history encoder
+    (mean, recency-weighted or attention: ``model/history.py``) + user features + context features
+    -> optional MLP -> L2 normalisation. The history table is the item tower's id table when
+    shared (then it is passed in at call time, so each weight is stored once).
 
     One forward for every kind of user: a known one (id, its history and stored features), and a
     new one (id ``-1``) with a history, features, or both (``TowerInputs``); in every case with the
@@ -215,15 +255,16 @@ class UserTower(_Tower):
                  context: Sequence[FittedFeature] = ()):
         super().__init__()
         self.dim = cfg.dim
-        self.id_embedding = None
+        self.id_embedding, self.unknown_id, self.id_dropout = None, None, 0.0
         if cfg.user_id:
-            self.id_embedding = nn.Embedding(n_users, cfg.dim, sparse=sparse)
-            nn.init.normal_(self.id_embedding.weight, std=cfg.init_std)
+            self._init_ids(n_users, cfg.dim, cfg.init_std, sparse, cfg.user_id_dropout)
         self.use_history = cfg.user_history
         self.history_table = None
         if cfg.user_history and not (cfg.share_item_table and cfg.item_id):
             self.history_table = nn.Embedding(n_items, cfg.dim, sparse=sparse)
             nn.init.normal_(self.history_table.weight, std=cfg.init_std)
+        # mean pooling, recency-weighted pooling or attention (model.history_encoder; model/history.py)
+        self.history_encoder = make_history_encoder(cfg) if cfg.user_history else None
         fitted = _fitted(features)
         self.features = FeatureSet(fitted, cfg.dim, cfg.init_std, sparse) if fitted else None
         self.context = FeatureSet(list(context), cfg.dim, cfg.init_std, sparse) if context else None
@@ -231,9 +272,9 @@ class UserTower(_Tower):
 
     @property
     def deterministic(self) -> bool:
-        """Equal user ids give equal vectors, in training too: no dropout, no history and no context
-        (a training pair's history and context are its own)."""
-        return not self.use_history and self.context is None and not _has_dropout(self)
+        """Equal user ids give equal vectors, in training too: no dropout, no id dropout, no history
+        and no context (a training pair's history and context are its own)."""
+        return not self.use_history and self.context is None and not _has_dropout(self) and not self.id_dropout
 
     def context_vectors(self, x: TowerInputs) -> torch.Tensor | int:
         """The context features' sum: the rows' own context, or every feature's default."""
@@ -245,12 +286,12 @@ class UserTower(_Tower):
         return [] if self.context is None else self.context.fitted()
 
     def history_vectors(self, x: TowerInputs, shared_table: nn.Embedding | None = None) -> torch.Tensor | int:
-        """The mean of the history items' embeddings (zero for an empty history)."""
+        """The history items' embeddings through the history encoder (``model/history.py``: mean,
+        recency-weighted or attention; zero for an empty history)."""
         if not self.use_history or x.history is None:
             return 0
         table = self.history_table if self.history_table is not None else shared_table
-        m = x.history_mask.to(table.weight.dtype).unsqueeze(-1)
-        return (table(x.history) * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.history_encoder(table(x.history), x.history_mask)
 
     def forward(self, x: TowerInputs, shared_table: nn.Embedding | None = None) -> torch.Tensor:
         h = _plus(self.id_vectors(x), self.history_vectors(x, shared_table))
@@ -323,7 +364,7 @@ class TwoTowerModel(nn.Module):
     # ---- the towers' inputs ------------------------------------------------------------------------
     def user_inputs(self, users, history: CSR | Sequence[np.ndarray] | None = None,
                     features: Sequence[Mapping[str, Any] | None] | None = None,
-                    history_length: int | None = None, context=None) -> TowerInputs:
+                    history_length: int | None = None, context=None, new: np.ndarray | None = None) -> TowerInputs:
         """The user tower's input for ``B`` users, on the model's device: the one place where raw
         values become what the tower reads.
 
@@ -335,7 +376,9 @@ class TwoTowerModel(nn.Module):
         encoders, which report what they cannot place (``unknown_features``); ``None`` for the
         whole batch: the stored features of known users. ``context``: per user a mapping
         ``{context feature: value}`` (a feature left out takes its default), or the encoded inputs
-        of the rows (``ContextTable.take``); ``None``: every context feature at its default."""
+        of the rows (``ContextTable.take``); ``None``: every context feature at its default.. ``new``: ``[B]`` bool, rows of the
+        vocabulary to score as new users (a cold split's withheld users: their history and
+        stored features, and the id part of a user outside the vocabulary)."""
         ids = np.asarray(users, dtype=np.int64).reshape(-1)
         all_known = bool((ids >= 0).all())
         length = int(history_length or self.cfg.history_length)
@@ -363,14 +406,92 @@ class TwoTowerModel(nn.Module):
                 for c in context:
                     self.user_tower.context.check_names(c, "context feature")
                 ctx = self.user_tower.context.encode(list(context), absent_default=True)[0]
+        ids, all_known, feats = _as_new(self.user_tower, ids, all_known, feats, new, dev)
         return TowerInputs(torch.from_numpy(ids).to(dev), hist, mask, feats, all_known, unknown, ctx)
 
-    def item_inputs(self, items, features: Sequence[Mapping[str, Any] | None] | None = None) -> TowerInputs:
+    def item_inputs(self, items, features: Sequence[Mapping[str, Any] | None] | None = None,
+                    new: np.ndarray | None = None) -> TowerInputs:
         """The item tower's input for ``B`` items (item indices, ``-1``: not in the vocabulary;
-        ``features`` as for ``user_inputs``)."""
+        ``features`` and ``new`` as for ``user_inputs``)."""
         ids = np.asarray(items, dtype=np.int64).reshape(-1)
         feats, unknown = _encode_features(self.item_tower, features, len(ids), "item")
-        return TowerInputs(torch.from_numpy(ids).to(self.device), None, None, feats, bool((ids >= 0).all()), unknown)
+        ids, all_known, feats = _as_new(self.item_tower, ids, bool((ids >= 0).all()), feats, new, self.device)
+        return TowerInputs(torch.from_numpy(ids).to(self.device), None, None, feats, all_known, unknown)
+
+    # ---- entities the training data never placed ----------------------------------------------------
+    def new_entities(self, dataset: Dataset) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Items and users (bool over the vocabularies, ``None``: none) that this model scores as
+        new, id ``-1``: those a cold split withholds and, in a tower trained with id dropout, every
+        one without a training interaction (its id row was never a positive's: the learned unknown
+        vector is what the tower knows of it)."""
+        out = []
+        for tower, cold, seen, n in ((self.item_tower, dataset.cold_items, dataset.train.items, self.n_items),
+                                     (self.user_tower, dataset.cold_users, dataset.train.users, self.n_users)):
+            mask = None if cold is None else cold.copy()
+            if tower.unknown_id is not None:
+                untrained = np.bincount(seen, minlength=n) == 0
+                mask = untrained if mask is None else mask | untrained
+            out.append(mask if mask is not None and mask.any() else None)
+        return out[0], out[1]
+
+    @torch.no_grad()
+    def with_new_entities(self, items: Sequence[Mapping[str, Any] | None] = (),
+                          users: Sequence[Mapping[str, Any] | None] = ()
+                          ) -> tuple["TwoTowerModel", list[dict], list[dict]]:
+        """This model with ``len(items)`` items and ``len(users)`` users appended to its
+        vocabularies (indices ``n_items ..`` and ``n_users ..``), without training: each new
+        entity's id row is what an entity outside the vocabulary gets (the learned unknown vector,
+        or zero; ``unknown_id_vector``), a new item's learned bias is zero, and its features
+        (``{feature: value or [values]}`` per entity, raw as ``encode`` takes them) join the
+        encoders' per-entity tables. So a new entity's vector is the one the tower computes for
+        it as an entity outside the vocabulary. Returns the model and, per new item and per new
+        user, the feature values no encoder could place."""
+        grown, unknown = [], []
+        for tower, raw, kind in ((self.item_tower, list(items), "item"), (self.user_tower, list(users), "user")):
+            if tower.features is None:
+                if any(raw):
+                    raise KeyError(f"this model's {kind} tower has no features")
+                grown.append(None)
+                unknown.append([{} for _ in raw])
+            else:
+                fitted, bad = tower.features.extended(raw)
+                grown.append(fitted)
+                unknown.append(bad)
+        new = TwoTowerModel(self.n_users + len(users), self.n_items + len(items), self.cfg, grown[0], grown[1],
+                            context=self.user_tower.context_state())
+        weights = self.state_dict()
+        rows = {"item_tower.id_embedding.weight": (len(items), self.item_tower.unknown_id_vector()),
+                "user_tower.history_table.weight": (len(items), None),
+                "item_bias.weight": (len(items), None),
+                "user_tower.id_embedding.weight": (len(users), self.user_tower.unknown_id_vector())}
+        for name, (n, row) in rows.items():
+            if name in weights and n:
+                w = weights[name]
+                extra = torch.zeros(n, w.shape[1], dtype=w.dtype, device=w.device) if row is None else \
+                    row.to(w.dtype).expand(n, -1)
+                weights[name] = torch.cat([w, extra])
+        new.load_state_dict(weights)
+        new.to(self.device).eval()
+        return new, unknown[0], unknown[1]
+
+    @torch.no_grad()
+    def forget_ids(self, items: np.ndarray | None = None, users: np.ndarray | None = None) -> bool:
+        """Make the weights say what ``new_entities`` says: the id rows of ``items`` / ``users``
+        (bool masks) become what an entity outside the vocabulary gets (the unknown vector, or
+        zero), and the items' learned bias zero (an admitted item's). After this the index, serving
+        and a reloaded run place them as new without knowing which they are. Returns whether
+        anything changed."""
+        changed = False
+        for tower, mask in ((self.item_tower, items), (self.user_tower, users)):
+            if mask is None or not mask.any() or tower.id_embedding is None:
+                continue
+            rows = torch.from_numpy(np.flatnonzero(mask)).to(self.device)
+            tower.id_embedding.weight[rows] = tower.unknown_id_vector().to(tower.id_embedding.weight.dtype)
+            changed = True
+        if items is not None and items.any() and self.item_bias is not None:
+            self.item_bias.weight[torch.from_numpy(np.flatnonzero(items)).to(self.device)] = 0.0
+            changed = True
+        return changed
 
     # ---- the towers ------------------------------------------------------------------------------
     def encode_items(self, items: torch.Tensor) -> torch.Tensor:
@@ -447,6 +568,19 @@ def _encode_features(tower: _Tower, features, n: int, kind: str) -> tuple[dict |
     return tower.features.encode(features)
 
 
+def _as_new(tower: _Tower, ids: np.ndarray, all_known: bool, feats: dict | None, new: np.ndarray | None,
+            dev) -> tuple[np.ndarray, bool, dict | None]:
+    """Rows ``new`` of the vocabulary as entities outside it: their stored features looked up
+    first (when no features were given), then their ids set to ``-1``."""
+    if new is None or not np.asarray(new).any():
+        return ids, all_known, feats
+    new = np.asarray(new, dtype=bool).reshape(-1)
+    if feats is None and tower.features is not None:
+        feats = tower.features.lookup(torch.from_numpy(ids).to(dev), all_known)
+    ids = np.where(new, -1, ids)
+    return ids, False, feats
+
+
 def _pad_histories(histories: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
     """The last ``length`` items of each history as ``[B, length]`` (left-aligned) and its mask."""
     lens = np.array([min(len(h), length) for h in histories], dtype=np.int64)
@@ -462,10 +596,11 @@ def _pad_histories(histories: Sequence[np.ndarray], length: int) -> tuple[np.nda
 
 @torch.no_grad()
 def embed_items(model: TwoTowerModel, start: int = 0, stop: int | None = None, batch: int = 65536,
-                progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                progress: Callable[[int], None] | None = None, new: np.ndarray | None = None) -> torch.Tensor:
     """``g(j)`` of items ``[start, stop)`` (default: every item), ``[n, d]`` on the model's device,
     ``batch`` items per item-tower pass (``progress(n)`` after each): the one way every item is
     embedded (evaluation, mining, the index, embedding parts, the run's ``item_embeddings.npy``).
+    ``new``: bool over every item, those to embed as new items (``TwoTowerModel.new_entities``).
     Puts the model in eval mode."""
     model.eval()
     dev = next(model.parameters()).device
@@ -473,7 +608,10 @@ def embed_items(model: TwoTowerModel, start: int = 0, stop: int | None = None, b
     out = None
     for s in range(start, stop, batch):
         e = min(s + batch, stop)
-        g = model.encode_items(torch.arange(s, e, device=dev))
+        if new is not None and new[s:e].any():
+            g = model.item_vectors(model.item_inputs(np.arange(s, e), new=new[s:e]))
+        else:
+            g = model.encode_items(torch.arange(s, e, device=dev))
         if out is None:  # filled in place: no second copy of the catalog's vectors
             out = torch.empty(stop - start, g.shape[1], device=g.device, dtype=g.dtype)
         out[s - start : e - start] = g
@@ -484,13 +622,15 @@ def embed_items(model: TwoTowerModel, start: int = 0, stop: int | None = None, b
 
 @torch.no_grad()
 def embed_users(model: TwoTowerModel, users: np.ndarray, history: CSR, history_length: int | None = None,
-                batch: int = 8192, context: ContextTable | None = None) -> torch.Tensor:
+                batch: int = 8192, context: ContextTable | None = None, new: np.ndarray | None = None) -> torch.Tensor:
     """``f(u)`` of known users with their last ``history_length`` items of ``history`` (a CSR over
     user indices), ``batch`` users per user-tower pass, on the model's device; with the context of
-    ``context``'s rows of the users (a table over user indices; default: the defaults)."""
+    ``context``'s rows of the users (a table over user indices; default: the defaults). ``new``:
+    bool over every user, those to score as new users (``TwoTowerModel.new_entities``)."""
     model.eval()
     users = np.asarray(users, dtype=np.int64)
     out = [model.user_vectors(model.user_inputs(users[s : s + batch], history, history_length=history_length,
-                                                context=None if context is None else context.take(users[s : s + batch])))
+                                                context=None if context is None else context.take(users[s : s + batch]),
+                                                new=None if new is None else new[users[s : s + batch]]))
            for s in range(0, len(users), batch)]
     return torch.cat(out) if out else torch.empty(0, model.cfg.dim, device=model.device)

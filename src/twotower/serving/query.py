@@ -50,12 +50,12 @@ class UnknownItemError(RequestError):
 
 @dataclass
 class Query:
-    """One recommendation request. Either ``user`` (a known raw user id) or ``history`` (raw item
-    ids, oldest first; unknown ones are ignored and reported) with optional user ``features``
+    """One recommendation request. Either ``user`` (a known raw user id), or a new user: ``history``
+    (raw item ids, oldest first; unknown ones are ignored and reported), user ``features``
     (``{name: value}``: a label or a list of labels, a number, a text, a vector, as each feature's
-    kind takes). ``context``: the request's context features (``{name: value}``; one left out takes
-    its default). ``category``: only items with this value of the item feature ``category_feature``
-    (default: the recommender's)."""
+    kind takes), or both. ``context``: the request's context features (``{name: value}``; one left
+    out takes its default). ``category``: only items with this value of the item feature
+    ``category_feature`` (default: the recommender's)."""
 
     user: Any = None
     history: Sequence | None = None
@@ -82,6 +82,7 @@ class Recommendation:
     unknown_items: list = field(default_factory=list)
     unknown_features: dict = field(default_factory=dict)
     fallback: str | None = None
+    fallback_reason: str | None = None
     category_feature: str | None = None
 
 
@@ -89,7 +90,12 @@ class Recommender:
     """Recommendations from a run and its item index; the code path of the CLI and the service.
 
     ``recommend_many`` answers a batch with one user-tower pass per kind of user (known, new) and
-    one index search per category in the batch."""
+    one index search per category in the batch.
+
+    A new user goes through the one user tower with whatever it brings: history, features, or both
+    (so features always change the result). Only a request with nothing the model can use (no
+    known history item and no feature value the encoders place) gets the popularity list, flagged
+    ``fallback = "popularity"`` with the reason."""
 
     def __init__(self, run, index: ItemIndex, category_feature: str | None = None, max_k: int = MAX_K):
         self.run = run
@@ -142,16 +148,14 @@ class Recommender:
         n = len(queries)
         results: list[Any] = [None] * n
         plans = [self._plan(q) for q in queries]
-        user_rows, hist_rows, pop_rows = [], [], []
+        user_rows, new_rows = [], []
         for i, p in enumerate(plans):
             if isinstance(p, RequestError):
                 results[i] = p
             elif p["kind"] == "user":
                 user_rows.append(i)
-            elif p["kind"] == "history":
-                hist_rows.append(i)
             else:
-                pop_rows.append(i)
+                new_rows.append(i)
         if user_rows:  # known users: one vectorised vocabulary lookup
             raw = self.run.users.coerce([queries[i].user for i in user_rows])
             idx = self.run.users.encode(raw)
@@ -163,14 +167,18 @@ class Recommender:
                 else:
                     plans[i]["uidx"] = int(u)
             user_rows = [i for i in user_rows if results[i] is None]
+        new_vecs = np.empty((0, self.dim), dtype=np.float32)
+        if new_rows:  # new users: one user-tower pass (its feature encoders report what they cannot place)
+            new_vecs = self._new_user_vectors([queries[i] for i in new_rows], [plans[i] for i in new_rows])
+        usable = [self._usable(queries[i], plans[i]) for i in new_rows]
+        hist_rows = [i for i, ok in zip(new_rows, usable) if ok]
+        pop_rows = [i for i, ok in zip(new_rows, usable) if not ok]
         vec_rows = user_rows + hist_rows
         vecs = np.empty((len(vec_rows), self.dim), dtype=np.float32)
         if user_rows:
             vecs[: len(user_rows)] = self._known_user_vectors(np.array([plans[i]["uidx"] for i in user_rows], dtype=np.int64),
                                                               [queries[i].context for i in user_rows])
-        if hist_rows or pop_rows:  # new users: one user-tower pass (its feature encoders report what they cannot place)
-            new = self._new_user_vectors([queries[i] for i in hist_rows + pop_rows], [plans[i] for i in hist_rows + pop_rows])
-            vecs[len(user_rows):] = new[: len(hist_rows)]
+        vecs[len(user_rows):] = new_vecs[np.asarray(usable, dtype=bool)]
         if vec_rows:
             self._search(vec_rows, vecs, queries, plans, results)
         if pop_rows:
@@ -285,22 +293,27 @@ class Recommender:
                 raise RequestError("\"category_feature\" names the feature of \"category\": send both, or neither")
             self._check_context(q.context)
             has_user, has_hist = q.user is not None, q.history is not None
-            if has_user == has_hist:
-                raise RequestError("send either \"user\" (a known user id) or \"history\" (a list of item ids, oldest first), "
-                                   + ("not both" if has_user else "one of them is required"))
+            if has_user and has_hist:
+                raise RequestError("send either \"user\" (a known user id) or \"history\" (a list of item ids, oldest "
+                                   "first) and/or \"features\" (a new user), not both")
             if has_user:
                 if q.features:
-                    raise RequestError("\"features\" go with \"history\" (a new user); a known user's features are already in the model")
+                    raise RequestError("\"features\" go with a new user (\"history\" and/or \"features\", no \"user\"); "
+                                       "a known user's features are already in the model")
                 return {"kind": "user", "category": cat}
-            if isinstance(q.history, (str, bytes)) or not isinstance(q.history, (list, tuple, np.ndarray)):
-                raise RequestError(f"history must be a list of item ids, got {type(q.history).__name__}")
-            if len(q.history) > MAX_HISTORY:
-                raise RequestError(f"history has {len(q.history):,} items; send at most {MAX_HISTORY:,} (the most recent)")
-            hist = self.run.items.encode(self.run.items.coerce(list(q.history))) if len(q.history) else np.empty(0, np.int64)
-            unknown = [x for x, i in zip(q.history, hist) if i < 0] if (hist < 0).any() else []
+            if not has_hist and q.features is None:
+                raise RequestError("send either \"user\" (a known user id) or a new user's \"history\" (a list of item "
+                                   "ids, oldest first) and/or \"features\" ({name: value}); one of them is required")
+            history = [] if q.history is None else q.history
+            if isinstance(history, (str, bytes)) or not isinstance(history, (list, tuple, np.ndarray)):
+                raise RequestError(f"history must be a list of item ids, got {type(history).__name__}")
+            if len(history) > MAX_HISTORY:
+                raise RequestError(f"history has {len(history):,} items; send at most {MAX_HISTORY:,} (the most recent)")
+            hist = self.run.items.encode(self.run.items.coerce(list(history))) if len(history) else np.empty(0, np.int64)
+            unknown = [x for x, i in zip(history, hist) if i < 0] if (hist < 0).any() else []
             hist = hist[hist >= 0]
             self._check_features(q.features)
-            return {"kind": "history" if len(hist) else "popular", "hist": hist, "unknown": unknown, "category": cat}
+            return {"kind": "new", "hist": hist, "unknown": unknown, "category": cat}
         except RequestError as e:
             return e
 
@@ -318,6 +331,27 @@ class Recommender:
             self.model.user_tower.features.encode([features])
         except FeatureInputError as e:
             raise RequestError(f"features.{e.feature}: {e.problem}" + (f"; {e.fix}" if e.fix else "")) from None
+
+    def _usable(self, q: Query, plan: dict) -> bool:
+        """Whether a new user brought anything the user tower can use: a known history item, or a
+        feature value its encoders placed. If not, ``plan`` gets the reason for the popularity list."""
+        if len(plan["hist"]):
+            return True
+        placed = [name for name, v in (q.features or {}).items()
+                  if v is not None and len(v if isinstance(v, (list, tuple)) else [v]) >
+                  len(plan.get("unknown_features", {}).get(name, []))]
+        if placed:
+            return True
+        said = []
+        said.append("none of the history items is known to this model" if plan["unknown"] else "no history items")
+        if q.features:
+            said.append("no feature value is known to this model (see unknown_features)")
+        elif self.user_feature_names:
+            said.append(f"no user features (this model takes {', '.join(self.user_feature_names)})")
+        else:
+            said.append("no user features (this model's user tower takes none)")
+        plan["fallback_reason"] = "; ".join(said)
+        return False
 
     def _check_context(self, context) -> None:
         """The request's context names context features of the user tower, with values they take."""
@@ -412,8 +446,8 @@ class Recommender:
                 results[i] = self._result(queries[i], plans[i], ids[j, :k][keep], scores[j, :k][keep])
 
     def _popular(self, rows: list[int], queries: Sequence[Query], plans: list[dict], results: list) -> None:
-        """Empty history (after dropping unknown ids): the most popular items (of the category),
-        scored by ``log p(j)``, flagged ``fallback = "popularity"``."""
+        """A new user with nothing usable (``_usable``): the most popular items (of the category),
+        scored by ``log p(j)``, flagged ``fallback = "popularity"`` with the reason."""
         for cat in dict.fromkeys(plans[i]["category"] for i in rows):
             order = self._pop_order
             if cat is not None:
@@ -431,7 +465,7 @@ class Recommender:
         return Recommendation(self.run.items.decode(ids), np.asarray(scores, dtype=np.float32), q.user, int(q.k), float(q.alpha),
                               bool(q.exclude_seen), None if q.category is None else str(q.category),
                               list(plan.get("unknown", [])), dict(plan.get("unknown_features", {})), fallback,
-                              None if cat is None else cat[0])
+                              plan.get("fallback_reason") if fallback else None, None if cat is None else cat[0])
 
     # ---- description -----------------------------------------------------------------------------
     def metadata(self) -> dict:

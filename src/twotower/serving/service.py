@@ -39,10 +39,11 @@ FIELDS = "user, history, features, context, k, alpha, exclude_seen, category, ca
 
 
 class RecommendRequest(BaseModel):
-    """A known user by id, or a new user by history (raw item ids, oldest first) and features."""
+    """A known user by id, or a new user by history (raw item ids, oldest first), features, or both."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"user": 196, "k": 10}, {"history": [50, 172, 181], "k": 20, "alpha": 0.5, "category": "Drama"},
+        {"features": {"age": "25-34", "occupation": "engineer"}, "k": 10},
         {"history": [50], "features": {"age": 31, "occupation": "writer"}, "context": {"hour": "21"}}]})
 
     user: Id | None = Field(None, description="raw id of a user the model knows")
@@ -86,7 +87,9 @@ class RecommendResponse(BaseModel):
     category_feature: str | None = None
     unknown_items: list[Id] = Field(default_factory=list, description="history ids the model does not know (ignored)")
     unknown_features: dict[str, list[Any]] = Field(default_factory=dict)
-    fallback: str | None = Field(None, description='"popularity" when the history was empty after dropping unknown ids')
+    fallback: str | None = Field(None, description='"popularity" when a new user brought nothing the model can use '
+                                                   '(no known history item, no known feature value)')
+    fallback_reason: str | None = Field(None, description="why the fallback was taken")
 
 
 class BatchResponse(BaseModel):
@@ -135,7 +138,8 @@ def _encode(r: Recommendation | RequestError) -> bytes | dict:
     else:
         items = ",".join(map('{"item":%s,"score":%.6g}'.__mod__, zip(map(json.dumps, r.items.tolist()), r.scores.tolist())))
     rest = {"user": _py(r.user), "k": r.k, "alpha": r.alpha, "exclude_seen": r.exclude_seen, "category": r.category,
-            "category_feature": r.category_feature, "unknown_items": [_py(x) for x in r.unknown_items], "unknown_features": r.unknown_features, "fallback": r.fallback}
+            "category_feature": r.category_feature, "unknown_items": [_py(x) for x in r.unknown_items],
+            "unknown_features": r.unknown_features, "fallback": r.fallback, "fallback_reason": r.fallback_reason}
     return b'{"items":[' + items.encode("utf-8") + b"]," + _dumps(rest)[1:]
 
 

@@ -64,7 +64,10 @@ class CandidateBuilder:
     """Owns the negative sources and their state (frequency estimates, memory bank, hard samplers)."""
 
     def __init__(self, cfg: RunConfig, dataset: Dataset, device: torch.device, dim: int,
-                 exposure: tuple[np.ndarray, np.ndarray] | None = None, merge_duplicates: bool = False):
+                 exposure: tuple[np.ndarray, np.ndarray] | None = None, merge_duplicates: bool = False,
+                 exclude: np.ndarray | None = None):
+        """``exclude``: items never drawn as negatives, sampled or hard (bool over the items: those
+        scored as new, ``TwoTowerModel.new_entities``; a withheld item must not be seen in training)."""
         t, neg = cfg.train, cfg.negatives
         self.cfg, self.device = cfg, device
         # In-batch positives of the same item as one column (``distinct_positives``): exact only for a
@@ -80,14 +83,21 @@ class CandidateBuilder:
                                                 init_gap=max(1.0, dataset.n_items / t.batch_size), device=device)
         self.ratio = NegPosRatio(dataset.n_items, device) if t.logq and t.logq_form == "neg_pos_ratio" else None
         self.r = proposal_probabilities(counts, neg.proposal, neg.beta).to(device) if neg.sampled else None
+        self.allowed = None  # the items a uniform proposal draws from, when not all
+        if neg.sampled and exclude is not None and exclude.any():
+            self.allowed = torch.from_numpy(np.flatnonzero(~exclude)).to(device)
+            if neg.proposal == "uniform":
+                self.r = torch.zeros(self.n_items, dtype=torch.float32, device=device)
+                self.r[self.allowed] = 1.0 / len(self.allowed)
         self.bank = MemoryBank(neg.bank_size, dim, neg.bank_warmup_steps, device) if neg.bank_size else None
+        self.exclude = exclude if exclude is not None and exclude.any() else None
         self.hard = None
         if neg.hard == "category":
-            self.hard = _category_sampler(dataset, neg.category_feature, device)
+            self.hard = _category_sampler(dataset, neg.category_feature, device, self.exclude)
         elif neg.hard == "exposure":
             if exposure is None:
                 raise ConfigError("negatives.hard = \"exposure\": no impressions were loaded")
-            self.hard = ListSampler(*exposure, device=device)
+            self.hard = ListSampler(*self._kept(*exposure), device=device)
         self.seen_keys: torch.Tensor | None = None
         if t.mask_user_history or neg.hard != "none":
             h = dataset.history("train")
@@ -96,7 +106,15 @@ class CandidateBuilder:
 
     def set_mined(self, indptr: np.ndarray, indices: np.ndarray) -> None:
         """Hard negatives for the next mining round (``mining.mine_negatives``' CSR)."""
-        self.hard = ListSampler(indptr, indices, device=self.device)
+        self.hard = ListSampler(*self._kept(indptr, indices), device=self.device)
+
+    def _kept(self, indptr: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A per-user list of hard negatives without the excluded items."""
+        if self.exclude is None:
+            return indptr, indices
+        keep = ~self.exclude[indices]
+        rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+        return np.r_[0, np.cumsum(np.bincount(rows[keep], minlength=len(indptr) - 1))], indices[keep]
 
     # ---- per step -----------------------------------------------------------------------------
     def build(self, model, users: torch.Tensor, items: torch.Tensor, item_vecs: torch.Tensor, step: int,
@@ -120,8 +138,12 @@ class CandidateBuilder:
         if neg.sampled:
             m = neg.sampled
             draw = shared.generator if shared is not None else gen
-            drawn = torch.multinomial(self.r, m, replacement=True, generator=draw) if neg.proposal == "frequency" \
-                else torch.randint(self.n_items, (m,), generator=draw, device=self.device)
+            if neg.proposal == "frequency":
+                drawn = torch.multinomial(self.r, m, replacement=True, generator=draw)
+            elif self.allowed is not None:
+                drawn = self.allowed[torch.randint(len(self.allowed), (m,), generator=draw, device=self.device)]
+            else:
+                drawn = torch.randint(self.n_items, (m,), generator=draw, device=self.device)
             vecs.append(model.encode_items(drawn))
             ids.append(drawn)
         if self.bank is not None and self.bank.active(step):
@@ -213,7 +235,7 @@ class CandidateBuilder:
             self.set_mined(state["mined.indptr"].numpy(), state["mined.indices"].numpy())
 
 
-def _category_sampler(dataset: Dataset, feature: str | None, device) -> CategorySampler:
+def _category_sampler(dataset: Dataset, feature: str | None, device, exclude: np.ndarray | None = None) -> CategorySampler:
     feats = dataset.item_features
     names = list(feats.values) if feats is not None else []  # the categorical kinds: what a category is
     if feature is None:
@@ -227,4 +249,10 @@ def _category_sampler(dataset: Dataset, feature: str | None, device) -> Category
     csr = feats.rows[feature]
     if len(csr.indices) == 0:
         raise ConfigError(f"negatives.category_feature = {feature!r}: no item has a value")
-    return CategorySampler(csr.indptr, csr.indices, len(feats.values[feature]), device)
+    indptr, indices = csr.indptr, csr.indices
+    if exclude is not None:  # an excluded item has no category to be drawn from
+        keep = ~np.repeat(exclude, np.diff(indptr))
+        indptr = np.r_[0, np.cumsum(np.bincount(np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))[keep],
+                                                minlength=len(indptr) - 1))]
+        indices = indices[keep]
+    return CategorySampler(indptr, indices, len(feats.values[feature]), device)

@@ -166,7 +166,8 @@ class Trainer:
         self.optimizer = make_optimizer(cfg, self.model)
         self.state = TrainState()
         self.candidates = CandidateBuilder(cfg, dataset, self.device, cfg.model.dim, exposure=_exposure(cfg, dataset),
-                                           merge_duplicates=self.model.item_tower.deterministic)
+                                           merge_duplicates=self.model.item_tower.deterministic,
+                                           exclude=self.model.new_entities(dataset)[0])
         # A batch's rows of one user score the same, and the loss may score them once
         # (losses.shared_softmax_loss's query_ids)
         self.same_user_same_query = self.model.user_tower.deterministic
@@ -269,7 +270,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         # Per-epoch validation ranks only as deep as the monitored cut-off: a top-20 costs far
         # less than the top-500 of the final report.
-        k = int(self.cfg.train.monitor.split("@")[1])
+        k = int(self.cfg.train.monitor.split("@")[1])  # also of a group's metric (cold_items/recall@20)
         quick = self.cfg.eval.model_copy(update={"ks": [k]})
         return self.par.on_main(lambda: evaluate(self.model, self.dataset, "valid", quick, self.cfg.model.history_length))
 

@@ -198,7 +198,7 @@
         parts.push('no held-out marks: the run directory has no heldout.safetensors');
       }
     }
-    if (r.fallback) parts.push(`the history is empty: the most popular items (${r.fallback})`);
+    if (r.fallback) parts.push(`nothing usable (${r.fallback_reason || 'no history, no features'}): the most popular items (${r.fallback})`);
     if (r.unknown_items && r.unknown_items.length) parts.push(`unknown items ignored: ${r.unknown_items.join(', ')}`);
     const uf = Object.entries(r.unknown_features || {});
     if (uf.length) parts.push('unknown feature values ignored: ' + uf.map(([k, v]) => `${k}=${v}`).join(', '));
