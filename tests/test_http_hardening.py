@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -168,7 +169,10 @@ def _trickle(port: int, data: bytes, every: float, result: dict) -> None:
         try:
             for b in data:
                 s.sendall(bytes([b]))
-                time.sleep(every)
+                # wait for the next byte's turn, or for the server's answer or close: the time is taken
+                # when the server cuts, not when the next send notices (up to two sends later)
+                if select.select([s], [], [], every)[0]:
+                    break
             raw, end = read_all(s)
         except (BrokenPipeError, ConnectionResetError):
             raw, end = b"", "reset"
