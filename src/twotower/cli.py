@@ -1,4 +1,4 @@
-"""Command line: ``twotower train | evaluate | recommend | index | embed | serve | export | mine | compare | demo | config | info``.
+"""Command line: ``twotower train | evaluate | recommend | index | embed | serve | export | mine | compare | tune | baseline | demo | config | info``.
 
 Every subcommand is a thin shell over the Python API (``twotower.api``, ``twotower.run.Run``): a
 ``cmd_<command>`` function that runs it, beside the ``add_<command>_parser`` function that declares
@@ -578,12 +578,13 @@ def add_mine_parser(sub) -> None:
 
 
 def cmd_compare(args) -> int:
-    from .compare import load_variants, run_comparison, write_report
+    from .compare import finished_result, load_variants, run_comparison, write_report
 
     variants = load_variants(args.configs, args.set or [], args.grid or [])
+    finished = [finished_result(p) for p in args.with_ or []]  # a bad folder is refused before any training
     out = Path(args.out)
     print(f"comparing {len(variants)} variants: " + "; ".join(v.name for v in variants))
-    results = run_comparison(variants, out, _data_dir(args), quiet=args.quiet, resume=args.resume)
+    results = run_comparison(variants, out, _data_dir(args), quiet=args.quiet, resume=args.resume) + finished
     files = write_report(results, out, title=args.title or ", ".join(Path(c).stem for c in args.configs))
     print((out / "report.md").read_text(encoding="utf-8").split("\n\n")[2])
     print("wrote " + ", ".join(str(f) for f in files))
@@ -602,6 +603,9 @@ def add_compare_parser(sub) -> None:
     c.add_argument("--out", required=True, help="report directory: report.md, results.json, PNG plots, runs/")
     c.add_argument("--grid", action="append", metavar="SECTION.KEY=[V1, V2]", help="values to cross (repeatable)")
     c.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override applied to every variant")
+    c.add_argument("--with", dest="with_", action="append", metavar="DIR",
+                   help="a finished run or baseline folder (`twotower baseline`) to report beside the variants, "
+                        "read from its metrics.json (repeatable)")
     c.add_argument("--title", help="heading of report.md and the plots (default: the configs' file names)")
     c.add_argument("--data-dir", help="data directory (default: $TWOTOWER_DATA or ~/.local/share/twotower)")
     c.add_argument("--quiet", action="store_true", help="one line per variant")
@@ -663,6 +667,111 @@ def add_config_parser(sub) -> None:
     c.set_defaults(func=cmd_config)
 
 
+EPILOG_TUNE = """\
+examples:
+  twotower tune configs/ml-100k.toml --budget 2m --out tunes/ml100k
+  twotower baseline configs/gowalla.toml --method als --out baselines/gowalla-als
+  twotower tune configs/gowalla.toml --budget 20m --out tunes/gowalla \\
+      --enqueue configs/gowalla-best.toml --enqueue configs/gowalla.toml --baseline baselines/gowalla-als
+
+The config is the base of every trial; its [tune] section says what is searched (every key:
+docs/config.md): a list of choices, a [low, high] range, or [] to keep the base config's value.
+Selection is on validation only. The budget is wall clock for the whole command: trials, then
+the best trial finished in OUT/best (train.refit, if set, retrains it on training + validation) and
+test scored once; a trial that would overrun it is cut after its last whole epoch. OUT/report.md
+has the trials table, validation against time, the importance of each setting and the baselines
+(--baseline) beside the best trial. docs/tuning.md says what a budget buys.
+"""
+
+
+def cmd_tune(args) -> int:
+    from .config import RunConfig
+    from .tune import parse_budget, tune
+
+    budget = parse_budget(args.budget)
+    cfg = RunConfig.load(args.config, list(args.set or []))
+    res = tune(cfg, Path(args.out), budget, _data_dir(args), baselines=args.baseline or [], enqueue=args.enqueue or [],
+               jobs=args.jobs, max_trials=args.trials, quiet=args.quiet)
+    mon = cfg.train.monitor
+    if res.best is None:
+        print(f"no trial finished an epoch within {budget:.0f}s; see {res.out / 'report.md'}")
+        return 1
+    rows = [("tuned (trial %d)" % res.best.number, res.valid, res.test or {})] + \
+        [(b["name"], b["valid"], b["test"]) for b in res.baselines]
+    k = mon.split("@")[1]
+    print(f"{'model':<24}{'valid ' + mon:>18}{'test recall@' + k:>18}{'test ndcg@' + k:>16}")
+    for name, valid, test in rows:
+        print(f"{name:<24}{valid.get(mon, float('nan')):>18.4f}{test.get('recall@' + k, float('nan')):>18.4f}"
+              f"{test.get('ndcg@' + k, float('nan')):>16.4f}")
+    print(f"{len(res.trials)} trials in {res.seconds:.0f}s (budget {budget:.0f}s); best run in {res.out / 'best'}; "
+          f"report {res.out / 'report.md'}")
+    return 0
+
+
+def add_tune_parser(sub) -> None:
+    t = sub.add_parser("tune", help="search settings on validation within a wall-clock budget, refit the best, report",
+                       epilog=EPILOG_TUNE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("config", help="base config; its [tune] section is the search space")
+    t.add_argument("--budget", required=True, help="wall clock for the whole command: 20m, 90s, 1h30m or seconds")
+    t.add_argument("--out", required=True, help="folder to write: best/ (a run directory), report.md, tune.json, plots")
+    t.add_argument("--enqueue", action="append", metavar="CONFIG",
+                   help="try this config's values of the searched settings first (repeatable; e.g. a reference "
+                        "config chosen on validation)")
+    t.add_argument("--baseline", action="append", metavar="DIR",
+                   help="a folder written by `twotower baseline` (or any finished run) to report beside the best "
+                        "trial (repeatable)")
+    t.add_argument("--trials", type=int, default=0, help="stop after this many trials (default 0: until the budget)")
+    t.add_argument("--jobs", type=int, default=1,
+                   help="trials at once, in threads, each with its share of the cores (default 1)")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    t.add_argument("--data-dir", help="data directory (default: $TWOTOWER_DATA or ~/.local/share/twotower)")
+    t.add_argument("--quiet", action="store_true", help="one line per trial")
+    t.set_defaults(func=cmd_tune)
+
+
+def cmd_baseline(args) -> int:
+    from .config import RunConfig
+    from .data.sources import load_dataset
+    from .training.baselines import run_baseline, write_baseline
+
+    cfg = RunConfig.load(args.config, list(args.set or []))
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise TwotowerError(f"{out}: already exists and is not empty; choose another --out")
+    ds = load_dataset(cfg.data, _data_dir(args))
+    res = run_baseline(cfg, args.method, ds, log=(lambda m: None) if args.quiet else None)
+    write_baseline(out, cfg, res)
+    table = {"valid": res.valid}
+    if res.test is not None:
+        table["test"] = res.test
+    print(format_metrics(table, [k for k in cfg.eval.ks if k <= 100]))
+    print(f"{args.method}: settings {res.settings or '-'} (chosen on validation); final fit {res.fit_seconds:.1f}s; "
+          f"written to {out}")
+    return 0
+
+
+def add_baseline_parser(sub) -> None:
+    b = sub.add_parser("baseline", help="popularity, ALS or EASE on the same split and metrics as the towers",
+                       description="Fit a baseline on the config's [data] split and score it with the towers' evaluator: "
+                                   "popularity; ALS (implicit-feedback matrix factorisation, the `implicit` package: "
+                                   "pip install -e \".[als]\"); EASE (Steck 2019, closed form; catalogs up to "
+                                   "tune.ease_max_items items). Settings ([tune] als_* and ease_lambda) are chosen on "
+                                   "validation by a coordinate search, then fitted on training + validation, and test "
+                                   "is scored once. The folder holds metrics.json like a run's: `twotower compare "
+                                   "--with DIR` and `twotower tune --baseline DIR` put it beside the towers.",
+                       epilog="examples:\n  twotower baseline configs/ml-100k.toml --method ease --out baselines/ml100k-ease\n"
+                              "  twotower baseline configs/gowalla.toml --method als --out baselines/gowalla-als "
+                              "--set 'tune.als_factors=[256]'",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("config", help="config whose [data] (the split), [eval] and [tune] (the settings tried) are used")
+    b.add_argument("--method", required=True, choices=["popularity", "als", "ease"], help="which baseline")
+    b.add_argument("--out", required=True, help="folder to write (config.json, baseline.json, metrics.json)")
+    b.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    b.add_argument("--data-dir", help="data directory (default: $TWOTOWER_DATA or ~/.local/share/twotower)")
+    b.add_argument("--quiet", action="store_true", help="no line per setting tried")
+    b.set_defaults(func=cmd_baseline)
+
+
 # One function per command, in the order `twotower --help` lists them.
 def cmd_info(args) -> int:
     from . import __version__, native
@@ -707,8 +816,8 @@ def add_info_parser(sub) -> None:
 
 
 COMMANDS = (add_train_parser, add_evaluate_parser, add_recommend_parser, add_index_parser, add_embed_parser,
-            add_serve_parser, add_export_parser, add_mine_parser, add_compare_parser, add_demo_parser, add_config_parser,
-            add_info_parser)
+            add_serve_parser, add_export_parser, add_mine_parser, add_compare_parser, add_tune_parser,
+            add_baseline_parser, add_demo_parser, add_config_parser, add_info_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

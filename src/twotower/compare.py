@@ -156,6 +156,21 @@ def run_comparison(variants: list[Variant], out: Path, data_dir=None, quiet: boo
     return results
 
 
+def finished_result(path: str | Path) -> VariantResult:
+    """A finished run or baseline folder (``twotower baseline``) read back as a row of the report,
+    named after its folder (a baseline: ``name (method)``); its figures are its ``metrics.json``."""
+    d = RunDir(path)
+    d.check_is_dir()
+    d.verify()
+    m = d.read_metrics()
+    name = Path(path).name + (f" ({m['baseline']})" if m.get("baseline") else "")
+    hist = d.read_epochs()
+    mon = f"valid/{d.read_config().train.monitor}"
+    per_epoch = float(sum(r["seconds"] for r in hist) / len(hist)) if hist else float("nan")
+    return VariantResult(name, m.get("valid") or {}, m.get("test") or {}, per_epoch,
+                         [(r["epoch"], r[mon]) for r in hist if mon in r])
+
+
 def report_markdown(results: list[VariantResult]) -> str:
     # Columns no variant measured (eval.ks without that cut-off) are left out, not shown as nan.
     metrics = [m for m in TABLE_METRICS if any(m in r.test for r in results)]

@@ -93,6 +93,11 @@ class ModelConfig(_Section):
     learn_temperature: bool = Field(False, description="train tau too (as log tau, clamped to [0.01, 1]); `temperature` is its start")
     item_bias: bool = Field(False, description="a learned per-item bias b_j added to every score (exported to serving)")
     init_std: float = Field(0.1, gt=0.0, description="standard deviation of the normal initialisation of the embedding tables")
+    init: Literal["normal", "svd", "als"] = Field(
+        "normal", description="start of the user-id and item-id tables: normal (init_std); svd: the top-dim singular "
+                              "vectors of the degree-normalised training matrix; als: a few implicit-ALS sweeps "
+                              "(needs the `als` extra). svd and als rows are put on the sphere of the normal rows' "
+                              "expected norm, init_std * sqrt(dim) (docs/tuning.md, 'Time to quality')")
 
 
 class TrainConfig(_Section):
@@ -114,6 +119,10 @@ class TrainConfig(_Section):
     schedule: Literal["constant", "cosine", "linear"] = Field(
         "constant", description="learning rate after the warm-up: constant, or cosine / linear decay to 0 at the last step")
     warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up from lr / warmup_steps to lr")
+    early_batch_size: int | None = Field(None, ge=2, description="B of the first early_batch_epochs epochs (none: "
+                                                                 "batch_size throughout): larger batches early take "
+                                                                 "fewer, cheaper steps while the model is far off")
+    early_batch_epochs: int = Field(0, ge=0, description="epochs trained at early_batch_size before batch_size")
     grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient norm of the dense parameters to this (none: no clipping)")
     unique_users: bool = Field(False, description="put each user at most once in a batch")
     logq: bool = Field(True, description="subtract log of the expected count of each shared candidate (Yi et al. 2019)")
@@ -232,6 +241,80 @@ class EvalConfig(_Section):
         return sorted(set(v))
 
 
+class TuneConfig(_Section):
+    """The search space of `twotower tune` (docs/tuning.md): each list is a range or a set of choices
+    for one setting of the base config; an empty list leaves the base config's value. Ranges are
+    ``[low, high]`` sampled on a log scale (temperature, lr) or linearly (logq_weight); one value
+    fixes the setting."""
+
+    dim: list[int] = Field(default_factory=lambda: [64, 128, 256], description="model.dim choices")
+    temperature: list[float] = Field(default_factory=lambda: [0.05, 0.2], description="model.temperature range "
+                                                                                      "[low, high], log scale")
+    lr: list[float] = Field(default_factory=lambda: [0.002, 0.05], description="train.lr range [low, high], log scale")
+    schedule: list[Literal["constant", "cosine", "linear"]] = Field(default_factory=lambda: ["constant", "cosine"],
+                                                                    description="train.schedule choices")
+    warmup_steps: list[int] = Field(default_factory=list, description="train.warmup_steps choices")
+    batch_size: list[int] = Field(default_factory=lambda: [512, 1024, 2048, 4096],
+                                  description="train.batch_size choices (each >= 2)")
+    logq_weight: list[float] = Field(default_factory=lambda: [0.0, 1.0], description="train.logq_weight range "
+                                                                                     "[low, high], linear")
+    item_bias: list[bool] = Field(default_factory=lambda: [False, True], description="model.item_bias choices")
+    user_history: list[bool] = Field(default_factory=lambda: [False, True], description="model.user_history choices "
+                                                                                        "(the history encoder)")
+    init: list[Literal["normal", "svd", "als"]] = Field(default_factory=list, description="model.init choices")
+    epochs: list[int] = Field(default_factory=list, description="train.epochs choices (the schedule's length; "
+                                                                "early stopping and pruning may end a trial sooner)")
+    sampler_seed: int = Field(0, description="seed of the TPE sampler")
+    pruner: Literal["median", "halving", "none"] = Field(
+        "median", description="stop a trial whose per-epoch validation curve falls behind: median (below the median "
+                              "of earlier trials at the same epoch), halving (successive halving), none")
+    prune_after: int = Field(2, ge=0, description="epochs a trial runs before it may be pruned")
+    startup_trials: int = Field(4, ge=0, description="trials sampled at random before TPE models the results, and "
+                                                     "finished before pruning begins")
+    als_factors: list[int] = Field(default_factory=lambda: [32, 64, 128, 256], description="baseline ALS: factors, "
+                                                                                           "chosen on validation")
+    als_regularization: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0],
+                                            description="baseline ALS: L2 regularisation choices")
+    als_alpha: list[float] = Field(default_factory=lambda: [0.5, 1.0, 5.0, 20.0],
+                                   description="baseline ALS: confidence weight alpha (c = 1 + alpha r) choices")
+    als_iterations: list[int] = Field(default_factory=lambda: [15], description="baseline ALS: sweeps choices")
+    ease_lambda: list[float] = Field(default_factory=lambda: [10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 3000.0],
+                                     description="baseline EASE: L2 regularisation lambda choices")
+    ease_max_items: int = Field(20000, ge=1, description="baseline EASE: largest catalog for the dense n x n inverse "
+                                                         "(memory 3 n^2 x 4 bytes, time ~ n^3); larger ones are refused")
+
+    @field_validator("temperature", "lr", "logq_weight")
+    @classmethod
+    def _range(cls, v: list[float], info) -> list[float]:
+        if len(v) > 2 or (len(v) == 2 and not v[0] < v[1]):
+            raise ValueError(f"a range is [low, high] with low < high (or one value, or [] for the base's), got {v}")
+        if info.field_name in ("temperature", "lr") and any(x <= 0 for x in v):
+            raise ValueError(f"{info.field_name} must be > 0 (sampled on a log scale), got {v}")
+        if any(x < 0 for x in v):
+            raise ValueError(f"must be >= 0, got {v}")
+        return v
+
+    @field_validator("dim", "batch_size", "epochs", "als_factors", "als_iterations")
+    @classmethod
+    def _positive_choices(cls, v: list[int], info) -> list[int]:
+        low = 2 if info.field_name == "batch_size" else 1
+        if any(x < low for x in v):
+            raise ValueError(f"{info.field_name} choices must be >= {low}, got {v}")
+        return v
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _non_negative(cls, v: list[int]) -> list[int]:
+        if any(x < 0 for x in v):
+            raise ValueError(f"choices must be >= 0, got {v}")
+        return v
+
+    @field_validator("als_regularization", "als_alpha", "ease_lambda")
+    @classmethod
+    def _positive_values(cls, v: list[float], info) -> list[float]:
+        if not v or any(x <= 0 for x in v):
+            raise ValueError(f"{info.field_name} needs one or more values > 0, got {v}")
+        return v
 
 FEATURE_KINDS = ("categorical", "multi_categorical", "numeric", "vector", "text")
 # The options each kind takes (name, kind, column and missing are every kind's); an option given to
@@ -408,6 +491,8 @@ class RunConfig(_Section):
     negatives: NegativesConfig = Field(default_factory=NegativesConfig, description="sampled, memory-bank and hard negatives")
     mining: MiningConfig = Field(default_factory=MiningConfig, description="hard-negative mining rounds")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="metrics: cut-offs, popularity correction, buckets")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="`twotower tune`'s search space and the "
+                                                                     "baselines' settings (training ignores it)")
     features: FeaturesConfig = Field(default_factory=FeaturesConfig, description="the towers' features, each declared once")
 
     def feature_specs(self) -> FeaturesConfig:
@@ -483,7 +568,7 @@ class RunConfig(_Section):
         except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}: cannot parse: {e}") from None
         if not isinstance(d, dict):
-            raise ConfigError(f"{path}: the top level must be a table of sections (data, model, train, negatives, mining, eval, features)")
+            raise ConfigError(f"{path}: the top level must be a table of sections (data, model, train, negatives, mining, eval, features, tune)")
         apply_overrides(d, overrides or [])
         return cls.from_dict(d, source=str(path))
 

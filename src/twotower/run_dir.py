@@ -20,6 +20,9 @@
                              optimizer.pt, negatives.safetensors, state.json (written last); each
                              checkpoint is written whole into checkpoint.new and swapped in
       refit/                 the refit's own run directory (its checkpoints)
+      baseline.json          a baseline's folder (`twotower baseline`) instead of the towers' files:
+                             method, settings chosen on validation, the search; with config.json,
+                             metrics.json and manifest.json
       index/                 the item index (``twotower index``; its files are ``index``'s)
       embeddings/            item embeddings as Parquet parts (``twotower embed``)
 
@@ -56,6 +59,7 @@ TITLES = "titles.json"
 HELDOUT = "heldout.safetensors"
 WEIGHTS = "model.safetensors"
 EPOCHS = "metrics.jsonl"
+BASELINE = "baseline.json"
 METRICS = "metrics.json"
 ITEM_EMBEDDINGS = "item_embeddings.npy"
 MANIFEST = "manifest.json"
@@ -248,6 +252,17 @@ class RunDir:
             self.save_weights(weights)
         artifacts.write_json(self.path / METRICS, metrics)
         self.write_manifest()
+
+    def write_baseline(self, cfg: RunConfig, result: dict) -> None:
+        """A baseline's folder (``training.baselines``): the config, ``baseline.json`` (method,
+        settings, the search), ``metrics.json`` (``valid``, ``test``, times) and the manifest."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        artifacts.write_text(self.path / CONFIG, cfg.to_json() + "\n")
+        artifacts.write_json(self.path / BASELINE, {k: result[k] for k in ("baseline", "settings", "search")})
+        self.finish({k: v for k, v in result.items() if k != "search"})
+
+    def is_baseline(self) -> bool:
+        return (self.path / BASELINE).is_file()
 
     def write_manifest(self) -> None:
         """The sha256 of every file at the top of the run: written last, it marks the run complete."""

@@ -4,8 +4,15 @@ Every item is ranked for every user with held-out items; the user's known items 
 (training items when scoring validation; training and validation items when scoring test). A user
 tower that reads context is given the context of the user's first held-out interaction of the split
 (by time; with leave-last-one splits, the held-out interaction's own).
+
+What ranks is a ``Ranker``: the two towers (``ModelRanker``), or any other model that gives each
+block of users its top-k items with the known items excluded: factor models (``FactorRanker``:
+user and item vectors, e.g. ALS, popularity) and block scorers (``BlockRanker``: e.g. EASE, a
+user's row times a matrix). The protocol, the metrics and the buckets are the same for all.
 """
 from __future__ import annotations
+
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -16,20 +23,84 @@ from ..data.popularity import log_popularity
 from ..model.scoring import ServedScore
 from ..model.towers import ContextTable, TwoTowerModel, embed_items
 from . import metrics as M
-from .ranking import top_k_blocks
+from .ranking import top_k_blocks, top_k_scores, top_k_vectors
+
+
+class Ranker(Protocol):
+    """Anything the protocol can score: ``top_k`` yields ``(block_users, top_scores, top_items)``
+    block by block for ``users``, each user's ``known`` items (a CSR over user indices) excluded;
+    ``known`` is also what a model reads as the user's input (history, EASE's row)."""
+
+    n_items: int
+
+    def top_k(self, users: np.ndarray, known: CSR, k: int, batch_users: int
+              ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]: ...
+
+
+class ModelRanker:
+    """The two towers, ranking by the served score (with ``- alpha log p(j)`` when ``alpha``)."""
+
+    def __init__(self, model: TwoTowerModel, history_length: int = 50, item_counts: np.ndarray | None = None,
+                 alpha: float = 0.0, context: ContextTable | None = None):
+        self.model, self.history_length, self.n_items = model, history_length, model.n_items
+        self.item_counts, self.alpha, self.context = item_counts, alpha, context
+
+    def top_k(self, users, known, k, batch_users):
+        item_vecs = embed_items(self.model)
+        # The served score, with its popularity correction - alpha * log p(j): evaluated without a server.
+        score = ServedScore.of(self.model, log_popularity(self.item_counts) if self.alpha else None, self.alpha)
+        return top_k_blocks(self.model, users, known, known, k, self.history_length, batch_users, item_vecs, score,
+                            self.context)
+
+
+class FactorRanker:
+    """A factor model: ``score(u, j) = <U[u], V[j]> (+ bias[j])`` from precomputed matrices
+    (ALS's factors; popularity as ``U = 1``, ``V = count``)."""
+
+    def __init__(self, user_vectors: torch.Tensor, item_vectors: torch.Tensor, bias: torch.Tensor | None = None):
+        self.user_vectors = torch.as_tensor(user_vectors, dtype=torch.float32)
+        self.item_vectors = torch.as_tensor(item_vectors, dtype=torch.float32).contiguous()
+        self.bias = None if bias is None else torch.as_tensor(bias, dtype=torch.float32)
+        self.n_items = self.item_vectors.shape[0]
+
+    def top_k(self, users, known, k, batch_users):
+        rows = lambda block: self.user_vectors[torch.from_numpy(np.asarray(block, dtype=np.int64))]  # noqa: E731
+        return top_k_vectors(users, rows, self.item_vectors, known, k, batch_users, self.bias)
+
+
+class BlockRanker:
+    """Any scorer of a block of users against every item: ``scores_of(block, known)`` gives a
+    fresh ``[b, n_items]`` float tensor (EASE: the users' rows of ``known`` times its matrix)."""
+
+    def __init__(self, n_items: int, scores_of: Callable[[np.ndarray, CSR], torch.Tensor]):
+        self.n_items, self.scores_of = n_items, scores_of
+
+    def top_k(self, users, known, k, batch_users):
+        return top_k_scores(users, lambda block: self.scores_of(block, known), known, k, batch_users)
+
+
+def protocol(dataset: Dataset, split: str) -> tuple[Split, CSR]:
+    """The held-out items of ``split`` and what is known when scoring it: 'valid' is scored with
+    the training items known, 'test' with training and validation items known."""
+    if split == "valid":
+        return dataset.valid, dataset.history("train")
+    if split == "test":
+        return dataset.test, dataset.history("valid")
+    raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
 
 
 def evaluate(model: TwoTowerModel, dataset: Dataset, split: str, cfg: EvalConfig, history_length: int = 50,
              progress=None) -> dict[str, float]:
     """Metrics of ``model`` on ``split`` ('valid' or 'test'), averaged over users with held-out items."""
-    if split == "valid":
-        truth_split, known = dataset.valid, dataset.history("train")
-    elif split == "test":
-        truth_split, known = dataset.test, dataset.history("valid")
-    else:
-        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    truth_split, known = protocol(dataset, split)
     return evaluate_split(model, truth_split, known, dataset.item_counts(), cfg, history_length, progress,
                           heldout_context(model, truth_split, known.n_rows))
+
+
+def evaluate_ranker(ranker: Ranker, dataset: Dataset, split: str, cfg: EvalConfig, progress=None) -> dict[str, float]:
+    """Metrics of any ``Ranker`` on ``split`` under the same protocol as the towers'."""
+    truth_split, known = protocol(dataset, split)
+    return ranker_metrics(ranker, truth_split, known, dataset.item_counts(), cfg, progress)
 
 
 def heldout_context(model: TwoTowerModel, truth_split: Split, n_users: int) -> ContextTable | None:
@@ -50,12 +121,21 @@ def heldout_context(model: TwoTowerModel, truth_split: Split, n_users: int) -> C
     return model.context_table(columns)
 
 
-@torch.no_grad()
 def evaluate_split(model: TwoTowerModel, truth_split: Split, known: CSR, item_counts: np.ndarray, cfg: EvalConfig,
                    history_length: int = 50, progress=None, context: ContextTable | None = None) -> dict[str, float]:
-    """Metrics over the users with items in ``truth_split``; ``context``: the user tower's context per
-    user index (``heldout_context``; ``None``: the defaults)."""
-    n_items = model.n_items
+    """Metrics of ``model`` on the held-out ``truth_split``, ``known`` items masked and fed as history;
+    ``context``: the user tower's context per user index (``heldout_context``; ``None``: the defaults)."""
+    return ranker_metrics(ModelRanker(model, history_length, item_counts, cfg.alpha, context), truth_split, known,
+                          item_counts, cfg, progress)
+
+
+@torch.no_grad()
+def ranker_metrics(ranker: Ranker, truth_split: Split, known: CSR, item_counts: np.ndarray, cfg: EvalConfig,
+                   progress=None) -> dict[str, float]:
+    """Rank every item for every user of ``truth_split`` (``known`` items excluded) and average
+    the metrics at each cut-off over those users; coverage, popularity, tail share and recall by
+    popularity bucket beside them."""
+    n_items = ranker.n_items
     truth = truth_split.csr(known.n_rows)
     users = np.flatnonzero(truth.lengths() > 0)
     if len(users) == 0:
@@ -78,11 +158,7 @@ def evaluate_split(model: TwoTowerModel, truth_split: Split, known: CSR, item_co
 
     # Held-out (user, item) pairs as sorted keys: a hit is a binary-search match, no dense mask.
     truth_keys = torch.from_numpy(np.sort(np.repeat(np.arange(truth.n_rows), truth.lengths()) * n_items + truth.indices))
-    item_vecs = embed_items(model)
-    # The served score, with its popularity correction - alpha * log p(j): evaluated without a server.
-    score = ServedScore.of(model, log_popularity(item_counts) if cfg.alpha else None, cfg.alpha)
-    for block, _, top in top_k_blocks(model, users, known, known, max_k, history_length, cfg.batch_users, item_vecs,
-                                      score, context):
+    for block, _, top in ranker.top_k(users, known, max_k, cfg.batch_users):
         n_rel = torch.from_numpy(truth.lengths()[block])
         keys = torch.from_numpy(block)[:, None] * n_items + top
         pos = torch.searchsorted(truth_keys, keys).clamp_max(len(truth_keys) - 1)

@@ -1,7 +1,7 @@
 """Exact top-k over the whole catalog, in blocks of users (one matrix product and one top-k per block)."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -35,6 +35,19 @@ def top_k_blocks(model: TwoTowerModel, users: np.ndarray, history: CSR, exclude:
     if score is None:
         score = ServedScore.of(model)
     bias = None if score.terms is None else score.terms.to(device=item_vecs.device, dtype=item_vecs.dtype)
+    queries = lambda block: score.query(embed_users(model, block, history, history_length, context=context))  # noqa: E731
+    return top_k_vectors(users, queries, item_vecs, exclude, k, batch_users, bias, score.finish)
+
+
+@torch.no_grad()
+def top_k_vectors(users: np.ndarray, queries: Callable[[np.ndarray], torch.Tensor], item_vecs: torch.Tensor,
+                  exclude: CSR | None, k: int, batch_users: int = 1024, bias: torch.Tensor | None = None,
+                  finish: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Top-k by ``<q_u, x_j> + bias_j`` for any vectors: ``queries(block)`` gives the ``[b, d]``
+    query vectors of a block of users, ``item_vecs`` is ``[n_items, d]``; ``exclude``'s items of
+    each user are never returned. The scores are reported through ``finish`` (default: as they
+    are). The towers' ranking (``top_k_blocks``) and factor models (ALS, popularity) share it."""
     k = min(k, item_vecs.shape[0])
     # the product and the selection in one C pass where the topk kernel is active; else matmul and topk
     compiled = native.active("topk") and item_vecs.device.type == "cpu" and item_vecs.dtype == torch.float32 and k > 0
@@ -48,20 +61,36 @@ def top_k_blocks(model: TwoTowerModel, users: np.ndarray, history: CSR, exclude:
         # One score buffer for all blocks: a fresh [block, n_items] allocation per block costs
         # about a third of the matrix product's time in page faults on a CPU.
         buf = torch.empty(min(batch_users, len(users)), item_vecs.shape[0], device=item_vecs.device, dtype=item_vecs.dtype)
+    finish = finish or (lambda values: values)
     for s in range(0, len(users), batch_users):
         block = np.asarray(users[s : s + batch_users])
-        u = score.query(embed_users(model, block, history, history_length, context=context))
+        u = queries(block)
         if compiled:
             values, index = _top_k_compiled(u, item_vecs, bias, block, exclude, k)
-            yield block, score.finish(values), index
+            yield block, finish(values), index
             continue
-        scores = torch.mm(u, item_vecs.T, out=buf[: len(block)])
+        scores = torch.mm(u.to(item_vecs.dtype), item_vecs.T, out=buf[: len(block)])
         if bias is not None:
             scores += bias
         if exclude is not None:
             mask_rows(scores, block, exclude)
         top = torch.topk(scores, k, dim=1)
-        yield block, score.finish(top.values).cpu(), top.indices.cpu()
+        yield block, finish(top.values).cpu(), top.indices.cpu()
+
+
+@torch.no_grad()
+def top_k_scores(users: np.ndarray, scores_of: Callable[[np.ndarray], torch.Tensor], exclude: CSR | None, k: int,
+                 batch_users: int = 1024) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Top-k of any scorer that gives a block of users' ``[b, n_items]`` scores (``scores_of``; a
+    fresh tensor the function may change), ``exclude``'s items of each user never returned: for
+    models that are not an inner product of two vectors (EASE: a user's row times a matrix)."""
+    for s in range(0, len(users), batch_users):
+        block = np.asarray(users[s : s + batch_users])
+        scores = scores_of(block)
+        if exclude is not None:
+            mask_rows(scores, block, exclude)
+        top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        yield block, top.values.cpu(), top.indices.cpu()
 
 
 def _top_k_compiled(u: torch.Tensor, item_vecs: torch.Tensor, bias: torch.Tensor | None, rows: np.ndarray,

@@ -18,6 +18,7 @@ class TrainState:
     best_value: float = -math.inf
     bad_evals: int = 0
     stopped_early: bool = False
+    stopped_by_caller: bool = False  # Trainer.fit's on_epoch asked to stop (a tuner's pruning or deadline)
     history: list[dict] = field(default_factory=list)
     # With mining rounds: the best epoch of a first phase that early-stopped, whose weights the
     # rounds started from (a refit replays the same jump).

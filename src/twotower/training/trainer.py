@@ -12,6 +12,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from ..data.dataset import Dataset, EncodedFeatures
 from ..errors import ArtifactError, ConfigError
 from ..features.encoders import fit_context
 from ..evaluation.evaluator import evaluate
+from ..model import init
 from ..model.scoring import ServedScore
 from ..model.towers import TwoTowerModel, embed_items, embed_users
 from ..run_dir import RunDir
@@ -76,8 +78,11 @@ def build_model(cfg: RunConfig, dataset: Dataset) -> TwoTowerModel:
         context = fit_context(specs.context, dataset.fit_context)
     except ValueError as e:
         raise ConfigError(f"features.context: {e}") from None
-    return TwoTowerModel(dataset.n_users, dataset.n_items, cfg.model, item_feats, user_feats,
-                         sparse=cfg.train.sparse_embeddings, context=context)
+    model = TwoTowerModel(dataset.n_users, dataset.n_items, cfg.model, item_feats, user_feats,
+                          sparse=cfg.train.sparse_embeddings, context=context)
+    if cfg.model.init != "normal":
+        init.start_id_tables(model, dataset.train.users, dataset.train.items, cfg.model.init, cfg.train.seed)
+    return model
 
 
 def _tower_features(feats: EncodedFeatures | None, specs, key: str, kind: str) -> EncodedFeatures | None:
@@ -165,11 +170,25 @@ class Trainer:
         # A batch's rows of one user score the same, and the loss may score them once
         # (losses.shared_softmax_loss's query_ids)
         self.same_user_same_query = self.model.user_tower.deterministic
-        self.steps_per_epoch = len(epoch_batches(len(dataset.train), cfg.train.batch_size, np.random.default_rng(0),
-                                                 dataset.train.users if cfg.train.unique_users else None))
+        self.steps_per_epoch = self._steps(cfg.train.batch_size)
         # Mining rounds extend training: train.epochs, then epochs_per_round more after each round.
         self.total_epochs = self._schedule().total_epochs
+        # The learning-rate schedule runs over every step of every epoch, the early ones at their batch size.
+        early = min(self.total_epochs, cfg.train.early_batch_epochs if cfg.train.early_batch_size else 0)
+        self.total_steps = (self.total_epochs - early) * self.steps_per_epoch
+        if early:
+            self.total_steps += early * self._steps(cfg.train.early_batch_size)
         self.best_weights: dict[str, torch.Tensor] | None = None
+
+    def _steps(self, batch_size: int) -> int:
+        ds = self.dataset
+        return len(epoch_batches(len(ds.train), batch_size, np.random.default_rng(0),
+                                 ds.train.users if self.cfg.train.unique_users else None))
+
+    def batch_size(self, epoch: int) -> int:
+        """B of ``epoch`` (1-based): ``train.early_batch_size`` for the first ``early_batch_epochs``."""
+        t = self.cfg.train
+        return t.early_batch_size if t.early_batch_size and epoch <= t.early_batch_epochs else t.batch_size
 
     # ---- one step --------------------------------------------------------------------------------
     def step(self, pairs: np.ndarray, rng: np.random.Generator) -> float:
@@ -218,7 +237,7 @@ class Trainer:
         if t.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.dense_parameters() if p.grad is not None] if t.sparse_embeddings
                                            else model.parameters(), t.grad_clip)
-        factor = lr_factor(self.state.step, self.total_epochs * self.steps_per_epoch, t.warmup_steps, t.schedule)
+        factor = lr_factor(self.state.step, self.total_steps, t.warmup_steps, t.schedule)
         for g in self.optimizer.param_groups:
             g["lr"] = t.lr * factor
         self.optimizer.step()
@@ -230,7 +249,7 @@ class Trainer:
         rng = np.random.default_rng([cfg.train.seed, epoch])
         # Per rank: dropout masks and hard-negative draws of different rows must not be copies.
         torch.manual_seed(cfg.train.seed * 100003 + epoch + 7919 * self.par.rank)
-        batches = epoch_batches(len(ds.train), cfg.train.batch_size, rng, ds.train.users if cfg.train.unique_users else None)
+        batches = epoch_batches(len(ds.train), self.batch_size(epoch), rng, ds.train.users if cfg.train.unique_users else None)
         self.model.train()
         t0 = time.perf_counter()
         total, n = 0.0, 0
@@ -281,9 +300,13 @@ class Trainer:
     def _schedule(self, jump_after: int | None = None) -> MiningSchedule:
         return MiningSchedule(self.cfg.train.epochs, self.cfg.mining.rounds, self.cfg.mining.epochs_per_round, jump_after)
 
-    def fit(self, resume: bool = False, max_epochs: int | None = None, jump_after: int | None = None) -> TrainState:
+    def fit(self, resume: bool = False, max_epochs: int | None = None, jump_after: int | None = None,
+            on_epoch: Callable[[dict], bool] | None = None) -> TrainState:
         """Train until ``train.epochs`` (plus the mining rounds' epochs) or early stopping; keep the best
         weights (by validation). ``max_epochs`` stops sooner without changing the schedule.
+        ``on_epoch(record)``, after each epoch (its record: loss, seconds, validation figures),
+        returns True to stop there: training ends as after early stopping (the checkpoint records
+        it, and ``--resume`` goes on to the refit), with the best weights so far.
         ``jump_after``: with mining rounds, end the first phase after this epoch and go on to the
         rounds (a refit replaying a run whose first phase early-stopped; ``TrainState.phase_one_best``)."""
         self._open_run(resume)
@@ -314,7 +337,13 @@ class Trainer:
                 self.log(f"first phase ends at epoch {epoch}, as in the run being replayed"
                          + ("; mining rounds begin" if schedule.epochs < last else ""))
                 epoch = schedule.end_first_phase(self.state, epoch)
+            stop = on_epoch is not None and on_epoch(dict(record))
+            if stop and not self.state.stopped_early and epoch < last:
+                self.state.stopped_early = self.state.stopped_by_caller = True
             self._record_epoch(record)
+            if self.state.stopped_by_caller:
+                self.log(f"stopped by the caller after epoch {epoch}; best epoch {self.state.best_epoch}")
+                break
             if self.state.stopped_early:
                 self.log(f"early stop: no {self.cfg.train.monitor} improvement for {self.cfg.train.patience} evaluations; "
                          f"best epoch {self.state.best_epoch}")
