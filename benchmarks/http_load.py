@@ -228,8 +228,10 @@ def main(argv=None) -> int:
             proc.kill()
     import importlib.util
 
+    # the server runs with this interpreter's packages: httptools and uvloop are dependencies since
+    # issue 17 (serving/server.py); an environment from before it has h11 + asyncio only
     fast = all(importlib.util.find_spec(m) is not None for m in ("httptools", "uvloop"))
-    stack = "uvicorn with httptools + uvloop (uvicorn[standard])" if fast else "uvicorn with h11 + asyncio (the declared dependencies)"
+    stack = "uvicorn with httptools + uvloop" if fast else "uvicorn with h11 + asyncio (an environment from before issue 17)"
     slug = (f"synthetic-{meta['counts']['items']}" if not args.run else meta["dataset"]["name"]) + (
         f"-{args.kind}" if not args.run and args.kind != "auto" else "") + ("-httptools" if fast else "")
     cmd = ".venv/bin/python benchmarks/http_load.py" + (f" --run {args.run}" if args.run else "") + (
@@ -237,8 +239,6 @@ def main(argv=None) -> int:
         f" --kind {args.kind}" if not args.run and args.kind != "auto" else "") + (
         f" --index-args \"{args.index_args}\"" if not args.run and args.index_args else "") + (f" -k {args.k}" if args.k != 100 else "") + (
         f" --client {args.client}" if args.client != "auto" else "") + (f" --serve-args \"{args.serve_args}\"" if args.serve_args else "")
-    if fast:
-        cmd = "# with httptools and uvloop importable by the server (what `pip install 'uvicorn[standard]'` adds)\n" + cmd
     res = {"catalog": "synthetic clustered" if not args.run else f"{slug} (trained run)", "slug": slug,
            "n_items": meta["counts"]["items"], "k": args.k, "client": client, "duration_s": args.duration,
            "index": meta["index"], "levels": levels, "command": cmd, "machine": machine(), "server_stack": stack}

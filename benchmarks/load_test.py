@@ -232,7 +232,11 @@ def main(argv=None) -> int:
     s = summarize(plan, out, wall)
     s["healthy_after"] = alive
     s["load_average_before"] = round(load_before, 2)  # 1-minute load of the machine (other work slows every figure)
-    fast = all(importlib.util.find_spec(m) is not None for m in ("httptools", "uvloop"))
+    # the server runs with this interpreter's packages; what uvicorn picks from them (``twotower serve``
+    # since issue 17: httptools always, uvloop where installed; before it, uvicorn's "auto")
+    has = {m: importlib.util.find_spec(m) is not None for m in ("httptools", "uvloop")}
+    stack = (f"uvicorn with httptools + {'uvloop' if has['uvloop'] else 'asyncio'}" if has["httptools"]
+             else "uvicorn with h11 + asyncio")
     name = meta["dataset"]["name"] or run.name
     cmd = f".venv/bin/python benchmarks/load_test.py --run {args.run}" + (
         f" --requests {args.requests}" if args.requests != 10_000 else "") + (
@@ -241,7 +245,7 @@ def main(argv=None) -> int:
     res = {"catalog": f"{name} (trained run)", "slug": name, "n_items": meta["counts"]["items"], "n_users": meta["counts"]["users"],
            "index_kind": meta["index"]["kind"], "concurrency": args.concurrency, "warmup": args.warmup, "seed": args.seed,
            "command": cmd, "machine": machine(), "client": "asyncio + httpx",
-           "server_stack": "uvicorn with httptools + uvloop" if fast else "uvicorn with h11 + asyncio", "summary": s}
+           "server_stack": stack, "summary": s}
     out_dir = Path(args.out_dir)
     artifacts.write_json(out_dir / f"load-{name}.json", res)
     if not args.no_doc:

@@ -23,11 +23,12 @@ PAGE = Path(__file__).resolve().parents[1] / "src" / "twotower" / "serving" / "p
 def _serve(recommender):
     import uvicorn
 
+    from twotower.serving.server import ServerSettings, uvicorn_config  # the stack `twotower serve` runs
     from twotower.serving.service import create_app
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(create_app(recommender), log_level="warning"))
+    srv = uvicorn.Server(uvicorn_config(create_app(recommender), ServerSettings(), log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20

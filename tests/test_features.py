@@ -450,12 +450,13 @@ def client(trained):
     import uvicorn
 
     from twotower.serving.query import Recommender
+    from twotower.serving.server import ServerSettings, uvicorn_config  # the stack `twotower serve` runs
     from twotower.serving.service import create_app
 
     rec = Recommender.load(_run(trained), category_feature="cat")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(create_app(rec), log_level="warning"))
+    srv = uvicorn.Server(uvicorn_config(create_app(rec), ServerSettings(), log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20

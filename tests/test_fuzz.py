@@ -68,6 +68,7 @@ def recommender(run_dir):
 def base_url(recommender):
     import uvicorn
 
+    from twotower.serving.server import ServerSettings, uvicorn_config  # the stack `twotower serve` runs
     from twotower.serving.service import create_app
 
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP (a bare
@@ -75,7 +76,7 @@ def base_url(recommender):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(recommender), log_level="warning"))
+    srv = uvicorn.Server(uvicorn_config(create_app(recommender), ServerSettings(), log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20

@@ -37,6 +37,7 @@ def recommender(run_dir):
 def server(recommender):
     import uvicorn
 
+    from twotower.serving.server import ServerSettings, uvicorn_config  # the stack `twotower serve` runs
     from twotower.serving.service import create_app
 
     # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say TCP (with proto 0 every
@@ -44,7 +45,7 @@ def server(recommender):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(recommender, max_body_bytes=200_000), log_level="warning"))
+    srv = uvicorn.Server(uvicorn_config(create_app(recommender, max_body_bytes=200_000), ServerSettings(), log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20

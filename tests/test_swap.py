@@ -61,10 +61,12 @@ class Server:
     def __init__(self, app):
         import uvicorn
 
+        from twotower.serving.server import ServerSettings, uvicorn_config  # the stack `twotower serve` runs
+
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.srv = uvicorn.Server(uvicorn_config(app, ServerSettings(), log_level="warning"))
         self.thread = threading.Thread(target=self.srv.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):

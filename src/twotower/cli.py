@@ -474,32 +474,51 @@ def add_add_items_parser(sub) -> None:
                    help="separator of a multi-valued feature's values in a text cell (repeatable; default: the "
                         "feature's declared separator, or the run's data.item_multi_valued)")
     a.set_defaults(func=cmd_add_items)
+SERVE_FLAGS = ("host", "port", "max_batch", "header_timeout", "body_timeout", "keep_alive", "max_connections",
+               "max_head_bytes", "shutdown_timeout")
 
 
 def cmd_serve(args) -> int:
-    from .serving.query import Recommender
-    from .serving.service import serve
+    from .serving.server import ServerSettings, listen
     from .serving.swap import SwapSettings, read_token
 
+    settings = ServerSettings.checked(**{k: getattr(args, k) for k in SERVE_FLAGS})
     token = read_token(args.admin_token_file, args.admin_token_from_env)  # before the (long) load: fail fast
-    settings = SwapSettings(run=args.run, token=token, watch=args.watch, interval=args.watch_interval,
-                            category_feature=args.category_feature)
-    rec = Recommender.load(args.run, args.index, category_feature=args.category_feature)
-    i = rec.index
-    saved = "" if i.info.get("saved", True) else " (no saved index: exact search; build one with `twotower index RUN`)"
-    print(f"serving {args.run}: {i.size:,} items, index {i.kind}{saved}; page http://{args.host}:{args.port}/, "
-          f"API http://{args.host}:{args.port}/docs", flush=True)
-    if token is not None or args.watch:
-        print("swaps: " + ", ".join(x for x in (
-            f"POST http://{args.host}:{args.port}/admin/swap with the admin token" if token is not None else "",
-            f"watching {args.run} every {args.watch_interval:g}s" if args.watch else "") if x), flush=True)
-    serve(rec, host=args.host, port=args.port, log_level=args.log_level, max_batch=args.max_batch, swap=settings)
+    swap = SwapSettings(run=args.run, token=token, watch=args.watch, interval=args.watch_interval,
+                        category_feature=args.category_feature)
+    sock = listen(settings.host, settings.port)  # before loading the run: a port in use is said at once
+    try:
+        from .serving.query import Recommender
+        from .serving.service import serve
+
+        rec = Recommender.load(args.run, args.index, category_feature=args.category_feature)
+        i = rec.index
+        saved = "" if i.info.get("saved", True) else " (no saved index: exact search; build one with `twotower index RUN`)"
+        host, port = sock.getsockname()[:2]
+        where = f"{'[' + host + ']' if ':' in host else host}:{port}"
+        print(f"serving {args.run}: {i.size:,} items, index {i.kind}{saved}; page http://{where}/, "
+              f"API http://{where}/docs", flush=True)
+        if token is not None or args.watch:
+            print("swaps: " + ", ".join(x for x in (
+                f"POST http://{where}/admin/swap with the admin token" if token is not None else "",
+                f"watching {args.run} every {args.watch_interval:g}s" if args.watch else "") if x), flush=True)
+        serve(rec, settings, sock, log_level=args.log_level, swap=swap)
+    finally:
+        sock.close()
     return 0
 
 
 def add_serve_parser(sub) -> None:
+    from .serving.server import ServerSettings
+
+    fields = ServerSettings.model_fields
     sv = sub.add_parser("serve", help="HTTP API (recommendations, similar items, look-ups, metadata) and a page to look at them",
+                        description="Serve a trained run over HTTP: uvicorn with the httptools parser, one worker,\n"
+                                    "micro-batching, and a deadline or a cap on everything a client controls (the head,\n"
+                                    "the body, idle and open connections). Put a reverse proxy in front for TLS,\n"
+                                    "authentication and rate limits (docs/reliability.md).",
                         epilog="examples:\n  twotower serve runs/ml100k                 # the page: http://127.0.0.1:8000/, the API: /docs\n"
+                               "  twotower serve runs/ml100k --port 0        # any free port (printed)\n"
                                "  curl -s localhost:8000/recommend -d '{\"user\": 196, \"k\": 10}' -H 'content-type: application/json'\n\n"
                                "moving to a new model without dropping a request (off unless asked for):\n"
                                "  twotower serve runs/current --watch       # runs/current: a symlink; switch it atomically:\n"
@@ -512,12 +531,14 @@ def add_serve_parser(sub) -> None:
                                "one serving (the reason is logged, returned by /admin/swap and shown in /metadata).",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     sv.add_argument("run", help="run directory written by `twotower train` (with RUN/index if `twotower index` built one)")
-    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     sv.add_argument("--index", help="index folder (default RUN/index if built, else exact search)")
     sv.add_argument("--category-feature", help="item feature that requests' \"category\" refers to when they do not say "
                     "(\"category_feature\"); default: the model's only categorical item feature")
-    sv.add_argument("--max-batch", type=int, default=64, help="most concurrent requests computed together (default 64)")
+    for name in SERVE_FLAGS:  # the bounds and their wording live in ServerSettings (checked in cmd_serve)
+        f = fields[name]
+        kind = {int: int, float: float}.get(f.annotation, str)
+        sv.add_argument("--" + name.replace("_", "-"), type=kind, default=f.default, metavar=name.split("_")[-1].upper()
+                        if kind is str else ("N" if kind is int else "S"), help=f"{f.description} (default {f.default})")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn's log level (default info: start-up and errors; debug adds one line per request)")
     sw = sv.add_argument_group("model swaps")

@@ -15,13 +15,22 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
+from ..errors import ConfigError
+
+# The largest batch: one inline batch holds the event loop for its whole computation, so its size
+# bounds how long every other connection (and /health) waits.
+MAX_BATCH = 4096
+
 
 class MicroBatcher:
     """``await submit(x)`` returns ``fn([.., x, ..])[i]`` for the batch ``x`` was put in."""
 
     def __init__(self, fn: Callable[[Sequence[Any]], Sequence[Any]], max_batch: int = 64, inline: bool = False):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_BATCH:
+            raise ConfigError(f"max_batch = {max_batch!r}: the most requests computed together must be a whole number "
+                              f"from 1 to {MAX_BATCH} (64 is the default)")
         self.fn = fn
-        self.max_batch = int(max_batch)
+        self.max_batch = max_batch
         self.inline = inline
         self._pending: list[tuple[Any, asyncio.Future]] = []
         self._busy = False
@@ -44,8 +53,9 @@ class MicroBatcher:
                 for _ in range(3):  # let requests parsed in this loop iteration join the batch
                     await asyncio.sleep(0)
             while self._pending:
-                batch = self._pending[: self.max_batch]
-                del self._pending[: self.max_batch]
+                n = max(1, self.max_batch)  # every turn takes at least one request: the loop cannot spin
+                batch = self._pending[:n]
+                del self._pending[:n]
                 self.batches += 1
                 self.items += len(batch)
                 try:
@@ -54,6 +64,12 @@ class MicroBatcher:
                     else:
                         out = await loop.run_in_executor(self._executor, self.fn, [x for x, _ in batch])
                 except Exception as e:  # a bug: every request of the batch gets it (a 500)
+                    for _, f in batch:
+                        if not f.done():
+                            f.set_exception(e)
+                    continue
+                if len(out) != len(batch):  # a bug in fn: fail the batch rather than leave requests waiting forever
+                    e = RuntimeError(f"the batch function returned {len(out)} results for {len(batch)} requests")
                     for _, f in batch:
                         if not f.done():
                             f.set_exception(e)

@@ -474,7 +474,7 @@ class Recommender:
         idx = self.index
         info = {k: v for k, v in idx.info.items() if k not in ("vectors_sha256", "index_sha256")}
         return {
-            "run": str(self.run.path),
+            "run": self.run.path.name,  # the folder's name only: where it lies on the server is no client's business
             "model": {**cfg.model.model_dump(mode="json"), "temperature": float(self.model.temperature),
                       "learned_item_bias": idx.layout.bias_scale is not None},
             "dataset": {"name": cfg.data.dataset, "split": cfg.data.split},

@@ -27,9 +27,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
+from ..errors import ConfigError
 from .batcher import MicroBatcher
 from .browse import add_browse_routes
 from .query import MAX_HISTORY, MAX_K, Query, Recommendation, Recommender, RequestError
+from .server import ServerSettings, listen, run as run_server
 from .swap import ModelSlot, Served, SwapBusy, Swapper, SwapSettings, Watcher, token_matches
 
 Id = Union[StrictInt, StrictStr]
@@ -186,8 +188,7 @@ def _describe(errors: list[dict]) -> tuple[int, str]:
         field = ".".join(loc) or "body"
         got = e.get("input")
         if not loc and isinstance(got, (bytes, bytearray)):  # FastAPI did not parse it: no JSON content type
-            parts.append("the body was not read as JSON; send it with the header Content-Type: application/json, "
-                         "e.g. {\"requests\": [{\"user\": 196, \"k\": 10}]}")
+            parts.append(NOT_JSON + ', e.g. {"requests": [{"user": 196, "k": 10}]}')
             continue
         got_s = json.dumps(got)[:60] if isinstance(got, (int, float, str, bool, type(None), list, dict)) else repr(got)[:60]
         top = loc[1] if len(loc) > 1 and loc[0] == "requests" and len(loc) > 2 else (loc[0] if loc else "")
@@ -205,16 +206,39 @@ def _describe(errors: list[dict]) -> tuple[int, str]:
     return status, "; ".join(parts)
 
 
+def is_json(content_type: str | None) -> bool:
+    """The one rule for a request body's media type, FastAPI's own (strict): ``application/json`` or
+    ``application/*+json``, parameters allowed; no header is not JSON. ``BodyLimit`` applies it to
+    every request with a body, whether a route parses its body itself (``/recommend``,
+    ``/items/lookup``) or FastAPI does. (It is also what keeps a web page on another site from
+    posting to the service without a CORS preflight: ``text/plain`` is a "simple" type.)"""
+    if not content_type:
+        return False
+    kind = content_type.split(";", 1)[0].strip().lower()
+    main, _, sub = kind.partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
+
+
+NOT_JSON = "the body was not read as JSON; send it with the header Content-Type: application/json"
+
+
+class ClientGone(Exception):
+    """The client closed the connection (or the server's body deadline did) before its body was in."""
+
+
 class BodyLimit:
-    """ASGI middleware: refuse request bodies over ``max_bytes`` with 413 (by Content-Length, or
-    while reading a body sent without one)."""
+    """ASGI middleware that reads every request body before the application sees it: a body over
+    ``max_bytes`` is refused with 413 (by ``Content-Length`` at once, or once it grows too long
+    without one), a body that is not sent as JSON (``is_json``) with 422, and a client that goes away
+    mid-upload ends the request quietly (no traceback: it is not the server's fault). The
+    application gets the body whole, in one message."""
 
     def __init__(self, app, max_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
@@ -225,28 +249,38 @@ class BodyLimit:
                 if too_big:
                     return await self._reject(scope, receive, send)
                 break
-        else:  # no Content-Length (chunked): read the body here, refusing it once it is too long
-            chunks, size, more = [], 0, True
-            while more:
-                msg = await receive()
-                if msg["type"] != "http.request":
-                    break
-                chunks.append(msg.get("body", b""))
-                size += len(chunks[-1])
-                more = msg.get("more_body", False)
-                if size > self.max_bytes:
-                    return await self._reject(scope, receive, send)
-            body, sent = b"".join(chunks), False
+        try:
+            body = await self._read(receive)
+        except ClientGone:
+            return
+        if body is None:
+            return await self._reject(scope, receive, send)
+        if body and not is_json(dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")):
+            return await _error(422, NOT_JSON + " (GET /docs shows each route's body)")(scope, receive, send)
+        sent = False
 
-            async def replay():
-                nonlocal sent
-                if not sent:
-                    sent = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
 
-            return await self.app(scope, replay, send)
-        return await self.app(scope, receive, send)
+        return await self.app(scope, replay, send)
+
+    async def _read(self, receive) -> bytes | None:
+        """The whole body, None once it is over the limit; ``ClientGone`` if the client left."""
+        chunks, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                raise ClientGone
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            more = msg.get("more_body", False)
+            if size > self.max_bytes:
+                return None
+        return b"".join(chunks)
 
     async def _reject(self, scope, receive, send):
         await _error(413, f"request body over {self.max_bytes:,} bytes; send fewer or shorter requests "
@@ -256,8 +290,12 @@ class BodyLimit:
 def create_app(recommender: Recommender, max_body_bytes: int = MAX_BODY_BYTES, max_batch: int = 64,
                micro_batching: bool = True, swap: SwapSettings | None = None) -> FastAPI:
     """The FastAPI application over ``recommender``. ``max_batch`` caps how many concurrent
-    requests are computed together (``micro_batching``). ``swap`` allows moving to another run
-    while serving (``swap.py``: an admin route with a token, a watched path); off by default."""
+    requests are computed together (``micro_batching``); a value out of bounds is a ``ConfigError``.
+    ``swap`` allows moving to another run while serving (``swap.py``: an admin route with a token, a
+    watched path); off by default."""
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or not 1024 <= max_body_bytes <= 1 << 30:
+        raise ConfigError(f"max_body_bytes = {max_body_bytes!r}: give a whole number of bytes from 1,024 to 2**30 "
+                          f"(default {MAX_BODY_BYTES:,})")
     swap = swap or SwapSettings()
     slot = ModelSlot(Served.of(recommender, swap.run))
     swapper = Swapper(slot, swap)
@@ -267,7 +305,7 @@ def create_app(recommender: Recommender, max_body_bytes: int = MAX_BODY_BYTES, m
         rec = slot.current.recommender  # once per batch: a swap never splits a batch between models
         return [_encode(r) for r in rec.recommend_many(queries)]
 
-    batcher = MicroBatcher(compute, max_batch, inline=True) if micro_batching else None
+    batcher = MicroBatcher(compute, max_batch, inline=True) if micro_batching else None  # refuses a max_batch out of bounds
 
     @asynccontextmanager
     async def lifespan(app):
@@ -318,7 +356,8 @@ def create_app(recommender: Recommender, max_body_bytes: int = MAX_BODY_BYTES, m
               openapi_extra=body_doc)
     async def recommend(request: Request):
         # The body is validated here with pydantic's JSON parser (RecommendRequest), not through
-        # FastAPI's dependency machinery: the same checks and messages, less work per request.
+        # FastAPI's dependency machinery: the same checks and messages, less work per request. (Its
+        # content type was checked by BodyLimit, as for every route.)
         try:
             req = RecommendRequest.model_validate_json(await request.body())
         except ValidationError as e:
@@ -403,15 +442,16 @@ def _coerce_item(recommender: Recommender, item: str):
     return v.item() if hasattr(v, "item") else v
 
 
-def serve(recommender: Recommender, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **app_kw) -> None:
-    """Run the service with uvicorn, one worker (blocks until interrupted)."""
+def serve(recommender: Recommender, settings: ServerSettings | None = None, sock=None, log_level: str = "info",
+          **app_kw) -> None:
+    """Run the service, one worker, on ``sock`` (bound by ``server.listen`` if not given) with the
+    limits of ``settings`` (``server.ServerSettings``); blocks until SIGTERM or SIGINT."""
     import gc
 
-    import uvicorn
-
-    app = create_app(recommender, **app_kw)
+    settings = settings or ServerSettings()
+    sock = sock if sock is not None else listen(settings.host, settings.port)
+    app = create_app(recommender, max_batch=settings.max_batch, **app_kw)
     # (no torch.set_num_threads(1) here: measured, it also left FAISS's batched searches on one thread)
     gc.collect()
     gc.freeze()  # the loaded run and index never become garbage: keep them out of every collection (p99 100 ms -> 10 ms)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1,
-                access_log=log_level == "debug")
+    run_server(app, sock, settings, log_level)
