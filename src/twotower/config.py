@@ -294,6 +294,24 @@ class EvalConfig(_Section):
         return sorted(set(v))
 
 
+class UpdateConfig(_Section):
+    """``twotower update``: continuing a trained run on new interactions (docs/freshness.md,
+    "Updating a run"). Training goes on from the run's weights and optimizer state, over the new
+    interactions plus a replay sample of the ones the run already knows, so that the model does not
+    forget; the other training settings are the run's own."""
+
+    epochs: int = Field(1, ge=1, le=1000, description="passes over the update's training pairs (new + replayed)")
+    replay: float = Field(1.0, ge=0.0, le=1000.0, description="replayed old interactions per new one, drawn uniformly "
+                          "without replacement from what the run knows (0: train on the new interactions alone)")
+    replay_max: int | None = Field(None, ge=0, description="at most this many replayed interactions (none: no cap)")
+    lr: float | None = Field(None, gt=0.0, description="learning rate of the update (none: the run's train.lr); constant, "
+                             "no warm-up")
+    count_decay: float = Field(1.0, ge=0.0, le=1.0, description="the run's item counts are multiplied by this (rounded) "
+                               "before the new interactions are added: 1 keeps all history, smaller values let "
+                               "popularity follow the recent data")
+    seed: int = Field(0, description="seed of the replay sample, batch order and negative sampling of the update")
+
+
 class RunConfig(_Section):
     """A whole run: one section per stage of the data flow."""
 
@@ -303,6 +321,8 @@ class RunConfig(_Section):
     negatives: NegativesConfig = Field(default_factory=NegativesConfig, description="sampled, memory-bank and hard negatives")
     mining: MiningConfig = Field(default_factory=MiningConfig, description="hard-negative mining rounds")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="metrics: cut-offs, popularity correction, buckets")
+    update: UpdateConfig = Field(default_factory=UpdateConfig, description="continuing the run on new interactions "
+                                 "(`twotower update`)")
 
     @model_validator(mode="after")
     def _mining_has_a_source(self):
