@@ -56,7 +56,7 @@ BASE = {
     "ml-100k": {"model": {"dim": 64, "temperature": 0.1}, "train": {"batch_size": 512, "lr": 0.005, "seed": 0}},
     "grocery": {"model": {"dim": 64, "temperature": 0.1}, "train": {"batch_size": 512, "lr": 0.005, "seed": 0}},
 }
-GRID = {"epochs": [1, 2], "replay": [1.0, 3.0], "lr": [None, 0.002]}
+GRID = {"epochs": [1, 2, 4], "replay": [1.0, 3.0], "lr": [None, 0.002]}
 
 
 def load_frame(name: str, data_dir: Path) -> pd.DataFrame:

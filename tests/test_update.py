@@ -300,3 +300,13 @@ def test_bad_inputs_are_refused_with_nothing_written(features_only_run, syntheti
     before = set(p.name for p in tmp_path.iterdir())
     assert main(["update", str(damaged), "--interactions", str(tmp_path / "ok.csv"), "--out", str(tmp_path / "o")]) == 2
     assert "model.safetensors" in capsys.readouterr().err and _nothing_written(tmp_path, before)
+
+
+def test_fold_in_rows_by_hand():
+    from twotower.update import fold_in_rows
+
+    v = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    # owner 0 interacted with targets 0 and 1: mean (0.5, 0.5), scaled to norm 2; owner 1 none; owner 2 with 2
+    have, rows = fold_in_rows(v, np.array([0, 0, 2]), np.array([0, 1, 2]), 3, 2.0)
+    assert have.tolist() == [0, 2]
+    torch.testing.assert_close(rows, torch.tensor([[2 ** 0.5, 2 ** 0.5], [-2.0, 0.0]]))

@@ -5,8 +5,9 @@ A run in production is never trained once. ``update(RUN, NEW, OUT)`` makes a new
 
 1. the new interactions' users and items that ``RUN`` does not know are admitted through the one
    admission path (``index.admit.admit``): vocabularies, feature tables and weights grow; a new
-   entity's id row is the learned unknown vector (id dropout) or zero when its tower has features,
-   else a draw from the configured initialiser (``model.init_std``), so that it can learn;
+   entity's id row is the learned unknown vector (id dropout) or zero when its tower has features;
+   in a tower of ids alone, the fold-in of its new interactions (``fold_in_rows``,
+   ``update.new_rows``) or a draw from the configured initialiser (``model.init_std``);
 2. training continues from ``RUN``'s weights and optimizer state (its last checkpoint: Adam's
    moments, grown with zero rows for the new entities; the step count, so that the streaming
    frequency estimator and the memory bank carry on) for ``update.epochs`` passes over the new
@@ -39,7 +40,7 @@ from .config import UpdateConfig
 from .data.dataset import CSR, Dataset, Split
 from .errors import ArtifactError, TwotowerError
 from .index.admit import NewEntities, admit, read_new_items
-from .model.towers import embed_items
+from .model.towers import embed_items, embed_users
 from .run_dir import RunDir
 from .training.trainer import Trainer
 
@@ -274,7 +275,7 @@ def _train_and_write(parent, run, frame: pd.DataFrame, u: UpdateConfig, folder: 
     if tc.negatives.hard == "mined":
         tc.negatives.hard = None
     model = run.model
-    _initialise_new_rows(parent, model, base.model.init_std, u.seed)
+    _initialise_new_rows(parent, model, base, u, users, items, known)
     trainer = Trainer(tc, ds, None, quiet=quiet, log=log, model=model)
     optimizer_from = _continue_optimizer(parent, trainer, log)
 
@@ -315,18 +316,57 @@ def _train_and_write(parent, run, frame: pd.DataFrame, u: UpdateConfig, folder: 
     return {"new_pairs": int(len(users)), "replayed": int(len(picked)), "train_seconds": train_seconds}
 
 
+def fold_in_rows(vectors: torch.Tensor, owners: np.ndarray, targets: np.ndarray, n: int, norm: float) -> tuple[np.ndarray, torch.Tensor]:
+    """Rows that start at the mean direction of what their entity interacted with: for each owner
+    ``o`` of the pairs ``(owners, targets)``, ``r_o = norm * m_o / ||m_o||`` with ``m_o`` the mean of
+    ``vectors[targets]`` over its pairs (the other tower's L2-normalised outputs). With a tower of ids
+    alone and no MLP, ``f(u) = r_u / ||r_u||``, so the new user starts at the direction that scores
+    its own items highest on average (the fold-in of matrix factorisation: a new row fitted to the
+    fixed other side). Returns the owners with at least one pair (indices into ``0 .. n-1``) and
+    their rows."""
+    owners = np.asarray(owners, dtype=np.int64)
+    sums = torch.zeros(n, vectors.shape[1], dtype=vectors.dtype)
+    sums.index_add_(0, torch.from_numpy(owners), vectors[torch.from_numpy(np.asarray(targets, dtype=np.int64))])
+    have = np.flatnonzero(np.bincount(owners, minlength=n) > 0)
+    m = sums[torch.from_numpy(have)]
+    return have, norm * m / m.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 @torch.no_grad()
-def _initialise_new_rows(parent, model, std: float, seed: int) -> None:
+def _initialise_new_rows(parent, model, cfg, u: UpdateConfig, users: np.ndarray, items: np.ndarray, known: CSR) -> None:
     """An admitted entity's id row is the learned unknown vector, or zero; in a tower with neither
     features nor an unknown vector a zero row is a zero vector that the L2 normalisation cannot
-    turn (its gradient is undefined there), so those rows get the configured initialiser's draw."""
-    g = torch.Generator().manual_seed(seed)
-    for tower, n0 in ((model.item_tower, len(parent.items)), (model.user_tower, len(parent.users))):
+    turn (its gradient is undefined there), so those rows get the configured initialiser's draw,
+    then, with ``update.new_rows = "fold_in"`` and no MLP, the fold-in of their new interactions
+    (``fold_in_rows``): items first, from the known users, then users, from every item."""
+    g = torch.Generator().manual_seed(u.seed)
+    plain = {}
+    for kind, tower, n0 in (("item", model.item_tower, len(parent.items)), ("user", model.user_tower, len(parent.users))):
         emb = tower.id_embedding
         if emb is None or tower.unknown_id is not None or tower.features is not None or emb.weight.shape[0] == n0:
             continue
         rows = emb.weight.shape[0] - n0
-        emb.weight[n0:] = (torch.randn(rows, emb.weight.shape[1], generator=g) * std).to(emb.weight.dtype)
+        emb.weight[n0:] = (torch.randn(rows, emb.weight.shape[1], generator=g) * cfg.model.init_std).to(emb.weight.dtype)
+        plain[kind] = (emb, n0)
+    if u.new_rows != "fold_in" or cfg.model.mlp or not plain:
+        return
+    hl = cfg.model.history_length
+    if "item" in plain:
+        emb, n0 = plain["item"]
+        mine = (items >= n0) & (users < len(parent.users))
+        if mine.any():
+            uv = embed_users(model, np.arange(len(parent.users)), known, hl).float().cpu()
+            have, rows = fold_in_rows(uv, items[mine] - n0, users[mine], emb.weight.shape[0] - n0,
+                                      float(emb.weight[:n0].norm(dim=1).mean()))
+            emb.weight[n0 + torch.from_numpy(have)] = rows.to(emb.weight.dtype)
+    if "user" in plain:
+        emb, n0 = plain["user"]
+        mine = users >= n0
+        if mine.any():
+            iv = embed_items(model).float().cpu()
+            have, rows = fold_in_rows(iv, users[mine] - n0, items[mine], emb.weight.shape[0] - n0,
+                                      float(emb.weight[:n0].norm(dim=1).mean()))
+            emb.weight[n0 + torch.from_numpy(have)] = rows.to(emb.weight.dtype)
 
 
 def _continue_optimizer(parent, trainer: Trainer, log) -> str:
