@@ -147,17 +147,48 @@ def check_against_evaluator(out: dict, ds, groups: dict) -> float:
 
 
 # ---- LightFM and popularity ------------------------------------------------------------------------
-def feature_csr(features, n: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Every categorical feature of a table as one entity-by-value CSR (values of different
-    features in separate columns)."""
-    indptr, parts, width = np.zeros(n + 1, np.int64), [], 0
-    rows_all, cols_all = [], []
-    if features is not None:
-        for name in features.names:
+def feature_columns(features, fit: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """Every feature of a table as sparse columns: ``(rows, cols, names)`` per feature, columns
+    numbered within it. Categorical kinds: a column per value. Numeric: a column per decile bucket
+    of the ``fit`` entities' values (entities with training interactions) and one for missing.
+    Text: a column per lower-cased word seen on a ``fit`` entity. A vector feature is left out
+    (LightFM takes sparse indicator features; ML-100K has none)."""
+    out = []
+    if features is None:
+        return out
+    dense = getattr(features, "dense", {})
+    for name in features.names:
+        if name in features.rows:
             csr = features.rows[name]
-            rows_all.append(np.repeat(np.arange(csr.n_rows), csr.lengths()))
-            cols_all.append(csr.indices + width)
-            width += len(features.values[name])
+            out.append((np.repeat(np.arange(csr.n_rows), csr.lengths()), csr.indices, len(features.values[name]), name))
+        elif name in dense and np.asarray(dense[name]).ndim == 1 and np.asarray(dense[name]).dtype != object:
+            x = np.asarray(dense[name], dtype=np.float64)
+            ok = np.isfinite(x)
+            edges = np.unique(np.quantile(x[ok & fit], np.linspace(0.1, 0.9, 9))) if (ok & fit).any() else np.empty(0)
+            col = np.where(ok, np.searchsorted(edges, np.where(ok, x, 0.0), side="right"), len(edges) + 1)
+            out.append((np.arange(len(x)), col, len(edges) + 2, name))
+        elif name in dense and np.asarray(dense[name]).dtype == object:
+            words = [str(t).lower().split() if t is not None else [] for t in dense[name]]
+            vocab = {}
+            for i in np.flatnonzero(fit):
+                for w in words[i]:
+                    vocab.setdefault(w, len(vocab))
+            pairs = sorted({(i, vocab[w]) for i, ws in enumerate(words) for w in ws if w in vocab})
+            rows = np.array([p[0] for p in pairs], dtype=np.int64)
+            cols = np.array([p[1] for p in pairs], dtype=np.int64)
+            out.append((rows, cols, len(vocab), name))
+    return out
+
+
+def feature_csr(features, n: int, fit: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every feature of a table (``feature_columns``) as one entity-by-column CSR (features in
+    separate column ranges)."""
+    indptr, width = np.zeros(n + 1, np.int64), 0
+    rows_all, cols_all = [], []
+    for rows, cols, w, _ in feature_columns(features, fit):
+        rows_all.append(rows)
+        cols_all.append(cols + width)
+        width += w
     if not rows_all:
         return indptr, np.empty(0, np.int64), 0
     rows, cols = np.concatenate(rows_all), np.concatenate(cols_all)
@@ -166,10 +197,16 @@ def feature_csr(features, n: int) -> tuple[np.ndarray, np.ndarray, int]:
     return indptr, cols[order], width
 
 
+def trained(ds) -> tuple[np.ndarray, np.ndarray]:
+    """Items and users with training interactions (bool)."""
+    return np.bincount(ds.train.items, minlength=ds.n_items) > 0, np.bincount(ds.train.users, minlength=ds.n_users) > 0
+
+
 def run_lightfm(ds, py: Path, grid: list[dict], epochs: list[int], groups: dict, threads: int, log) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="lightfm-"))
-    ii, ix, iw = feature_csr(ds.item_features, ds.n_items)
-    ui, ux, uw = feature_csr(ds.user_features, ds.n_users)
+    fit_items, fit_users = trained(ds)
+    ii, ix, iw = feature_csr(ds.item_features, ds.n_items, fit_items)
+    ui, ux, uw = feature_csr(ds.user_features, ds.n_users, fit_users)
     arrays = {"n_users": ds.n_users, "n_items": ds.n_items, "train_users": ds.train.users, "train_items": ds.train.items,
               "item_indptr": ii, "item_indices": ix, "item_width": iw, "user_indptr": ui, "user_indices": ux, "user_width": uw}
     for split in ("valid", "test"):
@@ -203,18 +240,16 @@ def run_lightfm(ds, py: Path, grid: list[dict], epochs: list[int], groups: dict,
 
 
 def feature_popularity(ds) -> np.ndarray:
-    """Each item's score: the mean, over its feature values, of the mean training count of the
-    trained items (not withheld) that have the value (0 for an item without any value)."""
+    """Each item's score: the mean, over its feature columns (``feature_columns``: its values), of
+    the mean training count of the trained items (not withheld) that have the column (0 for an item
+    without any)."""
     counts = ds.item_counts().astype(np.float64)
-    trained = np.ones(ds.n_items, bool) if ds.cold_items is None else ~ds.cold_items
+    fit = trained(ds)[0] & (np.ones(ds.n_items, bool) if ds.cold_items is None else ~ds.cold_items)
     score, n = np.zeros(ds.n_items), np.zeros(ds.n_items)
-    for name in ([] if ds.item_features is None else ds.item_features.names):
-        csr = ds.item_features.rows[name]
-        owner = np.repeat(np.arange(csr.n_rows), csr.lengths())
-        width = len(ds.item_features.values[name])
-        total = np.bincount(csr.indices, weights=counts[owner] * trained[owner], minlength=width)
-        mean = total / np.maximum(np.bincount(csr.indices, weights=trained[owner].astype(float), minlength=width), 1)
-        np.add.at(score, owner, mean[csr.indices])
+    for owner, cols, width, _ in feature_columns(ds.item_features, fit):
+        total = np.bincount(cols, weights=counts[owner] * fit[owner], minlength=width)
+        mean = total / np.maximum(np.bincount(cols, weights=fit[owner].astype(float), minlength=width), 1)
+        np.add.at(score, owner, mean[cols])
         np.add.at(n, owner, 1.0)
     return score / np.maximum(n, 1)
 
@@ -276,6 +311,8 @@ def main() -> None:
         base["train"]["epochs"] = 3
     no_drop = {"model.item_id_dropout": 0.0, "model.user_id_dropout": 0.0}
     ids_only = {**no_drop, "model.item_features": [], "model.user_features": [], "train.monitor": "warm_items/recall@20"}
+    if "features" in base:  # features declared by kind ([features]): none of them either
+        ids_only.update({f"features.{t}": [] for t in base["features"]})
     results, raw = {}, {}
     for name, fixed, grid, select in [
         ("twotower, ids only", ids_only, [{"model.temperature": t} for t in temps], "warm_items/recall@20"),

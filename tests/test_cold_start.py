@@ -321,7 +321,12 @@ def test_features_only_new_users_get_lists_from_their_features_over_http(http, f
     with torch.no_grad():  # the list is the user tower's, for a user outside the vocabulary with those features
         f = run.model.user_vectors(run.model.user_inputs([-1], [np.empty(0, np.int64)], [a["features"]]))[0]
     scores = (run.item_vectors @ f / run.model.temperature + run.model.bias(torch.arange(len(run.items)))).detach()
-    assert ia == run.items.decode(torch.topk(scores, 10).indices.numpy()).tolist()
+    # each served score is the tower's for that item, best first (the HNSW search is approximate: it
+    # may skip an item of the exact top 10, so the list itself is not compared with the exact one)
+    served = np.array([x["score"] for x in ra.json()["items"]])
+    np.testing.assert_allclose(served, scores[run.items.encode(ia)].numpy(), rtol=1e-4, atol=1e-4)
+    assert (np.diff(served) <= 1e-6).all()
+    assert len(set(ia) & set(run.items.decode(torch.topk(scores, 10).indices.numpy()).tolist())) >= 7
     # features change the list of a new user with a history too
     h = {"history": [50, 172, 181], "k": 10}
     plain = [x["item"] for x in http.post("/recommend", json=h).json()["items"]]

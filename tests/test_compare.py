@@ -93,3 +93,17 @@ def test_report_leaves_out_cut_offs_no_variant_measured():
     assert "| recall@20 | ndcg@20 |" in header
     assert "nan" not in table.splitlines()[2].split("|")[1:3]
     assert "**0.1500**" in table
+
+
+def test_report_adds_the_warm_and_cold_columns_of_a_cold_split():
+    plain = VariantResult("ids", {"recall@20": 0.2}, {"recall@20": 0.15, "warm_items/recall@20": 0.3,
+                                                      "cold_items/recall@20": 0.0, "cold_items/ndcg@20": 0.0}, 1.0, [])
+    feats = VariantResult("features", {"recall@20": 0.2}, {"recall@20": 0.14, "warm_items/recall@20": 0.25,
+                                                           "cold_items/recall@20": 0.07, "cold_items/ndcg@20": 0.06}, 1.0, [])
+    table = report_markdown([plain, feats])
+    header = [c.strip() for c in table.splitlines()[0].split("|")]
+    assert {"warm_items/recall@20", "cold_items/recall@20", "cold_items/ndcg@20"} <= set(header)
+    assert "cold_users/recall@20" not in header  # no variant has a cold-user split
+    row = [c.strip() for c in table.splitlines()[3].split("|")]
+    assert row[header.index("cold_items/recall@20")] == "**0.0700**"
+    assert row[header.index("warm_items/recall@20")] == "0.2500"
