@@ -24,9 +24,12 @@ validation and test scored once.
    feature popularity, each item scored by the mean training count of the items that share its
    feature values (the non-personalised baseline that can place a new item).
 
-Writes ``benchmarks/results/cold-start.json`` and the table between the ``cold-start`` markers of
-``docs/features.md``. Training seconds are wall-clock on a shared two-core machine (one thread),
-indicative only.
+Writes ``benchmarks/results/cold-start.json`` (another config: ``cold-start-<config name>.json``)
+and the table between the ``cold-start`` markers of ``docs/features.md`` (not with ``--no-docs``).
+Training seconds are wall-clock on a shared two-core machine (one thread), indicative only.
+
+With every kind of feature ML-100K has (titles as text, the release year and age as numbers, the
+hashed zip code, the hour and weekday as context): ``--config configs/ml-100k-cold-features.toml``.
 """
 from __future__ import annotations
 
@@ -134,14 +137,17 @@ def run_twotower(base: dict, grid: list[dict], select: str, ds, log) -> dict:
 def check_against_evaluator(out: dict, ds, groups: dict) -> float:
     """The benchmark's metric code on the chosen twotower model's own top lists must give the
     evaluator's figures (the same protocol for every method)."""
+    from twotower.evaluation.evaluator import heldout_context
     from twotower.evaluation.ranking import top_k_blocks
     from twotower.model.towers import embed_items
 
     model, cfg = out["model"], out["config"]
     new_items, new_users = model.new_entities(ds)
     users, truth, known = protocol(ds, "test")
+    context = heldout_context(model, ds.test, known.n_rows)  # each user's first test interaction's, as the evaluator's
     tops = [top.numpy() for _, _, top in top_k_blocks(model, users, known, known, K, cfg.model.history_length, 1024,
-                                                       embed_items(model, new=new_items), new_users=new_users)]
+                                                       embed_items(model, new=new_items), context=context,
+                                                       new_users=new_users)]
     mine = metrics_from_top(np.concatenate(tops), users, truth, groups)
     return max(abs(mine[key] - out["test"][key]) for key in mine if key in out["test"])
 
@@ -287,7 +293,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=os.environ.get("TWOTOWER_DATA"), help="data directory (default $TWOTOWER_DATA)")
     ap.add_argument("--threads", type=int, default=1, help="threads of every method (default 1)")
     ap.add_argument("--quick", action="store_true", help="one setting per method, few epochs (a check that it runs)")
-    ap.add_argument("--no-docs", action="store_true", help="do not rewrite the table in docs/features.md")
+    ap.add_argument("--no-docs", action="store_true", help="do not rewrite the table in docs/features.md (the results file is written)")
     args = ap.parse_args()
 
     import tomllib
@@ -302,7 +308,7 @@ def main() -> None:
     cfg = RunConfig.from_dict(base)
     if not cfg.data.cold_items:
         sys.exit(f"{args.config}: set data.cold_items (the share of items withheld), e.g. 0.2")
-    ds = load_dataset(cfg.data, args.data_dir)
+    ds = load_dataset(cfg, args.data_dir)  # the data with the features the config declares
     groups = {"warm_items": ("item", ~ds.cold_items), "cold_items": ("item", ds.cold_items)}
     log(f"split: {ds.summary()}")
     temps = [0.1] if args.quick else [0.05, 0.1, 0.2]
@@ -345,15 +351,19 @@ def main() -> None:
                 cold[name] >= cold["LightFM (WARP)"]]
                for name in ("twotower, features", "twotower, features + id dropout")}
     log(f"acceptance: {verdict}")
-    if not (args.quick or args.no_docs):
+    if not args.quick:
+        # the default config's results are cold-start.json; another config's, cold-start-<its name>.json
+        stem = Path(args.config).stem
+        name = "cold-start.json" if stem == "ml-100k-cold" else f"cold-start-{stem}.json"
         (HERE / "results").mkdir(exist_ok=True)
-        (HERE / "results" / "cold-start.json").write_text(json.dumps({
+        (HERE / "results" / name).write_text(json.dumps({
             "command": "flock /tmp/twotower-heavy.lock .venv/bin/python benchmarks/cold_start.py --config "
                        + os.path.relpath(args.config, ROOT),
             "config": base, "split": ds.summary(), "machine": platform.processor() or platform.machine(),
             "threads": args.threads, "torch": torch.__version__, "lightfm": LIGHTFM, "acceptance": verdict,
             "results": results, "date": time.strftime("%Y-%m-%d")}, indent=2, default=float) + "\n")
-        write_docs(md)
+        if not args.no_docs:
+            write_docs(md)
 
 
 if __name__ == "__main__":

@@ -363,3 +363,34 @@ def test_withheld_items_are_never_negatives_sampled_or_hard():
     assert len(seen_sampled) > 30 and len(seen_hard) > 10
     assert not cold[list(seen_sampled)].any() and not cold[list(seen_hard)].any()
     assert float(tr.candidates.r[cold].sum()) == 0.0 and float(tr.candidates.r.sum()) == pytest.approx(1.0)
+
+
+def test_admitted_items_are_read_and_placed_by_every_declared_kind(tmp_path, data_dir, capsys):
+    """A run whose item tower reads genres, the title as text and the year as a number: new items
+    from a CSV get exactly the vector the item tower computes for those raw values as items outside
+    the vocabulary, a missing year its learned missing value; the text and the number change it."""
+    from twotower import train
+    from twotower.cli import main
+    from twotower.run import Run
+
+    cfg = RunConfig.from_dict({"data": {"dataset": "ml-100k"},
+                               "model": {"dim": 8, "item_id_dropout": 0.5},
+                               "features": {"item": [{"name": "genre", "kind": "multi_categorical"},
+                                                     {"name": "title", "kind": "text"},
+                                                     {"name": "year", "kind": "numeric"}]},
+                               "train": {"epochs": 1, "batch_size": 1024}, "eval": {"ks": [10]}})
+    run_dir = tmp_path / "run"
+    train(cfg, run_dir, data_dir=data_dir, quiet=True, log=lambda m: None)
+    n0 = len(Run(run_dir).items)
+    (tmp_path / "new.csv").write_text("item,genre,title,year\n9001,Action|Sci-Fi,Space Laser Wars,1997\n"
+                                      "9002,Action|Sci-Fi,Quiet Garden Picnic,1951\n9003,Drama,,\n")
+    assert main(["add-items", str(run_dir), str(tmp_path / "new.csv")]) == 0
+    assert "admitted 3 item(s)" in capsys.readouterr().out
+    run = Run(run_dir)
+    raw = [{"genre": ["Action", "Sci-Fi"], "title": "Space Laser Wars", "year": 1997.0},
+           {"genre": ["Action", "Sci-Fi"], "title": "Quiet Garden Picnic", "year": 1951.0},
+           {"genre": ["Drama"], "title": None, "year": None}]
+    with torch.no_grad():
+        expected = run.model.item_vectors(run.model.item_inputs([-1, -1, -1], raw))
+    np.testing.assert_allclose(np.load(run_dir / "item_embeddings.npy")[n0:], expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(expected[0], expected[1])  # same genres, another title and year

@@ -1,4 +1,4 @@
-"""Command line: ``twotower train | evaluate | recommend | index | embed | add-items | update | serve | mine | compare | demo | config | info``.
+"""Command line: ``twotower train | evaluate | recommend | index | embed | add-items | update | serve | export | mine | compare | demo | config | info``.
 
 Every subcommand is a thin shell over the Python API (``twotower.api``, ``twotower.run.Run``): a
 ``cmd_<command>`` function that runs it, beside the ``add_<command>_parser`` function that declares
@@ -153,7 +153,7 @@ def cmd_recommend(args) -> int:
     run = Run(args.run)
     if args.k < 1:
         raise TwotowerError(f"-k must be at least 1, got {args.k}")
-    if args.user is not None or args.history is not None:
+    if args.user is not None or args.history is not None or args.features:
         return _recommend_one(run, args)
     if args.users_file:
         users = run.users.coerce(_read_user_file(Path(args.users_file)))
@@ -174,7 +174,8 @@ def cmd_recommend(args) -> int:
     from .serving.query import Recommender
 
     rec = Recommender.load(run, args.index, category_feature=args.category_feature)
-    recs = rec.recommend_frame(users, k=args.k, exclude_seen=not args.include_seen, alpha=args.alpha, category=args.category)
+    recs = rec.recommend_frame(users, k=args.k, exclude_seen=not args.include_seen, alpha=args.alpha, category=args.category,
+                               context=_parsed(run.model.user_tower.context, args.context, "--context", "context feature"))
     with artifacts.atomic_path(out) as tmp:
         if out.suffix == ".parquet":
             recs.to_parquet(tmp, index=False)
@@ -190,11 +191,17 @@ def _recommend_one(run, args) -> int:
     from .serving.query import Query, Recommender, UnknownUserError
 
     rec = Recommender.load(run, args.index, category_feature=args.category_feature)
+    context = _parsed(run.model.user_tower.context, args.context, "--context", "context feature")
     if args.user is not None:
-        q = Query(user=args.user, k=args.k, alpha=args.alpha, exclude_seen=not args.include_seen, category=args.category)
+        if args.features:
+            raise TwotowerError("--features describe a new user (with --history, or alone); a known user's features are "
+                                "already in the model")
+        q = Query(user=args.user, k=args.k, alpha=args.alpha, exclude_seen=not args.include_seen, category=args.category,
+                  context=context)
     else:
-        q = Query(history=[h.strip() for h in args.history.split(",") if h.strip()], k=args.k, alpha=args.alpha,
-                  exclude_seen=not args.include_seen, category=args.category)
+        q = Query(history=[h.strip() for h in (args.history or "").split(",") if h.strip()], k=args.k, alpha=args.alpha,
+                  exclude_seen=not args.include_seen, category=args.category, context=context,
+                  features=_parsed(run.model.user_tower.features, args.features, "--features", "user feature"))
     try:
         r = rec.recommend(q)
     except UnknownUserError:
@@ -214,10 +221,27 @@ def _recommend_one(run, args) -> int:
     return 0
 
 
+def _parsed(features, text: str | None, option: str, what: str) -> dict | None:
+    """``name=value,...`` of a command line, each value as its feature's kind takes it."""
+    if text is None:
+        return None
+    if features is None:
+        raise TwotowerError(f"{option}: this model's user tower takes no {what}s")
+    from .errors import FeatureInputError
+
+    try:
+        return features.parse(text, what)
+    except KeyError as e:
+        raise TwotowerError(f"{option}: {e.args[0]}") from None
+    except FeatureInputError as e:
+        raise TwotowerError(f"{option}: {e}") from None
+
+
 def add_recommend_parser(sub) -> None:
     r = sub.add_parser("recommend", help="top-k items for one user or for many (to a file)",
                        epilog="examples:\n  twotower recommend runs/ml100k --user 196 -k 20\n"
                               "  twotower recommend runs/ml100k --history 50,172,181 -k 10 --alpha 0.5\n"
+                              "  twotower recommend runs/feat --features age=31,occupation=writer --context hour=21\n"
                               "  twotower recommend runs/ml100k --all-users -k 100 --out candidates.parquet",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("run", help="run directory written by `twotower train`")
@@ -231,8 +255,13 @@ def add_recommend_parser(sub) -> None:
     r.add_argument("--out", help="output file for batch mode: .parquet or .csv (columns user, item, score, rank)")
     r.add_argument("--include-seen", action="store_true", help="do not exclude the user's training items")
     r.add_argument("--alpha", type=float, default=0.0, help="popularity correction: score - alpha * log p(item) (default 0)")
-    r.add_argument("--category", help="only items of this category (a value of the item feature)")
-    r.add_argument("--category-feature", help="item feature that --category refers to (default: the model's first item feature)")
+    r.add_argument("--features", metavar="NAME=VALUE,...", help="a new user's features (with --history, or alone): "
+                   "numbers, labels (several: a|b), texts, vectors (numbers separated by spaces)")
+    r.add_argument("--context", metavar="NAME=VALUE,...", help="the request's context features, e.g. hour=21,weekday=Sat "
+                   "(those left out take their defaults: docs/features.md)")
+    r.add_argument("--category", help="only items of this category (a value of the item feature --category-feature)")
+    r.add_argument("--category-feature", help="item feature that --category refers to (default: the model's only "
+                   "categorical item feature; needed when it has several)")
     r.add_argument("--index", help="index folder (default RUN/index if built, else exact search)")
     r.set_defaults(func=cmd_recommend)
 
@@ -367,16 +396,17 @@ def add_add_items_parser(sub) -> None:
                        epilog="examples:\n  twotower add-items runs/ml100k new_movies.parquet\n"
                               "  twotower add-items runs/ml100k new_movies.csv --sep 'genre=|' --title-col title\n\n"
                               "The file has the run's item id column (data.item_id_col, default \"item\") and one column per\n"
-                              "item feature of the model (a list column, or text split by --sep); an empty cell is a missing\n"
-                              "value. Ids the run already knows are refused. Python: twotower.index.admit.admit(RUN, items=...).",
+                              "item feature of the model, read as its declared kind (a multi-valued one: a list column, or\n"
+                              "text split by --sep); an empty cell is a missing value. Ids the run already knows are refused.\n"
+                              "Python: twotower.index.admit.admit(RUN, items=...).",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("run", help="run directory written by `twotower train`")
     a.add_argument("items", help="table of the new items: CSV, TSV or Parquet")
     a.add_argument("--id-col", help="column holding the raw item id (default: the run's data.item_id_col)")
     a.add_argument("--title-col", help="column holding a display title (default: the run's data.item_title_col)")
     a.add_argument("--sep", action="append", metavar="FEATURE=SEP",
-                   help="separator of a multi-valued feature's values in a text cell (repeatable; default: the run's "
-                        "data.item_multi_valued)")
+                   help="separator of a multi-valued feature's values in a text cell (repeatable; default: the "
+                        "feature's declared separator, or the run's data.item_multi_valued)")
     a.set_defaults(func=cmd_add_items)
 
 
@@ -402,11 +432,52 @@ def add_serve_parser(sub) -> None:
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     sv.add_argument("--index", help="index folder (default RUN/index if built, else exact search)")
-    sv.add_argument("--category-feature", help="item feature that requests' \"category\" refers to (default: the first)")
+    sv.add_argument("--category-feature", help="item feature that requests' \"category\" refers to when they do not say "
+                    "(\"category_feature\"); default: the model's only categorical item feature")
     sv.add_argument("--max-batch", type=int, default=64, help="most concurrent requests computed together (default 64)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn's log level (default info: start-up and errors; debug adds one line per request)")
     sv.set_defaults(func=cmd_serve)
+
+
+EPILOG_EXPORT = """\
+examples:
+  twotower export runs/ml100k --format onnx --out exported/ml100k          # needs pip install 'twotower[export]'
+  twotower export runs/ml100k --format torchscript --out exported/ml100k-ts --users
+
+OUT holds export.json (each tower's named inputs with dtypes, shapes and meanings; the score
+convention; the files' sha256), user_tower.onnx and item_tower.onnx (or .pt), items.parquet (item,
+vector, bias, log_p, index_vector: one row per item), users.parquet with --users (user, vector), and
+vocab/ (users.json, items.json: raw ids, position = index; features.json: each feature's values).
+Each tower is run back and compared with the Python path before OUT is swapped in whole.
+
+The served score is an inner product: put index_vector in any inner-product index and query it with
+[f(u) / temperature, 1 / bias_scale, alpha / scale] (export.json, score.layout). README: "Serving
+the towers elsewhere".
+"""
+
+
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    desc = export_run(args.run, args.out, args.format, users=args.users, overwrite=args.overwrite,
+                      log=lambda m: print(m, flush=True))
+    print(f"exported {args.run} as {desc['runtime']} to {args.out} in {desc['seconds']:.1f}s")
+    return 0
+
+
+def add_export_parser(sub) -> None:
+    ex = sub.add_parser("export", help="the towers as ONNX or TorchScript models, with item embeddings, vocabularies and "
+                                       "the score convention, to serve without twotower",
+                        epilog=EPILOG_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ex.add_argument("run", help="run directory written by `twotower train`")
+    ex.add_argument("--format", choices=["onnx", "torchscript"], required=True,
+                    help="onnx: for ONNX Runtime, Triton, any ONNX runtime (needs the export extra); torchscript: for "
+                         "libtorch, TorchServe, torch.jit.load")
+    ex.add_argument("--out", required=True, metavar="DIR", help="folder to write: new, empty, or an earlier export with --overwrite")
+    ex.add_argument("--users", action="store_true", help="also write users.parquet: f(u) of every known user")
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (swapped in whole when done)")
+    ex.set_defaults(func=cmd_export)
 
 
 def cmd_mine(args) -> int:
@@ -619,8 +690,8 @@ def add_update_parser(sub) -> None:
 
 
 COMMANDS = (add_train_parser, add_evaluate_parser, add_recommend_parser, add_index_parser, add_embed_parser,
-            add_add_items_parser, add_update_parser, add_serve_parser, add_mine_parser, add_compare_parser, add_demo_parser, add_config_parser,
-            add_info_parser)
+            add_add_items_parser, add_update_parser, add_serve_parser, add_export_parser, add_mine_parser, add_compare_parser,
+            add_demo_parser, add_config_parser, add_info_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

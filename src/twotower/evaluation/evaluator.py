@@ -1,7 +1,9 @@
 """Full-corpus evaluation (docs/design.md, "Evaluation protocol").
 
 Every item is ranked for every user with held-out items; the user's known items are masked
-(training items when scoring validation; training and validation items when scoring test).
+(training items when scoring validation; training and validation items when scoring test). A user
+tower that reads context is given the context of the user's first held-out interaction of the split
+(by time; with leave-last-one splits, the held-out interaction's own).
 
 With a cold split (docs/features.md, "Cold start") the withheld items and users are scored as new
 ones (``TwoTowerModel.new_entities``), the ranking is still over every item, and the metrics are
@@ -20,7 +22,7 @@ from ..config import EvalConfig
 from ..data.dataset import CSR, Dataset, Split
 from ..data.popularity import log_popularity
 from ..model.scoring import ServedScore
-from ..model.towers import TwoTowerModel, embed_items
+from ..model.towers import ContextTable, TwoTowerModel, embed_items
 from . import metrics as M
 from .ranking import top_k_blocks
 
@@ -41,7 +43,8 @@ def evaluate(model: TwoTowerModel, dataset: Dataset, split: str, cfg: EvalConfig
     if dataset.cold_users is not None:
         groups.update({"warm_users": ("user", ~dataset.cold_users), "cold_users": ("user", dataset.cold_users)})
     return evaluate_split(model, truth_split, known, dataset.item_counts(), cfg, history_length, progress,
-                          new_items=new_items, new_users=new_users, groups=groups)
+                          heldout_context(model, truth_split, known.n_rows), new_items=new_items,
+                          new_users=new_users, groups=groups)
 
 
 def group_pairs(truth: CSR, block: np.ndarray, top: torch.Tensor, hits: torch.Tensor, axis: str,
@@ -57,13 +60,33 @@ def group_pairs(truth: CSR, block: np.ndarray, top: torch.Tensor, hits: torch.Te
     return hits & mine[:, None], torch.from_numpy(truth.lengths()[block]) * mine
 
 
+def heldout_context(model: TwoTowerModel, truth_split: Split, n_users: int) -> ContextTable | None:
+    """Each user's context when ranking for a held-out split: that of the user's first held-out
+    interaction (``Split.first_per_user``), as a table over user indices; ``None`` when the user
+    tower reads no context."""
+    if model.user_tower.context is None:
+        return None
+    if truth_split.context is None:
+        raise ValueError("the model reads context features but the split has no context values; load the dataset "
+                         "with the run's config (load_dataset(run_config))")
+    first = truth_split.first_per_user(n_users)
+    columns = {}
+    for name, col in truth_split.context.items():
+        out = np.full(n_users, None if col.dtype == object else np.nan, dtype=col.dtype)
+        out[first >= 0] = col[first[first >= 0]]
+        columns[name] = out
+    return model.context_table(columns)
+
+
 @torch.no_grad()
 def evaluate_split(model: TwoTowerModel, truth_split: Split, known: CSR, item_counts: np.ndarray, cfg: EvalConfig,
-                   history_length: int = 50, progress=None, new_items: np.ndarray | None = None,
+                   history_length: int = 50, progress=None, context: ContextTable | None = None,
+                   new_items: np.ndarray | None = None,
                    new_users: np.ndarray | None = None,
                    groups: dict[str, tuple[str, np.ndarray]] | None = None) -> dict[str, float]:
     """Metrics of ``model`` on ``truth_split`` with each user's ``known`` items masked.
-    ``new_items`` / ``new_users``: bool masks of the entities scored as new (id ``-1``);
+    ``context``: the user tower's context per user index (``heldout_context``; ``None``: the
+    defaults). ``new_items`` / ``new_users``: bool masks of the entities scored as new (id ``-1``);
     ``groups``: ``name -> ("item" or "user", membership mask)``, metrics per group (module docstring)."""
     groups = groups or {}
     n_items = model.n_items
@@ -94,7 +117,7 @@ def evaluate_split(model: TwoTowerModel, truth_split: Split, known: CSR, item_co
     score = ServedScore.of(model, log_popularity(item_counts) if cfg.alpha else None, cfg.alpha)
     group_users = dict.fromkeys(groups, 0)
     for block, _, top in top_k_blocks(model, users, known, known, max_k, history_length, cfg.batch_users, item_vecs,
-                                      score, new_users=new_users):
+                                      score, context, new_users=new_users):
         n_rel = torch.from_numpy(truth.lengths()[block])
         keys = torch.from_numpy(block)[:, None] * n_items + top
         pos = torch.searchsorted(truth_keys, keys).clamp_max(len(truth_keys) - 1)

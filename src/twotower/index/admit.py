@@ -171,17 +171,37 @@ def admit(run_dir, items: NewEntities | None = None, users: NewEntities | None =
 def read_new_items(run, path: str | Path, id_col: str | None = None, title_col: str | None = None,
                    separators: Mapping[str, str] | None = None) -> NewEntities:
     """A table of new items (CSV, TSV or Parquet): the id column (default the run's
-    ``data.item_id_col``) and one column per item feature of the model (a list column, or text
-    split by ``separators[feature]``, default the run's ``data.item_multi_valued``; an empty cell
-    is a missing value), and optionally titles (default the run's ``data.item_title_col``)."""
+    ``data.item_id_col``) and one column per item feature of the model, each read as its declared
+    kind (``[features]``, or the older ``model.item_features``: a list column, or text split by
+    ``separators[feature]``; an empty cell is a missing value), and optionally titles (default the
+    run's ``data.item_title_col``). A vector feature read from its own ``.npy`` file is not in the
+    table: the new items get its missing value."""
     from ..data.readers import read_features
 
     cfg = run.config.data
     feats = run.model.item_tower.features
     names = feats.names if feats is not None else []
-    seps = {**cfg.item_multi_valued, **dict(separators or {})}
+    seps = dict(separators or {})
+    specs = []
+    for spec in run.config.feature_specs().item:
+        if spec.name not in names or (spec.kind == "vector" and spec.file):
+            continue
+        if spec.kind == "multi_categorical" and spec.name in seps:
+            spec = spec.model_copy(update={"separator": seps[spec.name]})
+        specs.append(spec)
     title_col = title_col if title_col is not None else cfg.item_title_col
-    f = read_features(path, id_col or cfg.item_id_col, names, {k: v for k, v in seps.items() if k in names},
-                      title_col, kind="item")
-    rows = [{name: f.categorical[name][r] for name in names} for r in range(len(f.ids))]
+    f = read_features(path, id_col or cfg.item_id_col, [], title_col=title_col, kind="item", specs=specs)
+    rows = [{s.name: _raw_value(f, s.name, r) for s in specs} for r in range(len(f.ids))]
     return NewEntities(f.ids, rows, None if f.titles is None else list(f.titles))
+
+
+def _raw_value(f, name: str, row: int):
+    """Row ``row`` of feature ``name`` as a request sends it (``None``: missing)."""
+    if name in f.categorical:
+        return f.categorical[name][row]
+    v = f.dense[name][row]
+    if isinstance(v, np.ndarray):  # a vector: a row of NaN is missing
+        return None if np.isnan(v).all() else v.astype(np.float64)
+    if isinstance(v, (float, np.floating)):
+        return None if np.isnan(v) else float(v)
+    return v
