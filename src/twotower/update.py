@@ -20,7 +20,8 @@ A run in production is never trained once. ``update(RUN, NEW, OUT)`` makes a new
    rebuilt in the parent's kind when the parent had one) and renamed into place last, so it is
    complete and verifiable like any trained run, or absent.
 
-Not done: retiring rows that no update touched for a while (every id stays answerable); the update's
+Not done: runs with context features (refused: the new interactions' context is not read yet);
+retiring rows that no update touched for a while (every id stays answerable); the update's
 settings are chosen by ``benchmarks/freshness.py`` on a validation slice, not here.
 """
 from __future__ import annotations
@@ -192,6 +193,9 @@ def update(run_dir: str | Path, interactions: str | Path | pd.DataFrame, out: st
     if out.exists():
         raise TwotowerError(f"--out {out}: already exists; choose a new folder for the updated run")
     parent = Run(run_dir)
+    if parent.config.feature_specs().context:
+        raise TwotowerError(f"{parent.path}: the run's towers take context features, which an update does not read yet "
+                            "(each new interaction's context); retrain the run instead")
     cfg = cfg if cfg is not None else parent.config.update
     frame = interactions if isinstance(interactions, pd.DataFrame) else \
         read_new_interactions(parent, interactions, user_col, item_col, time_col)
