@@ -302,7 +302,7 @@ class UpdateConfig(_Section):
     count_decay: float = Field(1.0, ge=0.0, le=1.0, description="the run's item counts are multiplied by this (rounded) "
                                "before the new interactions are added: 1 keeps all history, smaller values let "
                                "popularity follow the recent data")
-    new_rows: Literal["fold_in", "initialiser"] = Field("fold_in", description="id rows of admitted entities in a tower "
+    new_rows: Literal["fold_in", "initialiser"] = Field("initialiser", description="id rows of admitted entities in a tower "
                                                          "of ids alone (no features, no id dropout, no MLP): fold_in "
                                                          "starts each at the mean direction of what it interacted with "
                                                          "(its items' vectors for a user, its users' for an item); "
