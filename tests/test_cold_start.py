@@ -394,3 +394,27 @@ def test_admitted_items_are_read_and_placed_by_every_declared_kind(tmp_path, dat
         expected = run.model.item_vectors(run.model.item_inputs([-1, -1, -1], raw))
     np.testing.assert_allclose(np.load(run_dir / "item_embeddings.npy")[n0:], expected.numpy(), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(expected[0], expected[1])  # same genres, another title and year
+
+
+def test_new_users_read_from_a_table_are_admitted_with_their_features(features_run, tmp_path):
+    from twotower.index.admit import admit, read_new_entities
+    from twotower.run import Run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(features_run, run_dir)
+    (tmp_path / "users.csv").write_text("user,age,gender,occupation\n7001,25-34,F,writer\n7002,,M,\n")
+    new = read_new_entities(Run(run_dir), tmp_path / "users.csv", "user")
+    assert new.ids.tolist() == [7001, 7002]
+    # each column read as its declared kind (categorical: a list of labels; an empty cell: none)
+    assert new.rows() == [{"age": ["25-34"], "gender": ["F"], "occupation": ["writer"]},
+                          {"age": [], "gender": ["M"], "occupation": []}]
+    admit(run_dir, users=new, log=lambda m: None)
+    run = Run(run_dir)
+    u = run.users.encode([7001, 7002])
+    with torch.no_grad():
+        stored = run.model.user_vectors(run.model.user_inputs(u, run.known))
+        direct = run.model.user_vectors(run.model.user_inputs([-1, -1], [np.empty(0, np.int64)] * 2, new.rows()))
+    torch.testing.assert_close(stored, direct)
+    assert not torch.allclose(stored[0], stored[1])
+    with pytest.raises(ValueError, match="kind must be"):
+        read_new_entities(run, tmp_path / "users.csv", "context")

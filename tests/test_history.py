@@ -1,5 +1,7 @@
 """History encoders (model/history.py): the maths on hand cases, independence from padding and
 alignment, no leakage from a training pair's target or later items, and restoration from a run."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -130,3 +132,24 @@ def test_history_settings_are_checked_at_load():
         RunConfig.from_dict({"model": {"history_encoder": "attention"}})
     with pytest.raises(ConfigError, match="multiple of history_heads"):
         RunConfig.from_dict({"model": {"user_history": True, "history_encoder": "attention", "dim": 10, "history_heads": 4}})
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_an_attention_history_tower_with_id_dropout_exports(tmp_path, fmt):
+    """The history encoders are plain tensor operations: `twotower export` traces a user tower with
+    two attention layers (and an item tower with id dropout) and the exported towers give the
+    Python path's vectors."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    from twotower import train
+    from twotower.cli import main
+
+    cfg = RunConfig.from_dict({"data": {"dataset": "synthetic", "synthetic_users": 120, "synthetic_items": 60},
+                               "model": {"dim": 8, "user_history": True, "history_encoder": "attention",
+                                         "history_layers": 2, "history_heads": 2, "item_id_dropout": 0.5},
+                               "train": {"epochs": 1, "batch_size": 128}, "eval": {"ks": [10]}})
+    train(cfg, tmp_path / "run", quiet=True, log=lambda m: None)
+    assert main(["export", str(tmp_path / "run"), "--format", fmt, "--out", str(tmp_path / "out")]) == 0
+    towers = json.loads((tmp_path / "out" / "export.json").read_text())["towers"]
+    assert towers["user"]["check"]["rows"] > 0
+    assert towers["user"]["check"]["max_abs_diff"] < 1e-5 and towers["item"]["check"]["max_abs_diff"] < 1e-5

@@ -40,7 +40,7 @@ import torch
 from .config import UpdateConfig
 from .data.dataset import CSR, Dataset, Split
 from .errors import ArtifactError, TwotowerError
-from .index.admit import NewEntities, admit, read_new_items
+from .index.admit import NewEntities, admit, read_new_entities, read_new_items
 from .model.towers import embed_items, embed_users
 from .run_dir import RunDir
 from .training.trainer import Trainer
@@ -104,15 +104,8 @@ def read_new_interactions(run, path: str | Path, user_col: str | None = None, it
 
 
 def read_new_users(run, path: str | Path, id_col: str | None = None) -> NewEntities:
-    """A table of new users' features (the user tower's features, by the run's ``data`` settings)."""
-    from .data.readers import read_features
-
-    cfg = run.config.data
-    feats = run.model.user_tower.features
-    names = feats.names if feats is not None else []
-    f = read_features(path, id_col or cfg.user_id_col, names, {k: v for k, v in cfg.user_multi_valued.items() if k in names},
-                      kind="user")
-    return NewEntities(f.ids, [{n: f.categorical[n][r] for n in names} for r in range(len(f.ids))])
+    """A table of new users' features, each read as its declared kind (``admit.read_new_entities``)."""
+    return read_new_entities(run, path, "user", id_col)
 
 
 def _new_ids(vocab, raw: np.ndarray) -> np.ndarray:

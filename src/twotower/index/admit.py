@@ -38,7 +38,7 @@ from ..errors import TwotowerError
 from ..model.scoring import item_bias
 from ..model.towers import embed_items
 from .embeddings import save_embeddings
-from .run_index import load_run_index, shifted_layout
+from .run_index import load_run_index, popularity_denominator, shifted_layout
 
 
 @dataclass
@@ -144,10 +144,13 @@ def admit(run_dir, items: NewEntities | None = None, users: NewEntities | None =
     if index is not None:
         layout = shifted_layout(index.layout, run.item_counts, counts)
         aug = layout.items(vecs, log_popularity(counts), item_bias(model))
-        index.add(aug[n0:], layout)
+        index.layout = layout  # the known items' coordinates, and their FAISS entries, stay as they are
+        index.update(add=(np.arange(n0, n0 + m, dtype=np.int64), aug[n0:]))
         # the whole catalog as loading will lay it out (the known rows equal to the indexed ones up
-        # to float rounding), so that the saved digest is the one loading recomputes
+        # to float rounding), over the new popularity denominator, so that loading neither rebases
+        # it again nor finds another digest
         index.vectors = aug
+        index.info["popularity_denominator"] = popularity_denominator(counts)
         extra = {k: v for k, v in index.info.items() if k not in ("vectors_sha256", "index_sha256")}
         extra["model_sha256"] = artifacts.sha256_file(staged.weights_path)
         extra["admitted"] = list(extra.get("admitted", [])) + [{"items": m, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
@@ -171,26 +174,37 @@ def admit(run_dir, items: NewEntities | None = None, users: NewEntities | None =
 def read_new_items(run, path: str | Path, id_col: str | None = None, title_col: str | None = None,
                    separators: Mapping[str, str] | None = None) -> NewEntities:
     """A table of new items (CSV, TSV or Parquet): the id column (default the run's
-    ``data.item_id_col``) and one column per item feature of the model, each read as its declared
-    kind (``[features]``, or the older ``model.item_features``: a list column, or text split by
-    ``separators[feature]``; an empty cell is a missing value), and optionally titles (default the
-    run's ``data.item_title_col``). A vector feature read from its own ``.npy`` file is not in the
-    table: the new items get its missing value."""
+    ``data.item_id_col``) and one column per item feature of the model, and optionally titles
+    (default the run's ``data.item_title_col``); ``read_new_entities``."""
+    title_col = title_col if title_col is not None else run.config.data.item_title_col
+    return read_new_entities(run, path, "item", id_col, title_col, separators)
+
+
+def read_new_entities(run, path: str | Path, kind: str = "item", id_col: str | None = None,
+                      title_col: str | None = None, separators: Mapping[str, str] | None = None) -> NewEntities:
+    """A table of new items or users (``kind``; CSV, TSV or Parquet): the id column (default the
+    run's ``data.item_id_col`` / ``data.user_id_col``) and one column per feature of that tower,
+    each read as its declared kind (``[features]``, or the older ``model.item_features``: a
+    multi-valued one is a list column, or text split by ``separators[feature]``; an empty cell is a
+    missing value), and optionally a ``title_col``. A vector feature read from its own ``.npy`` file
+    is not in the table: the new entities get its missing value."""
     from ..data.readers import read_features
 
+    if kind not in ("item", "user"):
+        raise ValueError(f"kind must be 'item' or 'user', got {kind!r}")
     cfg = run.config.data
-    feats = run.model.item_tower.features
+    feats = (run.model.item_tower if kind == "item" else run.model.user_tower).features
     names = feats.names if feats is not None else []
     seps = dict(separators or {})
     specs = []
-    for spec in run.config.feature_specs().item:
+    for spec in run.config.feature_specs().tower(kind):
         if spec.name not in names or (spec.kind == "vector" and spec.file):
             continue
         if spec.kind == "multi_categorical" and spec.name in seps:
             spec = spec.model_copy(update={"separator": seps[spec.name]})
         specs.append(spec)
-    title_col = title_col if title_col is not None else cfg.item_title_col
-    f = read_features(path, id_col or cfg.item_id_col, [], title_col=title_col, kind="item", specs=specs)
+    default_id = cfg.item_id_col if kind == "item" else cfg.user_id_col
+    f = read_features(path, id_col or default_id, [], title_col=title_col, kind=kind, specs=specs)
     rows = [{s.name: _raw_value(f, s.name, r) for s in specs} for r in range(len(f.ids))]
     return NewEntities(f.ids, rows, None if f.titles is None else list(f.titles))
 

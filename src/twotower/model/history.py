@@ -37,7 +37,8 @@ def most_recent(mask: torch.Tensor) -> torch.Tensor:
     L = mask.shape[1]
     place = torch.arange(1, L + 1, device=mask.device).expand_as(mask)
     last = (place * mask.to(place.dtype)).argmax(1, keepdim=True)
-    return torch.zeros_like(mask, dtype=torch.bool).scatter_(1, last, True) & mask
+    # a comparison, not an in-place scatter of a bool (which TorchScript cannot trace)
+    return (torch.arange(L, device=mask.device).unsqueeze(0) == last) & mask
 
 
 class MeanHistory(nn.Module):
@@ -79,12 +80,14 @@ class RecencyHistory(nn.Module):
         return (w.unsqueeze(-1) * e).sum(1)
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
+                     sqrt_dh: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention, ``softmax(q k^T / sqrt(d_h) + M) v`` with ``M = -1e9`` on the
     keys that are padding (Vaswani et al., NeurIPS 2017). ``q``: ``[B, H, Q, d_h]``, ``k, v``:
     ``[B, H, L, d_h]``, ``key_mask``: ``[B, L]``, True for real items. A finite mask keeps a row
-    without any real key finite (its output is discarded by the caller)."""
-    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    without any real key finite (its output is discarded by the caller). ``sqrt_dh``: ``sqrt(d_h)``
+    given as a number (a traced export reads no shape as a float; default: from ``q``'s shape)."""
+    s = q @ k.transpose(-1, -2) / (math.sqrt(q.shape[-1]) if sqrt_dh is None else sqrt_dh)
     s = s.masked_fill(~key_mask[:, None, None, :], -1e9)
     return torch.softmax(s, dim=-1) @ v
 
@@ -96,6 +99,7 @@ class _Block(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         self.heads = heads
+        self.sqrt_dh = math.sqrt(dim // heads)  # a number, not read from a shape (TorchScript traces it as a constant)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
@@ -118,7 +122,7 @@ class _Block(nn.Module):
         x_q = x if queries is None else queries
         q = self.q(h if queries is None else self.norm1(queries))
         B, Q, d = x_q.shape
-        a = masked_attention(self._heads(q), self._heads(k), self._heads(v), mask).transpose(1, 2).reshape(B, Q, d)
+        a = masked_attention(self._heads(q), self._heads(k), self._heads(v), mask, self.sqrt_dh).transpose(1, 2).reshape(B, Q, d)
         x_q = x_q + self._dropped(self.out(a))
         return x_q + self._dropped(self.ffn(self.norm2(x_q)))
 
