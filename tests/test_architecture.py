@@ -5,7 +5,7 @@ is read with ``ast`` (no module is executed) and checked against three rules:
 
 - a stage imports only itself and the stages before it, in the order of the data flow
   ``data -> features -> model -> evaluation -> run -> training -> index -> serving``, under the
-  orchestration on top (``api``, ``cli``, ``compare``, ``demo``, ``tune``, the package root) and over the base
+  orchestration on top (``api``, ``cli``, ``compare``, ``demo``, ``tune``, ``update``, the package root) and over the base
   that every stage may use (``config``, ``errors``, ``artifacts``, small utilities: every top-level
   module not named below);
 - no two modules import each other, directly or through others (no cycle);
@@ -31,7 +31,7 @@ STAGES = ("data", "features", "model", "evaluation", "run", "training", "index",
 # written by training and read by index and serving; it embeds and ranks with ``evaluation``.
 TOP_LEVEL_STAGE = {"run": "run", "run_dir": "run"}
 # Orchestration on top: may import every stage. "" is the package root (twotower/__init__.py).
-TOP = {"", "api", "cli", "compare", "demo", "tune", "__main__"}
+TOP = {"", "api", "cli", "compare", "demo", "tune", "update", "__main__"}
 RANK = {"base": 0, **{s: i + 1 for i, s in enumerate(STAGES)}, "top": len(STAGES) + 1}
 
 

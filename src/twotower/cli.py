@@ -1,4 +1,4 @@
-"""Command line: ``twotower train | evaluate | recommend | index | embed | add-items | serve | export | mine | compare | tune | baseline | demo | config | info``.
+"""Command line: ``twotower train | evaluate | recommend | index | embed | add-items | update | serve | export | mine | compare | tune | baseline | demo | config | info``.
 
 Every subcommand is a thin shell over the Python API (``twotower.api``, ``twotower.run.Run``): a
 ``cmd_<command>`` function that runs it, beside the ``add_<command>_parser`` function that declares
@@ -856,9 +856,63 @@ def add_info_parser(sub) -> None:
     i.set_defaults(func=cmd_info)
 
 
+def cmd_update(args) -> int:
+    from .config import UpdateConfig, apply_overrides
+    from .run import Run
+    from .update import update
+
+    if args.set:
+        bad = [x for x in args.set if not x.strip().startswith("update.")]
+        if bad:
+            raise TwotowerError(f"--set {bad[0]!r}: update takes only update.* settings (the run's other settings are its own)")
+        d = apply_overrides({"update": Run(args.run).config.update.model_dump()}, args.set)
+        try:
+            cfg = UpdateConfig(**d["update"])
+        except Exception as e:  # pydantic's ValidationError: one message
+            raise TwotowerError(f"--set: invalid update setting: {str(e).splitlines()[-2].strip() if len(str(e).splitlines()) > 1 else e}") from None
+    else:
+        cfg = None
+    update(args.run, args.interactions, args.out, items=args.items, users=args.users, cfg=cfg, user_col=args.user_col,
+           item_col=args.item_col, time_col=args.time_col, build_index=False if args.no_index else None,
+           quiet=not args.progress, log=lambda m: print(m, flush=True))
+    return 0
+
+
+def add_update_parser(sub) -> None:
+    u = sub.add_parser("update", help="continue a trained run on new interactions (new users and items admitted)",
+                       description="Make a new run OUT from RUN and new interactions, without retraining from scratch:\n"
+                                   "users and items RUN does not know are admitted (as `add-items` admits them), training\n"
+                                   "continues from RUN's weights and optimizer state on the new interactions plus a replay\n"
+                                   "sample of the ones RUN knows (so the model does not forget), the item counts continue\n"
+                                   "(optionally decayed), and OUT is written whole (manifest, checkpoint for the next\n"
+                                   "update, lineage.json naming RUN, the index rebuilt when RUN has one), then renamed\n"
+                                   "into place. RUN is not changed.",
+                       epilog="examples:\n  twotower update runs/ml100k new.csv --out runs/ml100k-2\n"
+                              "  twotower update runs/ml100k new.csv --items new_movies.csv --out runs/ml100k-2 \\\n"
+                              "      --set update.epochs=2 --set update.replay=1.5 --set update.lr=0.002\n\n"
+                              "The settings are the [update] section of the run's config (docs/config.md); --set changes\n"
+                              "them for this update. The interactions file has the run's user and item columns\n"
+                              "(data.user_col, data.item_col; --user-col, --item-col) and, with data.time_col or\n"
+                              "--time-col, timestamps. Python: twotower.update.update(RUN, NEW, OUT, cfg=UpdateConfig(...)).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    u.add_argument("run", help="run directory written by `twotower train` (or by an earlier update)")
+    u.add_argument("--interactions", required=True, help="the new interactions: CSV, TSV or Parquet")
+    u.add_argument("--out", required=True, help="the new run directory (must not exist)")
+    u.add_argument("--items", help="table of new items' features (as `add-items` reads it)")
+    u.add_argument("--users", help="table of new users' features (the run's data.user_id_col and user feature columns)")
+    u.add_argument("--user-col", help="interactions column of the raw user id (default: the run's data.user_col)")
+    u.add_argument("--item-col", help="interactions column of the raw item id (default: the run's data.item_col)")
+    u.add_argument("--time-col", help="interactions column of a numeric timestamp (default: the run's data.time_col)")
+    u.add_argument("--set", action="append", metavar="update.KEY=VALUE", help="override an [update] setting (repeatable)")
+    u.add_argument("--no-index", action="store_true", help="do not build an index for OUT even when RUN has one")
+    u.add_argument("--progress", action="store_true", help="show the training progress bar")
+    u.set_defaults(func=cmd_update)
+
+
 COMMANDS = (add_train_parser, add_evaluate_parser, add_recommend_parser, add_index_parser, add_embed_parser,
-            add_add_items_parser, add_serve_parser, add_export_parser, add_mine_parser, add_compare_parser,
-            add_tune_parser, add_baseline_parser, add_demo_parser, add_config_parser, add_info_parser)
+            add_add_items_parser, add_update_parser, add_serve_parser, add_export_parser, add_mine_parser,
+            add_compare_parser, add_tune_parser, add_baseline_parser, add_demo_parser, add_config_parser,
+            add_info_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -370,6 +370,27 @@ class TuneConfig(_Section):
         if not v or any(x <= 0 for x in v):
             raise ValueError(f"{info.field_name} needs one or more values > 0, got {v}")
         return v
+class UpdateConfig(_Section):
+    """``twotower update``: continuing a trained run on new interactions (docs/freshness.md,
+    "Updating a run"). Training goes on from the run's weights and optimizer state, over the new
+    interactions plus a replay sample of the ones the run already knows, so that the model does not
+    forget; the other training settings are the run's own."""
+
+    epochs: int = Field(1, ge=1, le=1000, description="passes over the update's training pairs (new + replayed)")
+    replay: float = Field(1.0, ge=0.0, le=1000.0, description="replayed old interactions per new one, drawn uniformly "
+                          "without replacement from what the run knows (0: train on the new interactions alone)")
+    replay_max: int | None = Field(None, ge=0, description="at most this many replayed interactions (none: no cap)")
+    lr: float | None = Field(None, gt=0.0, description="learning rate of the update (none: the run's train.lr); constant, "
+                             "no warm-up")
+    count_decay: float = Field(1.0, ge=0.0, le=1.0, description="the run's item counts are multiplied by this (rounded) "
+                               "before the new interactions are added: 1 keeps all history, smaller values let "
+                               "popularity follow the recent data")
+    new_rows: Literal["fold_in", "initialiser"] = Field("initialiser", description="id rows of admitted entities in a tower "
+                                                         "of ids alone (no features, no id dropout, no MLP): fold_in "
+                                                         "starts each at the mean direction of what it interacted with "
+                                                         "(its items' vectors for a user, its users' for an item); "
+                                                         "initialiser draws them as training does (model.init_std)")
+    seed: int = Field(0, description="seed of the replay sample, batch order and negative sampling of the update")
 
 FEATURE_KINDS = ("categorical", "multi_categorical", "numeric", "vector", "text")
 # The options each kind takes (name, kind, column and missing are every kind's); an option given to
@@ -548,6 +569,8 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="metrics: cut-offs, popularity correction, buckets")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="`twotower tune`'s search space and the "
                                                                      "baselines' settings (training ignores it)")
+    update: UpdateConfig = Field(default_factory=UpdateConfig, description="continuing the run on new interactions "
+                                 "(`twotower update`)")
     features: FeaturesConfig = Field(default_factory=FeaturesConfig, description="the towers' features, each declared once")
 
     def feature_specs(self) -> FeaturesConfig:

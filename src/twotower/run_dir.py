@@ -15,6 +15,8 @@
       metrics.jsonl          one line per epoch
       metrics.json           final validation and test figures
       item_embeddings.npy    g(j) of every item at the final weights
+      lineage.json           a run made by ``twotower update``: its parent run (path, weights'
+                             digest), its generation, what the update added
       manifest.json          the sha256 of every file above; written last (the run is complete)
       checkpoint/            working state for --resume: last.safetensors, best.safetensors,
                              optimizer.pt, negatives.safetensors, state.json (written last); each
@@ -65,6 +67,7 @@ EPOCHS = "metrics.jsonl"
 BASELINE = "baseline.json"
 METRICS = "metrics.json"
 ITEM_EMBEDDINGS = "item_embeddings.npy"
+LINEAGE = "lineage.json"
 MANIFEST = "manifest.json"
 CHECKPOINT = "checkpoint"
 REFIT = "refit"
@@ -303,6 +306,15 @@ class RunDir:
         """``item_embeddings.npy``, or ``None`` when the run has none."""
         p = self.path / ITEM_EMBEDDINGS
         return artifacts.load_numpy(p, "re-run training") if p.is_file() else None
+
+    def write_lineage(self, lineage: dict) -> None:
+        """``lineage.json``: the run this one was updated from (``twotower update``)."""
+        artifacts.write_json(self.path / LINEAGE, lineage)
+
+    def read_lineage(self) -> dict | None:
+        """``lineage.json``, or ``None`` for a run trained from scratch."""
+        p = self.path / LINEAGE
+        return artifacts.read_json(p) if p.is_file() else None
 
     def read_summary(self) -> dict | None:
         """``dataset.json`` (the training data's summary), or ``None``."""

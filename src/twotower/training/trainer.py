@@ -146,7 +146,7 @@ class Trainer:
     """Trains a ``TwoTowerModel`` on a ``Dataset`` as configured; writes the run directory if given."""
 
     def __init__(self, cfg: RunConfig, dataset: Dataset, run_dir: str | Path | None = None,
-                 quiet: bool = False, log=None):
+                 quiet: bool = False, log=None, model: TwoTowerModel | None = None):
         self.cfg, self.dataset = cfg, dataset
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.quiet = quiet
@@ -156,7 +156,8 @@ class Trainer:
         native.configure(cfg.train.native)  # for the process, as the thread count
         torch.manual_seed(cfg.train.seed)
         self.device = distributed.setup(resolve_device(cfg.train.device))
-        self.model = build_model(cfg, dataset).to(self.device)
+        # ``model``: continue from trained weights (``twotower update``) instead of a new model
+        self.model = (model if model is not None else build_model(cfg, dataset)).to(self.device)
         # each training pair's own context, encoded once (rows: positions in dataset.train)
         self.train_context = self.model.context_table(dataset.train.context)
         # Under torchrun: DDP over the towers, this rank's rows of each batch, the global batch's gathers.

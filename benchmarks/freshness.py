@@ -1,0 +1,241 @@
+"""Replay benchmark: `twotower update` against a full retrain, slice by slice (issue 21).
+
+Protocol (temporal, full ranking), per dataset (MovieLens 100K, Amazon Grocery):
+
+- every interaction sorted by time (repeats of a (user, item) pair dropped: implicit feedback);
+  the first 70 % trains the base run; the remaining 30 % is cut into ``--slices`` slices of equal
+  size;
+- step ``s`` (``s = 1 .. S-1``): the models have seen everything up to the end of slice ``s-1``;
+  *update* continues the previous step's run on slice ``s-1`` (`twotower update`: weights and
+  optimizer state, replay of old interactions, new users and items admitted); *retrain* trains a
+  new model from scratch on everything so far, with the base run's settings; both are scored on
+  slice ``s`` (the next one): Recall@20 over every item, the pairs whose user and item the models
+  know and that are not repeats, each user's known items masked;
+- the update's settings (epochs, replay, lr) are chosen on a validation period carved from the
+  training period (the base's first 70 % split again 64 % / 3 % / 3 %: the same protocol on two
+  validation slices), never on an evaluated slice; the retrain's epoch count likewise
+  (``--choose``); the chosen settings are written beside the results;
+- time: wall seconds of each update call (admission, training, writing the run directory) and of
+  each retrain (training, writing the run directory), measured in the same process one after the
+  other at every step; the ratio is what the acceptance reads.
+
+    TWOTOWER_DATA=/work/shared/data flock /tmp/twotower-heavy.lock \
+        .venv/bin/python benchmarks/freshness.py --datasets ml-100k grocery --slices 10
+
+Writes benchmarks/results/freshness-<dataset>.json and prints the table of docs/freshness.md.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import twotower  # noqa: F401  (OpenMP's wait policy before torch loads)
+from twotower import RunConfig, train
+from twotower.config import EvalConfig, UpdateConfig
+from twotower.data.dataset import Dataset, Split
+from twotower.data.vocab import Vocabulary
+from twotower.evaluation.evaluator import evaluate
+from twotower.run import Run
+from twotower.update import update
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# The base settings per dataset (ids only, in-batch softmax with logQ): the same for the base run,
+# every retrain and (through the run's config) every update.
+BASE = {
+    "ml-100k": {"model": {"dim": 64, "temperature": 0.1}, "train": {"batch_size": 512, "lr": 0.005, "seed": 0}},
+    "grocery": {"model": {"dim": 64, "temperature": 0.1}, "train": {"batch_size": 512, "lr": 0.005, "seed": 0}},
+}
+GRID = {"epochs": [1, 2, 4], "replay": [1.0, 3.0], "lr": [None, 0.002]}
+
+
+def load_frame(name: str, data_dir: Path) -> pd.DataFrame:
+    """All interactions of a dataset as raw ``user, item, timestamp``, in time order, repeats dropped."""
+    from twotower.data.readers import read_interactions, read_movielens_100k
+
+    if name == "ml-100k":
+        frame = read_movielens_100k(data_dir / "ml-100k")[0].frame
+    else:
+        frame = read_interactions(data_dir / "grocery" / "train.csv", "user_id", "item_id", "time").frame
+    frame = frame[["user", "item", "timestamp"]].sort_values("timestamp", kind="stable")
+    return frame.drop_duplicates(["user", "item"], keep="first").reset_index(drop=True)
+
+
+def cuts(n: int, start: float, slices: int, end: float = 1.0) -> list[int]:
+    """Boundaries: the first ``start`` share, then ``slices`` equal slices up to ``end``."""
+    return [int(round(n * (start + (end - start) * k / slices))) for k in range(slices + 1)]
+
+
+def as_dataset(frame: pd.DataFrame, users: Vocabulary | None = None, items: Vocabulary | None = None,
+               test: pd.DataFrame | None = None) -> Dataset:
+    """``frame`` as the training split (vocabularies from it unless given), ``test`` as the test
+    split restricted to known users and items and to pairs not in ``frame``."""
+    users = users or Vocabulary.from_values(frame["user"].to_numpy(), name="user")
+    items = items or Vocabulary.from_values(frame["item"].to_numpy(), name="item")
+    tr = Split(users.encode(frame["user"].to_numpy()), items.encode(frame["item"].to_numpy()),
+               frame["timestamp"].to_numpy(np.float64))
+    empty = tr.take(np.zeros(len(tr), dtype=bool))
+    te = empty
+    if test is not None:
+        u, i = users.encode(test["user"].to_numpy()), items.encode(test["item"].to_numpy())
+        ok = (u >= 0) & (i >= 0)
+        known = set((tr.users * len(items) + tr.items).tolist())
+        ok &= ~np.isin(u * len(items) + i, list(known))
+        te = Split(u[ok], i[ok], test["timestamp"].to_numpy(np.float64)[ok])
+    return Dataset("slice", users, items, tr, empty, te)
+
+
+def retrain(cfg: RunConfig, frame: pd.DataFrame, out: Path) -> tuple[float, Path]:
+    t0 = time.perf_counter()
+    train(cfg, out, dataset=as_dataset(frame), evaluate_test=False, quiet=True, log=lambda m: None)
+    return time.perf_counter() - t0, out
+
+
+def recall_of_run(run_dir: Path, known: pd.DataFrame, nxt: pd.DataFrame) -> float:
+    """Recall@20 on ``nxt`` of the run in ``run_dir`` (its own vocabularies), ``known`` masked."""
+    run = Run(run_dir)
+    ds = as_dataset(known, run.users, run.items, nxt)
+    return float(evaluate(run.model, ds, "test", EvalConfig(ks=[20]), run.config.model.history_length)["recall@20"])
+
+
+def base_config(name: str, epochs: int) -> RunConfig:
+    d = json.loads(json.dumps(BASE[name]))
+    d["train"]["epochs"] = epochs
+    d["train"]["patience"] = 0
+    d["data"] = {"dataset": "files", "interactions": "(in memory)"}
+    d["eval"] = {"ks": [20]}
+    return RunConfig.from_dict(d)
+
+
+def run_steps(cfg: RunConfig, frame: pd.DataFrame, bounds: list[int], ucfg: UpdateConfig, work: Path, log,
+              do_retrain: bool = True) -> list[dict]:
+    """The protocol over ``bounds`` (base = frame[:bounds[0]], slices between the others)."""
+    rows = []
+    _, prev = retrain(cfg, frame.iloc[: bounds[0]], work / "base")
+    rows.append({"step": 0, "train_until": bounds[0], "recall_update": recall_of_run(prev, frame.iloc[: bounds[0]],
+                                                                                     frame.iloc[bounds[0]: bounds[1]])})
+    rows[0]["recall_retrain"] = rows[0]["recall_update"]
+    for s in range(1, len(bounds) - 1):
+        seen, sl, nxt = frame.iloc[: bounds[s]], frame.iloc[bounds[s - 1]: bounds[s]], frame.iloc[bounds[s]: bounds[s + 1]]
+        t0 = time.perf_counter()
+        update(prev, sl, work / f"update-{s}", cfg=ucfg, log=lambda m: None)
+        t_up = time.perf_counter() - t0
+        row = {"step": s, "train_until": bounds[s], "update_seconds": t_up,
+               "recall_update": recall_of_run(work / f"update-{s}", seen, nxt)}
+        if do_retrain:
+            t_re, rdir = retrain(cfg, seen, work / f"retrain-{s}")
+            row.update({"retrain_seconds": t_re, "recall_retrain": recall_of_run(rdir, seen, nxt)})
+            shutil.rmtree(rdir, ignore_errors=True)
+            row["relative"] = row["recall_update"] / row["recall_retrain"] if row["recall_retrain"] else float("nan")
+            row["time_ratio"] = t_up / t_re
+        shutil.rmtree(prev, ignore_errors=True) if prev.name != "base" else None
+        prev = work / f"update-{s}"
+        rows.append(row)
+        log(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+    return rows
+
+
+def choose(name: str, frame: pd.DataFrame, work: Path, log, epochs_grid: list[int]) -> tuple[int, dict]:
+    """The retrain's epochs and the update's settings, on validation slices inside the training period."""
+    n70 = int(round(len(frame) * 0.7))
+    bounds = [int(round(n70 * x)) for x in (0.9143, 0.9571, 1.0)]  # 64 %, 67 %, 70 % of all
+    # the retrain's epochs: the best Recall@20 on the first validation slice
+    best_e, best_r = None, -1.0
+    for e in epochs_grid:
+        _, d = retrain(base_config(name, e), frame.iloc[: bounds[0]], work / f"e{e}")
+        r = recall_of_run(d, frame.iloc[: bounds[0]], frame.iloc[bounds[0]: bounds[1]])
+        log(f"{name} validation: retrain {e} epochs recall@20 {r:.4f}")
+        if r > best_r:
+            best_e, best_r = e, r
+    cfg = base_config(name, best_e)
+    # the update's settings: the best Recall@20 on the second validation slice after updating with the first
+    _, base = retrain(cfg, frame.iloc[: bounds[0]], work / "vbase")
+    seen, sl, nxt = frame.iloc[: bounds[1]], frame.iloc[bounds[0]: bounds[1]], frame.iloc[bounds[1]: bounds[2]]
+    best_u, best_r = None, -1.0
+    for ep, rp, lr in itertools.product(GRID["epochs"], GRID["replay"], GRID["lr"]):
+        u = UpdateConfig(epochs=ep, replay=rp, lr=lr)
+        out = work / f"u-{ep}-{rp}-{lr}"
+        update(base, sl, out, cfg=u, log=lambda m: None)
+        r = recall_of_run(out, seen, nxt)
+        shutil.rmtree(out, ignore_errors=True)
+        log(f"{name} validation: update epochs={ep} replay={rp} lr={lr} recall@20 {r:.4f}")
+        if r > best_r:
+            best_u, best_r = u, r
+    _, rd = retrain(cfg, seen, work / "vretrain")
+    log(f"{name} validation: retrain on both recall@20 {recall_of_run(rd, seen, nxt):.4f}; chosen update {best_u}")
+    return best_e, best_u.model_dump()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=["ml-100k", "grocery"])
+    p.add_argument("--slices", type=int, default=10)
+    p.add_argument("--epochs-grid", type=int, nargs="+", default=[5, 10, 20])
+    p.add_argument("--epochs", type=int, help="the retrain's epochs (skips choosing them)")
+    p.add_argument("--update", help="the update's settings as JSON (skips choosing them)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("TWOTOWER_THREADS", "2")))
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    data_dir = Path(os.environ.get("TWOTOWER_DATA", "data"))
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    for name in args.datasets:
+        frame = load_frame(name, data_dir)
+        with tempfile.TemporaryDirectory(prefix="freshness-") as tmp:
+            work = Path(tmp)
+            t0 = time.perf_counter()
+            if args.epochs is None or args.update is None:
+                epochs, ucfg = choose(name, frame, work / "choose", log, args.epochs_grid)
+            if args.epochs is not None:
+                epochs = args.epochs
+            if args.update is not None:
+                ucfg = json.loads(args.update)
+            choose_s = time.perf_counter() - t0
+            cfg = base_config(name, epochs)
+            bounds = cuts(len(frame), 0.7, args.slices)
+            rows = run_steps(cfg, frame, bounds, UpdateConfig(**ucfg), work / "steps", log)
+        steps = [r for r in rows if r["step"] > 0]
+        result = {
+            "dataset": name, "interactions": len(frame), "slices": args.slices, "retrain_epochs": epochs,
+            "update": ucfg, "base": BASE[name], "choose_seconds": choose_s, "threads": args.threads,
+            "steps": rows,
+            "worst_relative": min(r["relative"] for r in steps),
+            "mean_relative": float(np.mean([r["relative"] for r in steps])),
+            "worst_time_ratio": max(r["time_ratio"] for r in steps),
+            "median_time_ratio": float(np.median([r["time_ratio"] for r in steps])),
+            "accepted": all(r["relative"] >= 0.98 and r["time_ratio"] <= 0.2 for r in steps),
+        }
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"freshness-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(table(result))
+    return 0
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['dataset']}: retrain {result['retrain_epochs']} epochs; update {result['update']}",
+             "| step | trained on | Recall@20 update | Recall@20 retrain | update / retrain | update s | retrain s | time ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["steps"]:
+        if r["step"] == 0:
+            lines.append(f"| 0 (base) | {r['train_until']:,} | {r['recall_update']:.4f} | {r['recall_retrain']:.4f} | | | | |")
+            continue
+        lines.append(f"| {r['step']} | {r['train_until']:,} | {r['recall_update']:.4f} | {r['recall_retrain']:.4f} | "
+                     f"{r['relative']:.3f} | {r['update_seconds']:.1f} | {r['retrain_seconds']:.1f} | {r['time_ratio']:.3f} |")
+    lines.append(f"worst update/retrain {result['worst_relative']:.3f}, worst time ratio {result['worst_time_ratio']:.3f}; "
+                 f"accepted: {result['accepted']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
