@@ -59,6 +59,12 @@ def default_nlist(n_items: int) -> int:
     return int(max(1, min(4 * math.sqrt(n_items), n_items // 39)))
 
 
+# The most each index knob may be: beyond any useful setting, below what FAISS would try to allocate
+# or refuse with an assertion (pq_bits above 16, HNSW graphs of thousands of links per node).
+PARAM_MAX = {"nlist": 1 << 24, "nprobe": 1 << 24, "M": 1024, "ef_construction": 1 << 16, "ef_search": 1 << 16,
+             "pq_m": 4096, "pq_bits": 16, "refine": 1000, "train_size": 1 << 31}
+
+
 @dataclass
 class IndexParams:
     """Every kind's parameters. ``None`` means: default (``auto`` kind, ``nlist``) or tuned at build
@@ -81,10 +87,10 @@ class IndexParams:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ConfigError(f"index kind {self.kind!r}: choose one of {', '.join(KINDS)}")
-        for name in ("nlist", "nprobe", "M", "ef_construction", "ef_search", "pq_m", "pq_bits", "refine", "train_size"):
+        for name, hi in PARAM_MAX.items():
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, (int, np.integer)) or v < 1):
-                raise ConfigError(f"index parameter {name} must be a positive integer, got {v!r}")
+            if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 1 <= v <= hi):
+                raise ConfigError(f"index parameter {name} must be a positive integer, at most {hi:,}; got {v!r}")
         if self.fast_scan and (self.kind not in ("ivfpq", "auto") or self.pq_bits != 4):
             raise ConfigError(f"fast_scan is an IVF-PQ option with 4-bit codes: use kind 'ivfpq' and pq_bits 4 "
                               f"(got kind {self.kind!r}, pq_bits {self.pq_bits})")
