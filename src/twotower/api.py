@@ -70,7 +70,7 @@ def _train(cfg: RunConfig, out, data_dir, resume: bool, quiet: bool, dataset: Da
     if no_valid:
         log(f"no validation data ({no_valid}): no early stopping and no model selection; the last epoch's weights "
             "are the run's, and metrics.json records valid as null")
-    finished = RunDir(out).finished_metrics(cfg) if (resume and out is not None) else None
+    finished = _finished(out, cfg) if resume else None
     trainer = Trainer(cfg, ds, out, quiet=quiet, log=log)
     log(f"native: {native.summary()}")  # so that no speed figure silently comes from the PyTorch paths
     state = trainer.fit(resume=resume)
@@ -103,6 +103,16 @@ def _train(cfg: RunConfig, out, data_dir, resume: bool, quiet: bool, dataset: Da
                            weights=final.model.state_dict() if final is not trainer else None)
     final.par.barrier()
     return TrainResult(Path(out) if out is not None else None, final, valid or {}, test, seconds)
+
+
+def _finished(out, cfg: RunConfig) -> dict | None:
+    """The metrics of a run in ``out`` that already finished with ``cfg`` (``None``: none, or damaged)."""
+    from .errors import ArtifactError
+
+    try:
+        return RunDir(out).finished_metrics(cfg) if out is not None else None
+    except ArtifactError:
+        return None
 
 
 def _refit(cfg: RunConfig, ds: Dataset, epochs: int, out, resume: bool, quiet: bool, log,

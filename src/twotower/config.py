@@ -91,7 +91,7 @@ class DataConfig(_Section):
                                                    "split='temporal'; orders each user's history)")
     weight_col: str | None = Field(None, description="interactions column holding a numeric weight (e.g. a rating), "
                                                      "used by min_weight")
-    min_weight: float | None = Field(None, description="Drop interactions whose weight (e.g. rating) is below this.")
+    min_weight: float | None = Field(None, ge=-1e15, le=1e15, description="Drop interactions whose weight (e.g. rating) is below this.")
     item_features: Name | None = Field(None, description="Item-features table (CSV/TSV/Parquet).")
     item_id_col: str = Field("item", description="item-features column holding the raw item id")
     item_feature_cols: list[str] = Field(default_factory=list, description="item-features columns read as categorical "
@@ -460,25 +460,27 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
 
 
 def _format_validation(e: ValidationError, source: str) -> str:
-    """One line per bad field: where (``section.key``, list items by position), what was given, and
-    what is allowed. A union type's alternatives each report the same field; the first says it."""
-    lines = [f"{source}: invalid configuration:"]
-    seen = set()
+    """One line per bad field: where (``section.key``, a list item by position), what was given, and
+    what is allowed. A union type's alternatives each report the same field, and a list may have
+    several bad items: the first says it (with how many more)."""
+    lines: dict[str, list] = {}
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"] if not _is_union_tag(x))
-        if loc in seen:
+        parts = [str(x) for x in err["loc"] if not _is_union_tag(x)]
+        field = ".".join(parts[:2])
+        if field in lines:
+            lines[field][1] += 1
             continue
-        seen.add(loc)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown setting (check the spelling; `twotower config --reference` lists every key)"
         elif err["type"] == "finite_number":
             msg = "must be a finite number (not inf or nan)"
-        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
+        elif "input" in err and err["type"] != "missing" and not isinstance(err["input"], (dict, list)):
             shown = repr(err["input"])
             msg += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
-        lines.append(f"  {loc or '(top level)'}: {msg}")
-    return "\n".join(lines)
+        lines[field] = [f"  {'.'.join(parts) or '(top level)'}: {msg}", 0]
+    return "\n".join([f"{source}: invalid configuration:"] +
+                     [line + (f" (and {more} more in this field)" if more else "") for line, more in lines.values()])
 
 
 def _is_union_tag(part) -> bool:

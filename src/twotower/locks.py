@@ -145,10 +145,7 @@ def exclusive(target: str | Path, command: str, folder: bool = True, name: str |
             yield Lock(path, target, taken_over)
         finally:
             _HELD.pop(key, None)
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            _unlink_quietly(path)
     finally:
         if fd is not None:
             os.close(fd)  # drops the flock, after the file is gone: a waiter finds a new file
@@ -157,6 +154,13 @@ def exclusive(target: str | Path, command: str, folder: bool = True, name: str |
                 d.rmdir()
             except OSError:
                 break
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _make_dirs(folder: Path) -> list[Path]:
@@ -207,9 +211,12 @@ def _acquire(path: Path, target: Path, command: str, what: str) -> tuple[int, di
             before = _read_holder(fd)
             if before and not flocked and _alive(before) and before.get("pid") != os.getpid():
                 raise _refusal(target, path, before, what)
-            data = json.dumps(me).encode("utf-8")
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, data, 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
+            except OSError as e:  # a full disk: the lock is ours, so is removing it
+                _unlink_quietly(path)
+                raise storage_error(e, path) from None
             return fd, (before or None)
         except BaseException:
             os.close(fd)

@@ -119,9 +119,8 @@ class RunDir:
     # ---- one writer at a time ------------------------------------------------------------------------
     def lock(self, command: str, log=None):
         """Hold the run directory's lock while writing it (``locks.exclusive``: ``RUN/.twotower.lock``
-        with the owner's pid and host; a second writer is refused, naming the holder). Temporary
-        files that a killed writer left at the top of the run, and of its refit, are removed once
-        it is held: no live writer owns them then."""
+        with the owner's pid and host; a second writer is refused, naming the holder). Once it is
+        held, ``remove_stale_temporaries`` may clear what killed writers left."""
         return locks.exclusive(self.path, command, log=log)
 
     def remove_stale_temporaries(self) -> None:

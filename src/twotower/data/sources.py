@@ -31,7 +31,9 @@ def load_dataset(cfg: DataConfig, data_dir: str | Path | None = None) -> Dataset
     """Read the configured data and build the splits (seeded, deterministic); compressed inputs may
     expand only within ``data.max_decompressed_mb`` and ``data.max_compression_ratio``."""
     with read_limits(cfg.max_decompressed_mb, cfg.max_compression_ratio):
-        return _load_dataset(cfg, data_dir)
+        ds = _load_dataset(cfg, data_dir)
+    check_holdouts(ds.name, cfg, ds.train, ds.valid, ds.test)
+    return ds
 
 
 def _load_dataset(cfg: DataConfig, data_dir: str | Path | None = None) -> Dataset:
@@ -140,7 +142,6 @@ def build_dataset(name: str, frame: pd.DataFrame, test_frame: pd.DataFrame | Non
         vmask = random_holdout(train.users, cfg.valid_fraction, np.random.default_rng([cfg.seed, 1]), cfg.min_train_items)
     valid, train = train.take(vmask), train.take(~vmask)
 
-    _check_holdouts(name, cfg, train, valid, test)
     item_feats = EncodedFeatures.encode(item_f.ids, item_f.categorical, items) if item_f is not None and item_f.categorical else None
     user_feats = EncodedFeatures.encode(user_f.ids, user_f.categorical, users) if user_f is not None and user_f.categorical else None
     titles = None
@@ -151,7 +152,7 @@ def build_dataset(name: str, frame: pd.DataFrame, test_frame: pd.DataFrame | Non
     return Dataset(name, users, items, train, valid, test, item_feats, user_feats, titles)
 
 
-def _check_holdouts(name: str, cfg: DataConfig, train, valid, test) -> None:
+def check_holdouts(name: str, cfg: DataConfig, train, valid, test) -> None:
     """A split that was asked for must hold something: training that exits 0 with no test figure,
     or with validation silently skipped, is a run without meaning. (No validation at all is a
     choice: data.valid_fraction = 0, or data.valid_leave_last = 0 with split = "temporal".)"""
@@ -160,8 +161,8 @@ def _check_holdouts(name: str, cfg: DataConfig, train, valid, test) -> None:
     how = {"random": f"data.test_fraction = {cfg.test_fraction}", "temporal": f"data.leave_last = {cfg.leave_last}",
            "given": "the test file"}[cfg.split]
     if not len(test):
-        fix = ("check the test file and data.min_weight" if cfg.split == "given" else
-               f"users have at most {most} interactions and keep data.min_train_items = {cfg.min_train_items} for "
+        fix = ("Check the test file and data.min_weight" if cfg.split == "given" else
+               f"Users have at most {most} interactions and keep data.min_train_items = {cfg.min_train_items} for "
                "training: raise data.test_fraction or lower data.min_train_items")
         raise DataError(name, f"the split holds out no test interaction ({how})", fix, where="data.split")
     asked = cfg.valid_leave_last if cfg.split == "temporal" else cfg.valid_fraction
@@ -169,7 +170,7 @@ def _check_holdouts(name: str, cfg: DataConfig, train, valid, test) -> None:
         key = "data.valid_leave_last" if cfg.split == "temporal" else "data.valid_fraction"
         raise DataError(name, f"{key} = {asked} carves no validation interaction (users keep at most "
                               f"{most} interactions, data.min_train_items = {cfg.min_train_items} of them for training)",
-                        f"raise {key} or lower data.min_train_items; or set {key} = 0 to train without validation "
+                        f"Raise {key} or lower data.min_train_items; or set {key} = 0 to train without validation "
                         "(no early stopping: the last epoch's weights are kept)", where="data.split")
 
 
