@@ -434,3 +434,28 @@ def test_run_files_nested_deeply_or_damaged_are_refused(trained, tmp_path, case)
             RunDir(run).read_epochs()
         return
     assert_refused(cli(*args), fragment)
+
+
+# ---- command-line values that used to crash later --------------------------------------------------------
+@pytest.mark.parametrize("case", ["ivfpq_small_catalog", "ivf_train_size_below_nlist", "embed_cuda_missing",
+                                  "embed_device_nonsense", "index_seed_negative", "recommend_k_zero"])
+def test_argument_values_that_would_crash_later_are_refused_before_writing(trained, tmp_path, case):
+    run = trained / "run"
+    out = tmp_path / "out"
+    args, fragments = {
+        "ivfpq_small_catalog": (["index", run, "--kind", "ivfpq", "--out", out, "--quiet"],
+                                ["256 centroids", "40 here", "lower --pq-bits"]),
+        "ivf_train_size_below_nlist": (["index", run, "--kind", "ivf", "--nlist", "30", "--train-size", "5", "--out", out,
+                                        "--quiet"], ["30 lists on 5 items", "raise --train-size"]),
+        "embed_cuda_missing": (["embed", run, "--device", "cuda:7", "--out", out, "--quiet"], ["--device cuda:7", "use cpu"]),
+        "embed_device_nonsense": (["embed", run, "--device", "nonsense", "--out", out, "--quiet"], ["not a torch device"]),
+        "index_seed_negative": (["index", run, "--seed", "-1", "--out", out], ["--seed", "from 0"]),
+        "recommend_k_zero": (["recommend", run, "--user", "1", "-k", "0"], ["-k", "from 1"]),
+    }[case]
+    if case == "embed_cuda_missing":
+        import torch
+
+        if torch.cuda.device_count() > 7:
+            pytest.skip("this machine has 8 CUDA devices")
+    assert_refused(cli(*args), *fragments)
+    assert not out.exists()

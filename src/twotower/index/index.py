@@ -104,7 +104,17 @@ class IndexParams:
         nlist = self.nlist
         if kind in ("ivf", "ivfpq"):
             nlist = min(nlist or default_nlist(n_items), max(n_items, 1))
-        return replace(self, kind=kind, nlist=nlist)
+        p = replace(self, kind=kind, nlist=nlist)
+        if kind in ("ivf", "ivfpq"):  # what k-means can train on this catalog (FAISS asserts otherwise)
+            m = train_size(p, n_items)
+            if m < nlist:
+                raise ConfigError(f"{kind}: k-means would train {nlist:,} lists on {m:,} items; raise --train-size "
+                                  f"(at least --nlist) or lower --nlist")
+            if kind == "ivfpq" and m < 2 ** p.pq_bits:
+                raise ConfigError(f"ivfpq with {p.pq_bits}-bit codes trains {2 ** p.pq_bits:,} centroids per "
+                                  f"sub-quantizer and needs at least that many items to train on ({m:,} here): "
+                                  "lower --pq-bits, or use --kind flat or hnsw for a catalog this small")
+        return p
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -195,9 +195,23 @@ def embed_run_to_parts(run, folder: str | Path | None = None, chunk_size: int = 
     ``device`` (default: where the run's model is, the CPU)."""
     folder = Path(folder) if folder is not None else run.dir.embeddings_dir
     if device:
-        run.model.to(device)
+        run.model.to(checked_device(device))
     return embed_to_parts(run.model, run.items.ids, folder, chunk_size, batch, job, n_jobs, run.dir.model_digest(),
                           overwrite, progress, log)
+
+
+def checked_device(name: str) -> torch.device:
+    """``--device``: a torch device this machine has, or a ``ConfigError`` saying what it has."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r}: not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {name}: PyTorch sees {torch.cuda.device_count()} CUDA device(s); use cpu, or one "
+                          "of those")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: use cpu, cuda or cuda:N")
+    return dev
 
 
 # ---- reading ------------------------------------------------------------------------------------

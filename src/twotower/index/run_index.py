@@ -61,7 +61,8 @@ def build_run_index(run, params: IndexParams, folder: str | Path | None = None, 
     stored with the index."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     folder = Path(folder) if folder is not None else run.dir.index_dir
-    sample_users(run, sample, seed)  # a sample that cannot measure anything is refused before the build
+    sample_users(run, sample, seed)  # a sample that cannot measure anything is refused before the build,
+    params.resolved(len(run.items))   # and so are parameters this catalog cannot train: nothing written
     with writing_index(folder):
         t0 = time.perf_counter()
         with embedding_progress(len(run.items), progress) as bar:
