@@ -95,7 +95,7 @@ def _train(cfg: RunConfig, out, data_dir, resume: bool, quiet: bool, dataset: Da
             "native": native.report(),  # which kernels those seconds ran (twotower info --json)
             "untrained": ds.untrained_counts(),
         }
-        if resume:
+        if finished is not None:  # the recorded time is kept; this invocation's is recorded beside it
             metrics["seconds_this_invocation"] = this_run
         if valid is None:
             metrics["valid_skipped"] = f"no validation data ({no_valid or 'dataset given without it'})"
