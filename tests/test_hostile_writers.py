@@ -66,6 +66,7 @@ def _holder(target: Path, folder: bool = True, name: str | None = None) -> subpr
 
 
 # ---- class 2: two writers, one run directory ----------------------------------------------------------
+@pytest.mark.slow
 def test_two_trainings_started_together_never_both_succeed(base, tmp_path):
     """Two real processes, started at once, same --out: exactly one trains; the other is refused,
     naming the holder (or, if it came second, finding the directory taken). The run left is one
@@ -92,6 +93,7 @@ _SLOW_EPOCHS = ("import time\nfrom twotower.training.trainer import Trainer\n_e 
                 "Trainer.train_epoch = lambda self, epoch: (time.sleep(0.4), _e(self, epoch))[1]\n")
 
 
+@pytest.mark.slow
 def test_a_second_training_is_refused_naming_the_first(base, tmp_path):
     """The overlap made certain: the first training is slowed down, the second starts while the first
     holds the lock; it is refused with the first's pid and host, and the first completes."""
@@ -109,6 +111,7 @@ def test_a_second_training_is_refused_naming_the_first(base, tmp_path):
     assert not (out / ".twotower.lock").exists()
 
 
+@pytest.mark.slow
 def test_two_index_builds_at_once(base, run_copy):
     """``index`` twice on one run: the second, started while the first (slowed down) holds the lock,
     is refused naming it; started together with no slowing, never a failure other than the refusal,
