@@ -55,10 +55,10 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def _holder(target: Path, folder: bool = True, name: str | None = None) -> subprocess.Popen:
+def _holder(target: Path, folder: bool = True, name: str | None = None, beside: bool = False) -> subprocess.Popen:
     """Another process that holds ``target``'s lock until it is terminated."""
     code = ("import sys, time\nfrom twotower import locks\n"
-            f"with locks.exclusive({str(target)!r}, 'holder job', folder={folder}, name={name!r}):\n"
+            f"with locks.exclusive({str(target)!r}, 'holder job', folder={folder}, name={name!r}, beside={beside}):\n"
             "    print('held', flush=True)\n    time.sleep(600)\n")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
@@ -137,7 +137,7 @@ def test_two_index_builds_at_once(base, run_copy):
 
 
 @pytest.mark.parametrize("case", ["index", "index_out", "embed", "embed_same_job", "recommend_out", "mine_out",
-                                  "compare", "train_resume"])
+                                  "compare", "train_resume", "export"])
 def test_every_writer_is_refused_while_another_process_holds_its_lock(base, run_copy, tmp_path, case):
     target, folder, name, args = {
         "index": (run_copy / "index", True, None, ["index", run_copy, "--quiet"]),
@@ -151,8 +151,9 @@ def test_every_writer_is_refused_while_another_process_holds_its_lock(base, run_
                                                           "--top-r", "20", "--window", "2", "20"]),
         "compare": (tmp_path / "report", True, None, ["compare", base / "tiny.toml", "--out", tmp_path / "report", "--quiet"]),
         "train_resume": (run_copy, True, None, ["train", base / "tiny.toml", "--out", run_copy, "--resume", *FAST]),
+        "export": (tmp_path / "exp", True, None, ["export", run_copy, "--format", "torchscript", "--out", tmp_path / "exp"]),
     }[case]
-    holder = _holder(target, folder, name)
+    holder = _holder(target, folder, name, beside=case == "export")
     try:
         assert_refused(cli(*args), f"holder job (pid {holder.pid} on {socket.gethostname()}", "One writer at a time")
     finally:
@@ -240,7 +241,7 @@ def test_a_refused_or_failed_command_releases_its_lock_and_writes_nothing(base, 
 @pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
 def test_every_file_written_gets_the_umask_mode(base, tmp_path, mask):
     """Every file of a run directory (checkpoint/ and refit/ too), of its index, of its embedding
-    parts and of recommend/mine outputs: 0666 minus the umask. safetensors used to leave 0600."""
+    parts, of recommend/mine outputs and of an export: 0666 minus the umask. safetensors used to leave 0600."""
     old = os.umask(mask)
     try:
         out = tmp_path / "run"
@@ -250,13 +251,15 @@ def test_every_file_written_gets_the_umask_mode(base, tmp_path, mask):
         assert cli("index", out, "--from-parts", out / "embeddings", "--out", tmp_path / "ix2", "--quiet")[0] == 0
         assert cli("recommend", out, "--all-users", "-k", "5", "--out", tmp_path / "recs.parquet")[0] == 0
         assert cli("mine", out, "--out", tmp_path / "mined.parquet", "--top-r", "20", "--window", "2", "20")[0] == 0
+        assert cli("export", out, "--format", "torchscript", "--out", tmp_path / "exp")[0] == 0
     finally:
         os.umask(old)
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     names = {str(p.relative_to(tmp_path)) for p in files}
     for expected in ("run/model.safetensors", "run/known.safetensors", "run/checkpoint/last.safetensors",
                      "run/checkpoint/optimizer.pt", "run/refit/checkpoint/last.safetensors", "run/index/index.faiss",
-                     "run/embeddings/part-00000.parquet", "ix2/item_embeddings.npy", "recs.parquet", "mined.parquet"):
+                     "run/embeddings/part-00000.parquet", "ix2/item_embeddings.npy", "recs.parquet", "mined.parquet",
+                     "exp/user_tower.pt", "exp/items.parquet", "exp/export.json"):
         assert expected in names, sorted(names)
     wrong = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files
              if stat.S_IMODE(p.stat().st_mode) != 0o666 & ~mask and p.name not in ("inter.csv", "tiny.toml")}
@@ -273,11 +276,12 @@ def _writers(run_dir: Path, base: Path, dest: Path) -> dict[str, list]:
         "recommend": ["recommend", run_dir, "--all-users", "--out", dest / "recs.parquet"],
         "mine": ["mine", run_dir, "--out", dest / "mined.parquet", "--top-r", "20", "--window", "2", "20"],
         "compare": ["compare", base / "tiny.toml", "--out", dest, "--quiet"],
+        "export": ["export", run_dir, "--format", "torchscript", "--out", dest],
     }
 
 
 @needs_mount
-@pytest.mark.parametrize("command", ["train", "index", "embed", "recommend", "mine", "compare"])
+@pytest.mark.parametrize("command", ["train", "index", "embed", "recommend", "mine", "compare", "export"])
 def test_a_read_only_file_system_is_one_line(base, tmp_path, command):
     with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
         args = _writers(base / "run", base, ro / "out")[command]
@@ -319,7 +323,7 @@ def test_a_full_disk_during_training_then_resume(base, tmp_path, size):
 
 
 @needs_mount
-@pytest.mark.parametrize("command", ["index", "embed", "recommend", "mine", "index_from_parts"])
+@pytest.mark.parametrize("command", ["index", "embed", "recommend", "mine", "index_from_parts", "export"])
 def test_a_full_disk_during_index_embed_recommend_mine(base, tmp_path, command):
     run_dir = base / "run"
     if command == "index_from_parts":
@@ -334,7 +338,8 @@ def test_a_full_disk_during_index_embed_recommend_mine(base, tmp_path, command):
 
 @pytest.mark.parametrize("case", ["train_out_is_file", "train_out_under_file", "index_out_is_file", "embed_out_is_file",
                                   "compare_out_is_file", "index_out_under_file", "recommend_out_under_file",
-                                  "recommend_out_is_dir", "mine_out_is_dir", "mine_out_under_file"])
+                                  "recommend_out_is_dir", "mine_out_is_dir", "mine_out_under_file", "export_out_is_file",
+                                  "export_out_under_file"])
 def test_out_that_is_a_file_or_lies_under_one_or_names_a_folder(base, tmp_path, case):
     f = tmp_path / "afile"
     f.write_text("x")
@@ -352,6 +357,9 @@ def test_out_that_is_a_file_or_lies_under_one_or_names_a_folder(base, tmp_path, 
                             ["is a folder, not a file", "Give a file name"]),
         "mine_out_under_file": (["mine", run_dir, "--out", f / "m.csv", "--top-r", "20", "--window", "2", "20"],
                                 ["is a file, not a folder"]),
+        "export_out_is_file": (["export", run_dir, "--format", "torchscript", "--out", f], ["is a file, not a folder"]),
+        "export_out_under_file": (["export", run_dir, "--format", "torchscript", "--out", f / "e"],
+                                  ["is a file, not a folder"]),
     }[case]
     if case == "mine_out_is_dir":
         (tmp_path / "d.csv").mkdir()

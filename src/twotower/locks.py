@@ -7,7 +7,8 @@ Every command that writes now holds the lock of its target for as long as it wri
 
 - a folder's lock is ``FOLDER/.twotower.lock`` (a folder that did not exist is created for it, and
   removed again on release if the command left it empty, so a refused command leaves nothing);
-- a file's lock is ``.NAME.lock`` beside it.
+- a file's lock is ``.NAME.lock`` beside it, and so is the lock of a folder that is swapped in whole
+  (``beside``: ``twotower export`` renames its folder, which would carry a lock inside it away).
 
 The lock file holds the owner's pid, host, command and start time, which the refusal quotes. The
 exclusion itself is ``flock`` on the open lock file: the kernel drops it when its holder dies, even
@@ -107,10 +108,11 @@ class Lock:
 
 @contextmanager
 def exclusive(target: str | Path, command: str, folder: bool = True, name: str | None = None,
-              log: Callable[[str], None] | None = None) -> Iterator[Lock]:
+              log: Callable[[str], None] | None = None, beside: bool = False) -> Iterator[Lock]:
     """Hold the lock of ``target`` (a folder, or a file when ``folder`` is false) while the block runs;
     refuse with ``LockedError`` naming the holder when another live process holds it. Released on
-    exit, on error and (by the kernel) when the process dies."""
+    exit, on error and (by the kernel) when the process dies. ``beside``: a folder's lock is
+    ``.NAME.lock`` next to it (for a folder replaced by renames), and the folder is not created."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     target = Path(target)
     what = "folder" if folder else "file"
@@ -119,14 +121,14 @@ def exclusive(target: str | Path, command: str, folder: bool = True, name: str |
         if folder:
             if target.exists() and not target.is_dir():
                 raise StorageError(target, "is a file, not a folder", "choose a folder (a new or empty one) for --out")
-            created = _make_dirs(target)
+            created = _make_dirs(target.parent if beside else target)
         else:
             if target.is_dir():
                 raise StorageError(target, "is a folder, not a file", "give a file name, e.g. --out recs.parquet")
             created = _make_dirs(target.parent)
     except OSError as e:
         raise storage_error(e, target) from None
-    path = lock_path(target, folder, name)
+    path = lock_path(target, folder and not beside, name)
     key = os.path.realpath(path)
     if _HELD.get(key):
         _HELD[key] += 1
@@ -189,8 +191,8 @@ def _acquire(path: Path, target: Path, command: str, what: str) -> tuple[int, di
     for _ in range(100):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise storage_error(e, path) from None
+        except OSError as e:  # named by what the user gave (--out), not by our lock file
+            raise storage_error(e, target) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
