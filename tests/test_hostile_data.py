@@ -189,6 +189,38 @@ def test_a_column_named_twice_is_refused(tmp_path, case):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("case", ["csv_user", "csv_item_trailing", "parquet_user", "features_id"])
+def test_an_id_holding_a_nul_byte_is_refused(tmp_path, case):
+    """numpy's text arrays drop trailing NUL bytes: ``1\x00`` shared ``1``'s vocabulary entry but
+    encoded to -1, so training read index -1 (the last user) where it meant user 1."""
+    good = interactions_csv(n_users=20, per_user=6, n_items=30)
+    fragments = ["holds a NUL byte", "binary or damaged"]
+    if case == "csv_user":
+        cfg = _config(tmp_path, good.replace("\n1,", "\n1\x00,", 2))
+        fragments += ["inter.csv", "line 2", "user id '1\\x00'", "2 row(s)"]
+    elif case == "csv_item_trailing":
+        lines = good.splitlines()
+        u, i, t = lines[5].split(",")
+        lines[5] = f"{u},{i}\x00,{t}"
+        cfg = _config(tmp_path, "\n".join(lines) + "\n")
+        fragments += ["line 6", "item id"]
+    elif case == "parquet_user":
+        n = 30
+        _parquet(tmp_path / "inter.parquet", pa.table({"user": pa.array([f"u{k % 10}" for k in range(n - 1)] + ["u1\x00"]),
+                                                       "item": _ids(n)}))
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[data]\ndataset = "files"\ninteractions = "{tmp_path / "inter.parquet"}"\n')
+        fragments += ["inter.parquet", "row index 29"]
+    else:
+        (tmp_path / "items.csv").write_text("item,genre\n" + "".join(f"{i}{chr(0) if i == 7 else ''},g{i % 3}\n"
+                                                                     for i in range(1, 31)))
+        cfg = _config(tmp_path, good, f'item_features = "{tmp_path / "items.csv"}"\nitem_feature_cols = ["genre"]\n')
+        fragments += ["items.csv", "line 8"]
+    out = tmp_path / "run"
+    assert_refused(cli("train", cfg, "--out", out, *FAST), *fragments)
+    assert not out.exists()
+
+
 def test_an_unused_column_named_twice_is_harmless(tmp_path):
     good = interactions_csv(n_users=20, per_user=6, n_items=30)
     lines = good.splitlines()

@@ -185,7 +185,7 @@ def _read_user_file(path: Path) -> list[str]:
     try:
         ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError as e:
-        raise DataError(path, f"not UTF-8 text (byte {e.start})", "save the file as UTF-8") from None
+        raise DataError(path, f"not UTF-8 text (byte {e.start})", "Save the file as UTF-8") from None
     if not ids:
         raise DataError(path, "no user ids in the file", "write one raw user id per line")
     return ids
