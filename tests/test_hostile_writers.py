@@ -398,6 +398,28 @@ def test_a_killed_index_leaves_temporaries_the_next_build_removes(run_copy):
     assert "took over the lock" in err
 
 
+@pytest.mark.parametrize("command", ["recommend", "mine"])
+def test_a_killed_file_writer_leaves_temporaries_the_next_run_removes(base, tmp_path, command):
+    """SIGKILL while ``recommend --out`` / ``mine --out`` writes its Parquet file: the next run of the
+    command on that file takes its lock over and removes the temporary; another file's stays."""
+    die = ("import os, signal\nimport pandas as pd\n"
+           "def write(self, path, *a, **k):\n    open(path, 'wb').write(b'half')\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+           "pd.DataFrame.to_parquet = write\n")
+    out = tmp_path / "out.parquet"
+    args = {"recommend": ["recommend", base / "run", "--all-users", "-k", "5", "--out", out],
+            "mine": ["mine", base / "run", "--out", out, "--top-r", "20", "--window", "2", "20"]}[command]
+    other = tmp_path / ".other.parquet.0123456789ab.tmp"
+    other.write_bytes(b"not ours")
+    rc, _, _ = run(*args, prelude=die)
+    assert rc == -signal.SIGKILL
+    left = {p.name for p in no_temporaries(tmp_path)}
+    assert ".out.parquet.lock" in left and any(n.startswith(".out.parquet.") and n.endswith(".tmp") for n in left), left
+    rc, _, err = cli(*args)
+    assert rc == 0, err
+    assert {p.name for p in no_temporaries(tmp_path)} == {other.name}
+    assert out.stat().st_size > 4
+
+
 def test_resume_of_a_finished_run_keeps_its_training_time(run_copy, base):
     before = json.loads((run_copy / "metrics.json").read_text())
     rc, _, err = cli("train", base / "tiny.toml", "--out", run_copy, *FAST, "--resume")

@@ -149,6 +149,7 @@ def mine(run_dir: str | Path, out: str | Path, top_r: int = 200, lo: int = 10, h
     if not 0 <= lo < hi <= top_r <= 100_000:
         raise TwotowerError(f"need 0 <= --window LO < HI <= --top-r <= 100000, got {lo}, {hi}, {top_r}")
     with locks.exclusive(out, "twotower mine", folder=False):
+        artifacts.remove_stale_temporaries(out.parent, [out.name])  # what a killed writer of this file left
         return _mine(run_dir, out, top_r, lo, hi, log)
 
 

@@ -222,6 +222,7 @@ def cmd_recommend(args) -> int:
     from .serving.query import Recommender
 
     with locks.exclusive(out, "twotower recommend", folder=False):
+        artifacts.remove_stale_temporaries(out.parent, [out.name])  # what a killed writer of this file left
         rec = Recommender.load(run, args.index, category_feature=args.category_feature)
         recs = rec.recommend_frame(users, k=args.k, exclude_seen=not args.include_seen, alpha=args.alpha,
                                    category=args.category)
