@@ -466,6 +466,12 @@ def test_manifest_entries_outside_the_run_are_refused(run_copy, tmp_path, entry)
     assert_refused(cli("index", run_copy, "--quiet"), fragment)
 
 
+def test_a_manifest_listing_thousands_of_missing_files_is_one_short_line(run_copy):
+    (run_copy / "manifest.json").write_text(json.dumps({"sha256": {f"f{i}": "0" * 64 for i in range(5000)}}))
+    msg = assert_refused(cli("evaluate", run_copy), "f0 is missing", "f4 is missing", "and 4,995 more", "Re-run training")
+    assert "f5 is missing" not in msg and len(msg) < 600
+
+
 def test_parts_manifest_naming_a_file_outside_is_refused(run_copy, tmp_path):
     parts = tmp_path / "parts"
     assert cli("embed", run_copy, "--out", parts, "--quiet")[0] == 0

@@ -319,8 +319,10 @@ def verify_manifest(folder: str | Path, name: str) -> None:
             bad.append(f"{file} is missing")
         elif sha256_file(f) != digest:
             bad.append(f"{file} does not match its recorded sha256 (corrupted, truncated or from another run)")
-    if bad:
-        raise ArtifactError(f"{folder}: " + "; ".join(bad) + ". Re-run training, or restore the files from a backup")
+    if bad:  # a damaged manifest may list thousands of names: the first few say enough
+        more = f"; and {len(bad) - 5:,} more" if len(bad) > 6 else ""
+        raise ArtifactError(f"{folder}: " + "; ".join(bad[:5] if more else bad) + more
+                            + ". Re-run training, or restore the files from a backup")
 
 
 def is_plain_name(name: str) -> bool:
