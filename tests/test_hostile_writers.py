@@ -369,6 +369,19 @@ def test_out_that_is_a_file_or_lies_under_one_or_names_a_folder(base, tmp_path, 
     assert not no_temporaries(tmp_path)
 
 
+@pytest.mark.parametrize("command", ["train", "index", "embed", "recommend", "mine", "compare", "export"])
+def test_an_empty_out_is_refused_by_the_parser(base, tmp_path, command):
+    """``--out ""`` was the current folder (``Path("")``): a run written wherever the shell stood."""
+    args = _writers(base / "run", base, tmp_path)[command]
+    args[args.index("--out") + 1] = ""
+    assert_refused(cli(*args), "argument --out", "expected a folder or file name, got ''")
+
+
+def test_export_to_the_root_folder_is_refused(base):
+    assert_refused(cli("export", base / "run", "--format", "torchscript", "--out", "/"), "--out /",
+                   "choose a new or empty folder")
+
+
 # ---- class 11: killed writers, resumed runs, manifests that point outside --------------------------------
 def test_index_sample_users_zero_is_refused(base):
     assert_refused(cli("index", base / "run", "--sample-users", "0"), "--sample-users", "from 1")

@@ -69,6 +69,16 @@ def int_in(lo: int, hi: int):
     return parse
 
 
+def out_path(text: str) -> str:
+    """An ``argparse`` type for ``--out``: not empty (``--out ""`` meant the current folder)."""
+    if not text.strip() or "\x00" in text:
+        raise argparse.ArgumentTypeError(f"expected a folder or file name, got {text!r}")
+    return text
+
+
+out_path.__name__ = "path"
+
+
 def float_in(lo: float, hi: float, lo_open: bool = False):
     """An ``argparse`` type: a finite number in ``[lo, hi]`` (``(lo, hi]`` when ``lo_open``)."""
     def parse(text: str) -> float:
@@ -132,7 +142,7 @@ def add_train_parser(sub) -> None:
     t = sub.add_parser("train", help="train a model from a config file", epilog=EPILOG_TRAIN,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("config", help="TOML or YAML config (see configs/; every key: docs/config.md)")
-    t.add_argument("--out", required=True, help="run directory to write (config, vocabularies, weights, metrics)")
+    t.add_argument("--out", required=True, type=out_path, help="run directory to write (config, vocabularies, weights, metrics)")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     t.add_argument("--epochs", type=int_in(1, 100_000), help="shorthand for --set train.epochs=N")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -279,7 +289,7 @@ def add_recommend_parser(sub) -> None:
     g.add_argument("--history", metavar="ID,ID,...", help="a new user: raw item ids, oldest first (unknown ones are ignored)")
     r.add_argument("--scope", choices=["test", "all"], default="test", help="with --all-users: test-split users or every user")
     r.add_argument("-k", type=int_in(1, 100_000), default=20, help="items per user (default 20)")
-    r.add_argument("--out", help="output file for batch mode: .parquet or .csv (columns user, item, score, rank)")
+    r.add_argument("--out", type=out_path, help="output file for batch mode: .parquet or .csv (columns user, item, score, rank)")
     r.add_argument("--include-seen", action="store_true", help="do not exclude the user's training items")
     r.add_argument("--alpha", type=ALPHA, default=0.0, help="popularity correction: score - alpha * log p(item) (default 0)")
     r.add_argument("--category", help="only items of this category (a value of the item feature)")
@@ -348,7 +358,7 @@ def add_index_parser(sub) -> None:
     ix.add_argument("--sample-users", type=int_in(1, 10_000_000), default=1000,
                     help="real users to tune and measure recall on (default 1000)")
     ix.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="seed of the user sample and of the k-means training sample (default 0)")
-    ix.add_argument("--out", help="index folder (default RUN/index)")
+    ix.add_argument("--out", type=out_path, help="index folder (default RUN/index)")
     ix.add_argument("--quiet", action="store_true", help="no progress bar")
     ix.add_argument("--from-parts", metavar="DIR", help="build from the Parquet parts of `twotower embed` (one part in memory at "
                     "a time; IVF kinds train on a sample of all parts) instead of embedding every item in memory")
@@ -378,7 +388,7 @@ def add_embed_parser(sub) -> None:
     em = sub.add_parser("embed", help="embed every item into Parquet parts (catalogs larger than memory)",
                         epilog=EPILOG_EMBED, formatter_class=argparse.RawDescriptionHelpFormatter)
     em.add_argument("run", help="run directory written by `twotower train`")
-    em.add_argument("--out", metavar="DIR", help="parts folder (default RUN/embeddings)")
+    em.add_argument("--out", type=out_path, metavar="DIR", help="parts folder (default RUN/embeddings)")
     em.add_argument("--chunk-size", type=int_in(1, 1 << 31), default=1_000_000, metavar="N",
                     help="items per part (default 1,000,000: 256 MB of float32 at 64 dims); one part is in memory at a time")
     em.add_argument("--batch-size", type=int_in(1, 1 << 24), default=16384, metavar="B", help="items per item-tower forward pass (default 16384)")
@@ -453,7 +463,7 @@ def add_export_parser(sub) -> None:
     ex.add_argument("--format", choices=["onnx", "torchscript"], required=True,
                     help="onnx: for ONNX Runtime, Triton, any ONNX runtime (needs the export extra); torchscript: for "
                          "libtorch, TorchServe, torch.jit.load")
-    ex.add_argument("--out", required=True, metavar="DIR", help="folder to write: new, empty, or an earlier export with --overwrite")
+    ex.add_argument("--out", required=True, type=out_path, metavar="DIR", help="folder to write: new, empty, or an earlier export with --overwrite")
     ex.add_argument("--users", action="store_true", help="also write users.parquet: f(u) of every known user")
     ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (swapped in whole when done)")
     ex.set_defaults(func=cmd_export)
@@ -479,7 +489,7 @@ def add_mine_parser(sub) -> None:
                                "      --set negatives.hard_k=8 --set negatives.exposure_file='\"/abs/path/mined.parquet\"'",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     mn.add_argument("run", help="a trained run directory")
-    mn.add_argument("--out", required=True, help="output file: .parquet or .csv (columns user, item)")
+    mn.add_argument("--out", required=True, type=out_path, help="output file: .parquet or .csv (columns user, item)")
     mn.add_argument("--top-r", type=int_in(1, 100_000), default=200, help="items retrieved per user (default 200)")
     mn.add_argument("--window", type=int_in(0, 100_000), nargs=2, default=[10, 200], metavar=("LO", "HI"),
                     help="keep ranks LO <= rank < HI among the non-positive items (default 10 200)")
@@ -510,7 +520,7 @@ def add_compare_parser(sub) -> None:
                               "or named recipes as [variants.NAME] tables of overrides: [variants.mixed] \"negatives.sampled\" = 1024.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("configs", nargs="+", help="one or more configs (each crossed with its grid)")
-    c.add_argument("--out", required=True, help="report directory: report.md, results.json, PNG plots, runs/")
+    c.add_argument("--out", required=True, type=out_path, help="report directory: report.md, results.json, PNG plots, runs/")
     c.add_argument("--grid", action="append", metavar="SECTION.KEY=[V1, V2]", help="values to cross (repeatable)")
     c.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override applied to every variant")
     c.add_argument("--title", help="heading of report.md and the plots (default: the configs' file names)")
@@ -537,7 +547,7 @@ def add_demo_parser(sub) -> None:
                                    "recommendations.")
     d.add_argument("--data-dir", help="where ml-100k/ is, or is downloaded to (default: $TWOTOWER_DATA or "
                                       "~/.local/share/twotower)")
-    d.add_argument("--out", help="run directory (default: a temporary folder)")
+    d.add_argument("--out", type=out_path, help="run directory (default: a temporary folder)")
     d.add_argument("--offline", action="store_true", help="do not try to download MovieLens 100K")
     d.add_argument("--synthetic", action="store_true", help="use the generated synthetic dataset")
     d.add_argument("--epochs", type=int_in(1, 100_000), help="cap the number of epochs (default: the demo config's 30, early-stopped)")

@@ -25,6 +25,7 @@ compared with the Python path; the largest difference is recorded in export.json
 """
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import time
@@ -105,7 +106,9 @@ def export_run(run: Run | str | Path, out: str | Path, fmt: str = "onnx", users:
         raise ExportError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         require("onnx", "onnxscript", "onnxruntime", why="exporting to ONNX (and checking the result)")
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." has no name to put OUT.new and the lock beside
+    if not out.name:
+        raise ExportError(f"--out {out}: the root folder cannot be swapped in whole; choose a new or empty folder")
     with locks.exclusive(out, "twotower export", beside=True):  # beside: OUT itself is swapped in by renames
         return _export(run, out, fmt, users, overwrite, log)
 
