@@ -67,19 +67,20 @@ def _holder(target: Path, folder: bool = True, name: str | None = None, beside: 
 
 # ---- class 2: two writers, one run directory ----------------------------------------------------------
 @pytest.mark.slow
-def test_two_trainings_started_together_never_both_succeed(base, tmp_path):
-    """Two real processes, started at once, same --out: exactly one trains; the other is refused,
-    naming the holder (or, if it came second, finding the directory taken). The run left is one
+@pytest.mark.parametrize("n", [2, 4])
+def test_two_trainings_started_together_never_both_succeed(base, tmp_path, n):
+    """``n`` real processes, started at once, same --out: exactly one trains; the others are refused,
+    naming the holder (or, if they came later, finding the directory taken). The run left is one
     run: epochs 1..N once each, the config of the winner, a manifest that verifies."""
     out = tmp_path / "same"
     common = ["train", base / "tiny.toml", "--out", out, *FAST, "--set", "train.epochs=12", "--set", "train.patience=0"]
-    procs = {seed: spawn(*common, "--set", f"train.seed={seed}") for seed in (11, 22)}
+    procs = {seed: spawn(*common, "--set", f"train.seed={seed}") for seed in (11, 22, 33, 44)[:n]}
     results = {seed: (p.wait(300), *p.communicate()) for seed, p in procs.items()}
     winners = [seed for seed, r in results.items() if r[0] == 0]
     assert len(winners) == 1, results
-    loser = next(seed for seed in results if seed not in winners)
-    msg = assert_refused(results[loser])
-    assert "is writing this folder" in msg or "already exists and is not empty" in msg, msg
+    for loser in (seed for seed in results if seed not in winners):
+        msg = assert_refused(results[loser])
+        assert "is writing this folder" in msg or "already exists and is not empty" in msg, msg
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, 13))
     assert json.loads((out / "config.json").read_text())["train"]["seed"] == winners[0]
