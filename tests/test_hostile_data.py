@@ -298,6 +298,26 @@ def test_parquet_columns_over_the_cap_are_refused_from_the_metadata(tmp_path):
                    "more than the 1 MiB limit (data.max_decompressed_mb)")
 
 
+@pytest.mark.parametrize("kind", ["bzip2", "xz", "zip"])
+def test_other_compressions_are_named_not_read_as_text(tmp_path, kind):
+    import bz2
+    import lzma
+    import zipfile
+
+    text = interactions_csv().encode()
+    if kind == "zip":
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("inter.csv", text)
+        data = buf.getvalue()
+    else:
+        data = {"bzip2": bz2.compress, "xz": lzma.compress}[kind](text)
+    cfg = _config(tmp_path, data, name="inter.csv." + {"bzip2": "bz2", "xz": "xz", "zip": "zip"}[kind])
+    msg = assert_refused(cli("train", cfg, "--out", tmp_path / "run", *FAST), f"the file is {kind} compressed",
+                         "gzip only", "decompress it")
+    assert "UTF-8" not in msg
+
+
 @pytest.mark.parametrize("case", ["multi_member", "trailing_garbage", "truncated", "padding"])
 def test_gzip_streams_that_are_odd_or_broken(tmp_path, case):
     from twotower.data.readers import read_interactions

@@ -119,6 +119,19 @@ def _too_large(path: Path, problem: str, fix: str) -> DataError:
     return DataError(path, f"gzip data {problem}", fix, where="gzip stream")
 
 
+# Read as text these were refused as "not valid UTF-8", which sent the user to iconv.
+_OTHER_COMPRESSIONS = ((b"\xfd7zXZ\x00", "xz"), (b"PK\x03\x04", "zip"), (b"\x28\xb5\x2f\xfd", "zstd"),
+                       (b"7z\xbc\xaf\x27\x1c", "7-zip"))
+
+
+def _other_compression(raw: bytes) -> str | None:
+    """The compression other than gzip that ``raw`` starts with, if any (bzip2: ``BZh``, a level
+    digit and a block or end-of-stream magic, so a text header that starts with ``BZh`` is text)."""
+    if raw[:3] == b"BZh" and raw[3:4].isdigit() and raw[4:10] in (b"1AY&SY", b"\x17\x72\x45\x38\x50\x90"):
+        return "bzip2"
+    return next((kind for magic, kind in _OTHER_COMPRESSIONS if raw.startswith(magic)), None)
+
+
 def read_raw(path: Path) -> bytes:
     """Read a file's bytes, decompressing gzip (by magic bytes or a ``.gz`` suffix) within the
     limits of ``read_limits``."""
@@ -132,6 +145,13 @@ def read_raw(path: Path) -> bytes:
             raise DataError(
                 path, "file is empty after decompression", "recreate the file with its rows"
             )
+    elif kind := _other_compression(raw):
+        raise DataError(
+            path,
+            f"the file is {kind} compressed; the readers open gzip only",
+            "decompress it, or compress it with gzip instead",
+            where="byte 0",
+        )
     elif path.name.lower().endswith(".gz"):
         raise DataError(
             path,
