@@ -188,6 +188,44 @@ BAD_COMBINATIONS = [
 ]
 
 
+# [features]: the three lists, and every key of a feature declaration (config.FeatureSpec), each
+# given as one declaration in features.item (or context, for derive) with one bad key.
+BAD_VALUES += [
+    ("features.item", "5", "features.item: Input should be a valid list"),
+    ("features.user", '[{name = "x"}]', "features.user.0.kind"),
+    ("features.context", '[{name = "x", kind = "text"}]', "context features are categorical or numeric"),
+]
+BAD_FEATURE_KEYS = [
+    ("name", '{name = "a\\u0000b", kind = "numeric"}', "NUL byte"),
+    ("name", '{name = "a.b", kind = "numeric"}', "features.item.0.name"),
+    ("kind", '{name = "x", kind = "image"}', "features.item.0.kind"),
+    ("column", '{name = "x", kind = "numeric", column = ""}', "features.item.0.column"),
+    ("missing", '{name = "x", kind = "numeric", missing = "drop"}', "features.item.0.missing"),
+    ("separator", '{name = "x", kind = "multi_categorical", separator = ""}', "features.item.0.separator"),
+    ("hash_buckets", '{name = "x", kind = "categorical", hash_buckets = 0}', "features.item.0.hash_buckets"),
+    ("hash_buckets", '{name = "x", kind = "categorical", hash_buckets = 1000000000000}', "features.item.0.hash_buckets"),
+    ("seed", '{name = "x", kind = "categorical", seed = -1}', "features.item.0.seed"),
+    ("seed", '{name = "x", kind = "categorical", seed = 18446744073709551616}', "features.item.0.seed"),
+    ("min_count", '{name = "x", kind = "categorical", min_count = 0}', "features.item.0.min_count"),
+    ("min_count", '{name = "x", kind = "categorical", min_count = 100000000000}', "features.item.0.min_count"),
+    ("transform", '{name = "x", kind = "numeric", transform = "sqrt"}', "features.item.0.transform"),
+    ("buckets", '{name = "x", kind = "numeric", buckets = 1}', "features.item.0.buckets"),
+    ("buckets", '{name = "x", kind = "numeric", buckets = 100000}', "features.item.0.buckets"),
+    ("file", '{name = "x", kind = "vector", file = ""}', "features.item.0.file"),
+    ("length", '{name = "x", kind = "vector", length = 0}', "features.item.0.length"),
+    ("length", '{name = "x", kind = "vector", length = 10000000}', "features.item.0.length"),
+    ("freeze", '{name = "x", kind = "vector", freeze = "maybe"}', "features.item.0.freeze"),
+    ("word_ngrams", '{name = "x", kind = "text", word_ngrams = 0}', "features.item.0.word_ngrams"),
+    ("word_ngrams", '{name = "x", kind = "text", word_ngrams = 99}', "features.item.0.word_ngrams"),
+    ("char_ngrams", '{name = "x", kind = "text", char_ngrams = [0]}', "features.item.0.char_ngrams.0"),
+    ("char_ngrams", '{name = "x", kind = "text", char_ngrams = [11]}', "features.item.0.char_ngrams.0"),
+    ("max_tokens", '{name = "x", kind = "text", max_tokens = 0}', "features.item.0.max_tokens"),
+    ("max_tokens", '{name = "x", kind = "text", max_tokens = 1000000000}', "features.item.0.max_tokens"),
+    ("lowercase", '{name = "x", kind = "text", lowercase = 3}', "features.item.0.lowercase"),
+    ("derive", '{name = "x", kind = "categorical", derive = "month"}', "features.item.0.derive"),
+]
+
+
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory) -> Path:
     return tiny_config(tmp_path_factory.mktemp("cfg"))
@@ -203,6 +241,12 @@ def test_every_field_refuses_a_value_that_cannot_work(cfg, key, value, fragment)
 def test_rules_across_fields(cfg, sets, fragment):
     args = [a for s in sets for a in ("--set", s)]
     assert_refused(cli("config", cfg, *args), fragment)
+
+
+@pytest.mark.parametrize("key,spec,fragment", BAD_FEATURE_KEYS, ids=[f"{k}={v[:30]}" for k, v, _ in BAD_FEATURE_KEYS])
+def test_every_key_of_a_feature_declaration_refuses_a_value_that_cannot_work(cfg, key, spec, fragment):
+    msg = assert_refused(cli("config", cfg, "--set", f"features.item=[{spec}]"), str(cfg), "invalid configuration", fragment)
+    assert len(msg.splitlines()) == 2, msg
 
 
 def test_every_field_has_a_case_and_every_number_is_bounded():
@@ -226,8 +270,24 @@ def test_every_field_has_a_case_and_every_number_is_bounded():
                     bounds |= {type(c).__name__ for m in typing.get_args(a)[1:] for c in getattr(m, "metadata", [m])}
             if not ({"Ge", "Gt"} & bounds and {"Le", "Lt"} & bounds):
                 unbounded.append(name)
+    from twotower.config import FeatureSpec
+
+    keys = {k for k, _, _ in BAD_FEATURE_KEYS}
+    for key, f in FeatureSpec.model_fields.items():
+        if key not in keys:
+            missing.append(f"features.*.{key}")
+        if _numeric_parts(f.annotation) and not _bounded(f):
+            unbounded.append(f"features.*.{key}")
     assert not missing, missing
     assert not unbounded, unbounded
+
+
+def _bounded(f) -> bool:
+    bounds = {type(m).__name__ for m in f.metadata}
+    for a in typing.get_args(f.annotation):  # list items
+        if typing.get_origin(a) is typing.Annotated:
+            bounds |= {type(c).__name__ for m in typing.get_args(a)[1:] for c in getattr(m, "metadata", [m])}
+    return bool({"Ge", "Gt"} & bounds and {"Le", "Lt"} & bounds)
 
 
 def _numeric_parts(annotation) -> bool:

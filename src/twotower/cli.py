@@ -214,7 +214,7 @@ def cmd_recommend(args) -> int:
         if out.suffix not in (".parquet", ".csv"):
             raise TwotowerError(f"--out {out}: use a .parquet or .csv file name")
     run = Run(args.run)
-    if args.user is not None or args.history is not None:
+    if args.user is not None or args.history is not None or args.features:
         return _recommend_one(run, args)
     if args.users_file:
         users = run.users.coerce(_read_user_file(Path(args.users_file)))
@@ -235,7 +235,8 @@ def cmd_recommend(args) -> int:
         artifacts.remove_stale_temporaries(out.parent, [out.name])  # what a killed writer of this file left
         rec = Recommender.load(run, args.index, category_feature=args.category_feature)
         recs = rec.recommend_frame(users, k=args.k, exclude_seen=not args.include_seen, alpha=args.alpha,
-                                   category=args.category)
+                                   category=args.category,
+                                   context=_parsed(run.model.user_tower.context, args.context, "--context", "context feature"))
         with artifacts.atomic_path(out) as tmp:
             if out.suffix == ".parquet":
                 recs.to_parquet(tmp, index=False)
@@ -251,11 +252,17 @@ def _recommend_one(run, args) -> int:
     from .serving.query import Query, Recommender, UnknownUserError
 
     rec = Recommender.load(run, args.index, category_feature=args.category_feature)
+    context = _parsed(run.model.user_tower.context, args.context, "--context", "context feature")
     if args.user is not None:
-        q = Query(user=args.user, k=args.k, alpha=args.alpha, exclude_seen=not args.include_seen, category=args.category)
+        if args.features:
+            raise TwotowerError("--features describe a new user (with --history, or alone); a known user's features are "
+                                "already in the model")
+        q = Query(user=args.user, k=args.k, alpha=args.alpha, exclude_seen=not args.include_seen, category=args.category,
+                  context=context)
     else:
-        q = Query(history=[h.strip() for h in args.history.split(",") if h.strip()], k=args.k, alpha=args.alpha,
-                  exclude_seen=not args.include_seen, category=args.category)
+        q = Query(history=[h.strip() for h in (args.history or "").split(",") if h.strip()], k=args.k, alpha=args.alpha,
+                  exclude_seen=not args.include_seen, category=args.category, context=context,
+                  features=_parsed(run.model.user_tower.features, args.features, "--features", "user feature"))
     try:
         r = rec.recommend(q)
     except UnknownUserError:
@@ -275,10 +282,27 @@ def _recommend_one(run, args) -> int:
     return 0
 
 
+def _parsed(features, text: str | None, option: str, what: str) -> dict | None:
+    """``name=value,...`` of a command line, each value as its feature's kind takes it."""
+    if text is None:
+        return None
+    if features is None:
+        raise TwotowerError(f"{option}: this model's user tower takes no {what}s")
+    from .errors import FeatureInputError
+
+    try:
+        return features.parse(text, what)
+    except KeyError as e:
+        raise TwotowerError(f"{option}: {e.args[0]}") from None
+    except FeatureInputError as e:
+        raise TwotowerError(f"{option}: {e}") from None
+
+
 def add_recommend_parser(sub) -> None:
     r = sub.add_parser("recommend", help="top-k items for one user or for many (to a file)",
                        epilog="examples:\n  twotower recommend runs/ml100k --user 196 -k 20\n"
                               "  twotower recommend runs/ml100k --history 50,172,181 -k 10 --alpha 0.5\n"
+                              "  twotower recommend runs/feat --features age=31,occupation=writer --context hour=21\n"
                               "  twotower recommend runs/ml100k --all-users -k 100 --out candidates.parquet",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("run", help="run directory written by `twotower train`")
@@ -292,8 +316,13 @@ def add_recommend_parser(sub) -> None:
     r.add_argument("--out", type=out_path, help="output file for batch mode: .parquet or .csv (columns user, item, score, rank)")
     r.add_argument("--include-seen", action="store_true", help="do not exclude the user's training items")
     r.add_argument("--alpha", type=ALPHA, default=0.0, help="popularity correction: score - alpha * log p(item) (default 0)")
-    r.add_argument("--category", help="only items of this category (a value of the item feature)")
-    r.add_argument("--category-feature", help="item feature that --category refers to (default: the model's first item feature)")
+    r.add_argument("--features", metavar="NAME=VALUE,...", help="a new user's features (with --history, or alone): "
+                   "numbers, labels (several: a|b), texts, vectors (numbers separated by spaces)")
+    r.add_argument("--context", metavar="NAME=VALUE,...", help="the request's context features, e.g. hour=21,weekday=Sat "
+                   "(those left out take their defaults: docs/features.md)")
+    r.add_argument("--category", help="only items of this category (a value of the item feature --category-feature)")
+    r.add_argument("--category-feature", help="item feature that --category refers to (default: the model's only "
+                   "categorical item feature; needed when it has several)")
     r.add_argument("--index", help="index folder (default RUN/index if built, else exact search)")
     r.set_defaults(func=cmd_recommend)
 
@@ -422,7 +451,8 @@ def add_serve_parser(sub) -> None:
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     sv.add_argument("--index", help="index folder (default RUN/index if built, else exact search)")
-    sv.add_argument("--category-feature", help="item feature that requests' \"category\" refers to (default: the first)")
+    sv.add_argument("--category-feature", help="item feature that requests' \"category\" refers to when they do not say "
+                    "(\"category_feature\"); default: the model's only categorical item feature")
     sv.add_argument("--max-batch", type=int, default=64, help="most concurrent requests computed together (default 64)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn's log level (default info: start-up and errors; debug adds one line per request)")

@@ -135,9 +135,9 @@ def _run_comparison(variants: list[Variant], out: Path, data_dir, quiet: bool, l
     results = []
     for k, v in enumerate(variants, 1):
         cfg = RunConfig.from_dict(v.config)
-        key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
-        if key not in datasets:  # variants that share the data config share one loaded dataset
-            datasets[key] = load_dataset(cfg.data, data_dir)
+        key = json.dumps([cfg.data.model_dump(mode="json"), cfg.features.model_dump(mode="json")], sort_keys=True)
+        if key not in datasets:  # variants that share the data and feature declarations share one loaded dataset
+            datasets[key] = load_dataset(cfg, data_dir)
         safe = "".join(c if c.isalnum() or c in "=.,-_" else "_" for c in v.name)
         run_dir = out / "runs" / safe
         done = RunDir(run_dir).finished_metrics(cfg) if resume else None

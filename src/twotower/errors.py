@@ -118,3 +118,13 @@ def storage_error(exc: BaseException, path=None, doing: str = "write", fix: str 
     }
     problem, default_fix = known.get(code, (getattr(exc, "strerror", None) or str(exc).splitlines()[0], "check that path"))
     return StorageError(path, f"{where}: {problem}", fix or default_fix, code)
+
+
+class FeatureInputError(TwotowerError, ValueError):
+    """A feature value given at request time (a new user's features, an item's, a request's context)
+    that its encoder cannot take: the wrong kind of value, a missing value where the declaration
+    refuses them, a vector of the wrong length. The service answers 422 with the message."""
+
+    def __init__(self, feature: str, problem: str, fix: str = "", row: int | None = None):
+        self.feature, self.problem, self.fix, self.row = feature, problem, fix, row
+        super().__init__(f"feature {feature!r}: {problem}" + (f"; {fix}" if fix else ""))

@@ -1,7 +1,8 @@
 """The HTTP service: ``create_app(recommender)`` builds the FastAPI application.
 
     POST /recommend            {"user": ID, "k": 10} or {"history": [ID, ...], "k": 10}
-                               (+ "alpha", "exclude_seen", "category", "features")
+                               (+ "alpha", "exclude_seen", "category", "category_feature", "features",
+                               "context")
     POST /recommend/batch      {"requests": [<as above>, ...]}
     GET  /items/{id}/similar   ?k=10&alpha=0&category=...
     GET  /health, GET /metadata, GET /docs (OpenAPI)
@@ -30,26 +31,35 @@ from .query import MAX_HISTORY, MAX_K, Query, Recommendation, Recommender, Reque
 Id = Union[StrictInt, StrictStr]
 MAX_BODY_BYTES = 1 << 20
 MAX_BATCH = 1000
-FIELDS = "user, history, features, k, alpha, exclude_seen, category"
+FIELDS = "user, history, features, context, k, alpha, exclude_seen, category, category_feature"
 
 
 class RecommendRequest(BaseModel):
     """A known user by id, or a new user by history (raw item ids, oldest first) and features."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"user": 196, "k": 10}, {"history": [50, 172, 181], "k": 20, "alpha": 0.5, "category": "Drama"}]})
+        {"user": 196, "k": 10}, {"history": [50, 172, 181], "k": 20, "alpha": 0.5, "category": "Drama"},
+        {"history": [50], "features": {"age": 31, "occupation": "writer"}, "context": {"hour": "21"}}]})
 
     user: Id | None = Field(None, description="raw id of a user the model knows")
     history: list[Id] | None = Field(None, max_length=MAX_HISTORY, description="raw item ids of a new user, oldest first; unknown ids are ignored and reported")
-    features: dict[str, StrictStr | list[StrictStr]] | None = Field(None, description="a new user's features: {name: value or [values]}")
+    # Feature values are checked by the feature's own encoder, which knows its kind (a label, a list of
+    # labels, a number, a text, a vector of its length) and says which feature and what to send.
+    features: dict[str, Any] | None = Field(None, description="a new user's features: {name: value}, each as its kind "
+                                                               "takes it (GET /metadata lists them)")
+    context: dict[str, Any] | None = Field(None, description="the request's context features: {name: value}; one left "
+                                                             "out takes its default (GET /metadata lists them)")
     k: StrictInt = Field(10, ge=1, le=MAX_K, description=f"number of items, 1 to {MAX_K}")
     alpha: float = Field(0.0, ge=-1e4, le=1e4, allow_inf_nan=False,
                          description="popularity correction: score - alpha * log p(item); larger favours less popular items")
     exclude_seen: StrictBool = Field(True, description="leave out items the user has interacted with")
     category: StrictStr | None = Field(None, description="only items of this category (GET /metadata lists them)")
+    category_feature: StrictStr | None = Field(None, description="the item feature \"category\" is a value of "
+                                                                 "(default: the service's, serve --category-feature)")
 
     def to_query(self) -> Query:
-        return Query(self.user, self.history, self.features, self.k, self.alpha, self.exclude_seen, self.category)
+        return Query(self.user, self.history, self.features, self.k, self.alpha, self.exclude_seen, self.category,
+                     self.context, self.category_feature)
 
 
 class BatchRequest(BaseModel):
@@ -69,6 +79,7 @@ class RecommendResponse(BaseModel):
     alpha: float
     exclude_seen: bool
     category: str | None = None
+    category_feature: str | None = None
     unknown_items: list[Id] = Field(default_factory=list, description="history ids the model does not know (ignored)")
     unknown_features: dict[str, list[Any]] = Field(default_factory=dict)
     fallback: str | None = Field(None, description='"popularity" when the history was empty after dropping unknown ids')
@@ -111,7 +122,7 @@ def _encode(r: Recommendation | RequestError) -> bytes | dict:
     else:
         items = ",".join(map('{"item":%s,"score":%.6g}'.__mod__, zip(map(json.dumps, r.items.tolist()), r.scores.tolist())))
     rest = {"user": _py(r.user), "k": r.k, "alpha": r.alpha, "exclude_seen": r.exclude_seen, "category": r.category,
-            "unknown_items": [_py(x) for x in r.unknown_items], "unknown_features": r.unknown_features, "fallback": r.fallback}
+            "category_feature": r.category_feature, "unknown_items": [_py(x) for x in r.unknown_items], "unknown_features": r.unknown_features, "fallback": r.fallback}
     return b'{"items":[' + items.encode("utf-8") + b"]," + _dumps(rest)[1:]
 
 
@@ -126,7 +137,10 @@ HINTS = {
     "user": "send user as the raw user id (a number or a string)",
     "history": "send history as a list of raw item ids, oldest first",
     "category": "send category as a string (GET /metadata lists the values)",
-    "features": "send features as {\"name\": \"value\"} or {\"name\": [\"v1\", \"v2\"]}",
+    "features": "send features as {\"name\": value}: a label, a list of labels, a number, a text or a vector, as "
+                "the feature's kind takes it (GET /metadata lists them)",
+    "context": "send context as {\"name\": value} (GET /metadata lists the context features)",
+    "category_feature": "send category_feature as the name of a categorical item feature (GET /metadata)",
     "requests": f"send {{\"requests\": [{{\"user\": ID, \"k\": 10}}, ...]}} with 1 to {MAX_BATCH} requests",
     "limit": "send limit as a whole number in the range the API documents (GET /docs)",
     "q": "send q as a short text: part of an id or a title",
@@ -300,12 +314,12 @@ def create_app(recommender: Recommender, max_body_bytes: int = MAX_BODY_BYTES, m
 
     @app.get("/items/{item}/similar", response_model=RecommendResponse, responses=responses, summary="items nearest to an item")
     async def similar(item: str, k: int = QueryParam(10, ge=1, le=MAX_K), alpha: float = QueryParam(0.0, ge=-1e4, le=1e4),
-                      category: str | None = None):
+                      category: str | None = None, category_feature: str | None = None):
         import anyio
 
         if not math.isfinite(alpha):
             return _error(422, "alpha must be a finite number")
-        r = await anyio.to_thread.run_sync(lambda: recommender.similar(item, k, alpha, category))
+        r = await anyio.to_thread.run_sync(lambda: recommender.similar(item, k, alpha, category, category_feature))
         item_json = json.dumps(_coerce_item(recommender, item)).encode()
         return Response(_encode(r)[:-1] + b',"item":' + item_json + b"}", media_type="application/json")
 
