@@ -120,7 +120,7 @@ def test_two_index_builds_at_once(base, run_copy):
     slow = ("import time\nimport twotower.index.run_index as r\n_t = r.tune_measure_save\n"
             "r.tune_measure_save = lambda *a, **k: (time.sleep(2), _t(*a, **k))[1]\n")
     first = spawn("index", run_copy, "--quiet", prelude=slow)
-    _wait_for(run_copy / "index" / ".twotower.lock", first)
+    _wait_for(run_copy / ".index.lock", first)
     assert_refused(cli("index", run_copy, "--quiet"), f"pid {first.pid}", "twotower index", "is writing this folder")
     assert first.wait(300) == 0, first.communicate()
 
@@ -137,11 +137,12 @@ def test_two_index_builds_at_once(base, run_copy):
     assert not no_temporaries(run_copy)
 
 
-@pytest.mark.parametrize("case", ["index", "index_out", "embed", "embed_same_job", "recommend_out", "mine_out",
+@pytest.mark.parametrize("case", ["index", "index_out", "index_update", "embed", "embed_same_job", "recommend_out", "mine_out",
                                   "compare", "train_resume", "export"])
 def test_every_writer_is_refused_while_another_process_holds_its_lock(base, run_copy, tmp_path, case):
     target, folder, name, args = {
         "index": (run_copy / "index", True, None, ["index", run_copy, "--quiet"]),
+        "index_update": (run_copy / "index", True, None, ["index", run_copy, "--update", "--add-new"]),
         "index_out": (tmp_path / "ix", True, None, ["index", run_copy, "--out", tmp_path / "ix", "--quiet"]),
         "embed": (run_copy / "embeddings", True, ".twotower-job-0-of-1.lock", ["embed", run_copy, "--quiet"]),
         "embed_same_job": (tmp_path / "parts", True, ".twotower-job-1-of-2.lock",
@@ -154,7 +155,7 @@ def test_every_writer_is_refused_while_another_process_holds_its_lock(base, run_
         "train_resume": (run_copy, True, None, ["train", base / "tiny.toml", "--out", run_copy, "--resume", *FAST]),
         "export": (tmp_path / "exp", True, None, ["export", run_copy, "--format", "torchscript", "--out", tmp_path / "exp"]),
     }[case]
-    holder = _holder(target, folder, name, beside=case == "export")
+    holder = _holder(target, folder, name, beside=case in ("export", "index", "index_out", "index_update"))
     try:
         assert_refused(cli(*args), f"holder job (pid {holder.pid} on {socket.gethostname()}", "One writer at a time")
     finally:
@@ -404,8 +405,8 @@ def test_a_killed_index_leaves_temporaries_the_next_build_removes(run_copy):
            "faiss.write_index = write\n")
     rc, _, _ = run("index", run_copy, "--quiet", prelude=die)
     assert rc == -signal.SIGKILL
-    left = no_temporaries(run_copy / "index")
-    assert any(p.name.startswith(".index.faiss.") for p in left) and any(p.name == ".twotower.lock" for p in left)
+    left = no_temporaries(run_copy)
+    assert any(p.name.startswith(".index.faiss.") for p in left) and any(p.name == ".index.lock" for p in left)
     rc, _, err = cli("index", run_copy, "--quiet")
     assert rc == 0, err
     assert not no_temporaries(run_copy)

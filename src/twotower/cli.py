@@ -187,17 +187,17 @@ def add_evaluate_parser(sub) -> None:
     e.set_defaults(func=cmd_evaluate)
 
 
-def _read_user_file(path: Path) -> list[str]:
+def _read_user_file(path: Path, entity: str = "user", what: str = "users") -> list[str]:
     from .errors import DataError
 
     if not path.is_file():
-        raise DataError(path, "users file not found", "pass a text file with one raw user id per line")
+        raise DataError(path, f"{what} file not found", f"pass a text file with one raw {entity} id per line")
     try:
         ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError as e:
         raise DataError(path, f"not UTF-8 text (byte {e.start})", "Save the file as UTF-8") from None
     if not ids:
-        raise DataError(path, "no user ids in the file", "write one raw user id per line")
+        raise DataError(path, f"no {entity} ids in the file", f"write one raw {entity} id per line")
     return ids
 
 
@@ -333,6 +333,8 @@ def cmd_index(args) -> int:
     from .run import Run
 
     run = Run(args.run)
+    if args.update or any(x is not None for x in (args.add, args.replace, args.remove)) or args.add_new:
+        return _update_index(run, args)
     if args.retune:
         from .index.run_index import retune_run_index
 
@@ -353,9 +355,62 @@ def cmd_index(args) -> int:
         idx = build_run_index(run, params, args.out, sample=args.sample_users, seed=args.seed, progress=not args.quiet,
                               log=lambda m: print(m, flush=True))
     m = idx.info.get("measured", {})
-    print(f"{idx.kind}: {idx.n_items:,} items, dim {idx.dim}; "
+    print(f"{idx.kind}: {idx.size:,} items, dim {idx.dim}; "
           + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("recall@"))
           + f"; {m.get('ann_ms_p50', float('nan')):.3f} ms per query (exact {m.get('exact_ms_p50', float('nan')):.3f} ms)")
+    return 0
+
+
+def _item_list(path: str, what: str, vectors: bool):
+    """Raw item ids (and vectors) from ``--add`` / ``--replace`` / ``--remove``: a text file with one
+    id per line, or a Parquet file with a column ``item`` (and ``vector``, a list of floats per item,
+    as `twotower embed` writes: used instead of the item tower when present)."""
+    import numpy as np
+
+    from .errors import DataError
+
+    p = Path(path)
+    if p.suffix.lower() != ".parquet":
+        ids = _read_user_file(p, "item", what)
+        return ids, None
+    try:
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(p)
+    except FileNotFoundError:
+        raise DataError(p, "file not found", f"pass the items to {what} as a Parquet file or a text file") from None
+    except Exception as e:  # pyarrow's errors for a damaged file
+        raise DataError(p, f"cannot read it as Parquet ({str(e).splitlines()[0]})", "write it again") from None
+    if "item" not in t.column_names:
+        raise DataError(p, f"no column 'item' (columns: {', '.join(t.column_names)})",
+                        "name the column of raw item ids 'item'")
+    ids = t.column("item").to_pylist()
+    if not vectors or "vector" not in t.column_names:
+        return ids, None
+    vec = t.column("vector").to_pylist()
+    width = {len(v) if v is not None else -1 for v in vec}
+    if len(width) != 1 or -1 in width:
+        raise DataError(p, "the 'vector' column has missing values or rows of different lengths",
+                        "give every item a vector of the model's dimension")
+    return ids, np.asarray(vec, dtype=np.float32)
+
+
+def _update_index(run, args) -> int:
+    from .index.run_index import update_run_index
+
+    if args.from_parts or args.retune:
+        from .errors import ConfigError
+
+        raise ConfigError("--update changes a built index: it cannot be combined with --from-parts or --retune")
+    add, add_v = _item_list(args.add, "add", True) if args.add else (None, None)
+    rep, rep_v = _item_list(args.replace, "replace", True) if args.replace else (None, None)
+    rem, _ = _item_list(args.remove, "remove", False) if args.remove else (None, None)
+    idx = update_run_index(run, add=add, replace=rep, remove=rem, add_vectors=add_v, replace_vectors=rep_v,
+                           add_new=args.add_new, folder=args.out, rebuild_share=args.rebuild_share,
+                           sample=args.sample_users, seed=args.seed, log=lambda m: print(m, flush=True))
+    m = idx.info.get("measured", {})
+    print(f"{idx.kind}: {idx.size:,} items after the update; "
+          + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("recall@")))
     return 0
 
 
@@ -364,7 +419,8 @@ def add_index_parser(sub) -> None:
                         epilog="examples:\n  twotower index runs/ml100k                      # auto: flat below 50k items, HNSW up to 5M, IVF beyond\n"
                                "  twotower index runs/gowalla --kind hnsw --M 32 --ef-search 128\n"
                                "  twotower index runs/big --kind ivfpq --nlist 4096 --pq-m 16 --refine 4\n"
-                               "  twotower index runs/big --from-parts runs/big/embeddings --kind ivf   # parts of `twotower embed`\n\n"
+                               "  twotower index runs/big --from-parts runs/big/embeddings --kind ivf   # parts of `twotower embed`\n"
+                               "  twotower index runs/big --update --add new.parquet --remove retired.txt   # no rebuild\n\n"
                                "Search knobs not given (--nprobe, --ef-search) are tuned on real users to reach --target-recall.\n"
                                "Recall@10/@100 against exact search and per-query latency are printed and stored in RUN/index/index.json.",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -392,6 +448,16 @@ def add_index_parser(sub) -> None:
     ix.add_argument("--from-parts", metavar="DIR", help="build from the Parquet parts of `twotower embed` (one part in memory at "
                     "a time; IVF kinds train on a sample of all parts) instead of embedding every item in memory")
     ix.add_argument("--train-size", type=int_in(1, 1 << 31), metavar="N", help="IVF kinds: items k-means trains on (default 64 per list, at least 10,000)")
+    up = ix.add_argument_group("updating a built index without a rebuild (--update)")
+    up.add_argument("--update", action="store_true", help="change the built index: --add, --replace, --remove, --add-new; "
+                    "then recall against exact search is measured and stored as at build")
+    up.add_argument("--add", metavar="FILE", help="items to add: a text file of raw item ids, one per line (vectors from the "
+                    "item tower), or Parquet with columns item and vector (e.g. from `twotower embed`); the run must know the ids")
+    up.add_argument("--replace", metavar="FILE", help="items whose vectors changed (same formats as --add)")
+    up.add_argument("--remove", metavar="FILE", help="items to retire: a text file of raw item ids, or Parquet with a column item")
+    up.add_argument("--add-new", action="store_true", help="add every item the run has beyond the index (admitted since it was built)")
+    up.add_argument("--rebuild-share", type=float_in(0.0, 1.0), metavar="S", help="HNSW / IVF-PQ: rebuild when removed or replaced entries "
+                    "pass this share of the index (default 0.2, kept in index.json)")
     ix.set_defaults(func=cmd_index)
 
 
@@ -432,20 +498,37 @@ def add_embed_parser(sub) -> None:
 def cmd_serve(args) -> int:
     from .serving.query import Recommender
     from .serving.service import serve
+    from .serving.swap import SwapSettings, read_token
 
+    token = read_token(args.admin_token_file, args.admin_token_from_env)  # before the (long) load: fail fast
+    settings = SwapSettings(run=args.run, token=token, watch=args.watch, interval=args.watch_interval,
+                            category_feature=args.category_feature)
     rec = Recommender.load(args.run, args.index, category_feature=args.category_feature)
     i = rec.index
     saved = "" if i.info.get("saved", True) else " (no saved index: exact search; build one with `twotower index RUN`)"
-    print(f"serving {args.run}: {i.n_items:,} items, index {i.kind}{saved}; page http://{args.host}:{args.port}/, "
+    print(f"serving {args.run}: {i.size:,} items, index {i.kind}{saved}; page http://{args.host}:{args.port}/, "
           f"API http://{args.host}:{args.port}/docs", flush=True)
-    serve(rec, host=args.host, port=args.port, log_level=args.log_level, max_batch=args.max_batch)
+    if token is not None or args.watch:
+        print("swaps: " + ", ".join(x for x in (
+            f"POST http://{args.host}:{args.port}/admin/swap with the admin token" if token is not None else "",
+            f"watching {args.run} every {args.watch_interval:g}s" if args.watch else "") if x), flush=True)
+    serve(rec, host=args.host, port=args.port, log_level=args.log_level, max_batch=args.max_batch, swap=settings)
     return 0
 
 
 def add_serve_parser(sub) -> None:
     sv = sub.add_parser("serve", help="HTTP API (recommendations, similar items, look-ups, metadata) and a page to look at them",
                         epilog="examples:\n  twotower serve runs/ml100k                 # the page: http://127.0.0.1:8000/, the API: /docs\n"
-                               "  curl -s localhost:8000/recommend -d '{\"user\": 196, \"k\": 10}' -H 'content-type: application/json'",
+                               "  curl -s localhost:8000/recommend -d '{\"user\": 196, \"k\": 10}' -H 'content-type: application/json'\n\n"
+                               "moving to a new model without dropping a request (off unless asked for):\n"
+                               "  twotower serve runs/current --watch       # runs/current: a symlink; switch it atomically:\n"
+                               "  ln -s v8 runs/next && mv -T runs/next runs/current\n"
+                               "  twotower serve runs/v7 --admin-token-file /etc/twotower/token\n"
+                               "  curl -s localhost:8000/admin/swap -H \"Authorization: Bearer $(cat /etc/twotower/token)\" \\\n"
+                               "       -H 'content-type: application/json' -d '{\"run\": \"runs/v8\"}'\n"
+                               "The new run and index are loaded and warmed beside the old ones, then swapped in at once;\n"
+                               "requests being computed finish on the old model. A run that fails to load leaves the old\n"
+                               "one serving (the reason is logged, returned by /admin/swap and shown in /metadata).",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     sv.add_argument("run", help="run directory written by `twotower train` (with RUN/index if `twotower index` built one)")
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
@@ -456,6 +539,13 @@ def add_serve_parser(sub) -> None:
     sv.add_argument("--max-batch", type=int, default=64, help="most concurrent requests computed together (default 64)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn's log level (default info: start-up and errors; debug adds one line per request)")
+    sw = sv.add_argument_group("model swaps")
+    sw.add_argument("--watch", action="store_true", help="reload when RUN changes: a symlink switched to another run "
+                    "directory, or a new manifest or index in it")
+    sw.add_argument("--watch-interval", type=float, default=2.0, metavar="S", help="seconds between looks at RUN (default 2)")
+    sw.add_argument("--admin-token-file", metavar="FILE", help="enable POST /admin/swap for requests that send "
+                    "'Authorization: Bearer TOKEN', TOKEN the first line of FILE (at least 16 characters)")
+    sw.add_argument("--admin-token-from-env", action="store_true", help="the same, with the token in $TWOTOWER_ADMIN_TOKEN")
     sv.set_defaults(func=cmd_serve)
 
 

@@ -99,7 +99,8 @@ class Recommender:
         self.dim = int(run.config.model.dim)
         self.history_length = int(run.config.model.history_length)
         self.log_p = run.log_popularity
-        self._pop_order = np.argsort(-run.item_counts, kind="stable")
+        order = np.argsort(-run.item_counts, kind="stable")
+        self._pop_order = order[index.contains(order)]  # items retired from the index are not recommended
         feats = run.item_feature_values()
         if category_feature is not None and category_feature not in feats:
             raise RequestError(f"category feature {category_feature!r} is not a categorical item feature of this model "
@@ -215,6 +216,9 @@ class Recommender:
         if idx < 0:
             raise UnknownItemError(f"item {item!r} is not known to this model ({len(self.run.items):,} items); "
                                    "pass an item id from the training data")
+        if idx >= self.index.n_items:
+            raise UnknownItemError(f"item {item!r} is not in the index yet (added to the run after the index was built); "
+                                   "add it with `twotower index RUN --update --add-new`")
         subset = self._category(cat)[0] if cat is not None else None
         q = self.index.layout.queries(self.index.vectors[idx : idx + 1, : self.dim], float(alpha))
         inner, ids = self.index.search(q, k + 1, subset=subset)
@@ -265,9 +269,7 @@ class Recommender:
             subset = self.run.item_category_items(*cat)
             sel = None
             if self.index.kind != "flat" and len(subset) > self.index.params.exact_subset_max:
-                import faiss
-
-                sel = faiss.IDSelectorBatch(subset)
+                sel = self.index.selector(subset)
             self._categories[key] = (subset, sel)
         return self._categories[key]
 
@@ -346,7 +348,9 @@ class Recommender:
         """``f(u)`` of new users (id ``-1``) from their history and features, through the user
         tower; each plan gets the feature values the encoders could not place."""
         if self._item_vecs_t is None and not self.model.user_tower.use_history:
-            self._item_vecs_t = torch.from_numpy(np.ascontiguousarray(self.index.vectors[:, : self.dim]))
+            covered = self.index.n_items >= len(self.run.items)  # else: items admitted to the run since the index
+            self._item_vecs_t = torch.from_numpy(np.ascontiguousarray(self.index.vectors[: len(self.run.items), : self.dim])) \
+                if covered else self.run.item_vectors.float()
         features = [q.features for q in queries] if self.user_feature_names else None
         with torch.no_grad():
             x = self.model.user_inputs(np.full(len(plans), -1), [p["hist"] for p in plans], features,
@@ -380,7 +384,7 @@ class Recommender:
         alphas = np.array([float(queries[i].alpha) for i in rows])
         ks = np.array([int(queries[i].k) for i in rows], dtype=np.int64)
         cats = [plans[i]["category"] for i in rows]
-        n_items = self.index.n_items
+        n_items = max(self.index.n_items, len(self.run.items))  # the key space of (row, item) pairs
         for cat in dict.fromkeys(cats):
             g = np.array([r for r, c in enumerate(cats) if c == cat], dtype=np.int64)
             subset, sel = self._category(cat) if cat is not None else (None, None)
@@ -414,7 +418,7 @@ class Recommender:
             order = self._pop_order
             if cat is not None:
                 subset = self._category(cat)[0]
-                member = np.zeros(self.index.n_items, dtype=bool)
+                member = np.zeros(len(self.run.items), dtype=bool)
                 member[subset] = True
                 order = order[member[order]]
             for i in rows:

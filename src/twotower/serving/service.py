@@ -7,10 +7,13 @@
     GET  /items/{id}/similar   ?k=10&alpha=0&category=...
     GET  /health, GET /metadata, GET /docs (OpenAPI)
     GET  /items, /items/{id}, /users, /users/{id}, /run/curves; the page at / (browse.py)
+    POST /admin/swap           {"run": PATH, "index": PATH}, only with an admin token (swap.py)
 
 Every client mistake is a 4xx whose ``detail`` says what to fix (malformed JSON 400, oversize body
 413, wrong types or values 422, unknown user or item 404); a 500 means a bug. Requests in flight
-at the same time are answered together (``batcher.MicroBatcher``).
+at the same time are answered together (``batcher.MicroBatcher``). Every handler reads the model it
+answers with once, from ``ModelSlot.current``, so a swap (``swap.py``) never splits a request
+between two models.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from .batcher import MicroBatcher
 from .browse import add_browse_routes
 from .query import MAX_HISTORY, MAX_K, Query, Recommendation, Recommender, RequestError
+from .swap import ModelSlot, Served, SwapBusy, Swapper, SwapSettings, Watcher, token_matches
 
 Id = Union[StrictInt, StrictStr]
 MAX_BODY_BYTES = 1 << 20
@@ -92,6 +96,15 @@ class BatchResponse(BaseModel):
 class ErrorResponse(BaseModel):
     detail: str
     errors: list[dict] | None = None
+
+
+class SwapRequest(BaseModel):
+    """What ``POST /admin/swap`` loads: a run directory and an index folder (defaults: the run
+    being served, then ``RUN/index``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    run: StrictStr | None = Field(None, min_length=1, description="run directory (default: the run path being served)")
+    index: StrictStr | None = Field(None, min_length=1, description="index folder (default: RUN/index)")
 
 
 def _dumps(obj) -> bytes:
@@ -237,19 +250,28 @@ class BodyLimit:
 
 
 def create_app(recommender: Recommender, max_body_bytes: int = MAX_BODY_BYTES, max_batch: int = 64,
-               micro_batching: bool = True) -> FastAPI:
+               micro_batching: bool = True, swap: SwapSettings | None = None) -> FastAPI:
     """The FastAPI application over ``recommender``. ``max_batch`` caps how many concurrent
-    requests are computed together (``micro_batching``)."""
-    meta = recommender.metadata()
+    requests are computed together (``micro_batching``). ``swap`` allows moving to another run
+    while serving (``swap.py``: an admin route with a token, a watched path); off by default."""
+    swap = swap or SwapSettings()
+    slot = ModelSlot(Served.of(recommender, swap.run))
+    swapper = Swapper(slot, swap)
+    watcher = Watcher(swapper, swap.run, swap.interval) if swap.watch else None
 
     def compute(queries):
-        return [_encode(r) for r in recommender.recommend_many(queries)]
+        rec = slot.current.recommender  # once per batch: a swap never splits a batch between models
+        return [_encode(r) for r in rec.recommend_many(queries)]
 
     batcher = MicroBatcher(compute, max_batch, inline=True) if micro_batching else None
 
     @asynccontextmanager
     async def lifespan(app):
+        if watcher is not None:
+            watcher.start()
         yield
+        if watcher is not None:
+            watcher.stop()
         if batcher is not None:
             batcher.close()
 
@@ -257,7 +279,8 @@ def create_app(recommender: Recommender, max_body_bytes: int = MAX_BODY_BYTES, m
                   description="Candidate retrieval with a two-tower model: the user tower online, item vectors in a FAISS "
                               "index, served score = <f(u), g(j)>/tau + b_j - alpha * log p(j) (exact through the index). "
                               "Ids are the raw ids of the training data.")
-    app.state.recommender = recommender
+    app.state.serving = slot
+    app.state.swapper = swapper
     app.state.batcher = batcher
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
@@ -319,23 +342,56 @@ def create_app(recommender: Recommender, max_body_bytes: int = MAX_BODY_BYTES, m
 
         if not math.isfinite(alpha):
             return _error(422, "alpha must be a finite number")
-        r = await anyio.to_thread.run_sync(lambda: recommender.similar(item, k, alpha, category, category_feature))
-        item_json = json.dumps(_coerce_item(recommender, item)).encode()
+        rec = slot.current.recommender
+        r = await anyio.to_thread.run_sync(lambda: rec.similar(item, k, alpha, category, category_feature))
+        item_json = json.dumps(_coerce_item(rec, item)).encode()
         return Response(_encode(r)[:-1] + b',"item":' + item_json + b"}", media_type="application/json")
 
     @app.get("/health", summary="liveness")
     async def health():
-        out = {"status": "ok", "items": recommender.index.n_items, "index": recommender.index.kind}
+        index = slot.current.recommender.index
+        out = {"status": "ok", "items": index.size, "index": index.kind}
         if batcher is not None and batcher.batches:
             out["requests_batched"], out["mean_batch"] = batcher.items, round(batcher.items / batcher.batches, 2)
         return out
 
-    @app.get("/metadata", summary="model, dataset, index kind and parameters, counts, measured ANN recall")
+    @app.get("/metadata", summary="model, dataset, index kind and parameters, counts, measured ANN recall; "
+                                  "the run serving (path, weights sha256, loaded at) and the last swap")
     async def metadata():
-        return JSONResponse(meta)
+        return JSONResponse({**slot.current.metadata, "serving": slot.describe()})
 
-    add_browse_routes(app, recommender, ErrorResponse)  # look-ups and the page (browse.py)
+    if swap.token is not None:
+        add_admin_routes(app, swapper, swap.token)
+    add_browse_routes(app, lambda: slot.current.catalog, ErrorResponse)  # look-ups and the page (browse.py)
     return app
+
+
+def add_admin_routes(app: FastAPI, swapper: Swapper, token: str) -> None:
+    """``POST /admin/swap``: load a run and serve it (swap.py), for a bearer of ``token``. Not in
+    the OpenAPI document: it is not part of the public API."""
+    import anyio
+
+    slot = swapper.slot
+
+    @app.post("/admin/swap", include_in_schema=False)
+    async def admin_swap(request: Request):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token_matches(given.strip(), token):
+            return JSONResponse({"detail": "missing or wrong admin token; send the header Authorization: Bearer TOKEN"},
+                                401, headers={"WWW-Authenticate": "Bearer"})
+        try:
+            req = SwapRequest.model_validate_json((await request.body()) or b"{}")
+        except ValidationError as e:
+            status, msg = _describe(e.errors())
+            return _error(status, msg.replace(FIELDS, "run, index"))
+        try:
+            record = await anyio.to_thread.run_sync(lambda: swapper.swap_to(req.run, req.index, by="admin"))
+        except SwapBusy as e:
+            return _error(409, str(e))
+        if not record.ok:
+            return JSONResponse({"detail": f"could not load {record.run}: {record.error}; still serving "
+                                           f"{slot.current.path}", "serving": slot.describe(public=False)}, 422)
+        return JSONResponse({"status": "swapped", "seconds": round(record.seconds, 3), "serving": slot.describe(public=False)})
 
 
 def _coerce_item(recommender: Recommender, item: str):
