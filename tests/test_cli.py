@@ -123,7 +123,7 @@ def test_an_item_table_row_without_interactions_is_an_item_of_the_catalog(tmp_pa
     (tmp_path / "inter.csv").write_text("user,item\n1,10\n1,11\n2,10\n2,12\n3,11\n3,12\n")
     (tmp_path / "items.csv").write_text("item,genre\n10,a\n11,a\n12,b\n99,b\n")
     cfg = tmp_path / "cfg.toml"
-    cfg.write_text(f'[data]\ndataset = "files"\ninteractions = "{tmp_path / "inter.csv"}"\nvalid_fraction = 0.0\n'
+    cfg.write_text(f'[data]\ndataset = "files"\ninteractions = "{tmp_path / "inter.csv"}"\nvalid_fraction = 0.0\ntest_fraction = 0.5\n'
                    f'item_features = "{tmp_path / "items.csv"}"\nitem_feature_cols = ["genre"]\n'
                    '[model]\ndim = 4\nitem_features = "all"\nitem_id_dropout = 0.5\n'
                    '[train]\nepochs = 2\nbatch_size = 4\nmonitor = "recall@2"\n[eval]\nks = [2]\n')

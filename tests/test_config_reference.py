@@ -34,9 +34,9 @@ def test_reference_rows_give_type_default_and_bounds():
     row = next(line for line in lines if line.startswith("| `split` |"))
     assert row.startswith('| `split` | "given" or "random" or "temporal" | `"random"` |  | ')
     row = next(line for line in lines if line.startswith("| `grad_clip` |"))
-    assert row.startswith("| `grad_clip` | float or none | `null` | > 0.0 | ")
+    assert row.startswith("| `grad_clip` | float or none | `null` | > 0.0, <= 1000000.0 | ")
     row = next(line for line in lines if line.startswith("| `ks` |"))
-    assert row.startswith("| `ks` | list of int | `[10, 20, 50, 100, 500]` |  | ")
+    assert row.startswith("| `ks` | list of int | `[10, 20, 50, 100, 500]` | each >= 1, <= 100000, at most 64 items | ")
     from twotower.config import FeatureSpec
 
     # every section's keys, and the keys of a feature declaration (one table under [features])

@@ -68,8 +68,8 @@ def _outcome(run: Path) -> dict:
     """What must not depend on crashes: the final metrics, the per-epoch record (timings aside) and
     the bytes of the served artifacts."""
     metrics = json.loads((run / "metrics.json").read_text())
-    for k in ("seconds", "seconds_per_epoch"):
-        metrics.pop(k)
+    for k in ("seconds", "seconds_per_epoch", "seconds_this_invocation"):  # the last: a finished run resumed
+        metrics.pop(k, None)
     epochs = [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "examples_per_s", "eval_seconds")}
               for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {"metrics": metrics, "epochs": epochs,

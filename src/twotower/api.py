@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import artifacts, native
-from .config import RunConfig
+from . import artifacts, locks, native
+from .config import EvalConfig, RunConfig
 from .data.dataset import Dataset
 from .data.sources import load_dataset
 from .evaluation.evaluator import evaluate
@@ -41,22 +41,41 @@ class TrainResult:
 def train(cfg: RunConfig, out: str | Path | None = None, data_dir: str | Path | None = None, resume: bool = False,
           quiet: bool = False, dataset: Dataset | None = None, evaluate_test: bool = True, log=None) -> TrainResult:
     """Load the data, train with early stopping on validation, score the best model on test once,
-    and write the run directory (``out``) if given.
+    and write the run directory (``out``) if given, holding its lock (``RunDir.lock``: a second
+    writer of the same directory is refused).
 
     Under ``torchrun`` every rank calls this; rank 0 alone logs, evaluates and writes (the others
     get its metrics and return once the run directory is complete)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if not distributed.is_main():
         log, quiet = (lambda msg: None), True
+    if out is None or not distributed.is_main():  # rank 0 alone writes, so rank 0 alone locks
+        return _train(cfg, out, data_dir, resume, quiet, dataset, evaluate_test, log)
+    rd = RunDir(out)
+    with rd.lock("twotower train" + (" --resume" if resume else ""), log=log):
+        rd.remove_stale_temporaries()
+        return _train(cfg, out, data_dir, resume, quiet, dataset, evaluate_test, log)
+
+
+def _train(cfg: RunConfig, out, data_dir, resume: bool, quiet: bool, dataset: Dataset | None, evaluate_test: bool,
+           log) -> TrainResult:
     t0 = time.perf_counter()
     ds = dataset if dataset is not None else load_dataset(cfg, data_dir)
     s = ds.summary()
     log(f"data: {s['name']}: {s['users']:,} users, {s['items']:,} items; train {s['train']:,}, valid {s['valid']:,}, test {s['test']:,}")
+    for line in ds.untrained_report():
+        log(line)
+    no_valid = None if len(ds.valid) else ("data.valid_leave_last = 0" if cfg.data.split == "temporal" else
+                                           "data.valid_fraction = 0")
+    if no_valid:
+        log(f"no validation data ({no_valid}): no early stopping and no model selection; the last epoch's weights "
+            "are the run's, and metrics.json records valid as null")
+    finished = _finished(out, cfg) if resume else None
     trainer = Trainer(cfg, ds, out, quiet=quiet, log=log)
     log(f"native: {native.summary()}")  # so that no speed figure silently comes from the PyTorch paths
     state = trainer.fit(resume=resume)
     hl = cfg.model.history_length
-    valid = trainer.par.on_main(lambda: evaluate(trainer.model, ds, "valid", cfg.eval, hl)) if len(ds.valid) else {}
+    valid = trainer.par.on_main(lambda: evaluate(trainer.model, ds, "valid", cfg.eval, hl)) if len(ds.valid) else None
     final = trainer
     if cfg.train.refit and len(ds.valid):
         final = _refit(cfg, ds, state.best_epoch, out, resume, quiet, log, jump_after=state.phase_one_best)
@@ -64,18 +83,39 @@ def train(cfg: RunConfig, out: str | Path | None = None, data_dir: str | Path | 
     # without a training interaction) becomes so in the weights, for the index and serving too.
     forgot = final.model.forget_ids(*final.model.new_entities(final.dataset))
     test = final.par.on_main(lambda: evaluate(final.model, ds, "test", cfg.eval, hl)) if evaluate_test and len(ds.test) else None
-    seconds = time.perf_counter() - t0
+    this_run = time.perf_counter() - t0
+    # A resumed run: the epochs earlier invocations trained count too; a finished run resumed keeps
+    # the training time it recorded (this invocation only re-evaluated).
+    seconds = this_run + trainer.earlier_seconds + (final.earlier_seconds if final is not trainer else 0.0)
+    if finished is not None and isinstance(finished.get("seconds"), (int, float)):
+        seconds = float(finished["seconds"])
     if out is not None and final.par.main:
-        RunDir(out).finish({
+        metrics = {
             "best_epoch": state.best_epoch, "epochs_run": state.epoch, "stopped_early": state.stopped_early,
             "refit": final is not trainer,
             "valid": valid, "test": test, "seconds": seconds,
             "seconds_per_epoch": float(np.mean([r["seconds"] for r in state.history])) if state.history else None,
             "native": native.report(),  # which kernels those seconds ran (twotower info --json)
-        }, embed_items(final.model).cpu().numpy(),
-            weights=final.model.state_dict() if final is not trainer or forgot else None)
+            "untrained": ds.untrained_counts(),
+        }
+        if finished is not None:  # the recorded time is kept; this invocation's is recorded beside it
+            metrics["seconds_this_invocation"] = this_run
+        if valid is None:
+            metrics["valid_skipped"] = f"no validation data ({no_valid or 'dataset given without it'})"
+        RunDir(out).finish(metrics, embed_items(final.model).cpu().numpy(),
+                           weights=final.model.state_dict() if final is not trainer or forgot else None)
     final.par.barrier()
-    return TrainResult(Path(out) if out is not None else None, final, valid, test, seconds)
+    return TrainResult(Path(out) if out is not None else None, final, valid or {}, test, seconds)
+
+
+def _finished(out, cfg: RunConfig) -> dict | None:
+    """The metrics of a run in ``out`` that already finished with ``cfg`` (``None``: none, or damaged)."""
+    from .errors import ArtifactError
+
+    try:
+        return RunDir(out).finished_metrics(cfg) if out is not None else None
+    except ArtifactError:
+        return None
 
 
 def _refit(cfg: RunConfig, ds: Dataset, epochs: int, out, resume: bool, quiet: bool, log,
@@ -103,20 +143,27 @@ def mine(run_dir: str | Path, out: str | Path, top_r: int = 200, lo: int = 10, h
     score, the user's known items dropped, ranks ``[lo, hi)`` kept; written to ``out`` (Parquet or
     CSV, columns ``user``, ``item``: raw ids), the impressions format that ``negatives.hard =
     "exposure"`` reads, so the next training can use them."""
-    import pandas as pd
-
     from .errors import TwotowerError
-    from .model.scoring import ServedScore
-    from .model.towers import embed_users
-    from .run import Run
-    from .training.mining import mine_negatives
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(out)
     if out.suffix not in (".parquet", ".csv"):
         raise TwotowerError(f"--out {out}: use a .parquet or .csv file name")
-    if not 0 <= lo < hi <= top_r:
-        raise TwotowerError(f"need 0 <= --window LO < HI <= --top-r, got {lo}, {hi}, {top_r}")
+    if not 0 <= lo < hi <= top_r <= 100_000:
+        raise TwotowerError(f"need 0 <= --window LO < HI <= --top-r <= 100000, got {lo}, {hi}, {top_r}")
+    with locks.exclusive(out, "twotower mine", folder=False):
+        artifacts.remove_stale_temporaries(out.parent, [out.name])  # what a killed writer of this file left
+        return _mine(run_dir, out, top_r, lo, hi, log)
+
+
+def _mine(run_dir, out: Path, top_r: int, lo: int, hi: int, log) -> dict:
+    import pandas as pd
+
+    from .model.scoring import ServedScore
+    from .model.towers import embed_users
+    from .run import Run
+    from .training.mining import mine_negatives
+
     t0 = time.perf_counter()
     run = Run(run_dir)
     users = np.flatnonzero(run.known.lengths() > 0)
@@ -147,5 +194,13 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data_dir: str | Path 
     if not (ds.users == run.users and ds.items == run.items):
         raise ArtifactError(f"{run_dir}: the data under the data directory does not match the run's vocabularies "
                             "(different files or data.seed); point TWOTOWER_DATA at the data the run was trained on")
-    cfg = run.config.eval if alpha is None else run.config.eval.model_copy(update={"alpha": float(alpha)})
+    cfg = run.config.eval
+    if alpha is not None:  # validated like the config's own eval.alpha (finite, bounded), not copied in unchecked
+        cfg = EvalConfig.from_values({**cfg.model_dump(), "alpha": alpha}, source="--alpha")
+    held = ds.valid if split == "valid" else ds.test
+    if not len(held):
+        why = ("the run was trained without validation data (data.valid_fraction or data.valid_leave_last = 0)"
+               if split == "valid" else "the data holds no test interaction")
+        raise ArtifactError(f"{run_dir}: nothing to score on --split {split}: {why}. "
+                            + ("Score --split test instead" if split == "valid" else "Check the data the run was trained on"))
     return evaluate(run.model, ds, split, cfg, run.config.model.history_length)

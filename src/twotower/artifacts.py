@@ -6,9 +6,11 @@ the optimizer state goes through ``torch.save`` and is read back with ``weights_
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from contextlib import contextmanager
@@ -19,25 +21,102 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import ArtifactError
+from .errors import ArtifactError, storage_error
 
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed.
+
+    A file-system failure (full disk, read-only, permission, a file where a folder should be) becomes
+    a ``StorageError`` naming ``path`` (``errors.storage_error``), with the temporary file gone."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_temp_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        tmp = new_temp_file(path)
+    except OSError as e:
+        raise storage_error(e, path) from None
     try:
         yield Path(tmp)
+        # Writers that replace the prepared file rather than write into it (safetensors) leave the
+        # 0600 of their own temporary file; the artifact gets what a plain open() would give.
+        _give_umask_mode(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException as e:
+        _remove_quietly(tmp)
+        err = storage_error(e, path) if isinstance(e, Exception) else None
+        if err is not None:
+            raise err from None
         raise
 
 
-def _new_temp_file(path: Path) -> Path:
+def umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` sets it to read it, which races
+    with threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _give_umask_mode(path: str | Path) -> None:
+    try:
+        os.chmod(path, 0o666 & ~umask())
+    except OSError:  # a file system without modes (vfat): whatever it gives is what a plain open() gives
+        pass
+
+
+def _remove_quietly(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+
+
+def remove_stale_temporaries(folder: str | Path, names: list[str] | None = None) -> list[Path]:
+    """Remove the temporary files that writers killed mid-write left in ``folder`` (``.NAME.XXXX.tmp``
+    of ``atomic_path``); only those of the targets ``names`` when given. Call it holding the folder's
+    lock (``locks``): no live writer owns them then. Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        if not _TEMPORARY.match(p.name) or (names is not None and p.name[1:].rsplit(".", 2)[0] not in names):
+            continue
+        if p.is_file() and not p.is_symlink():
+            _remove_quietly(p)
+            removed.append(p)
+    return removed
+
+
+def reserve(path: str | Path, nbytes: int) -> None:
+    """Allocate ``nbytes`` for a file about to be written through a memory map: a full disk is then an
+    error here, not a SIGBUS in the middle of the writes (tmpfs and most file systems)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # the file system cannot reserve: write and hope
+            return
+        raise storage_error(e, path) from None
+    finally:
+        os.close(fd)
+
+
+def new_temp_file(path: Path) -> Path:
+    """An empty ``.NAME.XXXXXXXXXXXX.tmp`` beside ``path``, mode 0666 minus the umask."""
     # Not tempfile.mkstemp: it creates mode 0600, and the rename would carry that onto the artifact,
     # so a run trained by one account could not be served by another. 0666 minus the umask is what
     # a plain open() gives.
@@ -59,6 +138,14 @@ def write_text(path: str | Path, text: str) -> None:
             os.fsync(f.fileno())
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
@@ -73,11 +160,26 @@ def append_jsonl(path: str | Path, obj: Any) -> None:
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ArtifactError(f"{path}: missing. Is this a run directory written by `twotower train`?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{path}: corrupted (not UTF-8 at byte {e.start}). Re-run the command that wrote it") from None
+    except OSError as e:
+        raise storage_error(e, path, "read") from None
+    return parse_json(text, path)
+
+
+def parse_json(text: str, path: str | Path) -> Any:
+    """JSON text of an artifact; nesting too deep for the parser (a hostile or damaged file) is
+    refused like any other corruption, not a ``RecursionError``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
         raise ArtifactError(f"{path}: corrupted ({e}). Re-run the command that wrote it") from None
+    except RecursionError:
+        raise ArtifactError(f"{path}: corrupted (nested too deeply to be a twotower file). Re-run the command "
+                            "that wrote it") from None
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -201,16 +303,32 @@ def verify_manifest(folder: str | Path, name: str) -> None:
     """Refuse a folder whose files do not match the manifest ``name`` written by ``write_manifest``
     (corrupted, truncated, or swapped in from another run)."""
     folder = Path(folder)
-    recorded = read_json(folder / name).get("sha256", {})
+    m = read_json(folder / name)
+    recorded = m.get("sha256") if isinstance(m, dict) else None
+    if not isinstance(recorded, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()):
+        raise ArtifactError(f"{folder / name}: not a manifest written by twotower (no table of sha256 digests). "
+                            "Re-run training, or restore the run from a backup")
     bad = []
     for file, digest in recorded.items():
         f = folder / file
-        if not f.is_file():
+        if not is_plain_name(file):
+            bad.append(f"{file!r} is not a file name of this folder (a manifest lists only the files beside it)")
+        elif f.is_symlink():
+            bad.append(f"{file} is a symbolic link (a run directory holds its own files)")
+        elif not f.is_file():
             bad.append(f"{file} is missing")
         elif sha256_file(f) != digest:
             bad.append(f"{file} does not match its recorded sha256 (corrupted, truncated or from another run)")
-    if bad:
-        raise ArtifactError(f"{folder}: " + "; ".join(bad) + ". Re-run training, or restore the files from a backup")
+    if bad:  # a damaged manifest may list thousands of names: the first few say enough
+        more = f"; and {len(bad) - 5:,} more" if len(bad) > 6 else ""
+        raise ArtifactError(f"{folder}: " + "; ".join(bad[:5] if more else bad) + more
+                            + ". Re-run training, or restore the files from a backup")
+
+
+def is_plain_name(name: str) -> bool:
+    """A file name of the folder itself: not a path, not ``..``, not hidden, no NUL byte."""
+    return (bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\x00" not in name
+            and not name.startswith("."))
 
 
 def _json_default(o: Any):

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from .display import format_metrics, item_label
-from .errors import TwotowerError
+from .errors import TwotowerError, storage_error
 
 EPILOG_TRAIN = """\
 examples:
@@ -53,9 +54,52 @@ def _data_dir(args) -> Path | None:
     return Path(args.data_dir) if getattr(args, "data_dir", None) else None
 
 
+# ---- argument types: a value that cannot work is refused by the parser, with its bounds --------------
+def int_in(lo: int, hi: int):
+    """An ``argparse`` type: an integer from ``lo`` to ``hi``."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer from {lo:,} to {hi:,}, got {v:,}")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
+def out_path(text: str) -> str:
+    """An ``argparse`` type for ``--out``: not empty (``--out ""`` meant the current folder)."""
+    if not text.strip() or "\x00" in text:
+        raise argparse.ArgumentTypeError(f"expected a folder or file name, got {text!r}")
+    return text
+
+
+out_path.__name__ = "path"
+
+
+def float_in(lo: float, hi: float, lo_open: bool = False):
+    """An ``argparse`` type: a finite number in ``[lo, hi]`` (``(lo, hi]`` when ``lo_open``)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(v) or not (lo < v if lo_open else lo <= v) or v > hi:
+            raise argparse.ArgumentTypeError(f"must be a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {text}")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
+ALPHA = float_in(-1e4, 1e4)   # as the config's eval.alpha and the service's requests
+
+
 def cmd_train(args) -> int:
     from .api import train
     from .config import RunConfig
+    from .run_dir import RunDir
     from .training import distributed
 
     overrides = list(args.set or [])
@@ -65,11 +109,18 @@ def cmd_train(args) -> int:
         overrides.append(f'train.device="{args.device}"')
     cfg = RunConfig.load(args.config, overrides)
     out = Path(args.out)
-    # Under torchrun every rank checks before any writes: rank 0 writes only after all ranks have
-    # joined the process group (in the trainer), so none can see a directory it created.
-    if out.exists() and any(out.iterdir()) and not args.resume:
-        raise TwotowerError(f"{out}: already exists and is not empty. Pass --resume to continue that run, or choose another --out")
-    res = train(cfg, out, _data_dir(args), resume=args.resume, quiet=args.quiet)
+    rd = RunDir(out)
+    if not distributed.is_main():
+        # Under torchrun every rank checks before any writes: rank 0 writes only after all ranks
+        # have joined the process group (in the trainer), so none can see a directory it created.
+        _check_fresh(rd, args.resume)
+        res = train(cfg, out, _data_dir(args), resume=args.resume, quiet=args.quiet)
+    else:
+        # The lock first, then the check: two trainings started together both found the directory
+        # empty before. ``train`` takes the same lock again (re-entrant) and holds it to the end.
+        with rd.lock("twotower train" + (" --resume" if args.resume else "")):
+            _check_fresh(rd, args.resume)
+            res = train(cfg, out, _data_dir(args), resume=args.resume, quiet=args.quiet)
     distributed.shutdown()
     if not distributed.is_main():
         return 0
@@ -81,13 +132,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _check_fresh(rd, resume: bool) -> None:
+    if not resume and not rd.is_empty():
+        raise TwotowerError(f"{rd.path}: already exists and is not empty. Pass --resume to continue that run, or choose "
+                            "another --out")
+
+
 def add_train_parser(sub) -> None:
     t = sub.add_parser("train", help="train a model from a config file", epilog=EPILOG_TRAIN,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("config", help="TOML or YAML config (see configs/; every key: docs/config.md)")
-    t.add_argument("--out", required=True, help="run directory to write (config, vocabularies, weights, metrics)")
+    t.add_argument("--out", required=True, type=out_path, help="run directory to write (config, vocabularies, weights, metrics)")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
-    t.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=N")
+    t.add_argument("--epochs", type=int_in(1, 100_000), help="shorthand for --set train.epochs=N")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="shorthand for --set train.device=...: auto picks CUDA "
                    "when available (under torchrun: one GPU per rank, cuda:LOCAL_RANK)")
@@ -123,7 +180,7 @@ def add_evaluate_parser(sub) -> None:
     e.add_argument("--data-dir", help="data directory the run was trained from (default: $TWOTOWER_DATA or "
                                       "~/.local/share/twotower): the split is rebuilt from the data and the run's config")
     e.add_argument("--json", action="store_true", help="print all metrics as JSON")
-    e.add_argument("--alpha", type=float, default=None,
+    e.add_argument("--alpha", type=ALPHA, default=None,
                    help="rank by the served score with popularity correction, score - alpha * log p(item), as "
                         "`serve` does (default: the run's eval.alpha, normally 0). Raising it trades head-item "
                         "recall for tail-item recall: see the recall@K/tail rows of --json")
@@ -138,7 +195,7 @@ def _read_user_file(path: Path, entity: str = "user", what: str = "users") -> li
     try:
         ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError as e:
-        raise DataError(path, f"not UTF-8 text (byte {e.start})", "save the file as UTF-8") from None
+        raise DataError(path, f"not UTF-8 text (byte {e.start})", "Save the file as UTF-8") from None
     if not ids:
         raise DataError(path, f"no {entity} ids in the file", f"write one raw {entity} id per line")
     return ids
@@ -147,12 +204,16 @@ def _read_user_file(path: Path, entity: str = "user", what: str = "users") -> li
 def cmd_recommend(args) -> int:
     import numpy as np
 
-    from . import artifacts
+    from . import artifacts, locks
     from .run import Run
 
+    out = Path(args.out) if args.out else None
+    if out is not None:  # before any work: a name that cannot be written is refused at once
+        if out.is_dir():
+            raise TwotowerError(f"--out {out}: is a folder; give a file name, e.g. --out {out / 'recs.parquet'}")
+        if out.suffix not in (".parquet", ".csv"):
+            raise TwotowerError(f"--out {out}: use a .parquet or .csv file name")
     run = Run(args.run)
-    if args.k < 1:
-        raise TwotowerError(f"-k must be at least 1, got {args.k}")
     if args.user is not None or args.history is not None or args.features:
         return _recommend_one(run, args)
     if args.users_file:
@@ -166,21 +227,21 @@ def cmd_recommend(args) -> int:
         users = run.users.decode(idx)
     else:
         raise TwotowerError("say whom to recommend for: --user ID, --users-file FILE or --all-users")
-    if not args.out:
+    if out is None:
         raise TwotowerError("batch recommendation writes a file: pass --out FILE.parquet or FILE.csv")
-    out = Path(args.out)
-    if out.suffix not in (".parquet", ".csv"):
-        raise TwotowerError(f"--out {out}: use a .parquet or .csv file name")
     from .serving.query import Recommender
 
-    rec = Recommender.load(run, args.index, category_feature=args.category_feature)
-    recs = rec.recommend_frame(users, k=args.k, exclude_seen=not args.include_seen, alpha=args.alpha, category=args.category,
-                               context=_parsed(run.model.user_tower.context, args.context, "--context", "context feature"))
-    with artifacts.atomic_path(out) as tmp:
-        if out.suffix == ".parquet":
-            recs.to_parquet(tmp, index=False)
-        else:
-            recs.to_csv(tmp, index=False)
+    with locks.exclusive(out, "twotower recommend", folder=False):
+        artifacts.remove_stale_temporaries(out.parent, [out.name])  # what a killed writer of this file left
+        rec = Recommender.load(run, args.index, category_feature=args.category_feature)
+        recs = rec.recommend_frame(users, k=args.k, exclude_seen=not args.include_seen, alpha=args.alpha,
+                                   category=args.category,
+                                   context=_parsed(run.model.user_tower.context, args.context, "--context", "context feature"))
+        with artifacts.atomic_path(out) as tmp:
+            if out.suffix == ".parquet":
+                recs.to_parquet(tmp, index=False)
+            else:
+                recs.to_csv(tmp, index=False)
     print(f"wrote {len(recs):,} recommendations for {len(users):,} users to {out}")
     return 0
 
@@ -251,10 +312,10 @@ def add_recommend_parser(sub) -> None:
     g.add_argument("--users-file", help="text file with one raw user id per line")
     g.add_argument("--history", metavar="ID,ID,...", help="a new user: raw item ids, oldest first (unknown ones are ignored)")
     r.add_argument("--scope", choices=["test", "all"], default="test", help="with --all-users: test-split users or every user")
-    r.add_argument("-k", type=int, default=20, help="items per user (default 20)")
-    r.add_argument("--out", help="output file for batch mode: .parquet or .csv (columns user, item, score, rank)")
+    r.add_argument("-k", type=int_in(1, 100_000), default=20, help="items per user (default 20)")
+    r.add_argument("--out", type=out_path, help="output file for batch mode: .parquet or .csv (columns user, item, score, rank)")
     r.add_argument("--include-seen", action="store_true", help="do not exclude the user's training items")
-    r.add_argument("--alpha", type=float, default=0.0, help="popularity correction: score - alpha * log p(item) (default 0)")
+    r.add_argument("--alpha", type=ALPHA, default=0.0, help="popularity correction: score - alpha * log p(item) (default 0)")
     r.add_argument("--features", metavar="NAME=VALUE,...", help="a new user's features (with --history, or alone): "
                    "numbers, labels (several: a|b), texts, vectors (numbers separated by spaces)")
     r.add_argument("--context", metavar="NAME=VALUE,...", help="the request's context features, e.g. hour=21,weekday=Sat "
@@ -367,25 +428,26 @@ def add_index_parser(sub) -> None:
     ix.add_argument("--kind", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"], default="auto",
                     help="flat: exact; hnsw: neighbour graph; ivf: k-means lists; ivfpq: lists of compressed codes, "
                          "re-ranked exactly; auto (default): flat below 50k items, hnsw up to 5M, ivf beyond")
-    ix.add_argument("--nlist", type=int, help="IVF lists (default 4 * sqrt(items))")
-    ix.add_argument("--nprobe", type=int, help="IVF lists visited per query (default: tuned)")
-    ix.add_argument("--M", type=int, default=32, help="HNSW neighbours per node (default 32)")
-    ix.add_argument("--ef-construction", type=int, default=80, help="HNSW build-time candidate list (default 80)")
-    ix.add_argument("--ef-search", type=int, help="HNSW search-time candidate list (default: tuned; at least k is used)")
-    ix.add_argument("--pq-m", type=int, default=16, help="IVF-PQ sub-quantizers (default 16)")
-    ix.add_argument("--pq-bits", type=int, default=None, help="IVF-PQ bits per code (default 8; 4 with --fast-scan)")
+    ix.add_argument("--nlist", type=int_in(1, 1 << 24), help="IVF lists (default 4 * sqrt(items))")
+    ix.add_argument("--nprobe", type=int_in(1, 1 << 24), help="IVF lists visited per query (default: tuned)")
+    ix.add_argument("--M", type=int_in(2, 1024), default=32, help="HNSW neighbours per node (default 32)")
+    ix.add_argument("--ef-construction", type=int_in(1, 1 << 16), default=80, help="HNSW build-time candidate list (default 80)")
+    ix.add_argument("--ef-search", type=int_in(1, 1 << 16), help="HNSW search-time candidate list (default: tuned; at least k is used)")
+    ix.add_argument("--pq-m", type=int_in(1, 4096), default=16, help="IVF-PQ sub-quantizers (default 16)")
+    ix.add_argument("--pq-bits", type=int_in(1, 16), default=None, help="IVF-PQ bits per code (default 8; 4 with --fast-scan)")
     ix.add_argument("--fast-scan", action="store_true",
                     help="IVF-PQ: 4-bit codes scanned with SIMD lookup tables (FAISS IVFPQFastScan), several times faster per code")
-    ix.add_argument("--refine", type=int, default=4, help="IVF-PQ: re-rank refine * k candidates exactly (default 4)")
-    ix.add_argument("--target-recall", type=float, default=None, help="tuning target for recall@10 and @100 (default 0.95)")
+    ix.add_argument("--refine", type=int_in(1, 1000), default=4, help="IVF-PQ: re-rank refine * k candidates exactly (default 4)")
+    ix.add_argument("--target-recall", type=float_in(0.0, 1.0, lo_open=True), default=None, help="tuning target for recall@10 and @100 (default 0.95)")
     ix.add_argument("--retune", action="store_true", help="keep the built index; set --ef-search/--nprobe, or tune them again, and re-measure")
-    ix.add_argument("--sample-users", type=int, default=1000, help="real users to tune and measure recall on (default 1000)")
-    ix.add_argument("--seed", type=int, default=0, help="seed of the user sample and of the k-means training sample (default 0)")
-    ix.add_argument("--out", help="index folder (default RUN/index)")
+    ix.add_argument("--sample-users", type=int_in(1, 10_000_000), default=1000,
+                    help="real users to tune and measure recall on (default 1000)")
+    ix.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="seed of the user sample and of the k-means training sample (default 0)")
+    ix.add_argument("--out", type=out_path, help="index folder (default RUN/index)")
     ix.add_argument("--quiet", action="store_true", help="no progress bar")
     ix.add_argument("--from-parts", metavar="DIR", help="build from the Parquet parts of `twotower embed` (one part in memory at "
                     "a time; IVF kinds train on a sample of all parts) instead of embedding every item in memory")
-    ix.add_argument("--train-size", type=int, metavar="N", help="IVF kinds: items k-means trains on (default 64 per list, at least 10,000)")
+    ix.add_argument("--train-size", type=int_in(1, 1 << 31), metavar="N", help="IVF kinds: items k-means trains on (default 64 per list, at least 10,000)")
     up = ix.add_argument_group("updating a built index without a rebuild (--update)")
     up.add_argument("--update", action="store_true", help="change the built index: --add, --replace, --remove, --add-new; "
                     "then recall against exact search is measured and stored as at build")
@@ -394,7 +456,7 @@ def add_index_parser(sub) -> None:
     up.add_argument("--replace", metavar="FILE", help="items whose vectors changed (same formats as --add)")
     up.add_argument("--remove", metavar="FILE", help="items to retire: a text file of raw item ids, or Parquet with a column item")
     up.add_argument("--add-new", action="store_true", help="add every item the run has beyond the index (admitted since it was built)")
-    up.add_argument("--rebuild-share", type=float, metavar="S", help="HNSW / IVF-PQ: rebuild when removed or replaced entries "
+    up.add_argument("--rebuild-share", type=float_in(0.0, 1.0), metavar="S", help="HNSW / IVF-PQ: rebuild when removed or replaced entries "
                     "pass this share of the index (default 0.2, kept in index.json)")
     ix.set_defaults(func=cmd_index)
 
@@ -421,10 +483,10 @@ def add_embed_parser(sub) -> None:
     em = sub.add_parser("embed", help="embed every item into Parquet parts (catalogs larger than memory)",
                         epilog=EPILOG_EMBED, formatter_class=argparse.RawDescriptionHelpFormatter)
     em.add_argument("run", help="run directory written by `twotower train`")
-    em.add_argument("--out", metavar="DIR", help="parts folder (default RUN/embeddings)")
-    em.add_argument("--chunk-size", type=int, default=1_000_000, metavar="N",
+    em.add_argument("--out", type=out_path, metavar="DIR", help="parts folder (default RUN/embeddings)")
+    em.add_argument("--chunk-size", type=int_in(1, 1 << 31), default=1_000_000, metavar="N",
                     help="items per part (default 1,000,000: 256 MB of float32 at 64 dims); one part is in memory at a time")
-    em.add_argument("--batch-size", type=int, default=16384, metavar="B", help="items per item-tower forward pass (default 16384)")
+    em.add_argument("--batch-size", type=int_in(1, 1 << 24), default=16384, metavar="B", help="items per item-tower forward pass (default 16384)")
     em.add_argument("--job", default="0/1", metavar="I/N", help="this is job I of N (from 0): write parts p with p %% N == I "
                     "(default 0/1: all); the job that completes the set writes the manifest")
     em.add_argument("--device", help="torch device for the item tower, e.g. cuda or cuda:1 (default cpu)")
@@ -585,7 +647,7 @@ def add_export_parser(sub) -> None:
     ex.add_argument("--format", choices=["onnx", "torchscript"], required=True,
                     help="onnx: for ONNX Runtime, Triton, any ONNX runtime (needs the export extra); torchscript: for "
                          "libtorch, TorchServe, torch.jit.load")
-    ex.add_argument("--out", required=True, metavar="DIR", help="folder to write: new, empty, or an earlier export with --overwrite")
+    ex.add_argument("--out", required=True, type=out_path, metavar="DIR", help="folder to write: new, empty, or an earlier export with --overwrite")
     ex.add_argument("--users", action="store_true", help="also write users.parquet: f(u) of every known user")
     ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (swapped in whole when done)")
     ex.set_defaults(func=cmd_export)
@@ -611,22 +673,24 @@ def add_mine_parser(sub) -> None:
                                "      --set negatives.hard_k=8 --set negatives.exposure_file='\"/abs/path/mined.parquet\"'",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     mn.add_argument("run", help="a trained run directory")
-    mn.add_argument("--out", required=True, help="output file: .parquet or .csv (columns user, item)")
-    mn.add_argument("--top-r", type=int, default=200, help="items retrieved per user (default 200)")
-    mn.add_argument("--window", type=int, nargs=2, default=[10, 200], metavar=("LO", "HI"),
+    mn.add_argument("--out", required=True, type=out_path, help="output file: .parquet or .csv (columns user, item)")
+    mn.add_argument("--top-r", type=int_in(1, 100_000), default=200, help="items retrieved per user (default 200)")
+    mn.add_argument("--window", type=int_in(0, 100_000), nargs=2, default=[10, 200], metavar=("LO", "HI"),
                     help="keep ranks LO <= rank < HI among the non-positive items (default 10 200)")
     mn.set_defaults(func=cmd_mine)
 
 
 def cmd_compare(args) -> int:
+    from . import locks
     from .compare import finished_result, load_variants, run_comparison, write_report
 
     variants = load_variants(args.configs, args.set or [], args.grid or [])
     finished = [finished_result(p) for p in args.with_ or []]  # a bad folder is refused before any training
     out = Path(args.out)
     print(f"comparing {len(variants)} variants: " + "; ".join(v.name for v in variants))
-    results = run_comparison(variants, out, _data_dir(args), quiet=args.quiet, resume=args.resume) + finished
-    files = write_report(results, out, title=args.title or ", ".join(Path(c).stem for c in args.configs))
+    with locks.exclusive(out, "twotower compare"):  # the report too, not only the runs
+        results = run_comparison(variants, out, _data_dir(args), quiet=args.quiet, resume=args.resume) + finished
+        files = write_report(results, out, title=args.title or ", ".join(Path(c).stem for c in args.configs))
     print((out / "report.md").read_text(encoding="utf-8").split("\n\n")[2])
     print("wrote " + ", ".join(str(f) for f in files))
     return 0
@@ -641,7 +705,7 @@ def add_compare_parser(sub) -> None:
                               "or named recipes as [variants.NAME] tables of overrides: [variants.mixed] \"negatives.sampled\" = 1024.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("configs", nargs="+", help="one or more configs (each crossed with its grid)")
-    c.add_argument("--out", required=True, help="report directory: report.md, results.json, PNG plots, runs/")
+    c.add_argument("--out", required=True, type=out_path, help="report directory: report.md, results.json, PNG plots, runs/")
     c.add_argument("--grid", action="append", metavar="SECTION.KEY=[V1, V2]", help="values to cross (repeatable)")
     c.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override applied to every variant")
     c.add_argument("--with", dest="with_", action="append", metavar="DIR",
@@ -671,10 +735,10 @@ def add_demo_parser(sub) -> None:
                                    "recommendations.")
     d.add_argument("--data-dir", help="where ml-100k/ is, or is downloaded to (default: $TWOTOWER_DATA or "
                                       "~/.local/share/twotower)")
-    d.add_argument("--out", help="run directory (default: a temporary folder)")
+    d.add_argument("--out", type=out_path, help="run directory (default: a temporary folder)")
     d.add_argument("--offline", action="store_true", help="do not try to download MovieLens 100K")
     d.add_argument("--synthetic", action="store_true", help="use the generated synthetic dataset")
-    d.add_argument("--epochs", type=int, help="cap the number of epochs (default: the demo config's 30, early-stopped)")
+    d.add_argument("--epochs", type=int_in(1, 100_000), help="cap the number of epochs (default: the demo config's 30, early-stopped)")
     d.add_argument("--quiet", action="store_true", help="no progress bars (one line per epoch)")
     d.set_defaults(func=cmd_demo)
 
@@ -915,8 +979,15 @@ COMMANDS = (add_train_parser, add_evaluate_parser, add_recommend_parser, add_ind
             add_info_parser)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line, as every other refusal: what was wrong, and where to read more."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="twotower", description="Train, evaluate and use two-tower retrieval models.",
+    p = _Parser(prog="twotower", description="Train, evaluate and use two-tower retrieval models.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Start with `twotower demo`; then `twotower train --help`.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -930,11 +1001,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except TwotowerError as e:
-        print(f"twotower {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _refuse(args, e)
+    except MemoryError:
+        return _refuse(args, TwotowerError("ran out of memory. Lower what the run holds at once (model.dim, "
+                                           "eval.batch_users, train.batch_size, --batch-size) or use a larger machine"))
+    except OSError as e:  # the file system said no where no writer expected it: the same one line
+        err = storage_error(e, doing="read or write")
+        if err is None:
+            raise
+        return _refuse(args, err)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _refuse(args, e: Exception) -> int:
+    print(f"twotower {args.command}: error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

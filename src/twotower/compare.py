@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import artifacts
-from .config import RunConfig, apply_overrides
+from . import artifacts, locks
+from .config import RunConfig, apply_overrides, parse_value, read_config_file
 from .errors import ConfigError
 from .run_dir import RunDir
 
@@ -23,6 +23,7 @@ BUCKETS = ["head", "torso", "tail"]
 # a cold split's warm and cold columns, shown when a variant has them
 COLD_METRICS = ["warm_items/recall@20", "cold_items/recall@20", "cold_items/ndcg@20",
                 "warm_users/recall@20", "cold_users/recall@20", "cold_users/ndcg@20"]
+MAX_VARIANTS = 1000
 
 
 @dataclass
@@ -80,28 +81,27 @@ def named_variants(base: dict[str, Any], table: dict[str, Any], prefix: str = ""
 def load_variants(paths: list[str | Path], overrides: list[str], grid_flags: list[str]) -> list[Variant]:
     """Variants from config files (each may carry a ``[grid]`` table, or a ``[variants]`` table of
     named override sets, crossed with the grid) and ``--grid key=[...]`` flags."""
-    import tomllib
-
-    import yaml
-
     extra_grid: dict[str, list] = {}
     for flag in grid_flags:
         key, sep, raw = flag.partition("=")
-        try:
-            values = tomllib.loads(f"v = {raw}")["v"] if sep else None
-        except tomllib.TOMLDecodeError:
-            values = None
+        values = parse_value(raw, f"--grid {key}") if sep else None
         if not isinstance(values, list):
             raise ConfigError(f"--grid {flag!r}: expected section.key=[v1, v2, ...], e.g. --grid 'model.temperature=[0.05, 0.1]'")
         extra_grid[key.strip()] = values
     variants: list[Variant] = []
     for p in paths:
         p = Path(p)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        text = p.read_text(encoding="utf-8")
-        d = tomllib.loads(text) if p.suffix == ".toml" else (yaml.safe_load(text) or {})
+        d = read_config_file(p)
+        for table_name in ("grid", "variants"):
+            if not isinstance(d.get(table_name, {}), dict):
+                raise ConfigError(f"{p}: [{table_name}] must be a table, e.g. [grid] \"model.temperature\" = [0.05, 0.1]")
         grid = {**d.pop("grid", {}), **extra_grid}
+        n_grid = 1
+        for key, values in grid.items():
+            n_grid *= len(values) if isinstance(values, list) else 1
+        if n_grid > MAX_VARIANTS:
+            raise ConfigError(f"{p}: the grid crosses into {n_grid:,} variants, more than {MAX_VARIANTS:,} trainings; "
+                              "cross fewer values")
         table = d.pop("variants", None)
         apply_overrides(d, list(overrides))
         prefix = f"{p.stem}:" if len(paths) > 1 else ""
@@ -126,10 +126,14 @@ def run_comparison(variants: list[Variant], out: Path, data_dir=None, quiet: boo
 
     ``resume``: a variant whose run directory already finished with the same config is read back,
     not retrained; one left unfinished (or trained with another config) is trained again."""
+    with locks.exclusive(out, "twotower compare"):  # one comparison per report folder at a time
+        return _run_comparison(variants, out, data_dir, quiet, log, resume)
+
+
+def _run_comparison(variants: list[Variant], out: Path, data_dir, quiet: bool, log, resume: bool) -> list[VariantResult]:
     from .api import train
     from .data.sources import load_dataset
 
-    out.mkdir(parents=True, exist_ok=True)
     datasets: dict[str, Any] = {}
     results = []
     for k, v in enumerate(variants, 1):

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import artifacts
+from . import artifacts, locks
 from .config import RunConfig
 from .data.dataset import CSR, Dataset
 from .data.vocab import Vocabulary
@@ -130,6 +130,22 @@ class RunDir:
         """Where ``twotower embed`` writes the embedding parts by default."""
         return self.path / EMBEDDINGS
 
+    # ---- one writer at a time ------------------------------------------------------------------------
+    def lock(self, command: str, log=None):
+        """Hold the run directory's lock while writing it (``locks.exclusive``: ``RUN/.twotower.lock``
+        with the owner's pid and host; a second writer is refused, naming the holder). Once it is
+        held, ``remove_stale_temporaries`` may clear what killed writers left."""
+        return locks.exclusive(self.path, command, log=log)
+
+    def remove_stale_temporaries(self) -> None:
+        """Call holding the lock: the temporaries of writers killed mid-write (``atomic_path``)."""
+        for d in (self.path, self.path / REFIT):
+            artifacts.remove_stale_temporaries(d)
+
+    def is_empty(self) -> bool:
+        """Nothing here but, perhaps, the lock: a fresh ``--out``."""
+        return not self.path.exists() or not any(p.name != locks.FOLDER_LOCK for p in self.path.iterdir())
+
     # ---- training: the start -----------------------------------------------------------------------
     def holds_run(self) -> bool:
         """Training has begun here (a checkpoint or an epoch line exists)."""
@@ -206,9 +222,13 @@ class RunDir:
         if not p.is_file():
             return []
         try:
-            return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ArtifactError(f"{p}: corrupted ({e}). Re-run training") from None
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ArtifactError(f"{p}: corrupted (not UTF-8 at byte {e.start}). Re-run training") from None
+        records = [artifacts.parse_json(line, p) for line in lines if line.strip()]
+        if not all(isinstance(r, dict) for r in records):
+            raise ArtifactError(f"{p}: corrupted (a line is not an epoch record). Re-run training")
+        return records
 
     def checkpoint_dir(self) -> Path | None:
         """The complete checkpoint (also one a crash left mid-swap), or ``None``."""
@@ -243,6 +263,8 @@ class RunDir:
         if ck is None:
             raise ArtifactError(f"{self.path}: no checkpoint to resume from. Start the run without --resume")
         state = artifacts.read_json(ck / _STATE)
+        if not isinstance(state, dict):
+            raise ArtifactError(f"{ck / _STATE}: corrupted (not a trainer state). Start the run again without --resume")
         state["best_value"] = -math.inf if state.get("best_value") is None else state["best_value"]
         best_path = ck / _BEST if (ck / _BEST).exists() else self.path / WEIGHTS
         return Checkpoint(
@@ -367,7 +389,15 @@ class RunDir:
 
     def read_vocabularies(self) -> tuple[Vocabulary, Vocabulary]:
         """The user and item vocabularies."""
-        return tuple(Vocabulary.from_json(self._read_text(name)) for name in (USERS, ITEMS))
+        out = []
+        for name in (USERS, ITEMS):
+            d = artifacts.read_json(self.path / name)
+            ids = d.get("ids") if isinstance(d, dict) else None
+            if not isinstance(ids, list) or not all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in ids):
+                raise ArtifactError(f"{self.path / name}: not a vocabulary written by twotower (a list of raw ids). "
+                                    "Re-run training, or restore the run from a backup")
+            out.append(Vocabulary.from_dict(d))
+        return tuple(out)
 
     def read_known(self) -> Known:
         t = artifacts.load_tensors(self.path / KNOWN)
@@ -416,11 +446,6 @@ class RunDir:
         p = self.path / MANIFEST
         if not p.is_file():
             return None
-        return artifacts.read_json(p).get("sha256", {}).get(WEIGHTS)
-
-    def _read_text(self, name: str) -> str:
-        p = self.path / name
-        try:
-            return p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ArtifactError(f"{p}: missing. Is this a run directory written by `twotower train`?") from None
+        m = artifacts.read_json(p)
+        sha = m.get("sha256") if isinstance(m, dict) else None
+        return sha.get(WEIGHTS) if isinstance(sha, dict) else None

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import locks
 from .config import UpdateConfig
 from .data.dataset import CSR, Dataset, Split
 from .errors import ArtifactError, TwotowerError
@@ -176,13 +177,21 @@ def update(run_dir: str | Path, interactions: str | Path | pd.DataFrame, out: st
     ``cfg``: the update's settings (default: the run's ``[update]`` section). ``build_index``:
     ``None`` rebuilds an index when the parent has one. Bad input raises ``TwotowerError`` with
     nothing written."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    out = Path(out)
+    # the lock beside --out (the folder appears by a rename): a second writer of the same --out is refused
+    with locks.exclusive(out, "twotower update", log=log, beside=True):
+        return _update(run_dir, interactions, out, items, users, cfg, user_col, item_col, time_col, build_index,
+                       quiet, log, t0)
+
+
+def _update(run_dir, interactions, out: Path, items, users, cfg: UpdateConfig | None, user_col, item_col, time_col,
+            build_index: bool | None, quiet: bool, log, t0: float) -> UpdateResult:
     from .index.index import IndexParams
     from .index.run_index import build_run_index, load_run_index
     from .run import Run
 
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    t0 = time.perf_counter()
-    out = Path(out)
     if out.exists():
         raise TwotowerError(f"--out {out}: already exists; choose a new folder for the updated run")
     parent = Run(run_dir)

@@ -333,6 +333,38 @@ class Dataset:
             out |= self.cold_users[split.users]
         return out
 
+    def untrained_counts(self) -> dict:
+        """What the model cannot have learned: held-out interactions (validation, test) whose item or
+        user has no training interaction, and catalog items with none. An id embedding of such an
+        item or user is its random initialisation; the protocol still ranks every item and counts
+        every held-out interaction (the figures stay comparable), so these are reported, not dropped."""
+        item_n = self.item_counts()
+        user_n = np.bincount(self.train.users, minlength=self.n_users)
+        out: dict = {"catalog_items": int((item_n == 0).sum()), "users": int((user_n == 0).sum())}
+        for name, split in (("valid", self.valid), ("test", self.test)):
+            cold_i, cold_u = item_n[split.items] == 0, user_n[split.users] == 0
+            out[name] = {"interactions": int(len(split)),
+                         "with_untrained_item": int(cold_i.sum()), "untrained_items": int(np.unique(split.items[cold_i]).size),
+                         "with_untrained_user": int(cold_u.sum()), "untrained_users": int(np.unique(split.users[cold_u]).size)}
+        return out
+
+    def untrained_report(self) -> list[str]:
+        """``untrained_counts`` in words, one line per split that has any (nothing when none has)."""
+        c, lines = self.untrained_counts(), []
+        for name in ("valid", "test"):
+            s = c[name]
+            if s["with_untrained_item"]:
+                lines.append(f"{name}: {s['with_untrained_item']:,} of {s['interactions']:,} held-out interactions "
+                             f"({100 * s['with_untrained_item'] / s['interactions']:.1f} %) are with {s['untrained_items']:,} "
+                             "item(s) that have no training interaction: their id embeddings stay untrained (only item "
+                             "features, if the tower has any, place them). They are ranked and counted like the others "
+                             "(full-ranking protocol); metrics.json lists them under \"untrained\"")
+            if s["with_untrained_user"]:
+                lines.append(f"{name}: {s['with_untrained_user']:,} held-out interactions belong to "
+                             f"{s['untrained_users']:,} user(s) with no training interaction: their user-tower input is "
+                             "untrained (no history, a random id embedding)")
+        return lines
+
     def summary(self) -> dict:
         return {
             "name": self.name, "users": self.n_users, "items": self.n_items,

@@ -20,6 +20,7 @@ from .readers.kinds import read_vector_file
 from .readers.movielens import movielens_100k_tables
 from .readers.table import Table, missing_column_error
 from .readers.tabular import context_frame, features_from_table, with_time_column
+from .readers.files import read_limits
 from .splits import last_n_holdout, most_recent, random_holdout, withhold
 from .vocab import Vocabulary
 
@@ -32,11 +33,21 @@ def resolve(path: str, data_dir: Path) -> Path:
 
 
 def load_dataset(cfg: RunConfig | DataConfig, data_dir: str | Path | None = None) -> Dataset:
-    """Read the configured data and build the splits (seeded, deterministic).
+    """Read the configured data and build the splits (seeded, deterministic); compressed inputs may
+    expand only within ``data.max_decompressed_mb`` and ``data.max_compression_ratio``, and a split
+    that was asked for must come out non-empty (``check_holdouts``).
 
     With a ``RunConfig`` that declares ``[features]``, those features, each column read as its kind.
     Otherwise the older categorical columns the data offers (``data.item_feature_cols`` ..., a named
     dataset's genre, age, ...), all of them; the model takes those it names (``model.item_features``)."""
+    data = cfg.data if isinstance(cfg, RunConfig) else cfg
+    with read_limits(data.max_decompressed_mb, data.max_compression_ratio):
+        ds = _load_dataset(cfg, data_dir)
+    check_holdouts(ds.name, data, ds.train, ds.valid, ds.test)
+    return ds
+
+
+def _load_dataset(cfg: RunConfig | DataConfig, data_dir: str | Path | None = None) -> Dataset:
     if isinstance(cfg, RunConfig):
         declared = cfg.features.declared
         specs = cfg.features if declared else legacy_features(cfg.data)
@@ -327,6 +338,28 @@ def _cold_split(data: Split, given_test: Split | None, n_users: int, n_items: in
     empty = data.take(np.zeros(len(data), dtype=bool))
     return _Cold(parts[0], parts[1] if given_test is not None else None, empty.concat(*valid_parts),
                  empty.concat(*test_parts), cold_input, item_mask, user_mask)
+
+
+def check_holdouts(name: str, cfg: DataConfig, train, valid, test) -> None:
+    """A split that was asked for must hold something: training that exits 0 with no test figure,
+    or with validation silently skipped, is a run without meaning. (No validation at all is a
+    choice: data.valid_fraction = 0, or data.valid_leave_last = 0 with split = "temporal".)"""
+    counts = np.bincount(np.r_[train.users, valid.users, test.users]) if len(train) else np.zeros(1, np.int64)
+    most = int(counts.max()) if counts.size else 0
+    how = {"random": f"data.test_fraction = {cfg.test_fraction}", "temporal": f"data.leave_last = {cfg.leave_last}",
+           "given": "the test file"}[cfg.split]
+    if not len(test):
+        fix = ("Check the test file and data.min_weight" if cfg.split == "given" else
+               f"Users have at most {most} interactions and keep data.min_train_items = {cfg.min_train_items} for "
+               "training: raise data.test_fraction or lower data.min_train_items")
+        raise DataError(name, f"the split holds out no test interaction ({how})", fix, where="data.split")
+    asked = cfg.valid_leave_last if cfg.split == "temporal" else cfg.valid_fraction
+    if asked and not len(valid):
+        key = "data.valid_leave_last" if cfg.split == "temporal" else "data.valid_fraction"
+        raise DataError(name, f"{key} = {asked} carves no validation interaction (users keep at most "
+                              f"{most} interactions, data.min_train_items = {cfg.min_train_items} of them for training)",
+                        f"Raise {key} or lower data.min_train_items; or set {key} = 0 to train without validation "
+                        "(no early stopping: the last epoch's weights are kept)", where="data.split")
 
 
 def load_impressions(path: str | Path, ds: Dataset, user_col: str = "user", item_col: str = "item",

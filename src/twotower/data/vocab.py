@@ -72,7 +72,10 @@ class Vocabulary:
 
     @classmethod
     def from_json(cls, text: str) -> "Vocabulary":
-        d = json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Vocabulary":
         ids = d["ids"]
         if ids and all(isinstance(x, int) for x in ids):
             arr = np.asarray(ids, dtype=np.int64)

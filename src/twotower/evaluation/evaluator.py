@@ -28,6 +28,7 @@ import torch
 from ..config import EvalConfig
 from ..data.dataset import CSR, Dataset, Split
 from ..data.popularity import log_popularity
+from ..errors import DataError
 from ..model.scoring import ServedScore
 from ..model.towers import ContextTable, TwoTowerModel, embed_items
 from . import metrics as M
@@ -180,7 +181,8 @@ def ranker_metrics(ranker: Ranker, truth_split: Split, known: CSR, item_counts: 
     truth = truth_split.csr(known.n_rows)
     users = np.flatnonzero(truth.lengths() > 0)
     if len(users) == 0:
-        raise ValueError("no user has held-out items in this split")
+        raise DataError("evaluation", "no user has held-out items in this split",
+                        "score a split that holds interactions (a run trained without validation data has no valid split)")
     ks = sorted(cfg.ks)
     max_k = min(max(ks), n_items)
     counts = torch.from_numpy(np.asarray(item_counts, dtype=np.float64))  # CPU: top-k blocks come back on CPU

@@ -20,12 +20,14 @@ folder that a process without twotower can serve from.
                            text: the tokenizer's settings, buckets and seed; docs/features.md)
 
 The folder is written into ``OUT.new`` and swapped in whole (``artifacts.replace_dir``), so a
-failed export leaves no half-written folder and an earlier export stays as it was. Before the swap,
+failed export leaves no half-written folder and an earlier export stays as it was; one export writes
+OUT at a time (its lock is ``.OUT.lock`` beside it, ``locks``). Before the swap,
 each exported tower is run back (ONNX Runtime, or ``torch.jit.load``) on real users and items and
 compared with the Python path; the largest difference is recorded in export.json.
 """
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import time
@@ -34,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import artifacts
-from ..errors import ArtifactError
+from .. import artifacts, locks
+from ..errors import ArtifactError, storage_error
 from ..index.embeddings import embeddings_table
 from ..index.run_index import item_vectors, user_vectors
 from ..model.scoring import item_bias
@@ -106,7 +108,14 @@ def export_run(run: Run | str | Path, out: str | Path, fmt: str = "onnx", users:
         raise ExportError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         require("onnx", "onnxscript", "onnxruntime", why="exporting to ONNX (and checking the result)")
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." has no name to put OUT.new and the lock beside
+    if not out.name:
+        raise ExportError(f"--out {out}: the root folder cannot be swapped in whole; choose a new or empty folder")
+    with locks.exclusive(out, "twotower export", beside=True):  # beside: OUT itself is swapped in by renames
+        return _export(run, out, fmt, users, overwrite, log)
+
+
+def _export(run: Run | str | Path, out: Path, fmt: str, users: bool, overwrite: bool, log) -> dict:
     if out.exists():
         if not out.is_dir():
             raise ExportError(f"{out}: exists and is not a folder; choose another --out")
@@ -118,16 +127,21 @@ def export_run(run: Run | str | Path, out: str | Path, fmt: str = "onnx", users:
                 raise ExportError(f"{out}: holds an earlier export; pass --overwrite to replace it, or choose another --out")
     run = run if isinstance(run, Run) else Run(run)
     t0 = time.perf_counter()
-    stage = artifacts.staging_dir(out, DESCRIPTION)
+    stage = out.with_name(out.name + ".new")
     try:
+        stage = artifacts.staging_dir(out, DESCRIPTION)
         desc = _write(run, stage, fmt, users, log)
         desc["seconds"] = round(time.perf_counter() - t0, 3)
         files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
         desc["sha256"] = {f: artifacts.sha256_file(stage / f) for f in files}
         artifacts.write_json(stage / DESCRIPTION, desc)
         artifacts.replace_dir(stage, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
+        # a full or read-only disk met by the ONNX or TorchScript writer: one line, like every writer
+        err = storage_error(e, out) if isinstance(e, Exception) else None
+        if err is not None:
+            raise err from None
         raise
     return desc
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import artifacts
 from .towers import ExportError, TowerExport, dimension_names
 
 FORMATS = ("onnx", "torchscript")
@@ -169,7 +170,9 @@ def save_torchscript(module: TowerExport, example: tuple[torch.Tensor, ...], pat
             frozen = torch.jit.freeze(traced)
         except Exception as e:
             raise ExportError(f"the {module.sig.tower} tower could not be traced to TorchScript ({_reason(e)})") from e
-    frozen.save(str(path))
+    # Serialised in memory and written by the atomic writer: PyTorch's file writer aborts the whole
+    # process (a C++ exception it cannot throw) when the disk fills mid-write.
+    artifacts.write_bytes(path, frozen.save_to_buffer())
     return [path.name]
 
 

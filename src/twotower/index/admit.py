@@ -37,6 +37,7 @@ from ..data.popularity import log_popularity
 from ..errors import TwotowerError
 from ..model.scoring import item_bias
 from ..model.towers import embed_items
+from ..run_dir import RunDir
 from .embeddings import save_embeddings
 from .run_index import load_run_index, popularity_denominator, shifted_layout
 
@@ -106,10 +107,16 @@ def admit(run_dir, items: NewEntities | None = None, users: NewEntities | None =
     """Add ``items`` and ``users`` to the run in ``run_dir`` without retraining (module docstring):
     vocabularies, feature tables, weights, known items, titles, item embeddings and the index,
     rewritten at once. Returns what was done. A mistake (an id the run knows, a feature the
-    towers do not have) raises ``TwotowerError`` before anything is written."""
+    towers do not have) raises ``TwotowerError`` before anything is written. Holds the run
+    directory's lock (``RunDir.lock``): a second writer of the run is refused."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    with RunDir(run_dir).lock("twotower add-items", log=log):
+        return _admit(run_dir, items, users, log)
+
+
+def _admit(run_dir, items: NewEntities | None, users: NewEntities | None, log) -> Admitted:
     from ..run import Run
 
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     items = items if items is not None else NewEntities(np.empty(0, np.int64))
     users = users if users is not None else NewEntities(np.empty(0, np.int64))

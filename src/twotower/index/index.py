@@ -69,6 +69,12 @@ def default_nlist(n_items: int) -> int:
     return int(max(1, min(4 * math.sqrt(n_items), n_items // 39)))
 
 
+# The most each index knob may be: beyond any useful setting, below what FAISS would try to allocate
+# or refuse with an assertion (pq_bits above 16, HNSW graphs of thousands of links per node).
+PARAM_MAX = {"nlist": 1 << 24, "nprobe": 1 << 24, "M": 1024, "ef_construction": 1 << 16, "ef_search": 1 << 16,
+             "pq_m": 4096, "pq_bits": 16, "refine": 1000, "train_size": 1 << 31}
+
+
 @dataclass
 class IndexParams:
     """Every kind's parameters. ``None`` means: default (``auto`` kind, ``nlist``) or tuned at build
@@ -92,10 +98,10 @@ class IndexParams:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ConfigError(f"index kind {self.kind!r}: choose one of {', '.join(KINDS)}")
-        for name in ("nlist", "nprobe", "M", "ef_construction", "ef_search", "pq_m", "pq_bits", "refine", "train_size"):
+        for name, hi in PARAM_MAX.items():
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, (int, np.integer)) or v < 1):
-                raise ConfigError(f"index parameter {name} must be a positive integer, got {v!r}")
+            if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 1 <= v <= hi):
+                raise ConfigError(f"index parameter {name} must be a positive integer, at most {hi:,}; got {v!r}")
         if self.fast_scan and (self.kind not in ("ivfpq", "auto") or self.pq_bits != 4):
             raise ConfigError(f"fast_scan is an IVF-PQ option with 4-bit codes: use kind 'ivfpq' and pq_bits 4 "
                               f"(got kind {self.kind!r}, pq_bits {self.pq_bits})")
@@ -113,7 +119,17 @@ class IndexParams:
         nlist = self.nlist
         if kind in ("ivf", "ivfpq"):
             nlist = min(nlist or default_nlist(n_items), max(n_items, 1))
-        return replace(self, kind=kind, nlist=nlist)
+        p = replace(self, kind=kind, nlist=nlist)
+        if kind in ("ivf", "ivfpq"):  # what k-means can train on this catalog (FAISS asserts otherwise)
+            m = train_size(p, n_items)
+            if m < nlist:
+                raise ConfigError(f"{kind}: k-means would train {nlist:,} lists on {m:,} items; raise --train-size "
+                                  f"(at least --nlist) or lower --nlist")
+            if kind == "ivfpq" and m < 2 ** p.pq_bits:
+                raise ConfigError(f"ivfpq with {p.pq_bits}-bit codes trains {2 ** p.pq_bits:,} centroids per "
+                                  f"sub-quantizer and needs at least that many items to train on ({m:,} here): "
+                                  "lower --pq-bits, or use --kind flat or hnsw for a catalog this small")
+        return p
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -25,9 +25,7 @@ temporary memory map used for tuning and the recall measurement, then removed.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import artifacts
+from .. import artifacts, locks
 from ..errors import ArtifactError, ConfigError
 from ..model.scoring import ScoreLayout
 from ..model.towers import embed_items
 from .embeddings import NUMPY, PARQUET, embedding_progress, embeddings_table
 from .index import IndexParams, ItemIndex, new_faiss_index, train_size, with_search_defaults, zero_pad
-from .run_index import popularity_denominator, tune_measure_save
+from .run_index import popularity_denominator, sample_users, tune_measure_save, writing_index
 
 FORMAT = "twotower-embedding-parts/1"
 MANIFEST = "embeddings.json"
@@ -97,9 +95,9 @@ def _write_part(path: Path, ids: np.ndarray, vectors: np.ndarray) -> tuple[int, 
 
 
 def _record_ok(folder: Path, p: int, rec: dict | None, expect: dict) -> bool:
-    if not rec or any(rec.get(k) != v for k, v in expect.items()):
+    if not rec or any(rec.get(k) != v for k, v in expect.items()) or rec.get("file") != part_name(p):
         return False
-    f = folder / rec.get("file", "")
+    f = folder / rec["file"]
     return f.is_file() and f.stat().st_size == rec.get("bytes")
 
 
@@ -124,7 +122,6 @@ def embed_to_parts(model, ids: np.ndarray, folder: str | Path, chunk_size: int =
     Returns ``{"written": [...], "kept": [...], "missing": [...], "manifest": dict | None}``."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     n, d = int(model.n_items), int(model.cfg.dim)
     ids = np.asarray(ids)
     if len(ids) != n:
@@ -133,39 +130,42 @@ def embed_to_parts(model, ids: np.ndarray, folder: str | Path, chunk_size: int =
         raise ConfigError(f"batch size must be a positive integer, got {batch}")
     parts = plan(n, chunk_size)
     mine = [p for p in range(len(parts)) if p % n_jobs == job]
-    expect = lambda p: {"start": parts[p][0], "stop": parts[p][1], "dim": d, "n_items": n,  # noqa: E731
-                        "chunk_size": int(chunk_size), "model_sha256": model_sha256}
-    old = folder / MANIFEST
-    if old.is_file():  # a manifest of another plan or other weights would describe parts about to change
-        try:
-            m = artifacts.read_json(old)
-            stale = overwrite or (m.get("n_items"), m.get("dim"), m.get("chunk_size"), m.get("model_sha256")) != \
-                (n, d, int(chunk_size), model_sha256)
-        except ArtifactError:
-            stale = True
-        if stale:
-            old.unlink(missing_ok=True)
-    todo = [p for p in mine if overwrite or not _record_ok(folder, p, _read_record(folder, p), expect(p))]
-    kept = sorted(set(mine) - set(todo))
-    written = []
-    with embedding_progress(sum(parts[p][1] - parts[p][0] for p in todo), progress) as bar:
-        for p in todo:
-            t0 = time.perf_counter()
-            s, e = parts[p]
-            out = embed_items(model, s, e, batch, bar.update).float().cpu().numpy()
-            size, digest = _write_part(folder / part_name(p), ids[s:e], out)
-            del out
-            artifacts.write_json(folder / record_name(p), {
-                "part": p, "file": part_name(p), "rows": e - s, "bytes": size, "sha256": digest,
-                "seconds": time.perf_counter() - t0, **expect(p)})
-            written.append(p)
-    manifest = finalize_parts(folder, n, d, chunk_size, model_sha256, ids_integer=ids.dtype.kind in "iu")
-    missing = [] if manifest else [p for p in range(len(parts))
-                                   if not _record_ok(folder, p, _read_record(folder, p), expect(p))]
-    log(f"embed: wrote {len(written)} part(s), kept {len(kept)} already written"
-        + (f"; {folder / MANIFEST} lists all {len(parts)} parts ({n:,} items x {d} dims)" if manifest else
-           f"; {len(missing)} of {len(parts)} parts still missing (other jobs), no manifest yet"))
-    return {"written": written, "kept": kept, "missing": missing, "manifest": manifest}
+    # One lock per job: the jobs of a set write the folder side by side, the same job twice is refused.
+    with locks.exclusive(folder, f"twotower embed --job {job}/{n_jobs}", name=f".twotower-job-{job}-of-{n_jobs}.lock"):
+        artifacts.remove_stale_temporaries(folder, [f(p) for p in mine for f in (part_name, record_name)])
+        expect = lambda p: {"start": parts[p][0], "stop": parts[p][1], "dim": d, "n_items": n,  # noqa: E731
+                            "chunk_size": int(chunk_size), "model_sha256": model_sha256}
+        old = folder / MANIFEST
+        if old.is_file():  # a manifest of another plan or other weights would describe parts about to change
+            try:
+                m = artifacts.read_json(old)
+                stale = overwrite or (m.get("n_items"), m.get("dim"), m.get("chunk_size"), m.get("model_sha256")) != \
+                    (n, d, int(chunk_size), model_sha256)
+            except ArtifactError:
+                stale = True
+            if stale:
+                old.unlink(missing_ok=True)
+        todo = [p for p in mine if overwrite or not _record_ok(folder, p, _read_record(folder, p), expect(p))]
+        kept = sorted(set(mine) - set(todo))
+        written = []
+        with embedding_progress(sum(parts[p][1] - parts[p][0] for p in todo), progress) as bar:
+            for p in todo:
+                t0 = time.perf_counter()
+                s, e = parts[p]
+                out = embed_items(model, s, e, batch, bar.update).float().cpu().numpy()
+                size, digest = _write_part(folder / part_name(p), ids[s:e], out)
+                del out
+                artifacts.write_json(folder / record_name(p), {
+                    "part": p, "file": part_name(p), "rows": e - s, "bytes": size, "sha256": digest,
+                    "seconds": time.perf_counter() - t0, **expect(p)})
+                written.append(p)
+        manifest = finalize_parts(folder, n, d, chunk_size, model_sha256, ids_integer=ids.dtype.kind in "iu")
+        missing = [] if manifest else [p for p in range(len(parts))
+                                       if not _record_ok(folder, p, _read_record(folder, p), expect(p))]
+        log(f"embed: wrote {len(written)} part(s), kept {len(kept)} already written"
+            + (f"; {folder / MANIFEST} lists all {len(parts)} parts ({n:,} items x {d} dims)" if manifest else
+               f"; {len(missing)} of {len(parts)} parts still missing (other jobs), no manifest yet"))
+        return {"written": written, "kept": kept, "missing": missing, "manifest": manifest}
 
 
 def finalize_parts(folder: str | Path, n_items: int, dim: int, chunk_size: int, model_sha256: str | None,
@@ -195,9 +195,23 @@ def embed_run_to_parts(run, folder: str | Path | None = None, chunk_size: int = 
     ``device`` (default: where the run's model is, the CPU)."""
     folder = Path(folder) if folder is not None else run.dir.embeddings_dir
     if device:
-        run.model.to(device)
+        run.model.to(checked_device(device))
     return embed_to_parts(run.model, run.items.ids, folder, chunk_size, batch, job, n_jobs, run.dir.model_digest(),
                           overwrite, progress, log)
+
+
+def checked_device(name: str) -> torch.device:
+    """``--device``: a torch device this machine has, or a ``ConfigError`` saying what it has."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r}: not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {name}: PyTorch sees {torch.cuda.device_count()} CUDA device(s); use cpu, or one "
+                          "of those")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: use cpu, cuda or cuda:N")
+    return dev
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -233,6 +247,9 @@ def iter_parts(folder: str | Path, manifest: dict | None = None, verify: bool = 
     manifest = manifest or read_manifest(folder)
     d = int(manifest["dim"])
     for p, rec in enumerate(manifest["parts"]):
+        if not isinstance(rec, dict) or rec.get("file") != part_name(p):  # never a path out of the folder
+            raise ArtifactError(f"{folder / MANIFEST}: part {p} is not {part_name(p)} ({rec.get('file') if isinstance(rec, dict) else rec!r}). "
+                                f"Write the parts again with `twotower embed RUN --out {folder}`")
         path = folder / rec["file"]
         if not path.is_file():
             raise ArtifactError(f"{path}: missing. Write it again with `twotower embed RUN --out {folder}`")
@@ -273,6 +290,7 @@ def build_run_index_from_parts(run, parts_dir: str | Path, params: IndexParams, 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     parts_dir = Path(parts_dir)
     folder = Path(folder) if folder is not None else run.dir.index_dir
+    sample_users(run, sample, seed)  # a sample that cannot measure anything is refused before the build
     manifest = read_manifest(parts_dir)
     check_parts_match_run(manifest, run, parts_dir)
     n, d = int(manifest["n_items"]), int(manifest["dim"])
@@ -280,56 +298,59 @@ def build_run_index_from_parts(run, parts_dir: str | Path, params: IndexParams, 
     layout, bias = ScoreLayout.of(run.model, log_p)
     width = d + layout.width
     p = params.resolved(n)
-    ivf = p.kind in ("ivf", "ivfpq")
-    t0 = time.perf_counter()
-    index = new_faiss_index(p, width)
-    m = train_size(p, n) if ivf else 0
-    rows = (np.sort(np.random.default_rng(seed).choice(n, m, replace=False)) if m < n else np.arange(n)) if ivf else None
-    train = np.empty((m, width), np.float32) if ivf else None
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, aug_path = tempfile.mkstemp(prefix=".augmented.", suffix=".npy.tmp", dir=folder)
-    os.close(fd)
-    try:
-        with artifacts.atomic_path(folder / NUMPY) as raw_path:
-            raw = np.lib.format.open_memmap(raw_path, mode="w+", dtype=np.float32, shape=(n, d))
-            aug = np.lib.format.open_memmap(aug_path, mode="w+", dtype=np.float32, shape=(n, width))
-            with tqdm(total=n, desc="reading parts", unit="item", disable=not progress, leave=False) as bar:
-                for part in iter_parts(parts_dir, manifest):
-                    s, e = part.start, part.stop
-                    if not _same_ids(part.ids, run.items.ids[s:e]):
-                        raise ArtifactError(f"{parts_dir / manifest['parts'][part.number]['file']}: its item ids are not "
-                                            f"the run's items {s}..{e - 1}. Write the parts again with `twotower embed {run.path}`")
-                    raw[s:e] = part.vectors
-                    a = layout.items(part.vectors, log_p[s:e], None if bias is None else bias[s:e])
-                    aug[s:e] = a
-                    if ivf:
-                        lo, hi = np.searchsorted(rows, [s, e])
-                        train[lo:hi] = a[rows[lo:hi] - s]
-                    else:
-                        index.add(a)
-                    bar.update(e - s)
-            raw.flush()
-            del raw
-        read_s = time.perf_counter() - t0
-        if ivf:
-            index.train(zero_pad(train, index.d))
-            del train
-            step = int(manifest["chunk_size"])
-            with tqdm(total=n, desc="adding to lists", unit="item", disable=not progress, leave=False) as bar:
-                for s in range(0, n, step):
-                    index.add(zero_pad(np.ascontiguousarray(aug[s : s + step]), index.d))
-                    bar.update(min(step, n - s))
-        p = with_search_defaults(p)
-        idx = ItemIndex(index, p, layout, aug)
-        idx.info["build_seconds"] = time.perf_counter() - t0
-        log(f"index: {p.kind} over {n:,} items x {idx.dim} dims from {manifest['n_parts']} part(s) in "
-            f"{idx.info['build_seconds']:.1f}s" + (f" (k-means on {m:,} sampled items)" if ivf else ""))
-        (folder / PARQUET).unlink(missing_ok=True)  # a whole-catalog export from an earlier in-memory build would be stale
-        extra = {"model_sha256": run.dir.model_digest(), "read_parts_seconds": read_s,
-                 "popularity_denominator": popularity_denominator(run.item_counts),
-                 "from_parts": {"dir": str(parts_dir), "n_parts": manifest["n_parts"], "chunk_size": manifest["chunk_size"],
-                                "train_sample": m}}
-        tune = p.kind == "hnsw" and params.ef_search is None or ivf and params.nprobe is None
-        return tune_measure_save(run, idx, folder, tune, sample, seed, log, extra)
-    finally:
-        Path(aug_path).unlink(missing_ok=True)  # the map stays readable while idx holds it (POSIX)
+    with writing_index(folder):
+        ivf = p.kind in ("ivf", "ivfpq")
+        t0 = time.perf_counter()
+        index = new_faiss_index(p, width)
+        m = train_size(p, n) if ivf else 0
+        rows = (np.sort(np.random.default_rng(seed).choice(n, m, replace=False)) if m < n else np.arange(n)) if ivf else None
+        train = np.empty((m, width), np.float32) if ivf else None
+        # named like atomic_path's temporaries, so that the copy a killed build left is removed by the next
+        aug_path = artifacts.new_temp_file(folder / "augmented.npy")
+        try:
+            with artifacts.atomic_path(folder / NUMPY) as raw_path:
+                raw = np.lib.format.open_memmap(raw_path, mode="w+", dtype=np.float32, shape=(n, d))
+                aug = np.lib.format.open_memmap(aug_path, mode="w+", dtype=np.float32, shape=(n, width))
+                # both maps' blocks are allocated now: a full disk is an error here, not a SIGBUS mid-write
+                artifacts.reserve(raw_path, raw.offset + raw.nbytes)
+                artifacts.reserve(aug_path, aug.offset + aug.nbytes)
+                with tqdm(total=n, desc="reading parts", unit="item", disable=not progress, leave=False) as bar:
+                    for part in iter_parts(parts_dir, manifest):
+                        s, e = part.start, part.stop
+                        if not _same_ids(part.ids, run.items.ids[s:e]):
+                            raise ArtifactError(f"{parts_dir / manifest['parts'][part.number]['file']}: its item ids are not "
+                                                f"the run's items {s}..{e - 1}. Write the parts again with `twotower embed {run.path}`")
+                        raw[s:e] = part.vectors
+                        a = layout.items(part.vectors, log_p[s:e], None if bias is None else bias[s:e])
+                        aug[s:e] = a
+                        if ivf:
+                            lo, hi = np.searchsorted(rows, [s, e])
+                            train[lo:hi] = a[rows[lo:hi] - s]
+                        else:
+                            index.add(a)
+                        bar.update(e - s)
+                raw.flush()
+                del raw
+            read_s = time.perf_counter() - t0
+            if ivf:
+                index.train(zero_pad(train, index.d))
+                del train
+                step = int(manifest["chunk_size"])
+                with tqdm(total=n, desc="adding to lists", unit="item", disable=not progress, leave=False) as bar:
+                    for s in range(0, n, step):
+                        index.add(zero_pad(np.ascontiguousarray(aug[s : s + step]), index.d))
+                        bar.update(min(step, n - s))
+            p = with_search_defaults(p)
+            idx = ItemIndex(index, p, layout, aug)
+            idx.info["build_seconds"] = time.perf_counter() - t0
+            log(f"index: {p.kind} over {n:,} items x {idx.dim} dims from {manifest['n_parts']} part(s) in "
+                f"{idx.info['build_seconds']:.1f}s" + (f" (k-means on {m:,} sampled items)" if ivf else ""))
+            (folder / PARQUET).unlink(missing_ok=True)  # a whole-catalog export from an earlier in-memory build would be stale
+            extra = {"model_sha256": run.dir.model_digest(), "read_parts_seconds": read_s,
+                     "popularity_denominator": popularity_denominator(run.item_counts),
+                     "from_parts": {"dir": str(parts_dir), "n_parts": manifest["n_parts"], "chunk_size": manifest["chunk_size"],
+                                    "train_sample": m}}
+            tune = p.kind == "hnsw" and params.ef_search is None or ivf and params.nprobe is None
+            return tune_measure_save(run, idx, folder, tune, sample, seed, log, extra)
+        finally:
+            Path(aug_path).unlink(missing_ok=True)  # the map stays readable while idx holds it (POSIX)

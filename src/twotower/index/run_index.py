@@ -15,22 +15,52 @@ import math
 import sys
 import time
 import dataclasses
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from .. import artifacts
-from ..errors import ArtifactError, ConfigError
+from .. import artifacts, locks
+from ..errors import ArtifactError, ConfigError, storage_error
 from ..model.scoring import ScoreLayout, item_bias
 from ..model.towers import embed_items, embed_users
 from .embeddings import NUMPY, PARQUET, embedding_progress, save_embeddings
 from .index import EF_GRID, META_FILE, IndexParams, ItemIndex
 
 
+@contextmanager
+def writing_index(folder: Path) -> Iterator[None]:
+    """Hold the index folder's lock (one writer at a time, ``locks``) and remove what a killed
+    writer left there: its temporary files (``.NAME.XXXX.tmp``), which no later run would. The lock
+    is ``.NAME.lock`` beside the folder: ``--update`` swaps the folder in whole, which would carry a
+    lock inside it away."""
+    folder = Path(folder)
+    with locks.exclusive(folder, "twotower index", beside=True):
+        made = not folder.exists()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise storage_error(e, folder) from None
+        try:
+            artifacts.remove_stale_temporaries(folder)
+            yield
+        finally:
+            if made:  # a build that failed before writing leaves no empty folder behind
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass
+
+
 def sample_users(run, n: int = 1000, seed: int = 0) -> np.ndarray:
     """Up to ``n`` user indices drawn at random (seeded) among users with known items."""
+    if not 1 <= int(n) <= 10_000_000:
+        raise ConfigError(f"--sample-users {n}: recall is measured on real users; give 1 to 10,000,000 (default 1000)")
     users = np.flatnonzero(run.known.lengths() > 0)
+    if not len(users):
+        raise ArtifactError(f"{run.path}: no user has known items, so the index cannot be tuned or measured on users")
     if len(users) > n:
         users = np.sort(np.random.default_rng(seed).choice(users, n, replace=False))
     return users
@@ -80,19 +110,22 @@ def build_run_index(run, params: IndexParams, folder: str | Path | None = None, 
     stored with the index."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     folder = Path(folder) if folder is not None else run.dir.index_dir
-    t0 = time.perf_counter()
-    with embedding_progress(len(run.items), progress) as bar:
-        emb = embed_items(run.model, progress=bar.update).float().cpu().numpy()
-    save_embeddings(folder, run.items.ids, emb)
-    embed_s = time.perf_counter() - t0
-    vecs, layout = item_vectors(run, emb)
-    idx = ItemIndex.build(vecs, params, layout, seed=seed)
-    p = idx.params
-    log(f"index: {p.kind} over {idx.n_items:,} items x {idx.dim} dims built in {idx.info['build_seconds']:.1f}s")
-    extra = {"embed_seconds": embed_s, "model_sha256": run.dir.model_digest(),
-             "popularity_denominator": popularity_denominator(run.item_counts)}
-    tune = p.kind == "hnsw" and params.ef_search is None or p.kind in ("ivf", "ivfpq") and params.nprobe is None
-    return tune_measure_save(run, idx, folder, tune, sample, seed, log, extra)
+    sample_users(run, sample, seed)  # a sample that cannot measure anything is refused before the build,
+    params.resolved(len(run.items))   # and so are parameters this catalog cannot train: nothing written
+    with writing_index(folder):
+        t0 = time.perf_counter()
+        with embedding_progress(len(run.items), progress) as bar:
+            emb = embed_items(run.model, progress=bar.update).float().cpu().numpy()
+        save_embeddings(folder, run.items.ids, emb)
+        embed_s = time.perf_counter() - t0
+        vecs, layout = item_vectors(run, emb)
+        idx = ItemIndex.build(vecs, params, layout, seed=seed)
+        p = idx.params
+        log(f"index: {p.kind} over {idx.n_items:,} items x {idx.dim} dims built in {idx.info['build_seconds']:.1f}s")
+        extra = {"embed_seconds": embed_s, "model_sha256": run.dir.model_digest(),
+                 "popularity_denominator": popularity_denominator(run.item_counts)}
+        tune = p.kind == "hnsw" and params.ef_search is None or p.kind in ("ivf", "ivfpq") and params.nprobe is None
+        return tune_measure_save(run, idx, folder, tune, sample, seed, log, extra)
 
 
 def retune_run_index(run, folder: str | Path | None = None, ef_search: int | None = None, nprobe: int | None = None,
@@ -101,14 +134,16 @@ def retune_run_index(run, folder: str | Path | None = None, ef_search: int | Non
     when given, else tune them again (to ``target_recall`` when given); measure and save."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     folder = Path(folder) if folder is not None else run.dir.index_dir
+    sample_users(run, sample, seed)
     idx = load_run_index(run, folder, required=True)
-    if target_recall is not None:
-        idx.params = dataclasses.replace(idx.params, target_recall=float(target_recall))
-    given = {k: v for k, v in (("ef_search", ef_search), ("nprobe", nprobe)) if v is not None}
-    if given:
-        idx.params = dataclasses.replace(idx.params, **given)
-    keep = {k: idx.info[k] for k in ("embed_seconds", "model_sha256", "build_seconds", "popularity_denominator") if k in idx.info}
-    return tune_measure_save(run, idx, folder, not given and idx.kind != "flat", sample, seed, log, keep)
+    with writing_index(folder):
+        if target_recall is not None:
+            idx.params = dataclasses.replace(idx.params, target_recall=float(target_recall))
+        given = {k: v for k, v in (("ef_search", ef_search), ("nprobe", nprobe)) if v is not None}
+        if given:
+            idx.params = dataclasses.replace(idx.params, **given)  # replace() checks them like any index parameter
+        keep = {k: idx.info[k] for k in ("embed_seconds", "model_sha256", "build_seconds", "popularity_denominator") if k in idx.info}
+        return tune_measure_save(run, idx, folder, not given and idx.kind != "flat", sample, seed, log, keep)
 
 
 def tune_measure_save(run, idx: ItemIndex, folder: Path, tune: bool, sample: int, seed: int, log, extra: dict,
@@ -275,6 +310,13 @@ def update_run_index(run, add=None, replace=None, remove=None, add_vectors=None,
     ``folder`` is left as it was."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     final = Path(folder) if folder is not None else run.dir.index_dir
+    with writing_index(final):  # one writer of the index folder: a build, or another update
+        return _update_run_index(run, final, add, replace, remove, add_vectors, replace_vectors, add_new, out,
+                                 rebuild_share, sample, seed, log)
+
+
+def _update_run_index(run, final: Path, add, replace, remove, add_vectors, replace_vectors, add_new: bool, out,
+                      rebuild_share, sample: int, seed: int, log) -> ItemIndex:
     t0 = time.perf_counter()
     idx = load_run_index(run, final, required=True, weights_changed_ok=True)
     src = index_folder(run, final)

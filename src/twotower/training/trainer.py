@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .. import native
 from ..config import RunConfig
 from ..data.dataset import Dataset, EncodedFeatures
-from ..errors import ArtifactError, ConfigError
+from ..errors import ArtifactError, ConfigError, TrainingError
 from ..features.encoders import fit_context
 from ..evaluation.evaluator import evaluate
 from ..model import init
@@ -78,11 +78,61 @@ def build_model(cfg: RunConfig, dataset: Dataset) -> TwoTowerModel:
         context = fit_context(specs.context, dataset.fit_context)
     except ValueError as e:
         raise ConfigError(f"features.context: {e}") from None
+    check_memory(cfg, dataset.n_users, dataset.n_items, _feature_rows(item_feats) + _feature_rows(user_feats))
     model = TwoTowerModel(dataset.n_users, dataset.n_items, cfg.model, item_feats, user_feats,
                           sparse=cfg.train.sparse_embeddings, context=context)
     if cfg.model.init != "normal":
         init.start_id_tables(model, dataset.train.users, dataset.train.items, cfg.model.init, cfg.train.seed)
     return model
+
+
+def _feature_rows(feats: EncodedFeatures | None) -> int:
+    """Rows of a tower's categorical feature tables (their vocabularies), for ``check_memory``."""
+    return sum(feats.cardinalities().values()) if feats is not None else 0
+
+
+def memory_estimate(cfg: RunConfig, n_users: int, n_items: int, feature_values: int = 0) -> dict[str, int]:
+    """Bytes that training and evaluation will hold at once, from the config and the data's sizes:
+    the embedding tables and MLPs (float32) with their gradients and optimizer moments, the memory
+    bank, and one block of evaluation scores (``eval.batch_users`` x items, twice for the top-k)."""
+    m, d = cfg.model, cfg.model.dim
+    rows = (n_users if m.user_id else 0) + (n_items if m.item_id else 0) + feature_values
+    if m.user_history and not m.share_item_table:
+        rows += n_items
+    if m.item_bias:
+        rows += n_items / d
+    dense = 0
+    for _ in range(2):  # each tower's MLP: d -> h1 -> ... -> d
+        sizes = [d, *m.mlp, d] if m.mlp else []
+        dense += sum(a * b + b for a, b in zip(sizes, sizes[1:]))
+    per_param = 8 if cfg.train.optimizer == "sgd" else 16  # weight + gradient (+ two moments)
+    return {"parameters": int((rows * d + dense) * per_param),
+            "memory_bank": int(cfg.negatives.bank_size * d * 4),
+            "evaluation": int(min(cfg.eval.batch_users, max(n_users, 1)) * n_items * 4 * 2)}
+
+
+def check_memory(cfg: RunConfig, n_users: int, n_items: int, feature_values: int = 0) -> None:
+    """Refuse, before allocating anything, a config whose tables for this data would not fit in the
+    machine's memory (model.dim beyond reason, huge tables, an evaluation block of terabytes)."""
+    import os
+
+    from ..errors import ConfigError
+
+    need = memory_estimate(cfg, n_users, n_items, feature_values)
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return
+    if sum(need.values()) <= have:
+        return
+    gb = lambda b: f"{b / 2**30:,.1f} GiB"  # noqa: E731
+    fixes = {"parameters": "lower model.dim (or the MLP's sizes, or drop features)",
+             "memory_bank": "lower negatives.bank_size", "evaluation": "lower eval.batch_users"}
+    worst = max(need, key=need.get)
+    raise ConfigError(f"model.dim = {cfg.model.dim} with {n_users:,} users and {n_items:,} items: training would need about "
+                      f"{gb(sum(need.values()))} (parameters with gradients and optimizer state {gb(need['parameters'])}, "
+                      f"memory bank {gb(need['memory_bank'])}, evaluation block {gb(need['evaluation'])}) and this machine "
+                      f"has {gb(have)}. {fixes[worst][:1].upper() + fixes[worst][1:]}")
 
 
 def _tower_features(feats: EncodedFeatures | None, specs, key: str, kind: str) -> EncodedFeatures | None:
@@ -181,6 +231,9 @@ class Trainer:
         if early:
             self.total_steps += early * self._steps(cfg.train.early_batch_size)
         self.best_weights: dict[str, torch.Tensor] | None = None
+        # Seconds that earlier invocations spent on the epochs a resumed checkpoint carries
+        # (training, validation, mining): part of the run's training time.
+        self.earlier_seconds = 0.0
 
     def _steps(self, batch_size: int) -> int:
         ds = self.dataset
@@ -259,7 +312,9 @@ class Trainer:
         for k, pairs in enumerate(bar):
             loss = self.step(pairs, rng)
             if not math.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch}, batch {k}: loss is {loss}. Lower train.lr or raise model.temperature")
+                raise TrainingError(f"epoch {epoch}, batch {k}: the loss is {loss}: training diverged. Lower train.lr or "
+                                    "raise model.temperature, then start again (the run directory keeps the last good "
+                                    "checkpoint: --resume continues from it)")
             total += loss * len(pairs)
             n += len(pairs)
             if k % 20 == 0:
@@ -455,7 +510,13 @@ class Trainer:
         ck = d.load_checkpoint()
         self.model.load_state_dict(ck.last)
         self.optimizer.load_state_dict(ck.optimizer)
-        self.state = TrainState(**ck.state)
+        try:
+            self.state = TrainState(**ck.state)
+        except TypeError as e:
+            raise ArtifactError(f"{d.path}: the checkpoint's state.json is not this version's trainer state ({e}). "
+                                "Start the run again in a new --out") from None
+        self.earlier_seconds = float(sum(r.get(k, 0.0) for r in self.state.history
+                                         for k in ("seconds", "eval_seconds", "mining_seconds")))
         if ck.negatives is not None:
             self.candidates.load_state_dict(ck.negatives)
         # The checkpoint's history is the record: a crash between writing an epoch's line and the

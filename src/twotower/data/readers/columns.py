@@ -77,6 +77,17 @@ def to_ids(
     missing = _missing_mask(arr)
     if missing.any():
         raise empty_error(missing)
+    # A NUL byte is damage (a binary or half-written file), and numpy's text arrays drop trailing
+    # NULs: "1\x00" and "1" would share one vocabulary entry while encoding to different indices.
+    nul = pc.fill_null(pc.match_substring(arr, "\x00"), False).to_numpy(zero_copy_only=False)
+    if nul.any():
+        row = int(np.flatnonzero(nul)[0])
+        raise DataError(
+            path,
+            f"{role} id {arr[row].as_py()!r} in column {col!r} holds a NUL byte ({int(nul.sum())} row(s) like it)",
+            "the file is binary or damaged: write it again, or remove the NUL bytes",
+            where=table.locate(row),
+        )
     is_int = pc.match_substring_regex(arr, _INT_ID_RE)
     if not pc.all(is_int).as_py():
         # integer ids but for a few NaN / NA / null: missing values written out as text, not ids

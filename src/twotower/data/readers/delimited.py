@@ -13,7 +13,7 @@ import pandas as pd
 from twotower.errors import DataError
 
 from .files import decode_text, first_nonblank_line, read_raw, sniff_sep
-from .table import Table, missing_column_error, parser_error, text_locator
+from .table import Table, duplicate_column_error, missing_column_error, parser_error, text_locator
 
 
 def load_delimited(
@@ -36,16 +36,20 @@ def load_delimited(
     if sep is None:
         sep = sniff_sep(path, header_line)
     try:
-        header = pd.read_csv(io.StringIO(text), sep=sep, nrows=0, dtype=str, index_col=False)
+        # header=None: the names as written (pandas renames a repeated "user" to "user.1")
+        header = pd.read_csv(io.StringIO(text), sep=sep, header=None, nrows=1, dtype=str, index_col=False,
+                             keep_default_na=False, na_filter=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
         raise DataError(
             path, f"cannot parse the header row ({exc})", "check the separator", where="line 1"
         ) from None
-    found = [str(c).strip() for c in header.columns]
+    found = [str(c).strip() for c in header.iloc[0].tolist()]
     positions: dict[str, int] = {}
     for col, role, param in wanted:
         if col not in found:
             raise missing_column_error(path, col, role, param, found, "header (line 1)", sep)
+        if found.count(col) > 1:
+            raise duplicate_column_error(path, col, [i for i, c in enumerate(found) if c == col], "header (line 1)")
         positions[col] = found.index(col)
     usecols = sorted(set(positions.values()))
     _check_field_counts(path, raw, text, sep, len(found), encoding)

@@ -89,6 +89,14 @@ def missing_column_error(
     )
 
 
+def duplicate_column_error(path: Path, col: str, positions: list[int], where: str) -> DataError:
+    """A column the reader needs is named more than once: which one holds the data is a guess (the
+    first one used to be taken silently)."""
+    places = ", ".join(str(p + 1) for p in positions)
+    return DataError(path, f"column {col!r} appears {len(positions)} times (columns {places})",
+                     "give every column its own name, or drop the duplicates", where=where)
+
+
 def parser_error(path: Path, exc: Exception) -> DataError:
     msg = str(exc).replace("Error tokenizing data. C error: ", "").strip()
     where = None
