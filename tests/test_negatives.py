@@ -619,3 +619,35 @@ def test_restart_schedule_gives_each_round_its_own_learning_rate():
                     None, quiet=True, log=lambda m: None)
     plain.state.step, plain.state.round_start_step = 5 * spe, 4 * spe  # one cosine over all 8 epochs, halved in rounds
     assert plain._lr_factor() == pytest.approx(0.5 * lr_factor(5 * spe, 8 * spe, 0, "cosine"))
+
+
+def test_content_mining_needs_item_features_and_mines_items_of_the_users_categories():
+    cfg, ds = _tiny({"negatives": {"hard": "mined", "hard_k": 2}, "model": {"dim": 32},
+                     "mining": {"rounds": 1, "top_r": 12, "window_lo": 0, "window_hi": 12, "source": "content"}})
+    tr = Trainer(cfg, ds, None, quiet=True, log=lambda m: None)
+    # each category its own axis: an item's content vector is its category's, a user's the mix of theirs
+    for m in tr.model.item_tower.features.modules():
+        if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+            with torch.no_grad():
+                m.weight.copy_(torch.eye(*m.weight.shape))
+    tr.mine(1)
+    lists = tr.candidates.hard
+    feats = ds.item_features
+    name = feats.names[0]
+    csr = feats.rows[name]
+    cats = [set(csr.indices[csr.indptr[j]:csr.indptr[j + 1]].tolist()) for j in range(ds.n_items)]
+    h = ds.history("train")
+    shared = total = anywhere = 0
+    for u in range(0, ds.n_users, 7):
+        mine = lists.indices[lists.indptr[u]:lists.indptr[u + 1]].tolist()
+        liked = set().union(*(cats[j] for j in h.indices[h.indptr[u]:h.indptr[u + 1]]))
+        shared += sum(bool(cats[j] & liked) for j in mine)
+        anywhere += len(mine) * sum(bool(c & liked) for c in cats) / ds.n_items
+        total += len(mine)
+    # the mined items share a category with the user's items, which items taken at random far less often do
+    assert total and shared / total > 0.95 and anywhere / total < 0.8
+    plain, ds2 = _tiny({"negatives": {"hard": "mined", "hard_k": 2},
+                        "mining": {"rounds": 1, "top_r": 30, "window_lo": 0, "window_hi": 30, "source": "content"},
+                        "model": {"item_features": []}})
+    with pytest.raises(ConfigError, match="item features"):
+        Trainer(plain, ds2, None, quiet=True, log=lambda m: None).mine(1)
