@@ -26,7 +26,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 # The data flow, earliest first. A module's stage is its subpackage (twotower.<stage>....).
-STAGES = ("data", "features", "model", "evaluation", "run", "training", "index", "serving")
+STAGES = ("data", "features", "model", "evaluation", "run", "training", "index", "serving", "export")
 # Top-level modules that belong to a stage rather than to the base. ``run``, the run directory, is
 # written by training and read by index and serving; it embeds and ranks with ``evaluation``.
 TOP_LEVEL_STAGE = {"run": "run", "run_dir": "run"}

@@ -1,4 +1,4 @@
-"""Command line: ``twotower train | evaluate | recommend | index | embed | serve | mine | compare | demo | config | info``.
+"""Command line: ``twotower train | evaluate | recommend | index | embed | serve | export | mine | compare | demo | config | info``.
 
 Every subcommand is a thin shell over the Python API (``twotower.api``, ``twotower.run.Run``): a
 ``cmd_<command>`` function that runs it, beside the ``add_<command>_parser`` function that declares
@@ -367,6 +367,46 @@ def add_serve_parser(sub) -> None:
     sv.set_defaults(func=cmd_serve)
 
 
+EPILOG_EXPORT = """\
+examples:
+  twotower export runs/ml100k --format onnx --out exported/ml100k          # needs pip install 'twotower[export]'
+  twotower export runs/ml100k --format torchscript --out exported/ml100k-ts --users
+
+OUT holds export.json (each tower's named inputs with dtypes, shapes and meanings; the score
+convention; the files' sha256), user_tower.onnx and item_tower.onnx (or .pt), items.parquet (item,
+vector, bias, log_p, index_vector: one row per item), users.parquet with --users (user, vector), and
+vocab/ (users.json, items.json: raw ids, position = index; features.json: each feature's values).
+Each tower is run back and compared with the Python path before OUT is swapped in whole.
+
+The served score is an inner product: put index_vector in any inner-product index and query it with
+[f(u) / temperature, 1 / bias_scale, alpha / scale] (export.json, score.layout). README: "Serving
+the towers elsewhere".
+"""
+
+
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    desc = export_run(args.run, args.out, args.format, users=args.users, overwrite=args.overwrite,
+                      log=lambda m: print(m, flush=True))
+    print(f"exported {args.run} as {desc['runtime']} to {args.out} in {desc['seconds']:.1f}s")
+    return 0
+
+
+def add_export_parser(sub) -> None:
+    ex = sub.add_parser("export", help="the towers as ONNX or TorchScript models, with item embeddings, vocabularies and "
+                                       "the score convention, to serve without twotower",
+                        epilog=EPILOG_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ex.add_argument("run", help="run directory written by `twotower train`")
+    ex.add_argument("--format", choices=["onnx", "torchscript"], required=True,
+                    help="onnx: for ONNX Runtime, Triton, any ONNX runtime (needs the export extra); torchscript: for "
+                         "libtorch, TorchServe, torch.jit.load")
+    ex.add_argument("--out", required=True, metavar="DIR", help="folder to write: new, empty, or an earlier export with --overwrite")
+    ex.add_argument("--users", action="store_true", help="also write users.parquet: f(u) of every known user")
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (swapped in whole when done)")
+    ex.set_defaults(func=cmd_export)
+
+
 def cmd_mine(args) -> int:
     from .api import mine
 
@@ -527,7 +567,7 @@ def add_info_parser(sub) -> None:
 
 
 COMMANDS = (add_train_parser, add_evaluate_parser, add_recommend_parser, add_index_parser, add_embed_parser,
-            add_serve_parser, add_mine_parser, add_compare_parser, add_demo_parser, add_config_parser,
+            add_serve_parser, add_export_parser, add_mine_parser, add_compare_parser, add_demo_parser, add_config_parser,
             add_info_parser)
 
 

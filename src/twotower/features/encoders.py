@@ -16,6 +16,12 @@ Three ways in, the same for every kind:
 
 ``forward`` takes what ``lookup`` or ``encode`` returned and gives ``[B, dim]``. ``FeatureSet`` is a
 tower's features, summed. A new kind is a class with these methods, registered in ``KINDS``.
+
+For ``twotower export`` (``export/towers.py``) a kind also says what its ``forward`` input is made of
+as plain tensors: ``export_inputs()`` lists them (``TensorSpec``: name, dtype, shape, meaning), in the
+order of the fields of the input (a dataclass of tensors such as ``Bag``, or a single tensor), and
+``example_input(n)`` gives an input for ``n`` entities to trace ``forward`` with. The exported
+tower then runs the encoder's own ``forward`` on those tensors.
 """
 from __future__ import annotations
 
@@ -67,6 +73,18 @@ class FeatureState:
             arrays = {key[len(prefix):]: t for key, t in self.arrays.items() if key.startswith(prefix)}
             out.append(FittedFeature(entry["name"], entry["kind"], meta, arrays))
         return out
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One plain tensor of an exported tower's input (``twotower export``): ``dtype`` a NumPy name,
+    ``shape`` one entry per dimension, an int (fixed) or a name (varies with the request: ``"batch"``
+    is the number of entities; another name is a length of its own, such as a number of codes)."""
+
+    name: str
+    dtype: str
+    shape: tuple
+    meaning: str
 
 
 @dataclass
@@ -151,6 +169,21 @@ class CategoricalFeature(nn.Module):
 
     def forward(self, x: Bag) -> torch.Tensor:
         return self.bag(x.codes, x.offsets)
+
+    def export_inputs(self) -> list[TensorSpec]:
+        """``Bag``'s two tensors, as an exported tower takes them."""
+        return [TensorSpec("codes", "int64", ("n_codes",),
+                           f"codes of the {self.name} values of every entity, concatenated (code i is value i of the "
+                           "feature's vocabulary; an unknown value is left out)"),
+                TensorSpec("offsets", "int64", ("batch",),
+                           "where each entity's codes start in codes: non-decreasing, first 0; the mean of an "
+                           "entity's codes' embeddings is used, zero when it has none")]
+
+    def example_input(self, n: int) -> Bag:
+        """One code per entity (any ``n`` entities: only the shapes matter for tracing)."""
+        dev = self.indptr.device
+        codes = torch.arange(n, dtype=torch.int64, device=dev) % max(len(self.values), 1)
+        return Bag(codes, torch.arange(n, dtype=torch.int64, device=dev))
 
     def entities_with(self, value) -> np.ndarray:
         """Sorted indices of the stored entities whose values include ``value`` (compared as a

@@ -29,7 +29,11 @@ from ..features.encoders import FeatureSet, FeatureState, FittedFeature, fit_fea
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``F.normalize(x, dim=-1)``: ``y = x / max(|x|, eps)`` along the last dimension, as one
-    autograd node (``_L2Normalize``)."""
+    autograd node (``_L2Normalize``) when a gradient is wanted."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        # The same arithmetic as _L2Normalize.forward, as plain operations: a custom autograd
+        # Function cannot be traced into TorchScript (``twotower export``) and buys nothing here.
+        return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
     return _L2Normalize.apply(x, eps)
 
 
@@ -174,7 +178,8 @@ class ItemTower(_Tower):
 
     def forward(self, x: TowerInputs) -> torch.Tensor:
         h = _plus(self.id_vectors(x), self.feature_vectors(x))
-        return self.finish(h, len(x))
+        # ids.shape[0], not len(x): under torch.export (twotower export) len() fixes the batch size
+        return self.finish(h, x.ids.shape[0])
 
 
 class UserTower(_Tower):
@@ -219,7 +224,7 @@ class UserTower(_Tower):
     def forward(self, x: TowerInputs, shared_table: nn.Embedding | None = None) -> torch.Tensor:
         h = _plus(self.id_vectors(x), self.history_vectors(x, shared_table))
         h = _plus(h, self.feature_vectors(x))
-        return self.finish(h, len(x))
+        return self.finish(h, x.ids.shape[0])
 
 
 class TwoTowerModel(nn.Module):
