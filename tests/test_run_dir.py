@@ -60,7 +60,8 @@ def test_serving_places_a_new_user_by_history_and_features_through_the_user_towe
     assert r.unknown_features == {"age": ["zz"]} and r.fallback is None
     assert not {100, 101} & set(r.items.tolist())  # seen items excluded
     with torch.no_grad():
-        f = model.user_vectors(model.user_inputs(np.array([-1]), [np.array([0, 1])], [{"age": "b"}]))[0]
+        # "zz" is out of the vocabulary: it is reported, and takes the out-of-vocabulary bucket in the mean
+        f = model.user_vectors(model.user_inputs(np.array([-1]), [np.array([0, 1])], [{"age": ["b", "zz"]}]))[0]
         g = embed_items(model)
     tau = float(model.temperature)
     expected = {int(100 + j): float(f @ g[j]) / tau for j in range(2, 6)}

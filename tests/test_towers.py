@@ -84,7 +84,9 @@ def test_user_inputs_keep_the_last_items_and_report_unplaceable_feature_values()
     assert x.history.tolist() == [[2, 3, 4], [0, 0, 0]]
     assert x.history_mask.tolist() == [[True, True, True], [False, False, False]]
     assert x.unknown_features == [{"age": ["zz"]}, {}]
-    assert x.features["age"].codes.tolist() == [0] and x.features["age"].offsets.tolist() == [0, 1]
+    # "a" is code 0; "zz" goes to the out-of-vocabulary code (3: after a, b, c) and the user without an
+    # age gets the missing code (4)
+    assert x.features["age"].codes.tolist() == [0, 3, 4] and x.features["age"].offsets.tolist() == [0, 2]
     with pytest.raises(KeyError, match="unknown feature"):
         model.user_inputs(np.array([-1]), None, [{"height": 3}])
 

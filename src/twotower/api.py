@@ -49,7 +49,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, data_dir: str | Path | 
     if not distributed.is_main():
         log, quiet = (lambda msg: None), True
     t0 = time.perf_counter()
-    ds = dataset if dataset is not None else load_dataset(cfg.data, data_dir)
+    ds = dataset if dataset is not None else load_dataset(cfg, data_dir)
     s = ds.summary()
     log(f"data: {s['name']}: {s['users']:,} users, {s['items']:,} items; train {s['train']:,}, valid {s['valid']:,}, test {s['test']:,}")
     trainer = Trainer(cfg, ds, out, quiet=quiet, log=log)
@@ -139,7 +139,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data_dir: str | Path 
     from .run import Run
 
     run = Run(run_dir)
-    ds = load_dataset(run.config.data, data_dir)
+    ds = load_dataset(run.config, data_dir)
     if not (ds.users == run.users and ds.items == run.items):
         raise ArtifactError(f"{run_dir}: the data under the data directory does not match the run's vocabularies "
                             "(different files or data.seed); point TWOTOWER_DATA at the data the run was trained on")

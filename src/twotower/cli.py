@@ -130,17 +130,17 @@ def add_evaluate_parser(sub) -> None:
     e.set_defaults(func=cmd_evaluate)
 
 
-def _read_user_file(path: Path) -> list[str]:
+def _read_user_file(path: Path, entity: str = "user", what: str = "users") -> list[str]:
     from .errors import DataError
 
     if not path.is_file():
-        raise DataError(path, "users file not found", "pass a text file with one raw user id per line")
+        raise DataError(path, f"{what} file not found", f"pass a text file with one raw {entity} id per line")
     try:
         ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError as e:
         raise DataError(path, f"not UTF-8 text (byte {e.start})", "save the file as UTF-8") from None
     if not ids:
-        raise DataError(path, "no user ids in the file", "write one raw user id per line")
+        raise DataError(path, f"no {entity} ids in the file", f"write one raw {entity} id per line")
     return ids
 
 
@@ -153,7 +153,7 @@ def cmd_recommend(args) -> int:
     run = Run(args.run)
     if args.k < 1:
         raise TwotowerError(f"-k must be at least 1, got {args.k}")
-    if args.user is not None or args.history is not None:
+    if args.user is not None or args.history is not None or args.features:
         return _recommend_one(run, args)
     if args.users_file:
         users = run.users.coerce(_read_user_file(Path(args.users_file)))
@@ -174,7 +174,8 @@ def cmd_recommend(args) -> int:
     from .serving.query import Recommender
 
     rec = Recommender.load(run, args.index, category_feature=args.category_feature)
-    recs = rec.recommend_frame(users, k=args.k, exclude_seen=not args.include_seen, alpha=args.alpha, category=args.category)
+    recs = rec.recommend_frame(users, k=args.k, exclude_seen=not args.include_seen, alpha=args.alpha, category=args.category,
+                               context=_parsed(run.model.user_tower.context, args.context, "--context", "context feature"))
     with artifacts.atomic_path(out) as tmp:
         if out.suffix == ".parquet":
             recs.to_parquet(tmp, index=False)
@@ -190,11 +191,17 @@ def _recommend_one(run, args) -> int:
     from .serving.query import Query, Recommender, UnknownUserError
 
     rec = Recommender.load(run, args.index, category_feature=args.category_feature)
+    context = _parsed(run.model.user_tower.context, args.context, "--context", "context feature")
     if args.user is not None:
-        q = Query(user=args.user, k=args.k, alpha=args.alpha, exclude_seen=not args.include_seen, category=args.category)
+        if args.features:
+            raise TwotowerError("--features describe a new user (with --history, or alone); a known user's features are "
+                                "already in the model")
+        q = Query(user=args.user, k=args.k, alpha=args.alpha, exclude_seen=not args.include_seen, category=args.category,
+                  context=context)
     else:
-        q = Query(history=[h.strip() for h in args.history.split(",") if h.strip()], k=args.k, alpha=args.alpha,
-                  exclude_seen=not args.include_seen, category=args.category)
+        q = Query(history=[h.strip() for h in (args.history or "").split(",") if h.strip()], k=args.k, alpha=args.alpha,
+                  exclude_seen=not args.include_seen, category=args.category, context=context,
+                  features=_parsed(run.model.user_tower.features, args.features, "--features", "user feature"))
     try:
         r = rec.recommend(q)
     except UnknownUserError:
@@ -214,10 +221,27 @@ def _recommend_one(run, args) -> int:
     return 0
 
 
+def _parsed(features, text: str | None, option: str, what: str) -> dict | None:
+    """``name=value,...`` of a command line, each value as its feature's kind takes it."""
+    if text is None:
+        return None
+    if features is None:
+        raise TwotowerError(f"{option}: this model's user tower takes no {what}s")
+    from .errors import FeatureInputError
+
+    try:
+        return features.parse(text, what)
+    except KeyError as e:
+        raise TwotowerError(f"{option}: {e.args[0]}") from None
+    except FeatureInputError as e:
+        raise TwotowerError(f"{option}: {e}") from None
+
+
 def add_recommend_parser(sub) -> None:
     r = sub.add_parser("recommend", help="top-k items for one user or for many (to a file)",
                        epilog="examples:\n  twotower recommend runs/ml100k --user 196 -k 20\n"
                               "  twotower recommend runs/ml100k --history 50,172,181 -k 10 --alpha 0.5\n"
+                              "  twotower recommend runs/feat --features age=31,occupation=writer --context hour=21\n"
                               "  twotower recommend runs/ml100k --all-users -k 100 --out candidates.parquet",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("run", help="run directory written by `twotower train`")
@@ -231,8 +255,13 @@ def add_recommend_parser(sub) -> None:
     r.add_argument("--out", help="output file for batch mode: .parquet or .csv (columns user, item, score, rank)")
     r.add_argument("--include-seen", action="store_true", help="do not exclude the user's training items")
     r.add_argument("--alpha", type=float, default=0.0, help="popularity correction: score - alpha * log p(item) (default 0)")
-    r.add_argument("--category", help="only items of this category (a value of the item feature)")
-    r.add_argument("--category-feature", help="item feature that --category refers to (default: the model's first item feature)")
+    r.add_argument("--features", metavar="NAME=VALUE,...", help="a new user's features (with --history, or alone): "
+                   "numbers, labels (several: a|b), texts, vectors (numbers separated by spaces)")
+    r.add_argument("--context", metavar="NAME=VALUE,...", help="the request's context features, e.g. hour=21,weekday=Sat "
+                   "(those left out take their defaults: docs/features.md)")
+    r.add_argument("--category", help="only items of this category (a value of the item feature --category-feature)")
+    r.add_argument("--category-feature", help="item feature that --category refers to (default: the model's only "
+                   "categorical item feature; needed when it has several)")
     r.add_argument("--index", help="index folder (default RUN/index if built, else exact search)")
     r.set_defaults(func=cmd_recommend)
 
@@ -243,6 +272,8 @@ def cmd_index(args) -> int:
     from .run import Run
 
     run = Run(args.run)
+    if args.update or any(x is not None for x in (args.add, args.replace, args.remove)) or args.add_new:
+        return _update_index(run, args)
     if args.retune:
         from .index.run_index import retune_run_index
 
@@ -263,9 +294,62 @@ def cmd_index(args) -> int:
         idx = build_run_index(run, params, args.out, sample=args.sample_users, seed=args.seed, progress=not args.quiet,
                               log=lambda m: print(m, flush=True))
     m = idx.info.get("measured", {})
-    print(f"{idx.kind}: {idx.n_items:,} items, dim {idx.dim}; "
+    print(f"{idx.kind}: {idx.size:,} items, dim {idx.dim}; "
           + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("recall@"))
           + f"; {m.get('ann_ms_p50', float('nan')):.3f} ms per query (exact {m.get('exact_ms_p50', float('nan')):.3f} ms)")
+    return 0
+
+
+def _item_list(path: str, what: str, vectors: bool):
+    """Raw item ids (and vectors) from ``--add`` / ``--replace`` / ``--remove``: a text file with one
+    id per line, or a Parquet file with a column ``item`` (and ``vector``, a list of floats per item,
+    as `twotower embed` writes: used instead of the item tower when present)."""
+    import numpy as np
+
+    from .errors import DataError
+
+    p = Path(path)
+    if p.suffix.lower() != ".parquet":
+        ids = _read_user_file(p, "item", what)
+        return ids, None
+    try:
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(p)
+    except FileNotFoundError:
+        raise DataError(p, "file not found", f"pass the items to {what} as a Parquet file or a text file") from None
+    except Exception as e:  # pyarrow's errors for a damaged file
+        raise DataError(p, f"cannot read it as Parquet ({str(e).splitlines()[0]})", "write it again") from None
+    if "item" not in t.column_names:
+        raise DataError(p, f"no column 'item' (columns: {', '.join(t.column_names)})",
+                        "name the column of raw item ids 'item'")
+    ids = t.column("item").to_pylist()
+    if not vectors or "vector" not in t.column_names:
+        return ids, None
+    vec = t.column("vector").to_pylist()
+    width = {len(v) if v is not None else -1 for v in vec}
+    if len(width) != 1 or -1 in width:
+        raise DataError(p, "the 'vector' column has missing values or rows of different lengths",
+                        "give every item a vector of the model's dimension")
+    return ids, np.asarray(vec, dtype=np.float32)
+
+
+def _update_index(run, args) -> int:
+    from .index.run_index import update_run_index
+
+    if args.from_parts or args.retune:
+        from .errors import ConfigError
+
+        raise ConfigError("--update changes a built index: it cannot be combined with --from-parts or --retune")
+    add, add_v = _item_list(args.add, "add", True) if args.add else (None, None)
+    rep, rep_v = _item_list(args.replace, "replace", True) if args.replace else (None, None)
+    rem, _ = _item_list(args.remove, "remove", False) if args.remove else (None, None)
+    idx = update_run_index(run, add=add, replace=rep, remove=rem, add_vectors=add_v, replace_vectors=rep_v,
+                           add_new=args.add_new, folder=args.out, rebuild_share=args.rebuild_share,
+                           sample=args.sample_users, seed=args.seed, log=lambda m: print(m, flush=True))
+    m = idx.info.get("measured", {})
+    print(f"{idx.kind}: {idx.size:,} items after the update; "
+          + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k.startswith("recall@")))
     return 0
 
 
@@ -274,7 +358,8 @@ def add_index_parser(sub) -> None:
                         epilog="examples:\n  twotower index runs/ml100k                      # auto: flat below 50k items, HNSW up to 5M, IVF beyond\n"
                                "  twotower index runs/gowalla --kind hnsw --M 32 --ef-search 128\n"
                                "  twotower index runs/big --kind ivfpq --nlist 4096 --pq-m 16 --refine 4\n"
-                               "  twotower index runs/big --from-parts runs/big/embeddings --kind ivf   # parts of `twotower embed`\n\n"
+                               "  twotower index runs/big --from-parts runs/big/embeddings --kind ivf   # parts of `twotower embed`\n"
+                               "  twotower index runs/big --update --add new.parquet --remove retired.txt   # no rebuild\n\n"
                                "Search knobs not given (--nprobe, --ef-search) are tuned on real users to reach --target-recall.\n"
                                "Recall@10/@100 against exact search and per-query latency are printed and stored in RUN/index/index.json.",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -301,6 +386,16 @@ def add_index_parser(sub) -> None:
     ix.add_argument("--from-parts", metavar="DIR", help="build from the Parquet parts of `twotower embed` (one part in memory at "
                     "a time; IVF kinds train on a sample of all parts) instead of embedding every item in memory")
     ix.add_argument("--train-size", type=int, metavar="N", help="IVF kinds: items k-means trains on (default 64 per list, at least 10,000)")
+    up = ix.add_argument_group("updating a built index without a rebuild (--update)")
+    up.add_argument("--update", action="store_true", help="change the built index: --add, --replace, --remove, --add-new; "
+                    "then recall against exact search is measured and stored as at build")
+    up.add_argument("--add", metavar="FILE", help="items to add: a text file of raw item ids, one per line (vectors from the "
+                    "item tower), or Parquet with columns item and vector (e.g. from `twotower embed`); the run must know the ids")
+    up.add_argument("--replace", metavar="FILE", help="items whose vectors changed (same formats as --add)")
+    up.add_argument("--remove", metavar="FILE", help="items to retire: a text file of raw item ids, or Parquet with a column item")
+    up.add_argument("--add-new", action="store_true", help="add every item the run has beyond the index (admitted since it was built)")
+    up.add_argument("--rebuild-share", type=float, metavar="S", help="HNSW / IVF-PQ: rebuild when removed or replaced entries "
+                    "pass this share of the index (default 0.2, kept in index.json)")
     ix.set_defaults(func=cmd_index)
 
 
@@ -341,29 +436,54 @@ def add_embed_parser(sub) -> None:
 def cmd_serve(args) -> int:
     from .serving.query import Recommender
     from .serving.service import serve
+    from .serving.swap import SwapSettings, read_token
 
+    token = read_token(args.admin_token_file, args.admin_token_from_env)  # before the (long) load: fail fast
+    settings = SwapSettings(run=args.run, token=token, watch=args.watch, interval=args.watch_interval,
+                            category_feature=args.category_feature)
     rec = Recommender.load(args.run, args.index, category_feature=args.category_feature)
     i = rec.index
     saved = "" if i.info.get("saved", True) else " (no saved index: exact search; build one with `twotower index RUN`)"
-    print(f"serving {args.run}: {i.n_items:,} items, index {i.kind}{saved}; page http://{args.host}:{args.port}/, "
+    print(f"serving {args.run}: {i.size:,} items, index {i.kind}{saved}; page http://{args.host}:{args.port}/, "
           f"API http://{args.host}:{args.port}/docs", flush=True)
-    serve(rec, host=args.host, port=args.port, log_level=args.log_level, max_batch=args.max_batch)
+    if token is not None or args.watch:
+        print("swaps: " + ", ".join(x for x in (
+            f"POST http://{args.host}:{args.port}/admin/swap with the admin token" if token is not None else "",
+            f"watching {args.run} every {args.watch_interval:g}s" if args.watch else "") if x), flush=True)
+    serve(rec, host=args.host, port=args.port, log_level=args.log_level, max_batch=args.max_batch, swap=settings)
     return 0
 
 
 def add_serve_parser(sub) -> None:
     sv = sub.add_parser("serve", help="HTTP API (recommendations, similar items, look-ups, metadata) and a page to look at them",
                         epilog="examples:\n  twotower serve runs/ml100k                 # the page: http://127.0.0.1:8000/, the API: /docs\n"
-                               "  curl -s localhost:8000/recommend -d '{\"user\": 196, \"k\": 10}' -H 'content-type: application/json'",
+                               "  curl -s localhost:8000/recommend -d '{\"user\": 196, \"k\": 10}' -H 'content-type: application/json'\n\n"
+                               "moving to a new model without dropping a request (off unless asked for):\n"
+                               "  twotower serve runs/current --watch       # runs/current: a symlink; switch it atomically:\n"
+                               "  ln -s v8 runs/next && mv -T runs/next runs/current\n"
+                               "  twotower serve runs/v7 --admin-token-file /etc/twotower/token\n"
+                               "  curl -s localhost:8000/admin/swap -H \"Authorization: Bearer $(cat /etc/twotower/token)\" \\\n"
+                               "       -H 'content-type: application/json' -d '{\"run\": \"runs/v8\"}'\n"
+                               "The new run and index are loaded and warmed beside the old ones, then swapped in at once;\n"
+                               "requests being computed finish on the old model. A run that fails to load leaves the old\n"
+                               "one serving (the reason is logged, returned by /admin/swap and shown in /metadata).",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     sv.add_argument("run", help="run directory written by `twotower train` (with RUN/index if `twotower index` built one)")
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     sv.add_argument("--index", help="index folder (default RUN/index if built, else exact search)")
-    sv.add_argument("--category-feature", help="item feature that requests' \"category\" refers to (default: the first)")
+    sv.add_argument("--category-feature", help="item feature that requests' \"category\" refers to when they do not say "
+                    "(\"category_feature\"); default: the model's only categorical item feature")
     sv.add_argument("--max-batch", type=int, default=64, help="most concurrent requests computed together (default 64)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn's log level (default info: start-up and errors; debug adds one line per request)")
+    sw = sv.add_argument_group("model swaps")
+    sw.add_argument("--watch", action="store_true", help="reload when RUN changes: a symlink switched to another run "
+                    "directory, or a new manifest or index in it")
+    sw.add_argument("--watch-interval", type=float, default=2.0, metavar="S", help="seconds between looks at RUN (default 2)")
+    sw.add_argument("--admin-token-file", metavar="FILE", help="enable POST /admin/swap for requests that send "
+                    "'Authorization: Bearer TOKEN', TOKEN the first line of FILE (at least 16 characters)")
+    sw.add_argument("--admin-token-from-env", action="store_true", help="the same, with the token in $TWOTOWER_ADMIN_TOKEN")
     sv.set_defaults(func=cmd_serve)
 
 

@@ -185,9 +185,9 @@ def run_comparison(variants: list[Variant], out: Path, data_dir=None, quiet: boo
     results = []
     for k, v in enumerate(variants, 1):
         cfg = RunConfig.from_dict(v.config)
-        key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
-        if key not in datasets:  # variants that share the data config share one loaded dataset
-            datasets[key] = load_dataset(cfg.data, data_dir)
+        key = json.dumps([cfg.data.model_dump(mode="json"), cfg.features.model_dump(mode="json")], sort_keys=True)
+        if key not in datasets:  # variants that share the data and feature declarations share one loaded dataset
+            datasets[key] = load_dataset(cfg, data_dir)
         safe = "".join(c if c.isalnum() or c in "=.,-_" else "_" for c in v.name)
         run_dir = out / "runs" / safe
         selected = only is None or any(fnmatch.fnmatchcase(v.name, p) for p in only)

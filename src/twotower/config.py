@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticUndefined
 
 from .errors import ConfigError
 
@@ -45,18 +46,18 @@ class DataConfig(_Section):
     min_weight: float | None = Field(None, description="Drop interactions whose weight (e.g. rating) is below this.")
     item_features: str | None = Field(None, description="Item-features table (CSV/TSV/Parquet).")
     item_id_col: str = Field("item", description="item-features column holding the raw item id")
-    item_feature_cols: list[str] = Field(default_factory=list, description="item-features columns read as categorical "
-                                                                           "features (values kept as strings)")
-    item_multi_valued: dict[str, str] = Field(default_factory=dict, description="column -> separator of its values, "
-                                                                                "for cells holding several (e.g. genres)")
+    item_feature_cols: list[str] = Field(default_factory=list, description="deprecated (declare [[features.item]]): "
+                                                                           "item-features columns read as categorical features")
+    item_multi_valued: dict[str, str] = Field(default_factory=dict, description="deprecated (declare [[features.item]] "
+                                                                                "with kind = \"multi_categorical\"): column -> separator")
     item_title_col: str | None = Field(None, description="item-features column with a display title (shown by "
                                                          "`recommend` and the service; not a feature)")
     user_features: str | None = Field(None, description="User-features table (CSV/TSV/Parquet).")
     user_id_col: str = Field("user", description="user-features column holding the raw user id")
-    user_feature_cols: list[str] = Field(default_factory=list, description="user-features columns read as categorical "
-                                                                           "features (values kept as strings)")
-    user_multi_valued: dict[str, str] = Field(default_factory=dict, description="column -> separator of its values, "
-                                                                                "for cells holding several")
+    user_feature_cols: list[str] = Field(default_factory=list, description="deprecated (declare [[features.user]]): "
+                                                                           "user-features columns read as categorical features")
+    user_multi_valued: dict[str, str] = Field(default_factory=dict, description="deprecated (declare [[features.user]] "
+                                                                                "with kind = \"multi_categorical\"): column -> separator")
     split: Literal["given", "random", "temporal"] = Field(
         "random", description="given: the test set is a file (test_interactions, or the dataset's own); random: a "
                               "seeded share of each user's items (test_fraction); temporal: each user's last "
@@ -76,30 +77,22 @@ class ModelConfig(_Section):
 
     dim: int = Field(64, ge=1, description="embedding size d of both towers' output (and of every id and feature table)")
     user_id: bool = Field(True, description="user tower uses a user-id embedding (the user tower needs at least one "
-                                                         "of user_id, user_history, user_features)")
+                                                         "of user_id, user_history, user or context features)")
     user_history: bool = Field(False, description="user tower pools the embeddings of the user's past items")
     history_length: int = Field(50, ge=1, description="user_history: the user's last N items are pooled")
     share_item_table: bool = Field(True, description="history pooling reuses the item tower's id table")
-    user_features: list[str] | Literal["all"] = Field(default_factory=list, description="user features the user tower "
-                                                                                   "embeds (names of data columns), or \"all\"")
+    user_features: list[str] | Literal["all"] = Field(default_factory=list, description="deprecated (declare "
+                         "[[features.user]]): user features read as categorical (names of data columns), or \"all\"")
     item_id: bool = Field(True, description="item tower uses an item-id embedding (the item tower needs item_id, "
-                                                         "item_features or both)")
-    item_features: list[str] | Literal["all"] = Field(default_factory=list, description="item features the item tower "
-                                                                                   "embeds (multi-valued ones mean-pooled), or \"all\"")
+                                                         "item features or both)")
+    item_features: list[str] | Literal["all"] = Field(default_factory=list, description="deprecated (declare "
+                         "[[features.item]]): item features read as categorical (names of data columns), or \"all\"")
     mlp: list[int] = Field(default_factory=list, description="hidden layer sizes of each tower's MLP (empty: no MLP)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout between the MLP layers (no effect without mlp)")
     temperature: float = Field(0.1, gt=0.0, description="tau: the score is cosine / tau (0.05 to 0.2 is the useful range)")
     learn_temperature: bool = Field(False, description="train tau too (as log tau, clamped to [0.01, 1]); `temperature` is its start")
     item_bias: bool = Field(False, description="a learned per-item bias b_j added to every score (exported to serving)")
     init_std: float = Field(0.1, gt=0.0, description="standard deviation of the normal initialisation of the embedding tables")
-
-    @model_validator(mode="after")
-    def _towers_have_inputs(self):
-        if not (self.user_id or self.user_history or self.user_features):
-            raise ValueError("the user tower has no input: enable user_id, user_history or user_features")
-        if not (self.item_id or self.item_features):
-            raise ValueError("the item tower has no input: enable item_id or item_features")
-        return self
 
 
 class TrainConfig(_Section):
@@ -278,6 +271,173 @@ class EvalConfig(_Section):
         return sorted(set(v))
 
 
+
+FEATURE_KINDS = ("categorical", "multi_categorical", "numeric", "vector", "text")
+# The options each kind takes (name, kind, column and missing are every kind's); an option given to
+# a kind that ignores it is refused, so that a typo or a wrong kind cannot pass unnoticed.
+KIND_OPTIONS = {
+    "categorical": {"hash_buckets", "seed", "min_count"},
+    "multi_categorical": {"separator", "hash_buckets", "seed", "min_count"},
+    "numeric": {"transform", "buckets"},
+    "vector": {"file", "length", "freeze"},
+    "text": {"hash_buckets", "seed", "word_ngrams", "char_ngrams", "max_tokens", "lowercase"},
+}
+COMMON_OPTIONS = {"name", "kind", "column", "missing"}
+TEXT_BUCKETS = 1 << 15
+
+
+class FeatureSpec(_Section):
+    """One feature, declared once: its name, its kind (which encoder reads it), the column it comes
+    from and the kind's options. The source (item table, user table, interactions) is the list the
+    declaration is in (``features.item``, ``features.user``, ``features.context``)."""
+
+    name: str = Field(..., min_length=1, max_length=100, pattern=r"^[^.\s][^.]*$",
+                      description="the feature's name: in the model, in requests (features / context) and in messages")
+    kind: Literal["categorical", "multi_categorical", "numeric", "vector", "text"] = Field(
+        ..., description="categorical: one value per row; multi_categorical: several (mean-pooled); numeric: a number "
+                         "(standardised, log1p or quantile buckets); vector: a precomputed dense vector, projected; "
+                         "text: hashed word and character n-grams, mean-pooled (docs/features.md)")
+    column: str | None = Field(None, min_length=1, description="the table's column (default: the name); context: the "
+                                                               "interactions file's column")
+    missing: Literal["learn", "error"] = Field(
+        "learn", description="learn: a missing value (empty cell, NaN, null, no values) is a value of its own with a "
+                             "learned embedding; error: a missing value is refused (at training: the file and row; at "
+                             "serving: a 422)")
+    separator: str | None = Field(None, min_length=1, description="multi_categorical in a CSV/TSV file: the separator "
+                                                                  "between the values of a cell (default \"|\")")
+    hash_buckets: int | None = Field(None, ge=1, le=1 << 24, description=(
+        "categorical: hash values into this many buckets instead of fitting a vocabulary (unbounded vocabularies; "
+        "no value is out of vocabulary); text: the n-gram buckets (default 32768)"))
+    seed: int = Field(0, ge=0, description="hashing seed (categorical with hash_buckets, text)")
+    min_count: int = Field(1, ge=1, description="categorical vocabulary: values on fewer training rows than this go to "
+                                                "the out-of-vocabulary bucket (which then learns what a rare value is)")
+    transform: Literal["standardize", "log1p", "quantile"] = Field(
+        "standardize", description="numeric: standardize ((x - mean) / std of the training rows, clipped to +-5), log1p "
+                                   "(log(1 + x), then standardised; needs x > -1), quantile (buckets between the "
+                                   "training rows' quantiles, an embedding each)")
+    buckets: int = Field(10, ge=2, le=1000, description="numeric, transform = quantile: the number of buckets")
+    file: str | None = Field(None, min_length=1, description="vector: a .npy file of records (id, vector) keyed by the "
+                                                             "table's ids (docs/features.md); default: the table's list column")
+    length: int | None = Field(None, ge=1, le=1 << 16, description="vector: the expected length (default: the "
+                                                                   "length of the data's first vector)")
+    freeze: bool = Field(False, description="vector: keep the projection at its initialisation (a fixed random "
+                                            "projection that roughly keeps the vectors' inner products) instead of learning it")
+    word_ngrams: int = Field(2, ge=1, le=4, description="text: word n-grams of 1 to N words")
+    char_ngrams: list[int] = Field(default_factory=lambda: [3, 4], description="text: character n-gram sizes taken "
+                                                                                 "within each word ([]: none)")
+    max_tokens: int = Field(256, ge=1, le=100_000, description="text: the first N words of a text are read")
+    lowercase: bool = Field(True, description="text: lower-case before tokenising")
+    derive: Literal["hour", "weekday"] | None = Field(
+        None, description="context: the hour of day (0-23) or the day of week (Mon-Sun) of a timestamp column "
+                          "(unix seconds, UTC); the feature is categorical")
+
+    @field_validator("char_ngrams")
+    @classmethod
+    def _ngram_sizes(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= n <= 10 for n in v):
+            raise ValueError(f"char_ngrams sizes must be between 1 and 10, got {v}")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _options_of_the_kind(self):
+        allowed = COMMON_OPTIONS | KIND_OPTIONS[self.kind] | {"derive"}  # derive: checked by FeaturesConfig
+        # an option of another kind at its default is harmless (a resolved config lists every option)
+        fields = type(self).model_fields
+        extra = sorted(o for o in set(fields) - allowed if getattr(self, o) != fields[o].get_default(call_default_factory=True))
+        if extra:
+            owners = []
+            for o in extra:
+                kinds = [k for k, opts in KIND_OPTIONS.items() if o in opts]
+                owners.append(f"{o}: {', '.join(kinds) if kinds else 'context features only'}")
+            raise ValueError(f"feature {self.name!r} ({self.kind}): option(s) {extra} do not apply to {self.kind} features "
+                             f"(they belong to {'; '.join(owners)})")
+        if self.derive is not None and self.kind != "categorical":
+            raise ValueError(f"feature {self.name!r}: derive = {self.derive!r} gives a categorical feature; set kind = \"categorical\"")
+        return self
+
+    @property
+    def source_column(self) -> str:
+        """The column read (the name unless ``column`` says otherwise)."""
+        return self.column or self.name
+
+    @property
+    def buckets_for_text(self) -> int:
+        return self.hash_buckets or TEXT_BUCKETS
+
+
+class FeaturesConfig(_Section):
+    """Every feature of the towers, each declared once (docs/features.md): item features feed the
+    item tower, user features and context features the user tower. Item and user features come from
+    the item and user tables (``data.item_features`` / ``data.user_features``, or a named dataset's
+    own); context features from the interactions file, per interaction (at serving: the request's
+    ``context``). An empty section with the older ``model.item_features`` / ``model.user_features``
+    declares those as categorical features (deprecated)."""
+
+    item: list[FeatureSpec] = Field(default_factory=list, description="item features: [[features.item]] tables "
+                                                                        "(name, kind, column, options)")
+    user: list[FeatureSpec] = Field(default_factory=list, description="user features: [[features.user]] tables")
+    context: list[FeatureSpec] = Field(default_factory=list, description="context features of each interaction: "
+                                                                           "[[features.context]] tables (categorical or "
+                                                                           "numeric; derive = hour / weekday from a timestamp)")
+
+    @model_validator(mode="after")
+    def _names_and_sources(self):
+        for where, specs in (("item", self.item), ("user", self.user + self.context)):
+            names = [s.name for s in specs]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"feature name(s) {dup} declared twice in the {where} tower; give each feature its own name")
+        for s in self.item + self.user:
+            if s.derive is not None:
+                raise ValueError(f"feature {s.name!r}: derive applies to context features (features.context) only")
+        for s in self.context:
+            if s.kind not in ("categorical", "numeric"):
+                raise ValueError(f"context feature {s.name!r}: kind {s.kind!r}; context features are categorical or numeric")
+        return self
+
+    @property
+    def declared(self) -> bool:
+        return bool(self.item or self.user or self.context)
+
+    def tower(self, name: str) -> list[FeatureSpec]:
+        return {"item": self.item, "user": self.user, "context": self.context}[name]
+
+
+# The feature columns the named datasets have always offered (read as categorical features): what the
+# deprecated model.item_features / model.user_features name. Their other columns are declared in
+# [features] (docs/features.md lists them).
+LEGACY_COLUMNS = {
+    "ml-100k": {"item": {"genre": "multi_categorical"},
+                "user": {"age": "categorical", "gender": "categorical", "occupation": "categorical"}},
+    "grocery": {"item": {"i_category": "categorical"}, "user": {}},
+    "synthetic": {"item": {"category": "categorical"}, "user": {}},
+}
+
+
+def legacy_features(data: "DataConfig", model: "ModelConfig | None" = None) -> FeaturesConfig:
+    """The categorical declarations behind the deprecated way of naming features: the data's columns
+    (``data.item_feature_cols`` / ``item_multi_valued``, or a named dataset's), those the model names
+    (``model.item_features``: names or "all"; without a model: every one)."""
+    out = {}
+    for tower in ("item", "user"):
+        if data.dataset in LEGACY_COLUMNS:
+            available = dict(LEGACY_COLUMNS[data.dataset][tower])
+        else:
+            cols = data.item_feature_cols if tower == "item" else data.user_feature_cols
+            multi = data.item_multi_valued if tower == "item" else data.user_multi_valued
+            table = data.item_features if tower == "item" else data.user_features
+            available = {} if not table else {c: "categorical" for c in cols}
+            if table:
+                available.update({c: "multi_categorical" for c in multi})
+        wanted = list(available) if model is None else getattr(model, f"{tower}_features")
+        wanted = list(available) if wanted == "all" else list(wanted)
+        multi = data.item_multi_valued if tower == "item" else data.user_multi_valued
+        # a name the data does not offer stays: building the model names it with the dataset's columns
+        out[tower] = [FeatureSpec(name=n, kind=available.get(n, "categorical"), **({"separator": multi[n]} if n in multi else {}))
+                      for n in wanted]
+    return FeaturesConfig(**out)
+
+
 class RunConfig(_Section):
     """A whole run: one section per stage of the data flow."""
 
@@ -287,6 +447,32 @@ class RunConfig(_Section):
     negatives: NegativesConfig = Field(default_factory=NegativesConfig, description="sampled, memory-bank and hard negatives")
     mining: MiningConfig = Field(default_factory=MiningConfig, description="hard-negative mining rounds")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="metrics: cut-offs, popularity correction, buckets")
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig, description="the towers' features, each declared once")
+
+    def feature_specs(self) -> FeaturesConfig:
+        """The features the towers take: ``[features]``, or the deprecated ``model.item_features`` /
+        ``model.user_features`` (with ``data.item_feature_cols`` ...) as categorical declarations."""
+        if self.features.declared:
+            return self.features
+        return legacy_features(self.data, self.model)
+
+    @model_validator(mode="after")
+    def _features_declared_once(self):
+        m, d = self.model, self.data
+        if self.features.declared:
+            old = [k for k, v in (("model.item_features", m.item_features), ("model.user_features", m.user_features),
+                                  ("data.item_feature_cols", d.item_feature_cols), ("data.item_multi_valued", d.item_multi_valued),
+                                  ("data.user_feature_cols", d.user_feature_cols), ("data.user_multi_valued", d.user_multi_valued)) if v]
+            if old:
+                raise ValueError(f"features are declared in [features]; remove the older {', '.join(old)} (each feature is "
+                                 "declared once: docs/features.md)")
+        specs = self.feature_specs()
+        if not (m.user_id or m.user_history or specs.user or specs.context):
+            raise ValueError("the user tower has no input: enable model.user_id or model.user_history, or declare user "
+                             "or context features")
+        if not (m.item_id or specs.item):
+            raise ValueError("the item tower has no input: enable model.item_id or declare item features")
+        return self
 
     @model_validator(mode="after")
     def _mining_has_a_source(self):
@@ -336,7 +522,7 @@ class RunConfig(_Section):
         except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}: cannot parse: {e}") from None
         if not isinstance(d, dict):
-            raise ConfigError(f"{path}: the top level must be a table of sections (data, model, train, negatives, mining, eval)")
+            raise ConfigError(f"{path}: the top level must be a table of sections (data, model, train, negatives, mining, eval, features)")
         apply_overrides(d, overrides or [])
         return cls.from_dict(d, source=str(path))
 
@@ -413,13 +599,24 @@ def reference_markdown() -> str:
              "with a message naming it. Some checks span keys (for example `negatives.hard` needs",
              "`negatives.hard_k`); they are named in the descriptions. Paths are relative to the data directory",
              "(`--data-dir`, else `$TWOTOWER_DATA`, else `~/.local/share/twotower`) unless absolute.", ""]
-    for name, section in RunConfig.model_fields.items():
-        model = section.annotation
-        lines += [f"## [{name}]", "", " ".join((model.__doc__ or section.description or "").split()), "",
-                  "| key | type | default | bounds | description |", "| --- | --- | --- | --- | --- |"]
+    def table(model) -> list[str]:
+        out = ["| key | type | default | bounds | description |", "| --- | --- | --- | --- | --- |"]
         for key, field in model.model_fields.items():
             default = field.get_default(call_default_factory=True)
-            lines.append(f"| `{key}` | {_cell(_type_name(field.annotation))} | `{_cell(json.dumps(default))}` | "
-                         f"{_bounds(field)} | {_cell(field.description or '')} |")
-        lines.append("")
+            default = "(required)" if default is PydanticUndefined else f"`{_cell(json.dumps(default))}`"
+            out.append(f"| `{key}` | {_cell(_type_name(field.annotation))} | {default} | "
+                       f"{_bounds(field)} | {_cell(field.description or '')} |")
+        return out
+
+    for name, section in RunConfig.model_fields.items():
+        model = section.annotation
+        lines += [f"## [{name}]", "", " ".join((model.__doc__ or section.description or "").split()), ""]
+        lines += table(model) + [""]
+        nested = {a for f in model.model_fields.values() for a in typing.get_args(f.annotation)
+                  if isinstance(a, type) and issubclass(a, BaseModel)}
+        for sub in sorted(nested, key=lambda m: m.__name__):
+            lines += [f"### {sub.__name__}", "", " ".join((sub.__doc__ or "").split()), "",
+                      "Each kind takes the options " + "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in KIND_OPTIONS.items())
+                      + f" (every kind: {', '.join(sorted(COMMON_OPTIONS - {'name', 'kind'}))}; context features: derive).", ""]
+            lines += table(sub) + [""]
     return "\n".join(lines)

@@ -34,3 +34,13 @@ class ConfigError(TwotowerError):
 
 class ArtifactError(TwotowerError):
     """A run directory or one of its files is missing, corrupted or from another run."""
+
+
+class FeatureInputError(TwotowerError, ValueError):
+    """A feature value given at request time (a new user's features, an item's, a request's context)
+    that its encoder cannot take: the wrong kind of value, a missing value where the declaration
+    refuses them, a vector of the wrong length. The service answers 422 with the message."""
+
+    def __init__(self, feature: str, problem: str, fix: str = "", row: int | None = None):
+        self.feature, self.problem, self.fix, self.row = feature, problem, fix, row
+        super().__init__(f"feature {feature!r}: {problem}" + (f"; {fix}" if fix else ""))

@@ -37,7 +37,11 @@ class Run:
         self.known, self.item_counts, self.test_users = known.history, known.item_counts, known.test_users
         self.titles = self.dir.read_titles()
         weights = self.dir.read_weights()
-        self.model = TwoTowerModel.from_state(len(self.users), len(self.items), self.config.model, self.dir.read_features())
+        features = self.dir.read_features()
+        if any("spec" not in entry for entries in features.meta.values() for entry in entries):
+            raise ArtifactError(f"{self.path}: its feature state was written by an earlier version of twotower (before "
+                                "feature declarations, out-of-vocabulary and missing values); train the run again")
+        self.model = TwoTowerModel.from_state(len(self.users), len(self.items), self.config.model, features)
         try:
             self.model.load_state_dict(weights)
         except RuntimeError as e:

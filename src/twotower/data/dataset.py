@@ -79,42 +79,99 @@ class CSR:
 
 @dataclass
 class Split:
-    """Interactions as vocabulary indices."""
+    """Interactions as vocabulary indices, with each interaction's context features (raw values:
+    ``object`` labels or ``None``, ``float64`` numbers or NaN; ``readers.kinds.context_column``)."""
 
     users: np.ndarray
     items: np.ndarray
     timestamps: np.ndarray | None = None
+    context: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.users)
 
     def take(self, mask_or_idx) -> "Split":
         return Split(self.users[mask_or_idx], self.items[mask_or_idx],
-                     None if self.timestamps is None else self.timestamps[mask_or_idx])
+                     None if self.timestamps is None else self.timestamps[mask_or_idx],
+                     None if self.context is None else {k: v[mask_or_idx] for k, v in self.context.items()})
 
     def csr(self, n_users: int) -> CSR:
         return CSR.from_pairs(self.users, self.items, n_users, key=self.timestamps)
 
+    def first_per_user(self, n_users: int) -> np.ndarray:
+        """Each user's first interaction of the split (by time when there are timestamps, else in
+        order), as a position into the split; ``-1`` for a user with none."""
+        key = self.timestamps if self.timestamps is not None else np.zeros(len(self))
+        order = np.lexsort((np.arange(len(self)), key, self.users))
+        users = self.users[order]
+        first = np.r_[True, users[1:] != users[:-1]] if len(users) else np.zeros(0, dtype=bool)
+        out = np.full(n_users, -1, dtype=np.int64)
+        out[users[first]] = order[first]
+        return out
+
+
+def concat_splits(a: Split, b: Split) -> Split:
+    """``a``'s interactions, then ``b``'s (timestamps and context only when both have them)."""
+    ts = None if a.timestamps is None or b.timestamps is None else np.r_[a.timestamps, b.timestamps]
+    ctx = None
+    if a.context is not None and b.context is not None:
+        ctx = {k: np.concatenate([a.context[k], b.context[k]]) for k in a.context}
+    return Split(np.r_[a.users, b.users], np.r_[a.items, b.items], ts, ctx)
+
+
+def _missing_like(arr: np.ndarray, n: int) -> np.ndarray:
+    """``n`` rows of the missing value of ``arr``'s form (NaN numbers and vectors, ``None`` texts)."""
+    return np.full((n,) + arr.shape[1:], None if arr.dtype == object else np.nan, dtype=arr.dtype)
+
 
 @dataclass
 class EncodedFeatures:
-    """Categorical features of items (or users): per feature a value vocabulary and a CSR
-    entity -> value indices (several for multi-valued features, none when missing)."""
+    """Features of items (or users) aligned to the entity vocabulary: row ``i`` is entity ``i``, and
+    an entity without a row in the features table has every feature missing.
+
+    - ``values`` / ``rows``: the categorical kinds: every raw value of the table (a vocabulary) and
+      per entity the CSR of its value indices (none: missing);
+    - ``dense``: the other kinds, one array per feature in ``readers.Features.dense``'s forms;
+    - ``specs``: each feature's declaration (``config.FeatureSpec``), in order; a feature without one
+      is multi_categorical;
+    - ``fit_rows``: the entities whose values fit vocabularies and statistics (the training data's;
+      ``None``: all). The encoders fit from these alone (``features.encoders``).
+    """
 
     values: dict[str, Vocabulary]
     rows: dict[str, CSR]
+    dense: dict[str, np.ndarray] = field(default_factory=dict)
+    specs: dict = field(default_factory=dict)
+    fit_rows: np.ndarray | None = None
 
     @property
     def names(self) -> list[str]:
-        return list(self.values)
+        return list(self.specs) if self.specs else list(self.values) + list(self.dense)
+
+    def spec(self, name: str):
+        """The declaration of ``name`` (a default multi_categorical one for a feature built without)."""
+        if name in self.specs:
+            return self.specs[name]
+        from ..config import FeatureSpec
+
+        return FeatureSpec(name=name, kind="multi_categorical")
+
+    def column(self, name: str):
+        """A feature's values per entity: ``(values, rows)`` for the categorical kinds, else its array."""
+        return (self.values[name], self.rows[name]) if name in self.values else self.dense[name]
 
     def cardinalities(self) -> dict[str, int]:
         return {k: len(v) for k, v in self.values.items()}
 
+    def kinds(self) -> dict[str, str]:
+        return {n: self.spec(n).kind for n in self.names}
+
     @classmethod
-    def encode(cls, ids: np.ndarray, categorical: dict[str, list[list[str]]], vocab: Vocabulary) -> "EncodedFeatures":
+    def encode(cls, ids: np.ndarray, categorical: dict[str, list[list[str]]], vocab: Vocabulary,
+               dense: dict[str, np.ndarray] | None = None, specs: dict | None = None,
+               fit_rows: np.ndarray | None = None) -> "EncodedFeatures":
         """Encode a features table keyed by raw ``ids`` against the entity vocabulary ``vocab``;
-        entities absent from the table get no values."""
+        entities absent from the table get every feature missing."""
         ent = vocab.encode(ids)
         keep = ent >= 0
         values, rows = {}, {}
@@ -126,10 +183,18 @@ class EncodedFeatures:
             vv = Vocabulary.from_values(flat.astype(str) if len(flat) else np.array([], dtype=str), name=name)
             values[name] = vv
             rows[name] = CSR.from_pairs(owner[ok], vv.encode(flat[ok].astype(str)) if ok.any() else np.array([], np.int64), len(vocab))
-        return cls(values, rows)
+        aligned = {}
+        for name, arr in (dense or {}).items():
+            out = _missing_like(arr, len(vocab))
+            out[ent[keep]] = arr[keep]
+            aligned[name] = out
+        return cls(values, rows, aligned, dict(specs or {}), fit_rows)
 
     def select(self, names: list[str]) -> "EncodedFeatures":
-        return EncodedFeatures({n: self.values[n] for n in names}, {n: self.rows[n] for n in names})
+        return EncodedFeatures({n: self.values[n] for n in names if n in self.values},
+                               {n: self.rows[n] for n in names if n in self.rows},
+                               {n: self.dense[n] for n in names if n in self.dense},
+                               {n: self.specs[n] for n in names if n in self.specs}, self.fit_rows)
 
 
 @dataclass
@@ -149,6 +214,8 @@ class Dataset:
     item_features: EncodedFeatures | None = None
     user_features: EncodedFeatures | None = None
     item_titles: np.ndarray | None = None
+    context: list = field(default_factory=list)  # the context features' declarations (config.FeatureSpec)
+    fit_context: dict[str, np.ndarray] | None = None  # the context values that fit the encoders: the training split's
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -167,6 +234,8 @@ class Dataset:
         # Store the training pairs in history order so pair k sits at position k of its user's row.
         order = np.lexsort((np.arange(len(self.train)), self.train.timestamps if self.has_timestamps else np.zeros(len(self.train)), self.train.users))
         self.train = self.train.take(order)
+        if self.fit_context is None and self.train.context is not None:
+            self.fit_context = self.train.context
 
     def item_counts(self) -> np.ndarray:
         """Training positives per item (the counts behind p(j) in the logQ correction)."""
@@ -183,9 +252,7 @@ class Dataset:
             if upto == "train":
                 self._cache[upto] = tr
             elif upto == "valid":
-                both = Split(np.r_[self.train.users, self.valid.users], np.r_[self.train.items, self.valid.items],
-                             None if not self.has_timestamps else np.r_[self.train.timestamps, self.valid.timestamps])
-                self._cache[upto] = both.csr(self.n_users)
+                self._cache[upto] = concat_splits(self.train, self.valid).csr(self.n_users)
             else:
                 raise ValueError(f"history upto must be 'train' or 'valid', got {upto!r}")
         return self._cache[upto]
@@ -219,11 +286,12 @@ class Dataset:
     def with_valid_in_train(self) -> "Dataset":
         """The same dataset with the validation part folded back into training (for a final refit
         once validation has chosen the number of epochs)."""
-        merged = Split(np.r_[self.train.users, self.valid.users], np.r_[self.train.items, self.valid.items],
-                       None if not self.has_timestamps else np.r_[self.train.timestamps, self.valid.timestamps])
+        merged = concat_splits(self.train, self.valid)
         empty = self.valid.take(np.zeros(len(self.valid), dtype=bool))
+        # The features keep what fitted them (the training split's entities and context), so that the
+        # refit's encoders are the ones the run directory already holds.
         return Dataset(self.name, self.users, self.items, merged, empty, self.test, self.item_features,
-                       self.user_features, self.item_titles)
+                       self.user_features, self.item_titles, self.context, self.fit_context)
 
     def summary(self) -> dict:
         return {
@@ -232,9 +300,13 @@ class Dataset:
             "timestamps": self.has_timestamps,
             "item_features": self.item_features.cardinalities() if self.item_features else {},
             "user_features": self.user_features.cardinalities() if self.user_features else {},
+            "feature_kinds": {"item": self.item_features.kinds() if self.item_features else {},
+                              "user": self.user_features.kinds() if self.user_features else {},
+                              "context": {s.name: s.kind for s in self.context}},
         }
 
 
 def encode_interactions(frame: pd.DataFrame, users: Vocabulary, items: Vocabulary) -> Split:
     ts = frame["timestamp"].to_numpy(dtype=np.float64) if "timestamp" in frame else None
-    return Split(users.encode(frame["user"].to_numpy()), items.encode(frame["item"].to_numpy()), ts)
+    ctx = {c[len("context:"):]: frame[c].to_numpy() for c in frame.columns if str(c).startswith("context:")}
+    return Split(users.encode(frame["user"].to_numpy()), items.encode(frame["item"].to_numpy()), ts, ctx or None)

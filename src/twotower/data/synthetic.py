@@ -9,10 +9,21 @@ The generative model:
 * cluster ``c`` prefers a random subset ``cluster_categories[c]`` of categories:
   ``category_affinity[c, k]`` is ``1.0`` for a preferred category and ``background_affinity``
   otherwise;
+* item ``i`` has a price-like number ``price[i] = exp(3 + z_i)``, ``z_i ~ N(0, 1)``, and a
+  description: ``words_per_item`` words, two thirds drawn from its category's own words
+  (``"c{k}w{j}"``) and the rest from words every category shares (``"any{j}"``);
+* cluster ``c`` prefers a price level ``price_pref[c] ~ N(0, 1)`` (in ``z``'s units): with
+  ``price_affinity = a > 0`` an item's affinity is multiplied by ``exp(-a (z_i - price_pref[c])^2 / 2)``
+  (``a = 0``, the default, leaves it out: the data is then exactly what it was before prices);
 * user ``u`` draws ``n_u ~ Uniform{lo..hi}`` distinct items from
-  ``p(i | u) ∝ pop[i] * category_affinity[user_cluster[u], item_category[i]]``
+  ``p(i | u) ∝ pop[i] * category_affinity[user_cluster[u], item_category[i]] * price_factor[cluster, i]``
   (sequential sampling without replacement, done as Gumbel-top-k over the log-probabilities),
   and the draws get strictly increasing timestamps in the order they were drawn.
+
+So an item's appeal to a cluster is a function of features the data exposes (its category, which its
+description reveals, and its price): a tower that reads them can place an item it never saw in
+training, which an id embedding cannot (``tests/test_features.py``). Prices and descriptions come
+from their own random stream, so the interactions of given arguments do not depend on them.
 
 Everything is vectorised over blocks of users; the same arguments always give the same data.
 """
@@ -53,6 +64,9 @@ class SyntheticData:
     item_category: np.ndarray  # (n_items,) int64
     cluster_categories: np.ndarray = field(repr=False, default=None)  # (n_clusters, m) int64
     category_affinity: np.ndarray = field(repr=False, default=None)  # (n_clusters, n_categories)
+    item_price: np.ndarray = field(repr=False, default=None)  # (n_items,) float64
+    item_description: np.ndarray = field(repr=False, default=None)  # (n_items,) object: space-separated words
+    price_factor: np.ndarray = field(repr=False, default=None)  # (n_clusters, n_items): 1 when price_affinity = 0
 
     @property
     def n_users(self) -> int:
@@ -74,9 +88,24 @@ class SyntheticData:
         if users.size and (users.min() < 0 or users.max() >= self.n_users):
             raise IndexError(f"user ids must lie in [0, {self.n_users}), got {users.min()}..{users.max()}")
         scores = self.category_affinity[self.user_cluster[users]][:, self.item_category]
+        if self.price_factor is not None:
+            scores = scores * self.price_factor[self.user_cluster[users]]
         if include_popularity:
             scores = scores * self.true_item_popularity[None, :]
         return scores / scores.sum(axis=1, keepdims=True)
+
+    def item_table(self):
+        """The item table as a reader's ``Table``: ``item``, ``category`` (its label), ``price`` and
+        ``description``, one row per item (what ``[features]`` declarations of the synthetic data
+        can name)."""
+        from pathlib import Path
+
+        from twotower.data.readers.table import Table
+
+        cols = {"item": pd.Series(np.arange(self.n_items, dtype=np.int64)),
+                "category": pd.Series([f"cat {c}" for c in self.item_category.tolist()], dtype=object),
+                "price": pd.Series(self.item_price), "description": pd.Series(self.item_description, dtype=object)}
+        return Table(Path(self.interactions.source), cols, self.n_items, lambda row: f"item {row}", list(cols))
 
 
 def _check_counts(interactions_per_user, n_items: int) -> tuple[int, int]:
@@ -110,12 +139,17 @@ def make_synthetic(
     *,
     categories_per_cluster: int | None = None,
     background_affinity: float = 0.05,
+    price_affinity: float = 0.0,
+    words_per_item: int = 6,
+    words_per_category: int = 8,
 ) -> SyntheticData:
     """Generate a deterministic synthetic data set (see the module docstring for the model).
 
     ``categories_per_cluster`` defaults to ``ceil(n_categories / n_clusters)``;
     ``background_affinity`` (in ``(0, 1]``) is the weight of a non-preferred category relative to
-    a preferred one. ``popularity_exponent=0`` gives uniform popularity.
+    a preferred one. ``popularity_exponent=0`` gives uniform popularity. ``price_affinity`` (``>= 0``)
+    is how strongly clusters prefer their price level; ``words_per_item`` and
+    ``words_per_category`` shape the descriptions.
     """
     from twotower.data.readers import Features, Interactions
 
@@ -134,8 +168,13 @@ def make_synthetic(
     if not 1 <= m <= n_categories:
         raise ConfigError(f"categories_per_cluster must be in [1, {n_categories}], got {categories_per_cluster}")
     lo, hi = _check_counts(interactions_per_user, n_items)
+    if not price_affinity >= 0:
+        raise ConfigError(f"price_affinity must be >= 0, got {price_affinity}")
+    if int(words_per_item) < 1 or int(words_per_category) < 1:
+        raise ConfigError(f"words_per_item and words_per_category must be >= 1, got {words_per_item}, {words_per_category}")
 
     rng = np.random.default_rng(seed)
+    frng = np.random.default_rng([seed, 2])  # prices and descriptions: their own stream
 
     # Items: power-law popularity over a random ranking, balanced categories.
     ranks = rng.permutation(n_items) + 1
@@ -155,8 +194,21 @@ def make_synthetic(
     counts = rng.integers(lo, hi + 1, size=n_users, dtype=np.int64)
     starts = _EPOCH + rng.integers(0, _YEAR, size=n_users, dtype=np.int64)
 
+    # Prices and descriptions (their own stream), and each cluster's price level.
+    z = frng.standard_normal(n_items)
+    price = np.round(np.exp(3.0 + z), 2)
+    price_pref = frng.standard_normal(n_clusters)
+    log_price_factor = -float(price_affinity) * (z[None, :] - price_pref[:, None]) ** 2 / 2  # (n_clusters, n_items)
+    own = max(1, round(2 * int(words_per_item) / 3))
+    own_words = frng.integers(0, int(words_per_category), size=(n_items, own))
+    any_words = frng.integers(0, int(words_per_category), size=(n_items, int(words_per_item) - own))
+    description = np.array([" ".join([f"c{k}w{j}" for j in ow] + [f"any{j}" for j in aw])
+                            for k, ow, aw in zip(item_category.tolist(), own_words.tolist(), any_words.tolist())], dtype=object)
+
     log_pop = np.log(popularity)
     cluster_logits = np.log(affinity)[:, item_category] + log_pop[None, :]  # (n_clusters, n_items)
+    if price_affinity:
+        cluster_logits = cluster_logits + log_price_factor
 
     block = max(1, _BLOCK_ELEMENTS // n_items)
     users_out, items_out, times_out = [], [], []
@@ -206,4 +258,7 @@ def make_synthetic(
         item_category=item_category,
         cluster_categories=cluster_categories,
         category_affinity=affinity,
+        item_price=price,
+        item_description=description,
+        price_factor=np.exp(log_price_factor),
     )

@@ -1,7 +1,9 @@
 """Full-corpus evaluation (docs/design.md, "Evaluation protocol").
 
 Every item is ranked for every user with held-out items; the user's known items are masked
-(training items when scoring validation; training and validation items when scoring test).
+(training items when scoring validation; training and validation items when scoring test). A user
+tower that reads context is given the context of the user's first held-out interaction of the split
+(by time; with leave-last-one splits, the held-out interaction's own).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from ..config import EvalConfig
 from ..data.dataset import CSR, Dataset, Split
 from ..data.popularity import log_popularity
 from ..model.scoring import ServedScore
-from ..model.towers import TwoTowerModel, embed_items
+from ..model.towers import ContextTable, TwoTowerModel, embed_items
 from . import metrics as M
 from .ranking import top_k_blocks
 
@@ -26,12 +28,33 @@ def evaluate(model: TwoTowerModel, dataset: Dataset, split: str, cfg: EvalConfig
         truth_split, known = dataset.test, dataset.history("valid")
     else:
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-    return evaluate_split(model, truth_split, known, dataset.item_counts(), cfg, history_length, progress)
+    return evaluate_split(model, truth_split, known, dataset.item_counts(), cfg, history_length, progress,
+                          heldout_context(model, truth_split, known.n_rows))
+
+
+def heldout_context(model: TwoTowerModel, truth_split: Split, n_users: int) -> ContextTable | None:
+    """Each user's context when ranking for a held-out split: that of the user's first held-out
+    interaction (``Split.first_per_user``), as a table over user indices; ``None`` when the user
+    tower reads no context."""
+    if model.user_tower.context is None:
+        return None
+    if truth_split.context is None:
+        raise ValueError("the model reads context features but the split has no context values; load the dataset "
+                         "with the run's config (load_dataset(run_config))")
+    first = truth_split.first_per_user(n_users)
+    columns = {}
+    for name, col in truth_split.context.items():
+        out = np.full(n_users, None if col.dtype == object else np.nan, dtype=col.dtype)
+        out[first >= 0] = col[first[first >= 0]]
+        columns[name] = out
+    return model.context_table(columns)
 
 
 @torch.no_grad()
 def evaluate_split(model: TwoTowerModel, truth_split: Split, known: CSR, item_counts: np.ndarray, cfg: EvalConfig,
-                   history_length: int = 50, progress=None) -> dict[str, float]:
+                   history_length: int = 50, progress=None, context: ContextTable | None = None) -> dict[str, float]:
+    """Metrics over the users with items in ``truth_split``; ``context``: the user tower's context per
+    user index (``heldout_context``; ``None``: the defaults)."""
     n_items = model.n_items
     truth = truth_split.csr(known.n_rows)
     users = np.flatnonzero(truth.lengths() > 0)
@@ -59,7 +82,7 @@ def evaluate_split(model: TwoTowerModel, truth_split: Split, known: CSR, item_co
     # The served score, with its popularity correction - alpha * log p(j): evaluated without a server.
     score = ServedScore.of(model, log_popularity(item_counts) if cfg.alpha else None, cfg.alpha)
     for block, _, top in top_k_blocks(model, users, known, known, max_k, history_length, cfg.batch_users, item_vecs,
-                                      score):
+                                      score, context):
         n_rel = torch.from_numpy(truth.lengths()[block])
         keys = torch.from_numpy(block)[:, None] * n_items + top
         pos = torch.searchsorted(truth_keys, keys).clamp_max(len(truth_keys) - 1)

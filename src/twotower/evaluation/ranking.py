@@ -9,7 +9,7 @@ import torch
 from .. import native
 from ..data.dataset import CSR
 from ..model.scoring import ServedScore
-from ..model.towers import TwoTowerModel, embed_items, embed_users
+from ..model.towers import ContextTable, TwoTowerModel, embed_items, embed_users
 
 
 def mask_rows(scores: torch.Tensor, rows: np.ndarray, exclude: CSR) -> None:
@@ -23,11 +23,13 @@ def mask_rows(scores: torch.Tensor, rows: np.ndarray, exclude: CSR) -> None:
 @torch.no_grad()
 def top_k_blocks(model: TwoTowerModel, users: np.ndarray, history: CSR, exclude: CSR | None, k: int,
                  history_length: int, batch_users: int = 1024, item_vecs: torch.Tensor | None = None,
-                 score: ServedScore | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+                 score: ServedScore | None = None, context: ContextTable | None = None
+                 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     """Yield ``(block_users, top_scores [b, k], top_items [b, k])`` (CPU tensors) block by block,
     excluding each user's ``exclude`` items, ranked and scored by the served score
     ``<f(u), g(j)>/tau + b_j - alpha log p(j)`` (``score``: default the model's, at ``alpha = 0``;
-    ``model.scoring.ServedScore``). Each block's users go through the user tower once."""
+    ``model.scoring.ServedScore``). Each block's users go through the user tower once, with their
+    rows of ``context`` (a table over user indices; ``None``: the context features' defaults)."""
     if item_vecs is None:
         item_vecs = embed_items(model)
     if score is None:
@@ -48,7 +50,7 @@ def top_k_blocks(model: TwoTowerModel, users: np.ndarray, history: CSR, exclude:
         buf = torch.empty(min(batch_users, len(users)), item_vecs.shape[0], device=item_vecs.device, dtype=item_vecs.dtype)
     for s in range(0, len(users), batch_users):
         block = np.asarray(users[s : s + batch_users])
-        u = score.query(embed_users(model, block, history, history_length))
+        u = score.query(embed_users(model, block, history, history_length, context=context))
         if compiled:
             values, index = _top_k_compiled(u, item_vecs, bias, block, exclude, k)
             yield block, score.finish(values), index

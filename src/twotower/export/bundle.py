@@ -14,8 +14,10 @@ folder that a process without twotower can serve from.
                            known items as history and its stored features)
       vocab/users.json     raw user ids, position = index (the ``ids`` input of the user tower)
       vocab/items.json     raw item ids, position = index (``ids`` of the item tower, ``history``)
-      vocab/features.json  each feature's fitted state by tower: its kind and vocabulary
-                           (categorical: "values", code i = values[i])
+      vocab/features.json  each feature's fitted state by tower (item, user, context): its kind and
+                           what encodes its values (categorical: "values", code i = values[i], then
+                           the out-of-vocabulary and the missing code; numeric: mean, std or edges;
+                           text: the tokenizer's settings, buckets and seed; docs/features.md)
 
 The folder is written into ``OUT.new`` and swapped in whole (``artifacts.replace_dir``), so a
 failed export leaves no half-written folder and an earlier export stays as it was. Before the swap,
@@ -203,7 +205,8 @@ def _write(run: Run, stage: Path, fmt: str, with_users: bool, log) -> dict:
         "vocabularies": {"users": f"{VOCAB}/users.json", "items": f"{VOCAB}/items.json",
                          "features": f"{VOCAB}/features.json",
                          "how": "a JSON list of raw ids: the position of an id is its index; features.json: "
-                                "{tower: {feature: {kind, ...}}}, a categorical feature's code i is values[i]"},
+                                "{tower: {feature: {kind, ...}}}, a categorical feature's code i is values[i], then the "
+                                "out-of-vocabulary code len(values) and the missing code len(values) + 1"},
     }
 
 

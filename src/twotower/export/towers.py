@@ -12,7 +12,9 @@ The inputs, in order (``TowerSignature``):
   first) and ``history_mask`` ``[batch, history_length]`` bool;
 - for each feature encoder of the tower, in tower order, the tensors its ``forward`` input is made
   of, named ``FEATURE.FIELD``: each encoder says what they are (``export_inputs``) and gives an
-  example (``example_input``); nothing here knows a feature kind.
+  example (``example_input``); nothing here knows a feature kind;
+- user tower with context features (``[features.context]``): each context feature's tensors the same
+  way, named ``context.FEATURE.FIELD`` (the request's context, encoded; its default when absent).
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class TowerSignature:
     features: tuple[FeatureInputs, ...]
     dim: int
     reads_ids: bool = True
+    context: tuple[FeatureInputs, ...] = ()
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -76,11 +79,12 @@ class TowerSignature:
                                "padding positions hold any valid index (0)"),
                     TensorSpec("history_mask", "bool", ("batch", "history_length"),
                                "true where history holds a real item; the embeddings of those items are averaged")]
-        for f in self.features:
-            out += [dataclasses.replace(s, name=f"{f.name}.{s.name}",
-                                        shape=tuple(d if isinstance(d, int) or d == "batch" else _identifier(f"{f.name}_{d}")
-                                                    for d in s.shape))
-                    for s in f.specs]
+        for prefix, group in (("", self.features), ("context.", self.context)):
+            for f in group:
+                out += [dataclasses.replace(s, name=f"{prefix}{f.name}.{s.name}",
+                                            shape=tuple(d if isinstance(d, int) or d == "batch"
+                                                        else _identifier(f"{prefix}{f.name}_{d}") for d in s.shape))
+                        for s in f.specs]
         return out
 
     @property
@@ -93,6 +97,7 @@ class TowerSignature:
         """JSON-ready inputs and outputs (names, dtypes, shapes, meanings), with each feature input's
         feature and kind."""
         owner = {f"{f.name}.{s.name}": f for f in self.features for s in f.specs}
+        owner.update({f"context.{f.name}.{s.name}": f for f in self.context for s in f.specs})
         rows = []
         for s in self.inputs:
             row = {"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "meaning": s.meaning}
@@ -112,8 +117,17 @@ def _tower(model: TwoTowerModel, tower: str) -> nn.Module:
 def signature(model: TwoTowerModel, tower: str) -> TowerSignature:
     """The exported inputs of ``model``'s ``tower``, asked of its feature encoders."""
     t = _tower(model, tower)
+    feats = _feature_inputs(tower, [] if t.features is None else t.features.encoders)
+    context = _feature_inputs(tower, [] if tower != "user" or t.context is None else t.context.encoders)
+    history = tower == "user" and bool(model.user_tower.use_history)
+    return TowerSignature(tower, history, tuple(feats), int(model.cfg.dim), t.id_embedding is not None, tuple(context))
+
+
+def _feature_inputs(tower: str, encoders) -> list[FeatureInputs]:
+    """Each encoder's part of the inputs, as it declares them (``export_inputs``), checked against
+    the input its ``forward`` takes (``example_input``)."""
     feats = []
-    for enc in ([] if t.features is None else t.features.encoders):
+    for enc in encoders:
         kind = getattr(enc, "kind", type(enc).__name__)
         if not (hasattr(enc, "export_inputs") and hasattr(enc, "example_input")):
             raise ExportError(f"the {tower} tower's feature {enc.name!r} (kind {kind}) has no export form: its encoder "
@@ -131,8 +145,7 @@ def signature(model: TwoTowerModel, tower: str) -> TowerSignature:
                               f"{[s.name for s in specs]}, but its forward input is {type(example).__name__} "
                               f"({fields or 'not a tensor nor a dataclass of tensors'}); they must match, in order")
         feats.append(FeatureInputs(enc.name, kind, specs, rebuild))
-    history = tower == "user" and bool(model.user_tower.use_history)
-    return TowerSignature(tower, history, tuple(feats), int(model.cfg.dim), t.id_embedding is not None)
+    return feats
 
 
 class TowerExport(nn.Module):
@@ -149,14 +162,20 @@ class TowerExport(nn.Module):
         history = mask = None
         if self.sig.history:
             history, mask, k = tensors[1], tensors[2], 3
-        features = None
+        features = context = None
         if self.sig.features:
             features = {}
             for f in self.sig.features:
                 n = len(f.specs)
                 features[f.name] = f.pack(tensors[k : k + n])
                 k += n
-        x = TowerInputs(ids, history, mask, features)
+        if self.sig.context:
+            context = {}
+            for f in self.sig.context:
+                n = len(f.specs)
+                context[f.name] = f.pack(tensors[k : k + n])
+                k += n
+        x = TowerInputs(ids, history, mask, features, context=context)
         if self.sig.tower == "user":
             return self.model.user_vectors(x)
         return self.model.item_vectors(x)
@@ -174,6 +193,10 @@ class TowerExport(nn.Module):
             feats = x.features if x.features is not None else tower.features.lookup(x.ids, x.all_known)
             for f in self.sig.features:
                 out += f.unpack(feats[f.name])
+        if self.sig.context:
+            ctx = x.context if x.context is not None else self.model.user_tower.context.defaults(len(x.ids))
+            for f in self.sig.context:
+                out += f.unpack(ctx[f.name])
         return tuple(out)
 
     def example(self, n: int = 4) -> tuple[torch.Tensor, ...]:
@@ -189,6 +212,9 @@ class TowerExport(nn.Module):
         tower = _tower(self.model, self.sig.tower)
         for f, enc in zip(self.sig.features, [] if tower.features is None else tower.features.encoders):
             out += f.unpack(enc.example_input(n))
+        if self.sig.context:
+            for f, enc in zip(self.sig.context, tower.context.encoders):
+                out += f.unpack(enc.example_input(n))
         return tuple(out)
 
 

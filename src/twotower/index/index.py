@@ -20,6 +20,13 @@ onto its popularity axis, after which list and graph navigation lose the user's 
 (measured on the 200k-item synthetic catalog of ``benchmarks/``, ``alpha = 1``, ``nprobe = 16``,
 popularity coordinate within +-0.1: IVF recall@100 0.07 with the reduction, 0.71 without). Exact, IVF-Flat and HNSW-Flat return exact inner
 products; IVF-PQ's are exact after refinement.
+
+Updates without a rebuild (``ItemIndex.update``): items added, their vectors replaced, or removed.
+Flat and IVF delete for real (``IndexIDMap2`` over the flat index, the IVF lists' own ids:
+``remove_ids`` / ``add_with_ids``). HNSW graphs and IVF-PQ with exact re-ranking cannot delete:
+their FAISS positions map to item ids (``labels``, ``-1`` for a removed or superseded entry), a
+bitmap of live positions filters every search (a FAISS ``IDSelector``), and the index is rebuilt
+from the live vectors when dead entries pass ``rebuild_share`` of it.
 """
 from __future__ import annotations
 
@@ -38,6 +45,9 @@ from ..model.scoring import ScoreLayout
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
+LABELS_FILE = "labels.npy"       # after an update of an HNSW / IVF-PQ index: item id per FAISS position, -1 dead
+PRESENT_FILE = "present.npy"     # after any update: which item ids a search may return
+MAX_UPDATE_RECORDS = 100         # updates remembered in index.json
 EF_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
@@ -77,6 +87,7 @@ class IndexParams:
     target_recall: float = 0.95       # tuning target for recall@10 and recall@100 against exact
     train_size: int | None = None     # IVF: k-means sample (default 64 points per list)
     exact_subset_max: int = 100_000   # filters that leave at most this many items are searched exactly
+    rebuild_share: float = 0.2        # HNSW / IVF-PQ updates: rebuild when removed or replaced entries pass this share
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -90,6 +101,10 @@ class IndexParams:
                               f"(got kind {self.kind!r}, pq_bits {self.pq_bits})")
         if not 0.0 < self.target_recall <= 1.0:
             raise ConfigError(f"target_recall must be in (0, 1], got {self.target_recall}")
+        if isinstance(self.rebuild_share, bool) or not isinstance(self.rebuild_share, (int, float)) \
+                or not 0.0 < self.rebuild_share <= 1.0:
+            raise ConfigError(f"rebuild_share must be in (0, 1] (the share of dead entries in an HNSW or IVF-PQ index "
+                              f"that triggers a rebuild; 1 never rebuilds), got {self.rebuild_share!r}")
 
     def resolved(self, n_items: int) -> "IndexParams":
         """``auto`` replaced by a concrete kind and ``nlist`` filled in (search knobs stay ``None``
@@ -169,18 +184,25 @@ def recall_at(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
     return float(hits.sum(1).mean() / e.shape[1])
 
 
-def exact_top_k(q: np.ndarray, x: np.ndarray, k: int, max_block_bytes: int = 1 << 28) -> tuple[np.ndarray, np.ndarray]:
+def exact_top_k(q: np.ndarray, x: np.ndarray, k: int, max_block_bytes: int = 1 << 28,
+                exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-``k`` inner products of queries ``q`` against all of ``x``, in blocks of
-    queries (one matrix product and one top-k each; scores of a block stay under ``max_block_bytes``)."""
+    queries (one matrix product and one top-k each; scores of a block stay under ``max_block_bytes``).
+    Rows of ``x`` where the boolean ``exclude`` is true are never returned (``k`` must not exceed
+    the rows left)."""
     import torch
 
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+    drop = None if exclude is None else torch.from_numpy(np.asarray(exclude, dtype=bool))
     step = max(1, max_block_bytes // (4 * max(len(x), 1)))
     vals, ids = [], []
     with torch.no_grad():
         for s in range(0, len(q), step):
-            top = torch.topk(qt[s : s + step] @ xt.T, k, dim=1)
+            scores = qt[s : s + step] @ xt.T
+            if drop is not None:
+                scores.masked_fill_(drop, -math.inf)
+            top = torch.topk(scores, k, dim=1)
             vals.append(top.values.numpy())
             ids.append(top.indices.numpy())
     if not vals:
@@ -190,15 +212,34 @@ def exact_top_k(q: np.ndarray, x: np.ndarray, k: int, max_block_bytes: int = 1 <
 
 class ItemIndex:
     """A FAISS index over augmented item vectors (ids are vocabulary indices), the vectors
-    themselves (for exact scores and exact filtered search), the score layout that forms queries,
-    and what was measured at build."""
+    themselves (row ``i`` is item ``i``: exact scores and exact filtered search), the score layout
+    that forms queries, and what was measured at build.
 
-    def __init__(self, index, params: IndexParams, layout: ScoreLayout, vectors: np.ndarray, info: dict | None = None):
+    After an update (``update``), ``present`` marks the items a search may return (a removed item
+    keeps its row, so that it can still be a query, but is never a result), and for the kinds that
+    cannot delete (HNSW, IVF-PQ) ``labels`` gives the item id of every FAISS position (``-1``: an
+    entry removed or superseded by a replacement). Both are ``None`` for an index as built."""
+
+    def __init__(self, index, params: IndexParams, layout: ScoreLayout, vectors: np.ndarray, info: dict | None = None,
+                 labels: np.ndarray | None = None, present: np.ndarray | None = None):
         self.faiss_index = index
         self.params = params
         self.layout = layout
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.info = dict(info or {})
+        self.labels = None if labels is None else np.ascontiguousarray(labels, dtype=np.int64)
+        self.present = None if present is None else np.ascontiguousarray(present, dtype=bool)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Derived state, recomputed after every change: the count of searchable items, the mask of
+        the others, the dead FAISS entries; the live-entry selector and the item -> position map are
+        rebuilt on first use."""
+        self.size = len(self.vectors) if self.present is None else int(self.present.sum())
+        self._absent = None if self.present is None or self.size == len(self.vectors) else ~self.present
+        self.dead_entries = 0 if self.labels is None else int((self.labels < 0).sum())
+        self._alive = None
+        self._position = None
 
     # ---- build ---------------------------------------------------------------------------------
     @classmethod
@@ -227,11 +268,52 @@ class ItemIndex:
 
     @property
     def n_items(self) -> int:
+        """The size of the id space: one vector row per item id (``size`` counts the searchable ones)."""
         return len(self.vectors)
 
     @property
     def dim(self) -> int:
         return self.vectors.shape[1]
+
+    def contains(self, items) -> np.ndarray:
+        """Which of ``items`` (item ids) a search may return, as a boolean array."""
+        items = np.asarray(items, dtype=np.int64)
+        ok = (items >= 0) & (items < len(self.vectors))
+        if self.present is not None:
+            ok[ok] = self.present[items[ok]]
+        return ok
+
+    def _positions(self) -> np.ndarray:
+        """Item id -> live FAISS position (``-1`` when none), for an index with ``labels``."""
+        if self._position is None:
+            pos = np.full(len(self.vectors), -1, dtype=np.int64)
+            live = np.flatnonzero(self.labels >= 0)
+            pos[self.labels[live]] = live
+            self._position = pos
+        return self._position
+
+    def _alive_selector(self):
+        """A FAISS selector of the live positions (a bitmap), or ``None`` when no entry is dead."""
+        if not self.dead_entries:
+            return None
+        if self._alive is None:
+            import faiss
+
+            bits = np.packbits(self.labels >= 0, bitorder="little")
+            # the selector reads ``bits`` in place: both are kept together
+            self._alive = (faiss.IDSelectorBitmap(len(self.labels), faiss.swig_ptr(bits)), bits)
+        return self._alive[0]
+
+    def selector(self, subset: np.ndarray):
+        """A FAISS ``IDSelector`` limiting a search of this index to the items ``subset`` (those of
+        them present), in the index's own id space (FAISS positions for an updated HNSW / IVF-PQ)."""
+        import faiss
+
+        subset = np.asarray(subset, dtype=np.int64)
+        if self.present is not None:
+            subset = subset[self.contains(subset)]
+        ids = subset if self.labels is None else self._positions()[subset]
+        return faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
 
     # ---- search --------------------------------------------------------------------------------
     def _search_params(self, k: int, selector=None):
@@ -253,40 +335,155 @@ class ItemIndex:
         """Top-``k`` items by inner product with the augmented ``queries``: ``(inner [B, k] float32,
         ids [B, k] int64)``, best first; missing places are ``(-inf, -1)``. With ``subset`` (sorted
         item indices) only those items are candidates: searched exactly when the subset is small
-        (``exact_subset_max``) or the index is exact, else through the index with ``selector`` (a
-        FAISS ``IDSelector`` over the subset; built here when not given)."""
-        import faiss
-
+        (``exact_subset_max``) or the index is exact, else through the index with ``selector``
+        (``selector(subset)``; built here when not given). Removed items are never returned."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        k = int(min(k, self.n_items if subset is None else len(subset)))
+        if subset is not None and self.present is not None:
+            subset = np.asarray(subset, dtype=np.int64)
+            subset = subset[self.contains(subset)]
+        k = int(min(k, self.size if subset is None else len(subset)))
         if len(q) == 0 or k <= 0:
             return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
         if subset is not None and (self.kind == "flat" or len(subset) <= self.params.exact_subset_max):
             return self.exact_search(q, k, subset)
         if subset is not None and selector is None:
-            selector = faiss.IDSelectorBatch(np.asarray(subset, dtype=np.int64))
+            selector = self.selector(subset)
+        if subset is None:
+            selector = self._alive_selector()
         params = self._search_params(k, selector)
         if self.kind == "flat" and selector is None and len(q) >= 20:  # a batch: one matrix product beats FAISS's BLAS path here
-            return exact_top_k(q, self.vectors, k)
+            return exact_top_k(q, self.vectors, k, exclude=self._absent)
         inner, ids = self.faiss_index.search(zero_pad(q, self.faiss_index.d), k, params=params)
+        if self.labels is not None:  # FAISS positions -> item ids
+            ids = np.where(ids >= 0, self.labels[np.maximum(ids, 0)], -1)
         return np.where(ids >= 0, inner, -np.inf).astype(np.float32), ids
 
     def exact_search(self, queries: np.ndarray, k: int, subset: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
-        """Brute-force top-``k`` by inner product over all items or over ``subset``."""
+        """Brute-force top-``k`` by inner product over all present items or over ``subset``."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        cand = self.vectors if subset is None else self.vectors[subset]
+        if subset is None:
+            k = int(min(k, self.size))
+            if k <= 0:
+                return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+            return exact_top_k(q, self.vectors, k, exclude=self._absent)
+        if self.present is not None:
+            subset = np.asarray(subset, dtype=np.int64)
+            subset = subset[self.contains(subset)]
+        cand = self.vectors[subset]
         k = int(min(k, len(cand)))
         if k <= 0:
             return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
-        if subset is None:
-            return exact_top_k(q, cand, k)
         s = q @ cand.T
         part = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else np.tile(np.arange(s.shape[1]), (len(q), 1))
         top = np.take_along_axis(s, part, 1)
         order = np.argsort(-top, axis=1, kind="stable")
         local = np.take_along_axis(part, order, 1)
         return np.take_along_axis(top, order, 1).astype(np.float32), np.asarray(subset, np.int64)[local]
+
+    # ---- updates -------------------------------------------------------------------------------
+    def _checked_ids(self, what: str, ids) -> np.ndarray:
+        a = np.asarray([] if ids is None else ids)
+        if a.size and (a.dtype.kind not in "iu" or a.ndim != 1):
+            raise ConfigError(f"{what}: item ids must be a 1-d array of integer vocabulary indices, got "
+                              f"{a.dtype} of shape {a.shape}")
+        a = a.astype(np.int64).reshape(-1)
+        if a.size and a.min() < 0:
+            raise ConfigError(f"{what}: item ids must be vocabulary indices (>= 0), got {int(a.min())}")
+        return a
+
+    def _checked_pairs(self, what: str, pair) -> tuple[np.ndarray, np.ndarray]:
+        if pair is None:
+            return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
+        ids, vecs = pair
+        ids = self._checked_ids(what, ids)
+        vecs = np.asarray(vecs, dtype=np.float32)
+        if vecs.ndim != 2 or vecs.shape != (len(ids), self.dim):
+            raise ConfigError(f"{what}: {len(ids)} item ids need vectors of shape ({len(ids)}, {self.dim}) laid out as the "
+                              f"index's (ScoreLayout.items), got shape {vecs.shape}")
+        if not np.isfinite(vecs).all():
+            raise ConfigError(f"{what}: the vectors hold NaN or infinite values")
+        return ids, vecs
+
+    def update(self, add: tuple[np.ndarray, np.ndarray] | None = None, replace: tuple[np.ndarray, np.ndarray] | None = None,
+               remove: np.ndarray | None = None, seed: int = 0) -> dict:
+        """Change the items without a rebuild: ``add`` and ``replace`` are ``(item ids, augmented
+        vectors)`` (new items; items whose vectors changed), ``remove`` item ids. Ids are vocabulary
+        indices; an added id may lie beyond the current rows (they grow; rows in between stay
+        absent). Flat and IVF remove entries for real; HNSW and IVF-PQ mark them dead (searches
+        skip them) and are rebuilt from the present vectors when dead entries pass
+        ``params.rebuild_share`` of the FAISS index. The search knobs stay as tuned. Returns what
+        was done, with the seconds it took."""
+        import faiss
+
+        t0 = time.perf_counter()
+        add_ids, add_vecs = self._checked_pairs("add", add)
+        rep_ids, rep_vecs = self._checked_pairs("replace", replace)
+        rem_ids = self._checked_ids("remove", remove)
+        every = np.concatenate([add_ids, rep_ids, rem_ids])
+        uniq, counts = np.unique(every, return_counts=True)
+        if (counts > 1).any():
+            raise ConfigError(f"item {int(uniq[counts > 1][0])} is named twice in one update (add, replace and remove "
+                              "take distinct items)")
+        if self.contains(add_ids).any():
+            raise ConfigError(f"add: item {int(add_ids[self.contains(add_ids)][0])} is already in the index; "
+                              "replace its vector instead")
+        for what, ids in (("replace", rep_ids), ("remove", rem_ids)):
+            if not self.contains(ids).all():
+                raise ConfigError(f"{what}: item {int(ids[~self.contains(ids)][0])} is not in the index")
+        n_rows = max(len(self.vectors), int(every.max()) + 1 if len(every) else 0)
+        # new arrays, never written in place: the vectors may be shared with the caller or memory-mapped
+        vectors = np.zeros((n_rows, self.dim), np.float32)
+        vectors[: len(self.vectors)] = self.vectors
+        present = np.zeros(n_rows, bool)
+        present[: len(self.vectors)] = True if self.present is None else self.present
+        vectors[add_ids], vectors[rep_ids] = add_vecs, rep_vecs
+        present[add_ids], present[rem_ids] = True, False
+        new_ids, new_vecs = np.concatenate([add_ids, rep_ids]), np.concatenate([add_vecs, rep_vecs])
+        gone = np.concatenate([rep_ids, rem_ids])
+        rebuilt = False
+        if self.kind == "flat":
+            if not isinstance(self.faiss_index, faiss.IndexIDMap2):  # as built: positions are ids; now ids of their own
+                live = np.flatnonzero(present)
+                index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+                index.add_with_ids(np.ascontiguousarray(vectors[live]), live)
+                self.faiss_index = index
+            else:
+                if len(gone):
+                    self.faiss_index.remove_ids(faiss.IDSelectorBatch(gone))
+                if len(new_ids):
+                    self.faiss_index.add_with_ids(new_vecs, new_ids)
+        elif self.kind == "ivf":  # the lists hold item ids (an index built by `add` numbered its rows 0..n-1)
+            if len(gone):
+                self.faiss_index.remove_ids(faiss.IDSelectorBatch(gone))
+            if len(new_ids):
+                self.faiss_index.add_with_ids(zero_pad(new_vecs, self.faiss_index.d), new_ids)
+        else:
+            labels = np.arange(self.faiss_index.ntotal, dtype=np.int64) if self.labels is None else self.labels.copy()
+            if len(gone):
+                labels[(self._positions() if self.labels is not None else np.arange(len(self.vectors)))[gone]] = -1
+            if len(new_ids):
+                self.faiss_index.add(zero_pad(new_vecs, self.faiss_index.d))
+                labels = np.concatenate([labels, new_ids])
+            self.labels = labels
+        self.vectors, self.present = vectors, present
+        self._refresh()
+        if self.labels is not None and self.dead_entries > self.params.rebuild_share * len(self.labels):
+            self._rebuild(seed)
+            rebuilt = True
+        out = {"added": int(len(add_ids)), "replaced": int(len(rep_ids)), "removed": int(len(rem_ids)), "rebuilt": rebuilt,
+               "items": self.size, "dead_entries": self.dead_entries, "seconds": time.perf_counter() - t0}
+        history = self.info.get("updates", [])[-(MAX_UPDATE_RECORDS - 1):]
+        self.info["updates"] = history + [{**out, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
+        return out
+
+    def _rebuild(self, seed: int = 0) -> None:
+        """A fresh FAISS index of the same parameters over the present vectors (dead entries gone)."""
+        live = np.flatnonzero(self.contains(np.arange(len(self.vectors))))
+        fresh = ItemIndex.build(self.vectors[live], self.params, self.layout, seed=seed)
+        self.faiss_index = fresh.faiss_index
+        self.labels = live
+        self._refresh()
 
     # ---- measurement ---------------------------------------------------------------------------
     def measure(self, queries: np.ndarray, ks=(10, 100), latency_queries: int = 200, single_thread: bool = True) -> dict:
@@ -295,7 +492,7 @@ class ItemIndex:
         time (one FAISS thread when ``single_thread``), and the whole set as one batch."""
         import faiss
 
-        ks = [k for k in ks if k <= self.n_items] or [self.n_items]
+        ks = [k for k in ks if k <= self.size] or [self.size]
         kmax = max(ks)
         _, exact = self.exact_search(queries, kmax)
         _, approx = self.search(queries, kmax)
@@ -327,7 +524,7 @@ class ItemIndex:
 
     def recall(self, queries: np.ndarray, ks=(10, 100)) -> dict:
         """Recall@k of this index against exact search on ``queries``."""
-        ks = [k for k in ks if k <= self.n_items] or [self.n_items]
+        ks = [k for k in ks if k <= self.size] or [self.size]
         _, exact = self.exact_search(queries, max(ks))
         _, approx = self.search(queries, max(ks))
         return {f"recall@{k}": recall_at(approx, exact, k) for k in ks}
@@ -338,7 +535,7 @@ class ItemIndex:
         the chosen value and the recall at each tried value."""
         if self.kind == "flat":
             return {}
-        ks = [k for k in ks if k <= self.n_items] or [self.n_items]
+        ks = [k for k in ks if k <= self.size] or [self.size]
         _, exact = self.exact_search(queries, max(ks))
         name = "ef_search" if self.kind == "hnsw" else "nprobe"
         grid = list(EF_GRID) if name == "ef_search" else sorted({min(2 ** i, self.params.nlist) for i in range(0, 17)})
@@ -356,22 +553,32 @@ class ItemIndex:
     # ---- save / load ---------------------------------------------------------------------------
     def save(self, folder: str | Path, extra: dict | None = None) -> dict:
         """Write ``index.faiss`` and ``index.json`` (kind, parameters, layout, measured figures,
-        the FAISS file's sha256) atomically into ``folder``; returns the metadata."""
+        the FAISS file's sha256) atomically into ``folder``, with ``labels.npy`` / ``present.npy``
+        after an update; returns the metadata."""
         import faiss
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with artifacts.atomic_path(folder / INDEX_FILE) as tmp:
             faiss.write_index(self.faiss_index, str(tmp))
+        files = {}
+        for name, array in ((LABELS_FILE, self.labels), (PRESENT_FILE, self.present)):
+            if array is None:
+                (folder / name).unlink(missing_ok=True)
+            else:
+                artifacts.save_numpy(folder / name, array)
+                files[name] = artifacts.sha256_file(folder / name)
         meta = {
+            **{k: v for k, v in self.info.items() if k != "update_files"},
             "kind": self.kind, "params": self.params.to_dict(), "layout": self.layout.to_dict(),
-            "n_items": self.n_items, "dim": self.dim,
+            "n_items": self.n_items, "dim": self.dim, "items_present": self.size, "dead_entries": self.dead_entries,
             "vectors_sha256": vectors_digest(self.vectors),
             "index_sha256": artifacts.sha256_file(folder / INDEX_FILE),
-            **self.info, **(extra or {}),
+            "update_files": files,
+            **(extra or {}),
         }
         artifacts.write_json(folder / META_FILE, meta)
-        self.info = {k: v for k, v in meta.items() if k not in ("kind", "params", "layout", "n_items", "dim")}
+        self.info = {k: v for k, v in meta.items() if k not in META_OWN}
         return meta
 
     @staticmethod
@@ -387,18 +594,35 @@ class ItemIndex:
         folder = Path(folder)
         meta = cls.read_meta(folder)
         path = folder / INDEX_FILE
+        rebuild = "Rebuild it with `twotower index RUN`"
         if not path.is_file():
-            raise ArtifactError(f"{path}: missing. Rebuild it with `twotower index RUN`")
+            raise ArtifactError(f"{path}: missing. {rebuild}")
         if artifacts.sha256_file(path) != meta.get("index_sha256"):
-            raise ArtifactError(f"{path}: does not match the sha256 in {META_FILE} (corrupted or from another build). "
-                                "Rebuild it with `twotower index RUN`")
+            raise ArtifactError(f"{path}: does not match the sha256 in {META_FILE} (corrupted or from another build). {rebuild}")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors_digest(vectors) != meta.get("vectors_sha256"):
             raise ArtifactError(f"{folder}: the index was built from other item vectors than this run's "
-                                "(weights, item counts or embeddings changed). Rebuild it with `twotower index RUN`")
+                                f"(weights, item counts or embeddings changed). {rebuild}")
+        arrays = {}
+        for name, digest in (meta.get("update_files") or {}).items():
+            p = folder / name
+            if name not in (LABELS_FILE, PRESENT_FILE) or not p.is_file() or artifacts.sha256_file(p) != digest:
+                raise ArtifactError(f"{p}: missing or not the file {META_FILE} lists (corrupted, or left by another update). "
+                                    f"{rebuild}")
+            arrays[name] = artifacts.load_numpy(p, rebuild.lower())
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as e:
-            raise ArtifactError(f"{path}: cannot read ({str(e).splitlines()[0]}). Rebuild it with `twotower index RUN`") from None
-        info = {k: v for k, v in meta.items() if k not in ("kind", "params", "layout", "n_items", "dim")}
-        return cls(index, IndexParams.from_dict(meta["params"]), ScoreLayout(**meta["layout"]), vectors, info)
+            raise ArtifactError(f"{path}: cannot read ({str(e).splitlines()[0]}). {rebuild}") from None
+        info = {k: v for k, v in meta.items() if k not in META_OWN}
+        out = cls(index, IndexParams.from_dict(meta["params"]), ScoreLayout(**meta["layout"]), vectors, info,
+                  arrays.get(LABELS_FILE), arrays.get(PRESENT_FILE))
+        entries = len(out.labels) if out.labels is not None else out.size
+        if index.ntotal != entries or out.present is not None and len(out.present) != len(vectors) or \
+                out.labels is not None and len(out.labels) - out.dead_entries != out.size:
+            raise ArtifactError(f"{folder}: {index.ntotal:,} entries in {INDEX_FILE} where {entries:,} were expected "
+                                f"(files of different updates). {rebuild}")
+        return out
+
+
+META_OWN = ("kind", "params", "layout", "n_items", "dim")  # index.json keys that are ItemIndex's fields, not its info

@@ -41,7 +41,7 @@ from ..model.scoring import ScoreLayout
 from ..model.towers import embed_items
 from .embeddings import NUMPY, PARQUET, embedding_progress, embeddings_table
 from .index import IndexParams, ItemIndex, new_faiss_index, train_size, with_search_defaults, zero_pad
-from .run_index import tune_measure_save
+from .run_index import popularity_denominator, tune_measure_save
 
 FORMAT = "twotower-embedding-parts/1"
 MANIFEST = "embeddings.json"
@@ -326,6 +326,7 @@ def build_run_index_from_parts(run, parts_dir: str | Path, params: IndexParams, 
             f"{idx.info['build_seconds']:.1f}s" + (f" (k-means on {m:,} sampled items)" if ivf else ""))
         (folder / PARQUET).unlink(missing_ok=True)  # a whole-catalog export from an earlier in-memory build would be stale
         extra = {"model_sha256": run.dir.model_digest(), "read_parts_seconds": read_s,
+                 "popularity_denominator": popularity_denominator(run.item_counts),
                  "from_parts": {"dir": str(parts_dir), "n_parts": manifest["n_parts"], "chunk_size": manifest["chunk_size"],
                                 "train_sample": m}}
         tune = p.kind == "hnsw" and params.ef_search is None or ivf and params.nprobe is None

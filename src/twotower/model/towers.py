@@ -8,8 +8,10 @@ matrix factorisation on the unit sphere.
 A tower reads one typed batch, ``TowerInputs``, built by ``TwoTowerModel.user_inputs`` (or
 ``item_inputs``) from vocabulary indices and raw values: training, evaluation, mining, the index,
 serving and batch recommendation all go through it and through the tower's own ``forward``, for
-known users and for new ones (history, features, or both). The towers' feature encoders own their
-fitted state (``feature_state`` / ``TwoTowerModel.from_state``).
+known users and for new ones (history, features, or both). The user tower also reads the context of
+the request (``TowerInputs.context``: each training pair's own, the held-out interaction's at
+evaluation, the request's at serving, the features' defaults when absent). The towers' feature
+encoders own their fitted state (``feature_state`` / ``TwoTowerModel.from_state``).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..data.dataset import CSR, EncodedFeatures
-from ..features.encoders import FeatureSet, FeatureState, FittedFeature, fit_features
+from ..features.encoders import FeatureSet, FeatureState, FittedFeature, fit_context, fit_features
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -81,7 +83,9 @@ class TowerInputs:
       features of the entities, looked up by id (none for ``-1``);
     - ``all_known``: every id is ``>= 0`` (the trainer's batches; skips the masking of unknown ids);
     - ``unknown_features``: per entity, the raw feature values no encoder could place (reported to
-      the caller; they contribute nothing).
+      the caller; they go to the out-of-vocabulary bucket);
+    - ``context``: each context feature's encoded input, one row per user (user tower); ``None``:
+      every context feature at its default.
     """
 
     ids: torch.Tensor
@@ -90,6 +94,7 @@ class TowerInputs:
     features: dict[str, Any] | None = None
     all_known: bool = False
     unknown_features: list[dict] | None = None
+    context: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -114,6 +119,20 @@ def _plus(a: torch.Tensor | int, b: torch.Tensor | int) -> torch.Tensor | int:
     if isinstance(b, int):
         return a
     return b if isinstance(a, int) else a + b
+
+
+@dataclass
+class ContextTable:
+    """The context values of many rows (a split's interactions, each evaluated user's held-out
+    interaction) encoded once; ``take(rows)`` gives the user tower's ``context`` for some of them."""
+
+    features: FeatureSet
+    tables: dict
+
+    def take(self, rows) -> dict[str, Any]:
+        dev = next(iter(next(iter(self.tables.values())).values())).device
+        r = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        return self.features.take(self.tables, r.to(dev))
 
 
 def _fitted(features: EncodedFeatures | Sequence[FittedFeature] | None) -> list[FittedFeature]:
@@ -183,15 +202,17 @@ class ItemTower(_Tower):
 
 
 class UserTower(_Tower):
-    """f(u): user-id embedding + mean of the user's history items' embeddings + user features
-    -> optional MLP -> L2 normalisation. The history table is the item tower's id table when
-    shared (then it is passed in at call time, so each weight is stored once).
+    """f(u): user-id embedding + mean of the user's history items' embeddings + user features +
+    context features -> optional MLP -> L2 normalisation. The history table is the item tower's id
+    table when shared (then it is passed in at call time, so each weight is stored once).
 
     One forward for every kind of user: a known one (id, its history and stored features), and a
-    new one (id ``-1``) with a history, features, or both (``TowerInputs``)."""
+    new one (id ``-1``) with a history, features, or both (``TowerInputs``); in every case with the
+    request's context (or its defaults)."""
 
     def __init__(self, n_users: int, n_items: int, cfg: ModelConfig,
-                 features: EncodedFeatures | Sequence[FittedFeature] | None, sparse: bool = False):
+                 features: EncodedFeatures | Sequence[FittedFeature] | None, sparse: bool = False,
+                 context: Sequence[FittedFeature] = ()):
         super().__init__()
         self.dim = cfg.dim
         self.id_embedding = None
@@ -205,13 +226,23 @@ class UserTower(_Tower):
             nn.init.normal_(self.history_table.weight, std=cfg.init_std)
         fitted = _fitted(features)
         self.features = FeatureSet(fitted, cfg.dim, cfg.init_std, sparse) if fitted else None
+        self.context = FeatureSet(list(context), cfg.dim, cfg.init_std, sparse) if context else None
         self.mlp = make_mlp(cfg.dim, cfg.mlp, cfg.dropout)
 
     @property
     def deterministic(self) -> bool:
-        """Equal user ids give equal vectors, in training too: no dropout, and no history (a
-        training pair's history is its own)."""
-        return not self.use_history and not _has_dropout(self)
+        """Equal user ids give equal vectors, in training too: no dropout, no history and no context
+        (a training pair's history and context are its own)."""
+        return not self.use_history and self.context is None and not _has_dropout(self)
+
+    def context_vectors(self, x: TowerInputs) -> torch.Tensor | int:
+        """The context features' sum: the rows' own context, or every feature's default."""
+        if self.context is None:
+            return 0
+        return self.context(x.context if x.context is not None else self.context.defaults(x.ids.shape[0]))
+
+    def context_state(self) -> list[FittedFeature]:
+        return [] if self.context is None else self.context.fitted()
 
     def history_vectors(self, x: TowerInputs, shared_table: nn.Embedding | None = None) -> torch.Tensor | int:
         """The mean of the history items' embeddings (zero for an empty history)."""
@@ -224,6 +255,7 @@ class UserTower(_Tower):
     def forward(self, x: TowerInputs, shared_table: nn.Embedding | None = None) -> torch.Tensor:
         h = _plus(self.id_vectors(x), self.history_vectors(x, shared_table))
         h = _plus(h, self.feature_vectors(x))
+        h = _plus(h, self.context_vectors(x))
         return self.finish(h, x.ids.shape[0])
 
 
@@ -237,13 +269,15 @@ class TwoTowerModel(nn.Module):
 
     def __init__(self, n_users: int, n_items: int, cfg: ModelConfig,
                  item_features: EncodedFeatures | Sequence[FittedFeature] | None = None,
-                 user_features: EncodedFeatures | Sequence[FittedFeature] | None = None, sparse: bool = False):
-        """``item_features`` / ``user_features``: a dataset's table (fitted here) or fitted state."""
+                 user_features: EncodedFeatures | Sequence[FittedFeature] | None = None, sparse: bool = False,
+                 context: Sequence[FittedFeature] = ()):
+        """``item_features`` / ``user_features``: a dataset's table (fitted here) or fitted state;
+        ``context``: the context features' fitted state (``encoders.fit_context``)."""
         super().__init__()
         self.cfg = cfg
         self.n_users, self.n_items = n_users, n_items
         self.item_tower = ItemTower(n_items, cfg, item_features, sparse)
-        self.user_tower = UserTower(n_users, n_items, cfg, user_features, sparse)
+        self.user_tower = UserTower(n_users, n_items, cfg, user_features, sparse, context)
         self.register_buffer("temperature", torch.tensor(float(cfg.temperature)))
         self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.temperature))) if cfg.learn_temperature else None
         self.item_bias = None
@@ -255,12 +289,20 @@ class TwoTowerModel(nn.Module):
     def feature_state(self) -> FeatureState:
         """What the towers' feature encoders took from the training data (vocabularies, each known
         entity's values): with the weights, all a run needs to rebuild the model (``from_state``)."""
-        return FeatureState.of({"item": self.item_tower.feature_state(), "user": self.user_tower.feature_state()})
+        return FeatureState.of({"item": self.item_tower.feature_state(), "user": self.user_tower.feature_state(),
+                                "context": self.user_tower.context_state()})
 
     @classmethod
     def from_state(cls, n_users: int, n_items: int, cfg: ModelConfig, features: FeatureState) -> "TwoTowerModel":
         """The model of a saved run, before its weights are loaded."""
-        return cls(n_users, n_items, cfg, features.tower("item"), features.tower("user"))
+        return cls(n_users, n_items, cfg, features.tower("item"), features.tower("user"), context=features.tower("context"))
+
+    def context_table(self, columns: Mapping[str, np.ndarray] | None) -> ContextTable | None:
+        """Raw context columns (one value per row: ``Split.context``'s form) encoded once, on the
+        model's device; ``None`` when the user tower reads no context."""
+        if self.user_tower.context is None:
+            return None
+        return ContextTable(self.user_tower.context, self.user_tower.context.tables(columns))
 
     @property
     def device(self) -> torch.device:
@@ -281,7 +323,7 @@ class TwoTowerModel(nn.Module):
     # ---- the towers' inputs ------------------------------------------------------------------------
     def user_inputs(self, users, history: CSR | Sequence[np.ndarray] | None = None,
                     features: Sequence[Mapping[str, Any] | None] | None = None,
-                    history_length: int | None = None) -> TowerInputs:
+                    history_length: int | None = None, context=None) -> TowerInputs:
         """The user tower's input for ``B`` users, on the model's device: the one place where raw
         values become what the tower reads.
 
@@ -291,7 +333,9 @@ class TwoTowerModel(nn.Module):
         ``history_length`` items (default ``model.history_length``) are kept. ``features``: per
         user a mapping ``{feature: value or [values]}`` (or ``None``), encoded by the tower's
         encoders, which report what they cannot place (``unknown_features``); ``None`` for the
-        whole batch: the stored features of known users."""
+        whole batch: the stored features of known users. ``context``: per user a mapping
+        ``{context feature: value}`` (a feature left out takes its default), or the encoded inputs
+        of the rows (``ContextTable.take``); ``None``: every context feature at its default."""
         ids = np.asarray(users, dtype=np.int64).reshape(-1)
         all_known = bool((ids >= 0).all())
         length = int(history_length or self.cfg.history_length)
@@ -306,7 +350,20 @@ class TwoTowerModel(nn.Module):
                 h, m = _pad_histories(history, length)
             hist, mask = torch.from_numpy(h).to(dev), torch.from_numpy(m).to(dev)
         feats, unknown = _encode_features(self.user_tower, features, len(ids), "user")
-        return TowerInputs(torch.from_numpy(ids).to(dev), hist, mask, feats, all_known, unknown)
+        ctx = None
+        if context is not None and isinstance(context, dict):
+            ctx = context
+        elif context is not None:
+            if len(context) != len(ids):
+                raise ValueError(f"{len(context)} context rows for {len(ids)} users")
+            if self.user_tower.context is None:
+                if any(context):
+                    raise KeyError("this model's user tower takes no context")
+            else:
+                for c in context:
+                    self.user_tower.context.check_names(c, "context feature")
+                ctx = self.user_tower.context.encode(list(context), absent_default=True)[0]
+        return TowerInputs(torch.from_numpy(ids).to(dev), hist, mask, feats, all_known, unknown, ctx)
 
     def item_inputs(self, items, features: Sequence[Mapping[str, Any] | None] | None = None) -> TowerInputs:
         """The item tower's input for ``B`` items (item indices, ``-1``: not in the vocabulary;
@@ -321,9 +378,10 @@ class TwoTowerModel(nn.Module):
         return self.item_tower(TowerInputs(items, all_known=True))
 
     def encode_users(self, users: torch.Tensor, history: torch.Tensor | None = None,
-                     history_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``f(u)`` of users of the vocabulary with the given history (the trainer's batches)."""
-        return self.user_tower(TowerInputs(users, history, history_mask, all_known=True),
+                     history_mask: torch.Tensor | None = None, context: dict[str, Any] | None = None) -> torch.Tensor:
+        """``f(u)`` of users of the vocabulary with the given history and context (the trainer's
+        batches: each pair's own, ``ContextTable.take``)."""
+        return self.user_tower(TowerInputs(users, history, history_mask, all_known=True, context=context),
                                shared_table=self.item_tower.id_embedding)
 
     def item_vectors(self, x: TowerInputs) -> torch.Tensor:
@@ -426,11 +484,13 @@ def embed_items(model: TwoTowerModel, start: int = 0, stop: int | None = None, b
 
 @torch.no_grad()
 def embed_users(model: TwoTowerModel, users: np.ndarray, history: CSR, history_length: int | None = None,
-                batch: int = 8192) -> torch.Tensor:
+                batch: int = 8192, context: ContextTable | None = None) -> torch.Tensor:
     """``f(u)`` of known users with their last ``history_length`` items of ``history`` (a CSR over
-    user indices), ``batch`` users per user-tower pass, on the model's device."""
+    user indices), ``batch`` users per user-tower pass, on the model's device; with the context of
+    ``context``'s rows of the users (a table over user indices; default: the defaults)."""
     model.eval()
     users = np.asarray(users, dtype=np.int64)
-    out = [model.user_vectors(model.user_inputs(users[s : s + batch], history, history_length=history_length))
+    out = [model.user_vectors(model.user_inputs(users[s : s + batch], history, history_length=history_length,
+                                                context=None if context is None else context.take(users[s : s + batch])))
            for s in range(0, len(users), batch)]
     return torch.cat(out) if out else torch.empty(0, model.cfg.dim, device=model.device)

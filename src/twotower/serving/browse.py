@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from importlib import resources
-from typing import Union
+from typing import Callable, Union
 
 from fastapi import FastAPI, Query as QueryParam, Request
 from fastapi.responses import JSONResponse, Response
@@ -134,25 +134,24 @@ def _asset(name: str) -> bytes:
     return resources.files("twotower.serving").joinpath("page", name).read_bytes()
 
 
-def add_browse_routes(app: FastAPI, recommender, error_model: type[BaseModel]) -> Catalog:
-    """Register the look-up endpoints and the page on ``app`` (errors as ``error_model``)."""
+def add_browse_routes(app: FastAPI, current_catalog: Callable[[], Catalog], error_model: type[BaseModel]) -> None:
+    """Register the look-up endpoints and the page on ``app`` (errors as ``error_model``); each
+    request reads the catalog of the model serving now from ``current_catalog()`` (``swap.py``)."""
     import anyio
-
-    catalog = Catalog(recommender)
-    app.state.catalog = catalog
     e404 = {"model": error_model, "description": "unknown id; the detail says how to find one"}
     e422 = {"model": error_model, "description": "wrong type or value; the detail says which and how to fix it"}
     e400 = {"model": error_model, "description": "malformed JSON"}
     e413 = {"model": error_model, "description": "body too large"}
 
-    def off_loop(fn, *args):
+    def off_loop(method: str, *args):
+        fn = getattr(current_catalog(), method)  # the model serving when the request arrived answers it
         return anyio.to_thread.run_sync(lambda: fn(*args))
 
     @app.get("/items", response_model=ItemList, responses={422: e422}, summary="search items by id or title")
     async def items(request: Request, q: str = QueryParam("", max_length=MAX_QUERY, description="text in the item's id or title (case-insensitive); empty: the most popular items"),
                     limit: int = QueryParam(20, ge=1, le=MAX_SEARCH, description=f"matches to return, 1 to {MAX_SEARCH}")):
         _only(request, "q", "limit")
-        return JSONResponse({"items": await off_loop(catalog.search_items, q, limit), "unknown_items": []})
+        return JSONResponse({"items": await off_loop("search_items", q, limit), "unknown_items": []})
 
     lookup_body = {"requestBody": {"required": True, "content": {"application/json": {
         "schema": LookupRequest.model_json_schema(), "examples": {"three items": {"value": {"items": [50, 181, 1]}}}}}}}
@@ -164,13 +163,13 @@ def add_browse_routes(app: FastAPI, recommender, error_model: type[BaseModel]) -
             req = LookupRequest.model_validate_json(await request.body())
         except ValidationError as e:
             return _invalid_lookup(e.errors(), error_model)
-        return JSONResponse(await off_loop(catalog.lookup_items, req.items))
+        return JSONResponse(await off_loop("lookup_items", req.items))
 
     @app.get("/items/{item}", response_model=ItemRecord, responses={404: e404, 422: e422},
              summary="one item: title, categories, training count, popularity bucket")
     async def item(request: Request, item: str):
         _only(request)
-        return JSONResponse(await off_loop(catalog.item, item))
+        return JSONResponse(await off_loop("item", item))
 
     @app.get("/users", response_model=UserList, responses={422: e422}, summary="search users by id, or draw users at random")
     async def users(request: Request, q: str = QueryParam("", max_length=MAX_QUERY, description="text in the user's id; empty: the most active users"),
@@ -178,18 +177,18 @@ def add_browse_routes(app: FastAPI, recommender, error_model: type[BaseModel]) -
                     random: bool = QueryParam(False, description="draw limit users at random (among users with a history)"),
                     seed: int | None = QueryParam(None, ge=0, le=2**63 - 1, description="seed of the random draw (same seed, same users)")):
         _only(request, "q", "limit", "random", "seed")
-        return JSONResponse({"users": await off_loop(catalog.search_users, q, limit, random, seed)})
+        return JSONResponse({"users": await off_loop("search_users", q, limit, random, seed)})
 
     @app.get("/users/{user}", response_model=UserDetail, responses={404: e404, 422: e422},
              summary="a user's history (newest first) and held-out validation and test items")
     async def user(request: Request, user: str, limit: int = QueryParam(50, ge=1, le=MAX_LIST, description=f"history items to return, 1 to {MAX_LIST}")):
         _only(request, "limit")
-        return JSONResponse(await off_loop(catalog.user, user, limit))
+        return JSONResponse(await off_loop("user", user, limit))
 
     @app.get("/run/curves", response_model=Curves, responses={422: e422}, summary="training curves and recall per popularity bucket")
     async def curves(request: Request):
         _only(request)
-        return JSONResponse(await off_loop(catalog.curves))
+        return JSONResponse(await off_loop("curves"))
 
     def page() -> Response:
         return Response(_asset("index.html"), media_type="text/html; charset=utf-8",
@@ -203,8 +202,6 @@ def add_browse_routes(app: FastAPI, recommender, error_model: type[BaseModel]) -
         if name not in ASSETS:
             return JSONResponse({"detail": f"no page file {name!r}; the page is at /ui"}, 404)
         return Response(_asset(name), media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
-
-    return catalog
 
 
 __all__ = ["add_browse_routes", "ItemRecord", "UserDetail", "Curves"]

@@ -89,7 +89,7 @@ class Catalog:
         self._users_text: TextIndex | None = None
         self._user_order: np.ndarray | None = None
         self._bucket: np.ndarray | None = None
-        self._features: dict[str, tuple[Any, np.ndarray]] | None = None
+        self._features: dict[str, Any] | None = None
         self._item_rank: np.ndarray | None = None
 
     # ---- items -------------------------------------------------------------------------------------
@@ -107,10 +107,9 @@ class Catalog:
             rank = np.empty(len(order), dtype=np.int64)
             rank[order] = np.arange(1, len(order) + 1)
             self._item_rank, self._pop_order = rank, order
-            # the item tower's categorical features (those with a vocabulary), each with its values
+            # the item tower's categorical features (those with a vocabulary)
             tower = self.run.model.item_tower.features
-            self._features = {name: (tower[name], np.asarray([str(v) for v in values], dtype=object))
-                              for name, values in self.run.item_feature_values().items()}
+            self._features = {name: tower[name] for name in self.run.item_feature_values()}
             self._bucket = bucket  # last: a non-None bucket array says every array above is ready
 
     def items_at(self, idx: np.ndarray) -> list[dict]:
@@ -124,11 +123,7 @@ class Catalog:
         counts = self.run.item_counts[idx].tolist()
         ranks = self._item_rank[idx].tolist()
         buckets = [self._bucket_names[b] for b in self._bucket[idx].tolist()]
-        cats: dict[str, list[list[str]]] = {}
-        for name, (feature, vocab) in self._features.items():
-            bag = feature.lookup(torch.from_numpy(idx.copy()))  # a copy: idx may be a reversed view
-            codes, offsets = bag.codes.cpu().numpy(), bag.offsets.cpu().numpy()
-            cats[name] = [list(x) for x in np.split(vocab[codes], offsets[1:])] if len(idx) else []
+        cats: dict[str, list[list[str]]] = {name: feature.values_of(idx) for name, feature in self._features.items()}
         return [{"item": ids[i], "title": titles[i], "categories": {n: c[i] for n, c in cats.items()},
                  "count": int(counts[i]), "rank": int(ranks[i]), "bucket": buckets[i]} for i in range(len(idx))]
 

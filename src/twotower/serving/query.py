@@ -9,7 +9,8 @@ every face (this service, ``twotower recommend``, ``Run.recommend``)::
 
 computed exactly through the index's appended dimensions, so a per-request ``alpha`` changes which
 items are retrieved, not only their order in a short list. Every user, known or new, goes through
-the user tower's own forward (``TwoTowerModel.user_inputs`` / ``user_vectors``).
+the user tower's own forward (``TwoTowerModel.user_inputs`` / ``user_vectors``), with the request's
+context when the model reads one (a context feature left out takes its default: docs/features.md).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import TwotowerError
+from ..errors import FeatureInputError, TwotowerError
 from ..index.index import ItemIndex
 from ..index.run_index import exact_run_index, load_run_index
 
@@ -50,7 +51,11 @@ class UnknownItemError(RequestError):
 @dataclass
 class Query:
     """One recommendation request. Either ``user`` (a known raw user id) or ``history`` (raw item
-    ids, oldest first; unknown ones are ignored and reported) with optional user ``features``."""
+    ids, oldest first; unknown ones are ignored and reported) with optional user ``features``
+    (``{name: value}``: a label or a list of labels, a number, a text, a vector, as each feature's
+    kind takes). ``context``: the request's context features (``{name: value}``; one left out takes
+    its default). ``category``: only items with this value of the item feature ``category_feature``
+    (default: the recommender's)."""
 
     user: Any = None
     history: Sequence | None = None
@@ -59,6 +64,8 @@ class Query:
     alpha: float = 0.0
     exclude_seen: bool = True
     category: str | None = None
+    context: dict[str, Any] | None = None
+    category_feature: str | None = None
 
 
 @dataclass
@@ -75,6 +82,7 @@ class Recommendation:
     unknown_items: list = field(default_factory=list)
     unknown_features: dict = field(default_factory=dict)
     fallback: str | None = None
+    category_feature: str | None = None
 
 
 class Recommender:
@@ -91,16 +99,22 @@ class Recommender:
         self.dim = int(run.config.model.dim)
         self.history_length = int(run.config.model.history_length)
         self.log_p = run.log_popularity
-        self._pop_order = np.argsort(-run.item_counts, kind="stable")
+        order = np.argsort(-run.item_counts, kind="stable")
+        self._pop_order = order[index.contains(order)]  # items retired from the index are not recommended
         feats = run.item_feature_values()
         if category_feature is not None and category_feature not in feats:
-            raise RequestError(f"category feature {category_feature!r} is not an item feature of this model; "
-                               f"known: {sorted(feats) or 'none'}")
-        self.category_feature = category_feature or (next(iter(feats)) if feats else None)
+            raise RequestError(f"category feature {category_feature!r} is not a categorical item feature of this model "
+                               f"(with a vocabulary); known: {sorted(feats) or 'none'}")
+        # The filter is chosen by the feature's name; without one, only a model with a single
+        # categorical item feature has an obvious one.
+        self.category_feature = category_feature or (next(iter(feats)) if len(feats) == 1 else None)
         self.category_values = [str(v) for v in feats.get(self.category_feature, [])] if self.category_feature else []
-        self._categories: dict[str, tuple[np.ndarray, Any]] = {}
+        self._feature_values = {name: [str(v) for v in values] for name, values in feats.items()}
+        self._categories: dict[tuple[str, str], tuple[np.ndarray, Any]] = {}
         user_feats = self.model.user_tower.features
         self.user_feature_names = list(user_feats.names) if user_feats is not None else []
+        context = self.model.user_tower.context
+        self.context_names = list(context.names) if context is not None else []
         self._item_vecs_t: torch.Tensor | None = None  # g(j) as a tensor, for folding in new users of an ids-only tower
 
     @classmethod
@@ -152,7 +166,8 @@ class Recommender:
         vec_rows = user_rows + hist_rows
         vecs = np.empty((len(vec_rows), self.dim), dtype=np.float32)
         if user_rows:
-            vecs[: len(user_rows)] = self._known_user_vectors(np.array([plans[i]["uidx"] for i in user_rows], dtype=np.int64))
+            vecs[: len(user_rows)] = self._known_user_vectors(np.array([plans[i]["uidx"] for i in user_rows], dtype=np.int64),
+                                                              [queries[i].context for i in user_rows])
         if hist_rows or pop_rows:  # new users: one user-tower pass (its feature encoders report what they cannot place)
             new = self._new_user_vectors([queries[i] for i in hist_rows + pop_rows], [plans[i] for i in hist_rows + pop_rows])
             vecs[len(user_rows):] = new[: len(hist_rows)]
@@ -163,16 +178,18 @@ class Recommender:
         return results
 
     def recommend_frame(self, users, k: int = 10, exclude_seen: bool = True, alpha: float = 0.0, category: str | None = None,
-                        chunk: int = 1024):
+                        chunk: int = 1024, context: dict | None = None, category_feature: str | None = None):
         """Offline candidates for many known users (``twotower recommend --all-users``): a DataFrame
-        ``user, item, score, rank`` in raw ids, ``chunk`` users per index search."""
+        ``user, item, score, rank`` in raw ids, ``chunk`` users per index search; every user with
+        ``context`` (``None``: the context features' defaults)."""
         import pandas as pd
 
         frames = []
         users = list(users)
         for s in range(0, len(users), chunk):
             block = users[s : s + chunk]
-            res = self.recommend_many([Query(user=u, k=k, alpha=alpha, exclude_seen=exclude_seen, category=category) for u in block])
+            res = self.recommend_many([Query(user=u, k=k, alpha=alpha, exclude_seen=exclude_seen, category=category,
+                                             context=context, category_feature=category_feature) for u in block])
             bad = next((r for r in res if isinstance(r, RequestError)), None)
             if bad is not None:
                 raise bad
@@ -187,23 +204,29 @@ class Recommender:
             }))
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["user", "item", "score", "rank"])
 
-    def similar(self, item, k: int = 10, alpha: float = 0.0, category: str | None = None) -> Recommendation:
+    def similar(self, item, k: int = 10, alpha: float = 0.0, category: str | None = None,
+                category_feature: str | None = None) -> Recommendation:
         """Items nearest to ``item`` by ``<g(i), g(j)> / tau`` (plus the learned bias and
         ``- alpha log p(j)``, as for users), the item itself excluded."""
         self._check_k(k)
         self._check_alpha(alpha)
+        cat = self._category_key(category, category_feature) if category is not None else None
         raw = self.run.items.coerce([item])
         idx = int(self.run.items.encode(raw)[0])
         if idx < 0:
             raise UnknownItemError(f"item {item!r} is not known to this model ({len(self.run.items):,} items); "
                                    "pass an item id from the training data")
-        subset = self._category(category)[0] if category is not None else None
+        if idx >= self.index.n_items:
+            raise UnknownItemError(f"item {item!r} is not in the index yet (added to the run after the index was built); "
+                                   "add it with `twotower index RUN --update --add-new`")
+        subset = self._category(cat)[0] if cat is not None else None
         q = self.index.layout.queries(self.index.vectors[idx : idx + 1, : self.dim], float(alpha))
         inner, ids = self.index.search(q, k + 1, subset=subset)
         keep = (ids[0] >= 0) & (ids[0] != idx)
         ids, inner = ids[0][keep][:k], inner[0][keep][:k]
         scores = self.index.layout.scores(inner[None, :], float(alpha))[0]
-        return Recommendation(self.run.items.decode(ids), scores, None, k, float(alpha), True, category)
+        return Recommendation(self.run.items.decode(ids), scores, None, k, float(alpha), True, category,
+                              category_feature=None if cat is None else cat[0])
 
     # ---- the steps -------------------------------------------------------------------------------
     def _check_k(self, k) -> None:
@@ -216,23 +239,37 @@ class Recommender:
                 or abs(alpha) > 1e4:
             raise RequestError(f"alpha must be a finite number (|alpha| <= 10000; 0 means no popularity correction), got {alpha!r}")
 
-    def _category(self, value) -> tuple[np.ndarray, Any]:
-        """Sorted item indices of a category value and a FAISS selector over them (built once)."""
-        if self.category_feature is None:
-            raise RequestError("this model has no item categories (its item tower uses no categorical feature); "
-                               "remove \"category\" from the request")
-        key = str(value)
+    def _category_key(self, value, feature: str | None = None) -> tuple[str, str]:
+        """``(feature, value)`` of a category filter, checked: the feature named in the request, else
+        the recommender's (``category_feature``)."""
+        if feature is not None and not isinstance(feature, str):
+            raise RequestError(f"category_feature must be the name of an item feature, got {feature!r}")
+        feature = feature or self.category_feature
+        if feature is None:
+            if not self._feature_values:
+                raise RequestError("this model has no item categories (its item tower uses no categorical feature with a "
+                                   "vocabulary); remove \"category\" from the request")
+            raise RequestError(f"this model has several categorical item features ({sorted(self._feature_values)}): name the "
+                               "one the category belongs to with \"category_feature\" (or serve --category-feature)")
+        if feature not in self._feature_values:
+            raise RequestError(f"category_feature {feature!r} is not a categorical item feature of this model; use one of "
+                               f"{sorted(self._feature_values) or 'none'}")
+        values = self._feature_values[feature]
+        if str(value) not in values:
+            shown = ", ".join(values[:30]) + (" ..." if len(values) > 30 else "")
+            raise RequestError(f"category {value!r} is not a value of item feature {feature!r}; "
+                               f"use one of: {shown} (GET /metadata lists them)")
+        return feature, str(value)
+
+    def _category(self, cat: tuple[str, str]) -> tuple[np.ndarray, Any]:
+        """Sorted item indices of a checked ``(feature, value)`` (``_category_key``) and a FAISS
+        selector over them (built once)."""
+        key = cat
         if key not in self._categories:
-            if key not in self.category_values:
-                shown = ", ".join(self.category_values[:30]) + (" ..." if len(self.category_values) > 30 else "")
-                raise RequestError(f"category {value!r} is not a value of item feature {self.category_feature!r}; "
-                                   f"use one of: {shown} (GET /metadata lists them)")
-            subset = self.run.item_category_items(self.category_feature, key)
+            subset = self.run.item_category_items(*cat)
             sel = None
             if self.index.kind != "flat" and len(subset) > self.index.params.exact_subset_max:
-                import faiss
-
-                sel = faiss.IDSelectorBatch(subset)
+                sel = self.index.selector(subset)
             self._categories[key] = (subset, sel)
         return self._categories[key]
 
@@ -243,8 +280,10 @@ class Recommender:
             self._check_alpha(q.alpha)
             if not isinstance(q.exclude_seen, (bool, np.bool_)):
                 raise RequestError(f"exclude_seen must be true or false, got {q.exclude_seen!r}")
-            if q.category is not None:
-                self._category(q.category)
+            cat = self._category_key(q.category, q.category_feature) if q.category is not None else None
+            if q.category is None and q.category_feature is not None:
+                raise RequestError("\"category_feature\" names the feature of \"category\": send both, or neither")
+            self._check_context(q.context)
             has_user, has_hist = q.user is not None, q.history is not None
             if has_user == has_hist:
                 raise RequestError("send either \"user\" (a known user id) or \"history\" (a list of item ids, oldest first), "
@@ -252,7 +291,7 @@ class Recommender:
             if has_user:
                 if q.features:
                     raise RequestError("\"features\" go with \"history\" (a new user); a known user's features are already in the model")
-                return {"kind": "user"}
+                return {"kind": "user", "category": cat}
             if isinstance(q.history, (str, bytes)) or not isinstance(q.history, (list, tuple, np.ndarray)):
                 raise RequestError(f"history must be a list of item ids, got {type(q.history).__name__}")
             if len(q.history) > MAX_HISTORY:
@@ -261,12 +300,13 @@ class Recommender:
             unknown = [x for x, i in zip(q.history, hist) if i < 0] if (hist < 0).any() else []
             hist = hist[hist >= 0]
             self._check_features(q.features)
-            return {"kind": "history" if len(hist) else "popular", "hist": hist, "unknown": unknown}
+            return {"kind": "history" if len(hist) else "popular", "hist": hist, "unknown": unknown, "category": cat}
         except RequestError as e:
             return e
 
     def _check_features(self, features) -> None:
-        """A new user's features name features of the user tower (their values are the encoders' to place)."""
+        """A new user's features name features of the user tower, with values their encoders take
+        (each kind checks its own: a number, a label, a text, a vector of the right length)."""
         if not features:
             return
         if not isinstance(features, dict):
@@ -274,20 +314,47 @@ class Recommender:
         extra = sorted(set(features) - set(self.user_feature_names))
         if extra:
             raise RequestError(f"unknown user feature(s) {extra}; this model's user features: {self.user_feature_names or 'none'}")
+        try:
+            self.model.user_tower.features.encode([features])
+        except FeatureInputError as e:
+            raise RequestError(f"features.{e.feature}: {e.problem}" + (f"; {e.fix}" if e.fix else "")) from None
 
-    def _known_user_vectors(self, users: np.ndarray) -> np.ndarray:
+    def _check_context(self, context) -> None:
+        """The request's context names context features of the user tower, with values they take."""
+        if context is None:
+            return
+        if not isinstance(context, dict):
+            raise RequestError("context must be an object {context feature: value}")
+        extra = sorted(set(context) - set(self.context_names))
+        if extra:
+            known = self.context_names or "none (it reads no context: leave \"context\" out)"
+            raise RequestError(f"unknown context feature(s) {extra}; this model's context features: {known}")
+        if context:
+            try:
+                self.model.user_tower.context.encode([context], absent_default=True)
+            except FeatureInputError as e:
+                raise RequestError(f"context.{e.feature}: {e.problem}" + (f"; {e.fix}" if e.fix else "")) from None
+
+    def _contexts(self, contexts: Sequence[dict | None]) -> list[dict] | None:
+        """Per user the context mapping for the user tower (``None`` when the model reads none)."""
+        return [c or {} for c in contexts] if self.context_names else None
+
+    def _known_user_vectors(self, users: np.ndarray, contexts: Sequence[dict | None]) -> np.ndarray:
         with torch.no_grad():
-            f = self.model.user_vectors(self.model.user_inputs(users, self.run.known))
+            f = self.model.user_vectors(self.model.user_inputs(users, self.run.known, context=self._contexts(contexts)))
         return f.float().numpy()
 
     def _new_user_vectors(self, queries: list[Query], plans: list[dict]) -> np.ndarray:
         """``f(u)`` of new users (id ``-1``) from their history and features, through the user
         tower; each plan gets the feature values the encoders could not place."""
         if self._item_vecs_t is None and not self.model.user_tower.use_history:
-            self._item_vecs_t = torch.from_numpy(np.ascontiguousarray(self.index.vectors[:, : self.dim]))
+            covered = self.index.n_items >= len(self.run.items)  # else: items admitted to the run since the index
+            self._item_vecs_t = torch.from_numpy(np.ascontiguousarray(self.index.vectors[: len(self.run.items), : self.dim])) \
+                if covered else self.run.item_vectors.float()
         features = [q.features for q in queries] if self.user_feature_names else None
         with torch.no_grad():
-            x = self.model.user_inputs(np.full(len(plans), -1), [p["hist"] for p in plans], features)
+            x = self.model.user_inputs(np.full(len(plans), -1), [p["hist"] for p in plans], features,
+                                       context=self._contexts([q.context for q in queries]))
             f = self.model.user_vectors(x, self._item_vecs_t)
         for p, unknown in zip(plans, x.unknown_features or [{}] * len(plans)):
             p["unknown_features"] = unknown
@@ -316,10 +383,10 @@ class Recommender:
         seen_pos, seen_items = self._seen(rows, plans, queries)
         alphas = np.array([float(queries[i].alpha) for i in rows])
         ks = np.array([int(queries[i].k) for i in rows], dtype=np.int64)
-        cats = [queries[i].category for i in rows]
-        n_items = self.index.n_items
-        for cat in dict.fromkeys(str(c) if c is not None else None for c in cats):
-            g = np.array([r for r, c in enumerate(cats) if (str(c) if c is not None else None) == cat], dtype=np.int64)
+        cats = [plans[i]["category"] for i in rows]
+        n_items = max(self.index.n_items, len(self.run.items))  # the key space of (row, item) pairs
+        for cat in dict.fromkeys(cats):
+            g = np.array([r for r, c in enumerate(cats) if c == cat], dtype=np.int64)
             subset, sel = self._category(cat) if cat is not None else (None, None)
             in_g = np.isin(seen_pos, g)
             gp, gi = seen_pos[in_g], seen_items[in_g]
@@ -347,23 +414,24 @@ class Recommender:
     def _popular(self, rows: list[int], queries: Sequence[Query], plans: list[dict], results: list) -> None:
         """Empty history (after dropping unknown ids): the most popular items (of the category),
         scored by ``log p(j)``, flagged ``fallback = "popularity"``."""
-        for cat in dict.fromkeys(str(queries[i].category) if queries[i].category is not None else None for i in rows):
+        for cat in dict.fromkeys(plans[i]["category"] for i in rows):
             order = self._pop_order
             if cat is not None:
                 subset = self._category(cat)[0]
-                member = np.zeros(self.index.n_items, dtype=bool)
+                member = np.zeros(len(self.run.items), dtype=bool)
                 member[subset] = True
                 order = order[member[order]]
             for i in rows:
-                c = queries[i].category
-                if (str(c) if c is not None else None) == cat:
+                if plans[i]["category"] == cat:
                     top = order[: int(queries[i].k)]
                     results[i] = self._result(queries[i], plans[i], top, self.log_p[top].astype(np.float32), fallback="popularity")
 
     def _result(self, q: Query, plan: dict, ids: np.ndarray, scores: np.ndarray, fallback: str | None = None) -> Recommendation:
+        cat = plan.get("category")
         return Recommendation(self.run.items.decode(ids), np.asarray(scores, dtype=np.float32), q.user, int(q.k), float(q.alpha),
                               bool(q.exclude_seen), None if q.category is None else str(q.category),
-                              list(plan.get("unknown", [])), dict(plan.get("unknown_features", {})), fallback)
+                              list(plan.get("unknown", [])), dict(plan.get("unknown_features", {})), fallback,
+                              None if cat is None else cat[0])
 
     # ---- description -----------------------------------------------------------------------------
     def metadata(self) -> dict:
@@ -382,8 +450,22 @@ class Recommender:
                       "saved": info.pop("saved", True), **info},
             "score": "<f(u), g(j)> / temperature + b_j - alpha * log p(j), p(j) = (count_j + 1) / (N + n_items)",
             "category_feature": self.category_feature, "categories": self.category_values,
+            "category_features": self._feature_values,
             "user_features": self.user_feature_names, "max_k": self.max_k, "max_history": MAX_HISTORY,
+            "features": self._feature_descriptions(),
         }
+
+    def _feature_descriptions(self) -> dict:
+        """What a request can send, per tower: each feature's kind and, for context, its default."""
+        out = {}
+        for tower, feats in (("item", self.model.item_tower.features), ("user", self.model.user_tower.features),
+                             ("context", self.model.user_tower.context)):
+            if feats is None:
+                out[tower] = []
+                continue
+            out[tower] = [{"name": e.name, "kind": e.kind, **({"length": e.length} if e.kind == "vector" else {}),
+                           **({"default": e.meta.get("default")} if tower == "context" else {})} for e in feats.encoders]
+        return out
 
 
 __all__ = ["Query", "Recommendation", "Recommender", "RequestError", "UnknownUserError", "UnknownItemError", "MAX_K"]

@@ -1,15 +1,19 @@
 """The HTTP service: ``create_app(recommender)`` builds the FastAPI application.
 
     POST /recommend            {"user": ID, "k": 10} or {"history": [ID, ...], "k": 10}
-                               (+ "alpha", "exclude_seen", "category", "features")
+                               (+ "alpha", "exclude_seen", "category", "category_feature", "features",
+                               "context")
     POST /recommend/batch      {"requests": [<as above>, ...]}
     GET  /items/{id}/similar   ?k=10&alpha=0&category=...
     GET  /health, GET /metadata, GET /docs (OpenAPI)
     GET  /items, /items/{id}, /users, /users/{id}, /run/curves; the page at / (browse.py)
+    POST /admin/swap           {"run": PATH, "index": PATH}, only with an admin token (swap.py)
 
 Every client mistake is a 4xx whose ``detail`` says what to fix (malformed JSON 400, oversize body
 413, wrong types or values 422, unknown user or item 404); a 500 means a bug. Requests in flight
-at the same time are answered together (``batcher.MicroBatcher``).
+at the same time are answered together (``batcher.MicroBatcher``). Every handler reads the model it
+answers with once, from ``ModelSlot.current``, so a swap (``swap.py``) never splits a request
+between two models.
 """
 from __future__ import annotations
 
@@ -26,30 +30,40 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from .batcher import MicroBatcher
 from .browse import add_browse_routes
 from .query import MAX_HISTORY, MAX_K, Query, Recommendation, Recommender, RequestError
+from .swap import ModelSlot, Served, SwapBusy, Swapper, SwapSettings, Watcher, token_matches
 
 Id = Union[StrictInt, StrictStr]
 MAX_BODY_BYTES = 1 << 20
 MAX_BATCH = 1000
-FIELDS = "user, history, features, k, alpha, exclude_seen, category"
+FIELDS = "user, history, features, context, k, alpha, exclude_seen, category, category_feature"
 
 
 class RecommendRequest(BaseModel):
     """A known user by id, or a new user by history (raw item ids, oldest first) and features."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"user": 196, "k": 10}, {"history": [50, 172, 181], "k": 20, "alpha": 0.5, "category": "Drama"}]})
+        {"user": 196, "k": 10}, {"history": [50, 172, 181], "k": 20, "alpha": 0.5, "category": "Drama"},
+        {"history": [50], "features": {"age": 31, "occupation": "writer"}, "context": {"hour": "21"}}]})
 
     user: Id | None = Field(None, description="raw id of a user the model knows")
     history: list[Id] | None = Field(None, max_length=MAX_HISTORY, description="raw item ids of a new user, oldest first; unknown ids are ignored and reported")
-    features: dict[str, StrictStr | list[StrictStr]] | None = Field(None, description="a new user's features: {name: value or [values]}")
+    # Feature values are checked by the feature's own encoder, which knows its kind (a label, a list of
+    # labels, a number, a text, a vector of its length) and says which feature and what to send.
+    features: dict[str, Any] | None = Field(None, description="a new user's features: {name: value}, each as its kind "
+                                                               "takes it (GET /metadata lists them)")
+    context: dict[str, Any] | None = Field(None, description="the request's context features: {name: value}; one left "
+                                                             "out takes its default (GET /metadata lists them)")
     k: StrictInt = Field(10, ge=1, le=MAX_K, description=f"number of items, 1 to {MAX_K}")
     alpha: float = Field(0.0, ge=-1e4, le=1e4, allow_inf_nan=False,
                          description="popularity correction: score - alpha * log p(item); larger favours less popular items")
     exclude_seen: StrictBool = Field(True, description="leave out items the user has interacted with")
     category: StrictStr | None = Field(None, description="only items of this category (GET /metadata lists them)")
+    category_feature: StrictStr | None = Field(None, description="the item feature \"category\" is a value of "
+                                                                 "(default: the service's, serve --category-feature)")
 
     def to_query(self) -> Query:
-        return Query(self.user, self.history, self.features, self.k, self.alpha, self.exclude_seen, self.category)
+        return Query(self.user, self.history, self.features, self.k, self.alpha, self.exclude_seen, self.category,
+                     self.context, self.category_feature)
 
 
 class BatchRequest(BaseModel):
@@ -69,6 +83,7 @@ class RecommendResponse(BaseModel):
     alpha: float
     exclude_seen: bool
     category: str | None = None
+    category_feature: str | None = None
     unknown_items: list[Id] = Field(default_factory=list, description="history ids the model does not know (ignored)")
     unknown_features: dict[str, list[Any]] = Field(default_factory=dict)
     fallback: str | None = Field(None, description='"popularity" when the history was empty after dropping unknown ids')
@@ -81,6 +96,15 @@ class BatchResponse(BaseModel):
 class ErrorResponse(BaseModel):
     detail: str
     errors: list[dict] | None = None
+
+
+class SwapRequest(BaseModel):
+    """What ``POST /admin/swap`` loads: a run directory and an index folder (defaults: the run
+    being served, then ``RUN/index``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    run: StrictStr | None = Field(None, min_length=1, description="run directory (default: the run path being served)")
+    index: StrictStr | None = Field(None, min_length=1, description="index folder (default: RUN/index)")
 
 
 def _dumps(obj) -> bytes:
@@ -111,7 +135,7 @@ def _encode(r: Recommendation | RequestError) -> bytes | dict:
     else:
         items = ",".join(map('{"item":%s,"score":%.6g}'.__mod__, zip(map(json.dumps, r.items.tolist()), r.scores.tolist())))
     rest = {"user": _py(r.user), "k": r.k, "alpha": r.alpha, "exclude_seen": r.exclude_seen, "category": r.category,
-            "unknown_items": [_py(x) for x in r.unknown_items], "unknown_features": r.unknown_features, "fallback": r.fallback}
+            "category_feature": r.category_feature, "unknown_items": [_py(x) for x in r.unknown_items], "unknown_features": r.unknown_features, "fallback": r.fallback}
     return b'{"items":[' + items.encode("utf-8") + b"]," + _dumps(rest)[1:]
 
 
@@ -126,7 +150,10 @@ HINTS = {
     "user": "send user as the raw user id (a number or a string)",
     "history": "send history as a list of raw item ids, oldest first",
     "category": "send category as a string (GET /metadata lists the values)",
-    "features": "send features as {\"name\": \"value\"} or {\"name\": [\"v1\", \"v2\"]}",
+    "features": "send features as {\"name\": value}: a label, a list of labels, a number, a text or a vector, as "
+                "the feature's kind takes it (GET /metadata lists them)",
+    "context": "send context as {\"name\": value} (GET /metadata lists the context features)",
+    "category_feature": "send category_feature as the name of a categorical item feature (GET /metadata)",
     "requests": f"send {{\"requests\": [{{\"user\": ID, \"k\": 10}}, ...]}} with 1 to {MAX_BATCH} requests",
     "limit": "send limit as a whole number in the range the API documents (GET /docs)",
     "q": "send q as a short text: part of an id or a title",
@@ -223,19 +250,28 @@ class BodyLimit:
 
 
 def create_app(recommender: Recommender, max_body_bytes: int = MAX_BODY_BYTES, max_batch: int = 64,
-               micro_batching: bool = True) -> FastAPI:
+               micro_batching: bool = True, swap: SwapSettings | None = None) -> FastAPI:
     """The FastAPI application over ``recommender``. ``max_batch`` caps how many concurrent
-    requests are computed together (``micro_batching``)."""
-    meta = recommender.metadata()
+    requests are computed together (``micro_batching``). ``swap`` allows moving to another run
+    while serving (``swap.py``: an admin route with a token, a watched path); off by default."""
+    swap = swap or SwapSettings()
+    slot = ModelSlot(Served.of(recommender, swap.run))
+    swapper = Swapper(slot, swap)
+    watcher = Watcher(swapper, swap.run, swap.interval) if swap.watch else None
 
     def compute(queries):
-        return [_encode(r) for r in recommender.recommend_many(queries)]
+        rec = slot.current.recommender  # once per batch: a swap never splits a batch between models
+        return [_encode(r) for r in rec.recommend_many(queries)]
 
     batcher = MicroBatcher(compute, max_batch, inline=True) if micro_batching else None
 
     @asynccontextmanager
     async def lifespan(app):
+        if watcher is not None:
+            watcher.start()
         yield
+        if watcher is not None:
+            watcher.stop()
         if batcher is not None:
             batcher.close()
 
@@ -243,7 +279,8 @@ def create_app(recommender: Recommender, max_body_bytes: int = MAX_BODY_BYTES, m
                   description="Candidate retrieval with a two-tower model: the user tower online, item vectors in a FAISS "
                               "index, served score = <f(u), g(j)>/tau + b_j - alpha * log p(j) (exact through the index). "
                               "Ids are the raw ids of the training data.")
-    app.state.recommender = recommender
+    app.state.serving = slot
+    app.state.swapper = swapper
     app.state.batcher = batcher
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
@@ -300,28 +337,61 @@ def create_app(recommender: Recommender, max_body_bytes: int = MAX_BODY_BYTES, m
 
     @app.get("/items/{item}/similar", response_model=RecommendResponse, responses=responses, summary="items nearest to an item")
     async def similar(item: str, k: int = QueryParam(10, ge=1, le=MAX_K), alpha: float = QueryParam(0.0, ge=-1e4, le=1e4),
-                      category: str | None = None):
+                      category: str | None = None, category_feature: str | None = None):
         import anyio
 
         if not math.isfinite(alpha):
             return _error(422, "alpha must be a finite number")
-        r = await anyio.to_thread.run_sync(lambda: recommender.similar(item, k, alpha, category))
-        item_json = json.dumps(_coerce_item(recommender, item)).encode()
+        rec = slot.current.recommender
+        r = await anyio.to_thread.run_sync(lambda: rec.similar(item, k, alpha, category, category_feature))
+        item_json = json.dumps(_coerce_item(rec, item)).encode()
         return Response(_encode(r)[:-1] + b',"item":' + item_json + b"}", media_type="application/json")
 
     @app.get("/health", summary="liveness")
     async def health():
-        out = {"status": "ok", "items": recommender.index.n_items, "index": recommender.index.kind}
+        index = slot.current.recommender.index
+        out = {"status": "ok", "items": index.size, "index": index.kind}
         if batcher is not None and batcher.batches:
             out["requests_batched"], out["mean_batch"] = batcher.items, round(batcher.items / batcher.batches, 2)
         return out
 
-    @app.get("/metadata", summary="model, dataset, index kind and parameters, counts, measured ANN recall")
+    @app.get("/metadata", summary="model, dataset, index kind and parameters, counts, measured ANN recall; "
+                                  "the run serving (path, weights sha256, loaded at) and the last swap")
     async def metadata():
-        return JSONResponse(meta)
+        return JSONResponse({**slot.current.metadata, "serving": slot.describe()})
 
-    add_browse_routes(app, recommender, ErrorResponse)  # look-ups and the page (browse.py)
+    if swap.token is not None:
+        add_admin_routes(app, swapper, swap.token)
+    add_browse_routes(app, lambda: slot.current.catalog, ErrorResponse)  # look-ups and the page (browse.py)
     return app
+
+
+def add_admin_routes(app: FastAPI, swapper: Swapper, token: str) -> None:
+    """``POST /admin/swap``: load a run and serve it (swap.py), for a bearer of ``token``. Not in
+    the OpenAPI document: it is not part of the public API."""
+    import anyio
+
+    slot = swapper.slot
+
+    @app.post("/admin/swap", include_in_schema=False)
+    async def admin_swap(request: Request):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token_matches(given.strip(), token):
+            return JSONResponse({"detail": "missing or wrong admin token; send the header Authorization: Bearer TOKEN"},
+                                401, headers={"WWW-Authenticate": "Bearer"})
+        try:
+            req = SwapRequest.model_validate_json((await request.body()) or b"{}")
+        except ValidationError as e:
+            status, msg = _describe(e.errors())
+            return _error(status, msg.replace(FIELDS, "run, index"))
+        try:
+            record = await anyio.to_thread.run_sync(lambda: swapper.swap_to(req.run, req.index, by="admin"))
+        except SwapBusy as e:
+            return _error(409, str(e))
+        if not record.ok:
+            return JSONResponse({"detail": f"could not load {record.run}: {record.error}; still serving "
+                                           f"{slot.current.path}", "serving": slot.describe(public=False)}, 422)
+        return JSONResponse({"status": "swapped", "seconds": round(record.seconds, 3), "serving": slot.describe(public=False)})
 
 
 def _coerce_item(recommender: Recommender, item: str):

@@ -262,14 +262,15 @@ class CandidateBuilder:
 
 def _category_sampler(dataset: Dataset, feature: str | None, device) -> CategorySampler:
     feats = dataset.item_features
-    names = feats.names if feats is not None else []
+    names = list(feats.values) if feats is not None else []  # the categorical kinds: what a category is
     if feature is None:
         if len(names) != 1:
             raise ConfigError("negatives.hard = \"category\": set negatives.category_feature to one of the item features "
                               f"{names or '(the dataset has none: give data.item_features)'}")
         feature = names[0]
     if feature not in names:
-        raise ConfigError(f"negatives.category_feature = {feature!r}: not an item feature; the dataset has {names or 'none'}")
+        raise ConfigError(f"negatives.category_feature = {feature!r}: not an item feature of a categorical kind; the dataset has "
+                          f"{names or 'none'}")
     csr = feats.rows[feature]
     if len(csr.indices) == 0:
         raise ConfigError(f"negatives.category_feature = {feature!r}: no item has a value")

@@ -149,12 +149,12 @@ class _Towers(nn.Module):
         super().__init__()
         self.model, self.bf16 = model, bf16
 
-    def forward(self, users, items, history, history_mask):
+    def forward(self, users, items, history, history_mask, context=None):
         m = self.model
         if not self.bf16:
-            return m.encode_users(users, history, history_mask), m.encode_items(items)
+            return m.encode_users(users, history, history_mask, context), m.encode_items(items)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            u, v = m.encode_users(users, history, history_mask), m.encode_items(items)
+            u, v = m.encode_users(users, history, history_mask, context), m.encode_items(items)
         return u.float(), v.float()
 
 
@@ -185,8 +185,8 @@ class Parallel:
     def main(self) -> bool:
         return self.rank == 0
 
-    def encode(self, users, items, history=None, history_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.towers(users, items, history, history_mask)
+    def encode(self, users, items, history=None, history_mask=None, context=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.towers(users, items, history, history_mask, context)
 
     def shard(self, pairs: np.ndarray) -> "Shard":
         """This rank's contiguous slice of a global batch (all of it on one process)."""

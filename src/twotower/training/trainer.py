@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from .. import native
 from ..config import RunConfig
-from ..data.dataset import Dataset
-from ..errors import ArtifactError
+from ..data.dataset import Dataset, EncodedFeatures
+from ..errors import ArtifactError, ConfigError
+from ..features.encoders import fit_context
 from ..evaluation.evaluator import evaluate
 from ..model.scoring import ServedScore
 from ..model.towers import TwoTowerModel, embed_items, embed_users
@@ -67,34 +68,33 @@ class _Optimizers:
 
 
 def build_model(cfg: RunConfig, dataset: Dataset) -> TwoTowerModel:
-    m = cfg.model
-    item_feats = dataset.item_features
-    if item_feats is not None:
-        names = item_feats.names if m.item_features == "all" else m.item_features
-        _check_names(names, item_feats.names, "model.item_features", "item")
-        item_feats = item_feats.select(names) if names else None
-    elif m.item_features not in ("all", []):
-        raise _feature_error("model.item_features", m.item_features, [], "item")
-    user_feats = dataset.user_features
-    if user_feats is not None:
-        names = user_feats.names if m.user_features == "all" else m.user_features
-        _check_names(names, user_feats.names, "model.user_features", "user")
-        user_feats = user_feats.select(names) if names else None
-    elif m.user_features not in ("all", []):
-        raise _feature_error("model.user_features", m.user_features, [], "user")
-    return TwoTowerModel(dataset.n_users, dataset.n_items, m, item_feats, user_feats,
-                         sparse=cfg.train.sparse_embeddings)
+    """The towers of ``cfg`` with their feature encoders fitted on ``dataset``'s training rows."""
+    specs = cfg.feature_specs()
+    legacy = not cfg.features.declared
+    item_feats = _tower_features(dataset.item_features, specs.item, "model.item_features" if legacy else "features.item", "item")
+    user_feats = _tower_features(dataset.user_features, specs.user, "model.user_features" if legacy else "features.user", "user")
+    try:
+        context = fit_context(specs.context, dataset.fit_context)
+    except ValueError as e:
+        raise ConfigError(f"features.context: {e}") from None
+    return TwoTowerModel(dataset.n_users, dataset.n_items, cfg.model, item_feats, user_feats,
+                         sparse=cfg.train.sparse_embeddings, context=context)
 
 
-def _check_names(names, available, key, kind):
+def _tower_features(feats: EncodedFeatures | None, specs, key: str, kind: str) -> EncodedFeatures | None:
+    """The declared features of one tower from the dataset's table, each read as declared."""
+    names = [s.name for s in specs]
+    if not names:
+        return None
+    available = feats.names if feats is not None else []
     unknown = [n for n in names if n not in available]
     if unknown:
-        raise _feature_error(key, unknown, available, kind)
-
-
-def _feature_error(key, names, available, kind):
-    from ..errors import ConfigError
-    return ConfigError(f"{key}: unknown {kind} feature(s) {names}; the dataset has {list(available) or 'none'}")
+        raise ConfigError(f"{key}: unknown {kind} feature(s) {unknown}; the dataset has {list(available) or 'none'}")
+    for s in specs:
+        if s.name in feats.specs and feats.specs[s.name] != s:
+            raise ConfigError(f"{key} {s.name!r}: the dataset read it as {feats.specs[s.name].kind} with other options than "
+                              "declared; load the dataset with the run's config (load_dataset(run_config))")
+    return feats.select(names)
 
 
 def make_optimizer(cfg: RunConfig, model: TwoTowerModel) -> _Optimizers:
@@ -124,7 +124,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from ..errors import ConfigError
         raise ConfigError("train.device = \"cuda\" but PyTorch sees no CUDA device; use \"cpu\" or \"auto\"")
     return torch.device(name)
 
@@ -154,6 +153,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.device = distributed.setup(resolve_device(cfg.train.device))
         self.model = build_model(cfg, dataset).to(self.device)
+        # each training pair's own context, encoded once (rows: positions in dataset.train)
+        self.train_context = self.model.context_table(dataset.train.context)
         # Under torchrun: DDP over the towers, this rank's rows of each batch, the global batch's gathers.
         self.par = distributed.Parallel(self.model, self.device, cfg.train.seed, sparse=cfg.train.sparse_embeddings)
         if not self.par.main:
@@ -176,8 +177,8 @@ class Trainer:
         """One step: encode the batch, build the candidates, assemble the logit, take the loss, update."""
         model, train = self.model, self.cfg.train
         shard = self.par.shard(pairs)  # ``pairs`` is the global batch; this rank encodes its own rows
-        users, items, hist, mask = self._rows(shard.rows, rng)
-        u, v = self.par.encode(users, items, hist, mask)
+        users, items, hist, mask, ctx = self._rows(shard.rows, rng)
+        u, v = self.par.encode(users, items, hist, mask, ctx)
         everyone = shard.global_batch(items, v, self.dataset.train.items, self.state.step)
 
         # In-batch + sampled + memory bank (shared by all rows), hard (per row), and the masks.
@@ -202,7 +203,8 @@ class Trainer:
         return shard.mean_loss(loss)
 
     def _rows(self, pairs: np.ndarray, rng: np.random.Generator):
-        """``(users, items, history, history_mask)`` of training pairs, on the device (no history: None)."""
+        """``(users, items, history, history_mask, context)`` of training pairs, on the device (no
+        history, no context: None); a pair's context is its own interaction's."""
         ds, dev = self.dataset, self.device
         users = distributed.to_device(ds.train.users[pairs], dev)
         items = distributed.to_device(ds.train.items[pairs], dev)
@@ -210,7 +212,8 @@ class Trainer:
         if self.cfg.model.user_history:
             h, m = ds.pair_history(pairs, self.cfg.model.history_length, rng)
             hist, mask = distributed.to_device(h, dev), distributed.to_device(m, dev)
-        return users, items, hist, mask
+        ctx = None if self.train_context is None else self.train_context.take(pairs)
+        return users, items, hist, mask, ctx
 
     def _update(self, loss: torch.Tensor) -> None:
         """Backward, clip, the learning rate of this step, the optimizer's step."""

@@ -17,7 +17,7 @@ from twotower.errors import DataError
 from .columns import trimmed_strings
 from .files import check_file, decode_text, read_raw
 from .records import Features, Interactions
-from .table import parser_error, text_locator
+from .table import Table, parser_error, text_locator
 
 
 _AGE_BUCKETS = [(18, "under 18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"),
@@ -78,7 +78,39 @@ def read_movielens_100k(directory) -> tuple[Interactions, Features, Features]:
     ``timestamp`` (int64 unix seconds) and ``weight`` = rating (float32); item features from
     ``u.item`` (latin-1) with ``categorical={"genre": [...]}`` (names from ``u.genre``) and
     titles; user features from ``u.user`` with ``age`` (bucket such as ``"25-34"``), ``gender``
-    and ``occupation``.
+    and ``occupation``. Every column (``movielens_100k_tables``) can be read as declared instead.
+    """
+    from twotower.config import FeatureSpec
+
+    from .tabular import features_from_table
+
+    inter, items, users = movielens_100k_tables(directory)
+    legacy = {"item": [FeatureSpec(name="genre", kind="multi_categorical")],
+              "user": [FeatureSpec(name=n, kind="categorical") for n in ("age", "gender", "occupation")]}
+    item_f = features_from_table(items, items.columns["movie_id"].to_numpy(), legacy["item"], "item",
+                                 items.columns["title"].to_numpy(dtype=object))
+    user_f = features_from_table(users, users.columns["user_id"].to_numpy(), legacy["user"], "user")
+    return inter, item_f, user_f
+
+
+# The columns of the tables movielens_100k_tables returns (what [features] declarations can name).
+ML100K_ITEM_COLUMNS = ("genre", "title", "year", "release_date")
+ML100K_USER_COLUMNS = ("age", "age_years", "gender", "occupation", "zip", "zip_area")
+ML100K_INTERACTION_COLUMNS = ("timestamp", "rating")
+
+
+def movielens_100k_tables(directory) -> tuple[Interactions, Table, Table]:
+    """The MovieLens 100K folder as raw tables, each column as GroupLens ships it or taken from it:
+
+    - items (``u.item``): ``movie_id``; ``genre`` (the list of genre names of the flags), ``title``,
+      ``release_date`` (as written, e.g. ``01-Jan-1995``; empty for a few), ``year`` (its year, NaN
+      where there is none);
+    - users (``u.user``): ``user_id``; ``age`` (the bucket, e.g. ``"25-34"``), ``age_years`` (the
+      number), ``gender``, ``occupation``, ``zip`` (as written; a few are Canadian) and
+      ``zip_area`` (its first character, the US postal region);
+    - interactions (``u.data``): ``user``, ``item``, ``timestamp``, ``weight`` (the rating).
+
+    Messages about a column name its file and line.
     """
     directory = Path(directory)
     if not (directory / "u.data").exists() and (directory / "ml-100k" / "u.data").exists():
@@ -120,11 +152,20 @@ def read_movielens_100k(directory) -> tuple[Interactions, Features, Features]:
         )
     on = flags == "1"
     names = np.asarray(genre_names, dtype=object)
-    genres = [list(names[r]) for r in on]
+    genres = pd.Series([list(names[r]) for r in on], dtype=object)
     titles = item_df[1].to_numpy(dtype=object).astype(str).astype(object)
-    items = Features(
-        ids=item_ids, categorical={"genre": genres}, titles=titles, source=str(item_path)
-    )
+    released = pd.Series(item_df[2].to_numpy(dtype=object)).str.strip()
+    when = pd.to_datetime(released, format="%d-%b-%Y", errors="coerce")
+    unreadable = when.isna().to_numpy() & (released.to_numpy(dtype=object) != "")
+    if unreadable.any():
+        row = int(np.flatnonzero(unreadable)[0])
+        raise DataError(item_path, f"release date {released.iloc[row]!r} is not a date like 01-Jan-1995", fetch,
+                        where=f"{item_loc(row)}, field 3")
+    items = Table(item_path, {
+        "movie_id": pd.Series(item_ids), "genre": genres, "title": pd.Series(titles, dtype=object),
+        "release_date": pd.Series(released.to_numpy(dtype=object), dtype=object),
+        "year": pd.Series(when.dt.year.to_numpy(dtype=np.float64, na_value=np.nan)),
+    }, len(item_ids), item_loc, ["movie_id", *ML100K_ITEM_COLUMNS])
 
     # Users.
     user_path = directory / "u.user"
@@ -132,16 +173,16 @@ def read_movielens_100k(directory) -> tuple[Interactions, Features, Features]:
     user_ids = _int_column(user_path, user_df[0], user_loc, "user id", fetch)
     _check_unique(user_path, user_ids, user_loc, "user id", fetch)
     ages = _int_column(user_path, user_df[1], user_loc, "age", fetch)
-    users = Features(
-        ids=user_ids,
-        categorical={
-            "age": [[_age_bucket(int(a))] for a in ages],
-            "gender": [[str(g).strip()] if str(g).strip() else [] for g in user_df[2]],
-            "occupation": [[str(o).strip()] if str(o).strip() else [] for o in user_df[3]],
-        },
-        titles=None,
-        source=str(user_path),
-    )
+    zips = pd.Series([str(z).strip() for z in user_df[4]], dtype=object)
+    users = Table(user_path, {
+        "user_id": pd.Series(user_ids),
+        "age": pd.Series([_age_bucket(int(a)) for a in ages], dtype=object),
+        "age_years": pd.Series(ages.astype(np.int64)),
+        "gender": pd.Series([str(g).strip() for g in user_df[2]], dtype=object),
+        "occupation": pd.Series([str(o).strip() for o in user_df[3]], dtype=object),
+        "zip": zips,
+        "zip_area": pd.Series([z[:1] for z in zips], dtype=object),
+    }, len(user_ids), user_loc, ["user_id", *ML100K_USER_COLUMNS])
 
     # Ratings.
     data_path = directory / "u.data"
@@ -165,7 +206,9 @@ def read_movielens_100k(directory) -> tuple[Interactions, Features, Features]:
     frame = pd.DataFrame(
         {"user": u, "item": i, "timestamp": ts, "weight": rating.astype(np.float32)}
     )
-    return Interactions(frame, str(data_path)), items, users
+    columns = Table(data_path, {"timestamp": pd.Series(ts), "rating": pd.Series(rating)}, len(ts), data_loc,
+                    list(ML100K_INTERACTION_COLUMNS))
+    return Interactions(frame, str(data_path), columns), items, users
 
 
 def _int_column(

@@ -64,14 +64,16 @@ def _column_hint(wanted: str, found: Sequence[str]) -> str:
 # (role, reader parameter) -> the DataConfig field that sets it, where the names differ
 CONFIG_KEYS = {("item id", "id_col"): "item_id_col", ("user id", "id_col"): "user_id_col",
                 ("item feature", "columns"): "item_feature_cols", ("user feature", "columns"): "user_feature_cols",
-                ("item title", "title_col"): "item_title_col"}
+                ("item title", "title_col"): "item_title_col",
+                ("item feature", "column"): "features.item, its column", ("user feature", "column"): "features.user, its column",
+                ("context feature", "column"): "features.context, its column"}
 
 
 def missing_column_error(
     path: Path, wanted: str, role: str, param: str, found: list[str], where: str, sep: str | None
 ) -> DataError:
     key = CONFIG_KEYS.get((role, param), param)
-    fix = f"map the {role} column with {param}=... (config: data.{key})"
+    fix = f"map the {role} column with {param}=... (config: {key if '.' in key else 'data.' + key})"
     if sep is not None and len(found) == 1:
         fix += (
             f"; only one column was found with separator {sep!r}: write the file with tabs or commas "

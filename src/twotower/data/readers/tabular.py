@@ -11,6 +11,7 @@ from twotower.errors import DataError
 from .columns import cell_missing, show_id, to_ids, to_numbers
 from .delimited import load_delimited
 from .files import check_file, is_parquet
+from .kinds import context_column, feature_column
 from .parquet import load_parquet
 from .records import Features, Interactions
 from .table import Table
@@ -43,11 +44,15 @@ def read_interactions(
     weight_col: str | None = None,
     sep: str | None = None,
     encoding: str = "utf-8",
+    context=(),
 ) -> Interactions:
     """Read user-item interactions from CSV/TSV (header row required; ``.gz`` ok) or Parquet.
 
     The separator is a tab for ``.tsv``; otherwise it is sniffed from the header line (tab or
     comma) unless ``sep`` is given. Extra columns are ignored; duplicate rows are kept.
+    ``context``: declarations of context features (``config.FeatureSpec``), read per interaction
+    into columns ``context:NAME`` (``context_frame``); one with ``derive`` and no column reads
+    ``time_col``.
     """
     path = Path(path)
     wanted = [(user_col, "user", "user_col"), (item_col, "item", "item_col")]
@@ -55,6 +60,8 @@ def read_interactions(
         wanted.append((time_col, "timestamp", "time_col"))
     if weight_col is not None:
         wanted.append((weight_col, "weight", "weight_col"))
+    context = [with_time_column(s, time_col) for s in context]
+    wanted += [(s.source_column, "context feature", "column") for s in context]
     table = load_table(path, wanted, sep=sep, encoding=encoding)
     data = {
         "user": to_ids(table, user_col, "user", "user_col"),
@@ -65,7 +72,26 @@ def read_interactions(
     if weight_col is not None:
         weights = to_numbers(table, weight_col, "weight", _WEIGHT_FIX)
         data["weight"] = weights.astype(np.float32)
+    data.update(context_frame(table, context))
     return Interactions(_frame(data), str(path))
+
+
+def with_time_column(spec, time_col: str | None):
+    """A context declaration that derives from the time and names no column reads ``time_col``."""
+    if spec.derive is not None and spec.column is None:
+        if time_col is None:
+            from twotower.errors import ConfigError
+
+            raise ConfigError(f"features.context {spec.name!r}: derive = {spec.derive!r} reads the timestamp; set "
+                              "data.time_col, or the feature's column")
+        return spec.model_copy(update={"column": time_col})
+    return spec
+
+
+def context_frame(table: Table, context) -> dict[str, np.ndarray]:
+    """The columns ``context:NAME`` of the interactions frame: each context feature read from ``table``
+    (``kinds.context_column``), row for row."""
+    return {f"context:{s.name}": context_column(table, s) for s in context}
 
 
 def _frame(data: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -85,19 +111,31 @@ def read_features(
     kind: str = "item",
     sep: str | None = None,
     encoding: str = "utf-8",
+    specs=None,
 ) -> Features:
     """Read a table of item (or user) features keyed by ``id_col``.
 
-    ``columns`` are categorical features kept as strings; ``multi_valued`` maps a column to the
-    separator between values inside its cells (e.g. ``{"genres": "|"}``); columns named only in
-    ``multi_valued`` are read as well. Empty cells give ``[]``. Ids must be unique. If
-    ``known_ids`` is given, every id must be among them.
+    ``specs`` (``config.FeatureSpec`` declarations): each feature's column read as its kind
+    (``kinds.feature_column``; a vector with its own ``file`` is not in the table). Without them,
+    the older form: ``columns`` are categorical features kept as strings; ``multi_valued`` maps a
+    column to the separator between values inside its cells (e.g. ``{"genres": "|"}``); columns
+    named only in ``multi_valued`` are read as well. Empty cells give ``[]``. Ids must be unique.
+    If ``known_ids`` is given, every id must be among them.
     """
     path = Path(path)
-    multi_valued = dict(multi_valued or {})
-    feature_cols = list(dict.fromkeys(list(columns) + list(multi_valued)))
+    param = "column"  # the message for a missing column names the declaration's key
+    if specs is None:
+        from twotower.config import FeatureSpec
+
+        param = "columns"
+
+        multi_valued = dict(multi_valued or {})
+        specs = [FeatureSpec(name=c, kind="multi_categorical" if c in multi_valued else "categorical",
+                             **({"separator": multi_valued[c]} if c in multi_valued else {}))
+                 for c in dict.fromkeys(list(columns) + list(multi_valued))]
+    specs = [s for s in specs if not (s.kind == "vector" and s.file)]
     wanted = [(id_col, f"{kind} id", "id_col")]
-    wanted += [(c, f"{kind} feature", "columns") for c in feature_cols]
+    wanted += [(s.source_column, f"{kind} feature", param) for s in specs]
     if title_col is not None:
         wanted.append((title_col, f"{kind} title", "title_col"))
     table = load_table(path, wanted, sep=sep, encoding=encoding)
@@ -121,10 +159,6 @@ def read_features(
     if known_ids is not None:
         _check_known(table, ids, known_ids, kind, id_col)
 
-    categorical: dict[str, list[list[str]]] = {}
-    for col in feature_cols:
-        categorical[col] = _feature_lists(table.columns[col], multi_valued.get(col))
-
     titles = None
     if title_col is not None:
         t = table.columns[title_col]
@@ -132,26 +166,18 @@ def read_features(
             [("" if cell_missing(v) else str(v)) for v in t.to_numpy(dtype=object)],
             dtype=object,
         )
-    return Features(ids=ids, categorical=categorical, titles=titles, source=str(path))
+    return features_from_table(table, ids, specs, kind, titles)
 
 
-def _feature_lists(series: pd.Series, multi_sep: str | None) -> list[list[str]]:
-    out: list[list[str]] = []
-    for value in series.to_numpy(dtype=object):
-        if isinstance(value, (list, tuple, np.ndarray)):
-            out.append([str(v).strip() for v in value if not cell_missing(v)])
-            continue
-        if cell_missing(value):
-            out.append([])
-            continue
-        if isinstance(value, float) and value.is_integer():
-            value = str(int(value))  # e.g. Parquet int with nulls -> float
-        text = str(value).strip()
-        if multi_sep is None:
-            out.append([text])
-        else:
-            out.append([v.strip() for v in text.split(multi_sep) if v.strip()])
-    return out
+def features_from_table(table: Table, ids: np.ndarray, specs, source: str, titles: np.ndarray | None = None) -> Features:
+    """The declared features of a table's rows (``ids``), each read as its kind."""
+    categorical: dict[str, list[list[str]]] = {}
+    dense: dict[str, np.ndarray] = {}
+    for s in specs:
+        col = feature_column(table, s, source)
+        (categorical if s.kind in ("categorical", "multi_categorical") else dense)[s.name] = col
+    return Features(ids=ids, categorical=categorical, titles=titles, source=str(table.path), dense=dense,
+                    specs={s.name: s for s in specs})
 
 
 def _check_known(table: Table, ids: np.ndarray, known_ids, kind: str, id_col: str) -> None:

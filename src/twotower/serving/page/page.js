@@ -329,11 +329,20 @@
       : 'This model’s user tower takes no user features; a model trained with them shows a field per feature here.';
   }
 
+  // Each value in the form its feature's kind takes (GET /metadata: features.user): a number, a
+  // list of labels (a|b), a vector (numbers separated by spaces), else the text as typed.
   function featureValues() {
+    const kinds = {};
+    for (const f of ((state.meta.features || {}).user || [])) kinds[f.name] = f.kind;
     const out = {};
     for (const input of document.querySelectorAll('#feature-fields input')) {
       const v = input.value.trim();
-      if (v) out[input.dataset.feature] = v;
+      if (!v) continue;
+      const kind = kinds[input.dataset.feature];
+      if (kind === 'numeric' && v !== '' && !isNaN(Number(v))) out[input.dataset.feature] = Number(v);
+      else if (kind === 'multi_categorical') out[input.dataset.feature] = v.split('|').map((x) => x.trim()).filter(Boolean);
+      else if (kind === 'vector') out[input.dataset.feature] = v.split(/[\s,;]+/).filter(Boolean).map(Number);
+      else out[input.dataset.feature] = v;
     }
     return out;
   }
