@@ -107,3 +107,49 @@ def test_report_adds_the_warm_and_cold_columns_of_a_cold_split():
     row = [c.strip() for c in table.splitlines()[3].split("|")]
     assert row[header.index("cold_items/recall@20")] == "**0.0700**"
     assert row[header.index("warm_items/recall@20")] == "0.2500"
+
+
+def test_a_variant_below_its_in_batch_logq_baseline_is_warned_about():
+    from twotower.compare import below_baseline, is_baseline, recipe_free
+    from twotower.config import RunConfig
+
+    base = RunConfig.from_dict({"train": {"batch_size": 256}})
+    assert is_baseline(base) and is_baseline(RunConfig.from_dict({"model": {"item_bias": True}}))
+    bank = RunConfig.from_dict({"train": {"batch_size": 256}, "negatives": {"bank_size": 64}})
+    corrected = RunConfig.from_dict({"train": {"batch_size": 256, "corrected_logq": True}})
+    assert not is_baseline(bank) and not is_baseline(corrected) and not is_baseline(RunConfig.from_dict({"train": {"logq": False}}))
+    assert recipe_free(bank) == base.to_dict()
+
+    def res(name, cfg, valid):
+        return VariantResult(name, {"recall@20": valid}, {}, 1.0, [], baseline=is_baseline(cfg),
+                             batch_size=cfg.train.batch_size, recipe_free=json.dumps(recipe_free(cfg), sort_keys=True))
+
+    big = RunConfig.from_dict({"train": {"batch_size": 4096}})
+    results = [res("inbatch-256", base, 0.20), res("inbatch-4096", big, 0.25), res("bank-256", bank, 0.19),
+               res("corrected", corrected, 0.21)]
+    # the bank is held to the baseline it was added to (batch 256), not to the larger batch
+    assert below_baseline(results) == ["bank-256: validation recall@20 0.1900 is below the in-batch + logQ baseline "
+                                       "inbatch-256 (0.2000, -5.0 %)"]
+    assert below_baseline(results[2:]) == []                  # no baseline in the comparison: nothing to say
+
+
+def test_compare_only_trains_the_selected_variants_and_reports_the_warning(tmp_path, capsys):
+    cfg = tmp_path / "syn.toml"
+    cfg.write_text('[data]\ndataset = "synthetic"\nsynthetic_users = 200\nsynthetic_items = 100\n'
+                   '[model]\ndim = 8\n[train]\nepochs = 1\nbatch_size = 128\n[eval]\nks = [20]\n'
+                   '[variants.logq]\n[variants.awful]\n"negatives.hard" = "category"\n"negatives.hard_k" = 4\n'
+                   '"negatives.hard_weight" = 1000.0\n"model.item_features" = "all"\n')
+    out = tmp_path / "report"
+    assert main(["compare", str(cfg), "--out", str(out), "--quiet", "--only", "aw*"]) == 0
+    log = capsys.readouterr().out
+    assert "logq (not selected by --only and not finished before: left out)" in log
+    assert [r["name"] for r in json.loads((out / "results.json").read_text())] == ["awful"]
+    assert main(["compare", str(cfg), "--out", str(out), "--quiet", "--only", "logq"]) == 0
+    log = capsys.readouterr().out
+    assert "awful (finished before: read back)" in log
+    res = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in res] == ["logq", "awful"] and res[0]["baseline"] and not res[1]["baseline"]
+    awful, logq = res[1]["valid"]["recall@20"], res[0]["valid"]["recall@20"]
+    md = (out / "report.md").read_text()
+    assert awful < logq  # a thousandfold weight on four same-category items per row: the synthetic data's categories
+    assert "warning: awful: validation recall@20" in log and "below the in-batch + logQ baseline" in md

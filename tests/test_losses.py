@@ -194,6 +194,88 @@ def test_gradients_of_the_composed_logit_reach_the_bias_and_the_hard_scores():
             assert torch.allclose(a, b)
 
 
+# ---- the corrected logQ (Khrylchenko et al., RecSys 2025) -------------------------------------------
+def paper_corrected_loss(scores, log_q, target, n_draws, mask):
+    """The loss of "Correcting the LogQ Correction" written as the paper's argument gives it, in
+    plain float64 autograd: for row ``b`` with positive ``i``, negatives ``N_b`` (the unmasked
+    non-target columns, ``n_b`` of them), ``q(j) = E[count of j] / n_draws`` and
+    ``Q'(j) = q(j) / (1 - q(i))``::
+
+        P_b = e^{s_i} / (e^{s_i} + sum_{j in N_b} e^{s_j - log(n_b Q'(j))})
+        l_b = - sg(1 - P_b) ( s_i - log sum_{j in N_b} e^{s_j - log Q'(j)} )
+
+    the positive absent from the sum it is compared with, the weight a constant."""
+    B, C = scores.shape
+    rows = []
+    for b in range(B):
+        t = int(target[b])
+        neg = [c for c in range(C) if c != t and not mask[b, c]]
+        q = torch.exp(log_q.double()) / n_draws
+        log_q_prime = torch.log(q[neg]) - torch.log1p(-q[t])
+        z = scores[b, neg] - log_q_prime
+        n_b = len(neg)
+        p = torch.softmax(torch.cat([scores[b, t:t + 1], z - math.log(n_b)]), 0)[0]
+        rows.append((1 - p).detach() * -(scores[b, t] - torch.logsumexp(z, 0)))
+    return torch.stack(rows).mean()
+
+
+def test_corrected_logq_term_by_hand():
+    """Three columns, two rows; row 1 excludes column 0. E[count] = (2, 1, 1) of 4 draws (column 0
+    two merged copies): q = (1/2, 1/4, 1/4). Row 0 (positive column 0): negatives 1, 2, n = 2;
+    row 1 (positive column 1): negative 2 only (column 0 excluded, both its copies), n = 1."""
+    log_q = torch.log(torch.tensor([2.0, 1.0, 1.0]))
+    target = torch.tensor([0, 1])
+    copies = losses.column_copies(torch.log(torch.tensor([2.0, 1.0, 1.0])), 3)
+    n = losses.negatives_per_row(target, copies, (torch.tensor([1]), torch.tensor([0])))
+    assert n.tolist() == [2.0, 1.0]
+    t = losses.corrected_logq(log_q, target, n, n_draws=4.0)
+    assert t.column.tolist() == pytest.approx([-math.log(2.0), 0.0, 0.0])
+    # positive[b] = log n_b - log n_draws - log(1 - q(i_b))
+    assert t.positive.tolist() == pytest.approx([math.log(2 / 4 / (1 - 0.5)), math.log(1 / 4 / (1 - 0.25))], abs=1e-6)
+    # row 0's logits (scores s): positive s_0 + 0, negatives s_j - log E c_j: relative to the positive,
+    # negative j sits at s_j - log(n_0 q(j) / (1 - q(0))) = s_j - log(2 * 0.25 / 0.5) = s_j
+    assert losses.corrected_logq(None, target, n, 4.0) == losses.LogitTerm()
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_corrected_logq_has_the_gradients_of_the_papers_weighted_loss(merged):
+    """The fused loss with ``corrected=True`` against the paper's loss written out (weight
+    sg(1 - P), positive out of the sum): the same gradients with respect to every score, excluded
+    entries and merged copies included. The values differ by design: the composed form is the
+    cross-entropy whose gradient that loss has."""
+    torch.manual_seed(5)
+    B, C = 6, 9
+    dt = torch.float64
+    target = torch.randperm(C)[:B]
+    log_count = None
+    if merged:
+        log_count = torch.zeros(C, dtype=dt)
+        log_count[target[:2]] = math.log(3.0)       # two targets stand for three draws each
+    seen = torch.rand(B, C) < 0.25
+    seen[torch.arange(B), target] = False
+    log_q = torch.log(torch.rand(C, dtype=dt) * 2 + 0.2)
+    cand = CandidateSet(torch.eye(C, dtype=dt), torch.arange(C), log_q, target, log_count=log_count,
+                        excluded=_coordinates(seen))
+    scores = torch.randn(B, C, dtype=dt, requires_grad=True)
+    got = losses.shared_softmax_loss(scores, torch.eye(C, dtype=dt), losses.logit_inputs(cand, corrected=True))
+    copies = losses.column_copies(log_count, C)
+    # the paper's loss over draws: a merged column is k draws of one item, so its copies beyond the
+    # target's own are accidental hits (masked) for the row whose positive it is, and k copies of a
+    # negative for the others
+    expand = torch.repeat_interleave(torch.arange(C), copies.round().long())
+    draws = scores[:, expand]
+    d_target = torch.tensor([int((expand == t).nonzero()[0]) for t in target])
+    d_mask = seen[:, expand] | ((expand[None, :] == target[:, None]) & (torch.arange(len(expand))[None, :] != d_target[:, None]))
+    ref = paper_corrected_loss(draws, log_q[expand], d_target, float(copies.sum()), d_mask)
+    (g_got,) = torch.autograd.grad(got, scores)
+    (g_ref,) = torch.autograd.grad(ref, scores)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-9, atol=1e-12)
+    # the standard forms do not have these gradients
+    for cp in (True, False):
+        std = losses.shared_softmax_loss(scores, torch.eye(C, dtype=dt), losses.logit_inputs(cand, correct_positive=cp))
+        assert not torch.allclose(torch.autograd.grad(std, scores)[0], g_ref)
+
+
 def test_accidental_hit_mask_masks_duplicates_not_target():
     pos = torch.tensor([7, 3, 7])
     cand = torch.tensor([7, 3, 7])

@@ -415,3 +415,239 @@ def test_mine_command_writes_an_impressions_file_that_training_reads(tmp_path_fa
     tr = Trainer(cfg, ds, None, quiet=True, log=lambda m: None)
     assert tr.candidates.hard.n_entries == len(pairs)
     assert math.isfinite(tr.fit().history[0]["loss"])
+
+
+# ---- the neg/pos ratio: sign and scale -----------------------------------------------------------
+def test_neg_pos_ratio_of_in_batch_negatives_is_the_same_for_every_item():
+    """Batches of B = 4 distinct items: every positive is a negative for the other 3 rows, so after
+    n batches an item has pos = n, neg = 3 n, and the correction log((3n + 1) / (n + 1)) depends on n
+    only, not on the item: items seen equally often get equal corrections, and as n grows every item's
+    tends to log 3 = log(B - 1), a constant that no softmax sees (by hand through the builder's count)."""
+    t = NegPosRatio(6)
+    batches = [[0, 1, 2, 3], [0, 1, 4, 5], [0, 2, 3, 4]]
+    for b in batches:
+        ids = torch.tensor(b)
+        t.update(ids, ids, torch.full((4,), 3))             # 4 rows, each column a negative for the 3 others
+    pos = torch.tensor([3.0, 2, 2, 2, 2, 1])
+    expected = torch.log((3 * pos + 1) / (pos + 1))
+    assert torch.allclose(t.correction(torch.arange(6)).double(), expected.double(), atol=1e-6)
+    assert t.correction(torch.tensor([1]))[0] == pytest.approx(t.correction(torch.tensor([3]))[0])
+
+
+def test_neg_pos_ratio_with_uniform_negatives_corrects_rare_items_most_and_its_sign_is_a_subtraction():
+    """With M uniform negatives beside the B in-batch ones, an item of share p is a negative about
+    B p + M / N times per positive B p: ratio ~ 1 + M / (N B p), largest for the rarest items. The
+    logit subtracts w * log(ratio) (``logq_correction``), so rare items' logits are lowered most in
+    training, which the model answers by scoring them higher: the correction favours the tail, the
+    opposite of the popular-item claim; a negative weight (added correction) favours the head."""
+    cfg, ds = _tiny({"negatives": {"sampled": 64}, "train": {"logq_form": "neg_pos_ratio"}})
+    b = CandidateBuilder(cfg, ds, torch.device("cpu"), cfg.model.dim)
+    model = build_model(cfg, ds)
+    gen = torch.Generator().manual_seed(0)
+    n = len(ds.train) // 32 * 32
+    for s in range(0, n, 32):
+        users, items = torch.from_numpy(ds.train.users[s:s + 32]), torch.from_numpy(ds.train.items[s:s + 32])
+        v = model.encode_items(items).detach()
+        cand = b.build(model, users, items, v, step=s // 32, gen=gen)
+        b.after_step(items, v, cand)
+    counts = torch.from_numpy(ds.item_counts()).double()
+    seen = counts > 0
+    corr = b.ratio.correction(torch.arange(ds.n_items))[seen].double()
+    rank = torch.argsort(torch.argsort(counts[seen]))
+    # Spearman: the correction falls with popularity
+    a, c = rank.double(), torch.argsort(torch.argsort(corr)).double()
+    rho = float(((a - a.mean()) * (c - c.mean())).sum() / (a.std() * c.std() * (len(a) - 1)))
+    assert rho < -0.8
+    # and its scale: about log(1 + B / ... ) -> log of (B - 1 + M / (N p)) for the head, well above 0
+    assert float(corr.min()) > math.log(32 - 1) - 0.5
+    term = losses.logq_correction(corr.float(), weight=1.0)
+    assert torch.allclose(term.column, -corr.float())                          # subtracted from the logit
+    assert torch.allclose(losses.logq_correction(corr.float(), weight=-1.0).column, corr.float())  # added
+    with pytest.raises(ConfigError, match="negative weight"):
+        RunConfig.from_dict({"train": {"logq_weight": -1.0}})
+
+
+def test_corrected_logq_config_needs_the_expected_count_form():
+    assert RunConfig.from_dict({"train": {"corrected_logq": True}}).train.corrected_logq
+    for bad in ({"logq": False}, {"logq_form": "neg_pos_ratio"}):
+        with pytest.raises(ConfigError, match="corrected_logq"):
+            RunConfig.from_dict({"train": {"corrected_logq": True, **bad}})
+
+
+# ---- mining: the practices that make it work ---------------------------------------------------------
+def test_margin_mask_by_hand():
+    from twotower.training.hard_negatives import margin_mask
+
+    hard = torch.tensor([[1.0, 2.9, 3.5], [0.0, -1.0, 5.0]])
+    pos = torch.tensor([3.0, 0.5])
+    # row 0: positive 3, margin 0.5 -> masked above 2.5; row 1: above 0
+    assert margin_mask(hard, pos, 0.5).tolist() == [[False, True, True], [False, False, True]]
+    # a negative margin masks only what scores above the positive by more than |margin|
+    assert margin_mask(hard, pos, -0.4).tolist() == [[False, False, True], [False, False, True]]
+
+
+def test_round_window_moves_toward_the_top():
+    from twotower.training.mining import round_window
+
+    assert round_window(100, 500, 1.0, 3) == (100, 500)
+    assert [round_window(100, 500, 0.5, r) for r in (1, 2, 3)] == [(100, 500), (50, 250), (25, 125)]
+    assert round_window(1, 2, 0.1, 4) == (0, 1)                       # at least one rank wide
+
+
+def test_drop_cooccurring_keeps_the_least_cooccurring_share_per_user():
+    from twotower.training.mining import drop_cooccurring
+
+    indptr = np.array([0, 4, 4, 7])                                    # user 0: 4 items, user 1: none, user 2: 3
+    indices = np.array([10, 11, 12, 13, 20, 21, 22])
+    scores = np.array([0.1, 0.9, 0.5, 0.2, 3.0, 1.0, 2.0], dtype=np.float32)
+    new_ptr, new_idx, kept = drop_cooccurring(indptr, indices, scores, 0.5)
+    # user 0 drops floor(0.5 * 4) = 2 (11 and 12), user 2 drops 1 (20)
+    assert new_ptr.tolist() == [0, 2, 2, 4] and new_idx.tolist() == [10, 13, 21, 22]
+    assert kept.tolist() == [True, False, False, True, False, True, True]
+    assert drop_cooccurring(indptr, indices, scores, 0.0)[1].tolist() == indices.tolist()
+
+
+def test_cooccurrence_scores_are_the_item_based_filters_scores():
+    from twotower.training.mining import cooccurrence_scores
+
+    rng = np.random.default_rng(0)
+    x = (rng.random((11, 9)) < 0.35).astype(np.float64)
+    indptr = np.r_[0, np.cumsum(x.sum(1))].astype(np.int64)
+    indices = np.concatenate([np.flatnonzero(r) for r in x]).astype(np.int64)
+    users, items = np.repeat(np.arange(11), 9), np.tile(np.arange(9), 11)
+    n = np.maximum(x.sum(0), 1)
+    cos = (x.T @ x) / np.sqrt(np.outer(n, n))
+    expected = (x @ cos)[users, items]
+    for block in (1, 4, 512):
+        assert np.allclose(cooccurrence_scores(indptr, indices, 9, users, items, block=block), expected, atol=1e-5)
+
+
+def test_heldout_rate_and_content_queries_by_hand():
+    from twotower.training.mining import content_queries, heldout_rate
+
+    # user 0 mined {1, 2, 3}, user 1 mined {0}; held out: user 0 {2}, user 1 {0, 4}: 2 of 4 mined are held out
+    assert heldout_rate(np.array([0, 3, 4]), np.array([1, 2, 3, 0]), np.array([0, 1, 3]), np.array([2, 0, 4]), 5) == 0.5
+    content = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], dtype=np.float32)
+    q = content_queries(content, np.array([0, 1]), np.array([0, 2, 3]), np.array([0, 1, 2]))
+    assert np.allclose(q, [[2 ** -0.5, 2 ** -0.5], [1.0, 0.0]])
+
+
+def test_the_hard_curriculum_counts_from_the_first_mined_step():
+    cfg, ds = _tiny({"negatives": {"hard": "mined", "hard_k": 2, "hard_warmup_steps": 5},
+                     "mining": {"rounds": 1, "top_r": 30, "window_lo": 2, "window_hi": 20}})
+    b = CandidateBuilder(cfg, ds, torch.device("cpu"), cfg.model.dim)
+    model = build_model(cfg, ds)
+    users, items = torch.from_numpy(ds.train.users[:32]), torch.from_numpy(ds.train.items[:32])
+    v = model.encode_items(items)
+    indptr = np.arange(ds.n_users + 1) * 3
+    lists = np.tile([0, 1, 2], ds.n_users)
+    b.set_mined(indptr, lists, step=100)
+    assert b.build(model, users, items, v, step=104).hard_ids is None     # warm-up: steps 100 to 104
+    assert b.build(model, users, items, v, step=105).hard_ids is not None
+    b.set_mined(indptr, lists, step=200)                                   # a later round does not restart it
+    assert b.hard_start == 100
+    assert b.state_dict()["mined.start"].tolist() == [100]
+
+
+def test_bank_staleness_is_the_cosine_between_stored_and_current_vectors():
+    cfg, ds = _tiny({"negatives": {"bank_size": 64}})
+    b = CandidateBuilder(cfg, ds, torch.device("cpu"), cfg.model.dim)
+    model = build_model(cfg, ds)
+    assert b.bank_staleness(model) == {}
+    items = torch.from_numpy(ds.train.items[:64])
+    with torch.no_grad():
+        v = model.encode_items(items)
+    b.bank.push(v, items)
+    fresh = b.bank_staleness(model)
+    assert fresh["bank_cosine"] == pytest.approx(1.0, abs=1e-5)
+    with torch.no_grad():  # the model moves on: the stored vectors are now stale
+        model.item_tower.id_embedding.weight.add_(torch.randn_like(model.item_tower.id_embedding.weight))
+    stale = b.bank_staleness(model)
+    expected = (torch.nn.functional.normalize(v, dim=-1) * model.encode_items(items)).sum(-1).detach()
+    assert stale["bank_cosine"] == pytest.approx(float(expected.mean()), abs=1e-5) and stale["bank_cosine"] < 0.9
+    assert stale["bank_cosine_oldest"] == pytest.approx(float(expected[:6].mean()), abs=1e-5)
+
+
+def _scripted_rounds(overrides, values, epochs=3):
+    cfg, ds = _tiny({"negatives": {"hard": "mined", "hard_k": 2},
+                     "mining": {"rounds": 2, "epochs_per_round": 2, "top_r": 30, "window_lo": 2, "window_hi": 20,
+                                **overrides.get("mining", {})},
+                     "train": {"epochs": epochs, "batch_size": 512, **overrides.get("train", {})}})
+    logs = []
+    trainer = Trainer(cfg, ds, None, quiet=True, log=logs.append)
+    scripted = iter(values)
+    trainer.validate = lambda: {"recall@20": next(scripted)}
+    return trainer, trainer.fit(), logs
+
+
+def test_every_round_starts_with_the_whole_patience():
+    """The first phase runs its 3 epochs without early stopping but ends on two bad evaluations
+    (patience 2): the rounds still run, each with its own patience; round 1's two bad epochs end
+    training only because no round follows with a better value; here round 2 improves."""
+    _, state, _ = _scripted_rounds({"train": {"patience": 2}}, [0.3, 0.2, 0.1, 0.25, 0.28, 0.29, 0.4])
+    assert [r["epoch"] for r in state.history] == [1, 2, 3, 4, 5, 6, 7] and state.best_epoch == 7
+    # mining.patience: 1 during the rounds (a round's first bad evaluation ends training)
+    _, state, _ = _scripted_rounds({"train": {"patience": 5}, "mining": {"patience": 1}}, [0.3, 0.4, 0.5, 0.45, 0.9])
+    assert [r["epoch"] for r in state.history] == [1, 2, 3, 4] and state.stopped_early and state.best_epoch == 3
+
+
+def test_a_warning_when_the_rounds_do_not_improve_validation():
+    _, state, logs = _scripted_rounds({"train": {"patience": 0}}, [0.3, 0.5, 0.4, 0.45, 0.44, 0.41, 0.42])
+    assert state.best_epoch == 2
+    assert any(m.startswith("warning: the mining rounds did not improve") and "0.4500" in m for m in logs)
+    _, state, logs = _scripted_rounds({"train": {"patience": 0}}, [0.3, 0.5, 0.4, 0.55, 0.44, 0.41, 0.42])
+    assert state.best_epoch == 4 and not any(m.startswith("warning") for m in logs)
+
+
+def test_restart_schedule_gives_each_round_its_own_learning_rate():
+    cfg, ds = _tiny({"negatives": {"hard": "mined", "hard_k": 2},
+                     "mining": {"rounds": 2, "epochs_per_round": 2, "top_r": 30, "window_lo": 2, "window_hi": 20,
+                                "restart_schedule": True, "lr_scale": 0.5},
+                     "train": {"epochs": 4, "batch_size": 512, "schedule": "cosine"}})
+    tr = Trainer(cfg, ds, None, quiet=True, log=lambda m: None)
+    spe = tr.steps_per_epoch
+    from twotower.training.trainer import lr_factor
+
+    tr.state.step = 2 * spe                                   # first phase: a cosine over train.epochs = 4
+    assert tr._lr_factor() == pytest.approx(lr_factor(2 * spe, 4 * spe, 0, "cosine")) == pytest.approx(0.5)
+    tr.state.round_start_step = 4 * spe                       # a round: its own cosine over 2 epochs, at half
+    tr.state.step = 4 * spe
+    assert tr._lr_factor() == pytest.approx(0.5)
+    tr.state.step = 5 * spe
+    assert tr._lr_factor() == pytest.approx(0.25)
+    plain = Trainer(cfg.model_copy(update={"mining": cfg.mining.model_copy(update={"restart_schedule": False})}), ds,
+                    None, quiet=True, log=lambda m: None)
+    plain.state.step, plain.state.round_start_step = 5 * spe, 4 * spe  # one cosine over all 8 epochs, halved in rounds
+    assert plain._lr_factor() == pytest.approx(0.5 * lr_factor(5 * spe, 8 * spe, 0, "cosine"))
+
+
+def test_content_mining_needs_item_features_and_mines_items_of_the_users_categories():
+    cfg, ds = _tiny({"negatives": {"hard": "mined", "hard_k": 2}, "model": {"dim": 32},
+                     "mining": {"rounds": 1, "top_r": 12, "window_lo": 0, "window_hi": 12, "source": "content"}})
+    tr = Trainer(cfg, ds, None, quiet=True, log=lambda m: None)
+    # each category its own axis: an item's content vector is its category's, a user's the mix of theirs
+    for m in tr.model.item_tower.features.modules():
+        if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+            with torch.no_grad():
+                m.weight.copy_(torch.eye(*m.weight.shape))
+    tr.mine(1)
+    lists = tr.candidates.hard
+    feats = ds.item_features
+    name = feats.names[0]
+    csr = feats.rows[name]
+    cats = [set(csr.indices[csr.indptr[j]:csr.indptr[j + 1]].tolist()) for j in range(ds.n_items)]
+    h = ds.history("train")
+    shared = total = anywhere = 0
+    for u in range(0, ds.n_users, 7):
+        mine = lists.indices[lists.indptr[u]:lists.indptr[u + 1]].tolist()
+        liked = set().union(*(cats[j] for j in h.indices[h.indptr[u]:h.indptr[u + 1]]))
+        shared += sum(bool(cats[j] & liked) for j in mine)
+        anywhere += len(mine) * sum(bool(c & liked) for c in cats) / ds.n_items
+        total += len(mine)
+    # the mined items share a category with the user's items, which items taken at random far less often do
+    assert total and shared / total > 0.95 and anywhere / total < 0.8
+    plain, ds2 = _tiny({"negatives": {"hard": "mined", "hard_k": 2},
+                        "mining": {"rounds": 1, "top_r": 30, "window_lo": 0, "window_hi": 30, "source": "content"},
+                        "model": {"item_features": []}})
+    with pytest.raises(ConfigError, match="item features"):
+        Trainer(plain, ds2, None, quiet=True, log=lambda m: None).mine(1)

@@ -689,7 +689,8 @@ def cmd_compare(args) -> int:
     out = Path(args.out)
     print(f"comparing {len(variants)} variants: " + "; ".join(v.name for v in variants))
     with locks.exclusive(out, "twotower compare"):  # the report too, not only the runs
-        results = run_comparison(variants, out, _data_dir(args), quiet=args.quiet, resume=args.resume) + finished
+        results = run_comparison(variants, out, _data_dir(args), quiet=args.quiet, resume=args.resume,
+                                 only=args.only) + finished
         files = write_report(results, out, title=args.title or ", ".join(Path(c).stem for c in args.configs))
     print((out / "report.md").read_text(encoding="utf-8").split("\n\n")[2])
     print("wrote " + ", ".join(str(f) for f in files))
@@ -717,6 +718,9 @@ def add_compare_parser(sub) -> None:
     c.add_argument("--resume", action="store_true",
                    help="reuse variants already finished in OUT/runs with the same config (after an interruption, or "
                         "after adding variants); unfinished ones are trained again")
+    c.add_argument("--only", action="append", metavar="PATTERN",
+                   help="train only the variants whose names match this shell pattern (repeatable); the others are "
+                        "read back where they finished before in OUT/runs and left out of the report otherwise")
     c.set_defaults(func=cmd_compare)
 
 

@@ -39,6 +39,54 @@ class VariantResult:
     test: dict[str, float]
     seconds_per_epoch: float
     curve: list[tuple[int, float]] = field(default_factory=list)
+    # What the baseline check reads (``below_baseline``): the monitored metric, whether the variant is
+    # itself an in-batch + logQ baseline, its batch size, and its config with the negative-sampling
+    # recipe taken out (``recipe_free``), so that a recipe is held to the baseline it was added to.
+    monitor: str = "recall@20"
+    baseline: bool = False
+    batch_size: int = 0
+    recipe_free: str = ""
+
+
+# The keys of a negative-sampling recipe: the negatives and mining sections, and the logQ correction's
+# form. A variant that leaves all of them at their defaults (logQ on) is an in-batch + logQ baseline.
+_RECIPE_TRAIN_KEYS = ("logq", "logq_weight", "correct_positive", "logq_form", "corrected_logq", "frequency",
+                      "streaming_lr", "streaming_buckets", "mask_user_history")
+
+
+def recipe_free(cfg: RunConfig) -> dict[str, Any]:
+    """``cfg`` with every recipe key at its default: what the same run is without its recipe."""
+    d = cfg.to_dict()
+    defaults = RunConfig().to_dict()
+    d["negatives"], d["mining"] = defaults["negatives"], defaults["mining"]
+    for k in _RECIPE_TRAIN_KEYS:
+        d["train"][k] = defaults["train"][k]
+    return d
+
+
+def is_baseline(cfg: RunConfig) -> bool:
+    """In-batch softmax with the count-based logQ correction and no other negative source."""
+    return recipe_free(cfg) == cfg.to_dict()
+
+
+def below_baseline(results: list[VariantResult]) -> list[str]:
+    """One warning per variant whose validation result is below the in-batch + logQ baseline of the
+    same comparison: the baseline with the same config less the recipe if there is one, else the best
+    baseline of the same batch size, else the best baseline. Nothing without a baseline."""
+    bases = [r for r in results if r.baseline]
+    out = []
+    for r in results:
+        if r.baseline or not bases:
+            continue
+        same = [b for b in bases if b.recipe_free == r.recipe_free] or [b for b in bases if b.batch_size == r.batch_size] \
+            or bases
+        m = r.monitor
+        base = max(same, key=lambda b: b.valid.get(m, float("-inf")))
+        mine, theirs = r.valid.get(m), base.valid.get(m)
+        if mine is not None and theirs is not None and mine < theirs:
+            out.append(f"{r.name}: validation {m} {mine:.4f} is below the in-batch + logQ baseline "
+                       f"{base.name} ({theirs:.4f}, {100 * (mine / theirs - 1):+.1f} %)")
+    return out
 
 
 def _format_value(v: Any) -> str:
@@ -121,19 +169,27 @@ def load_variants(paths: list[str | Path], overrides: list[str], grid_flags: lis
 
 
 def run_comparison(variants: list[Variant], out: Path, data_dir=None, quiet: bool = True, log=print,
-                   resume: bool = False) -> list[VariantResult]:
+                   resume: bool = False, only: list[str] | None = None) -> list[VariantResult]:
     """Train each variant (its own run directory under ``out/runs``) and collect its figures.
 
     ``resume``: a variant whose run directory already finished with the same config is read back,
-    not retrained; one left unfinished (or trained with another config) is trained again."""
+    not retrained; one left unfinished (or trained with another config) is trained again.
+    ``only``: train only the variants whose names match one of these shell patterns; the others are
+    read back where they finished before (as with ``resume``) and left out of the report otherwise,
+    so that a long comparison can be trained a few variants at a time."""
     with locks.exclusive(out, "twotower compare"):  # one comparison per report folder at a time
-        return _run_comparison(variants, out, data_dir, quiet, log, resume)
+        return _run_comparison(variants, out, data_dir, quiet, log, resume, only)
 
 
-def _run_comparison(variants: list[Variant], out: Path, data_dir, quiet: bool, log, resume: bool) -> list[VariantResult]:
+def _run_comparison(variants: list[Variant], out: Path, data_dir, quiet: bool, log, resume: bool,
+                    only: list[str] | None) -> list[VariantResult]:
+    import fnmatch
+
     from .api import train
     from .data.sources import load_dataset
 
+    out.mkdir(parents=True, exist_ok=True)
+    _warned: set[str] = set()
     datasets: dict[str, Any] = {}
     results = []
     for k, v in enumerate(variants, 1):
@@ -143,8 +199,12 @@ def _run_comparison(variants: list[Variant], out: Path, data_dir, quiet: bool, l
             datasets[key] = load_dataset(cfg, data_dir)
         safe = "".join(c if c.isalnum() or c in "=.,-_" else "_" for c in v.name)
         run_dir = out / "runs" / safe
-        done = RunDir(run_dir).finished_metrics(cfg) if resume else None
+        selected = only is None or any(fnmatch.fnmatchcase(v.name, p) for p in only)
+        done = RunDir(run_dir).finished_metrics(cfg) if resume or not selected else None
         mon = f"valid/{cfg.train.monitor}"
+        if done is None and not selected:
+            log(f"[{k}/{len(variants)}] {v.name} (not selected by --only and not finished before: left out)")
+            continue
         if done is not None:
             log(f"[{k}/{len(variants)}] {v.name} (finished before: read back)")
             hist = RunDir(run_dir).read_epochs()
@@ -159,7 +219,13 @@ def _run_comparison(variants: list[Variant], out: Path, data_dir, quiet: bool, l
         results.append(VariantResult(
             v.name, valid, test,
             float(sum(r["seconds"] for r in hist) / max(len(hist), 1)),
-            [(r["epoch"], r[mon]) for r in hist if mon in r]))
+            [(r["epoch"], r[mon]) for r in hist if mon in r],
+            monitor=cfg.train.monitor, baseline=is_baseline(cfg), batch_size=cfg.train.batch_size,
+            recipe_free=json.dumps(recipe_free(cfg), sort_keys=True)))
+        for w in below_baseline(results):  # as soon as a variant and its baseline are both in
+            if w not in _warned:
+                log(f"warning: {w}")
+                _warned.add(w)
     return results
 
 
@@ -253,10 +319,16 @@ def write_report(results: list[VariantResult], out: Path, title: str = "Comparis
     fig.savefig(files[-1], dpi=120)
     plt.close(fig)
 
+    warnings = below_baseline(results)
     md = [f"# {title}", "", "Test metrics of each variant's best-on-validation model (same data, seed and budget).", "",
-          report_markdown(results), "",
-          "![metrics](metrics_by_variant.png)", "", "![recall by popularity](recall_by_popularity.png)", "",
-          "![validation curves](validation_curves.png)", ""]
+          report_markdown(results), ""]
+    if warnings:
+        md += ["**Warning: below the in-batch + logQ baseline on validation.** These variants' validation result "
+               "is lower than the baseline's of this comparison (in-batch softmax with the count-based logQ "
+               "correction, the same config less the recipe where the comparison has it):", "",
+               *(f"- {w}" for w in warnings), ""]
+    md += ["![metrics](metrics_by_variant.png)", "", "![recall by popularity](recall_by_popularity.png)", "",
+           "![validation curves](validation_curves.png)", ""]
     artifacts.write_text(out / "report.md", "\n".join(md))
     artifacts.write_json(out / "results.json", [r.__dict__ for r in results])
     return [out / "report.md", out / "results.json", *files]

@@ -242,11 +242,18 @@ class TrainConfig(_Section):
     grad_clip: float | None = Field(None, gt=0.0, le=1e6, description="clip the gradient norm of the dense parameters to this (none: no clipping)")
     unique_users: bool = Field(False, description="put each user at most once in a batch")
     logq: bool = Field(True, description="subtract log of the expected count of each shared candidate (Yi et al. 2019)")
-    logq_weight: float = Field(1.0, ge=0.0, le=100.0, description="multiplier of the logQ correction (1: the full correction)")
+    logq_weight: float = Field(1.0, ge=-2.0, le=4.0, description=(
+        "multiplier w of the logQ correction, logit - w * log q (1: the full correction); a negative w, which adds the "
+        "correction instead, only with logq_form = \"neg_pos_ratio\" (its sign is what is in question there)"))
     correct_positive: bool = Field(True, description="apply the logQ correction to the positive's logit too")
     logq_form: Literal["expected_count", "neg_pos_ratio"] = Field(
         "expected_count", description="expected_count: log E[count of j in the shared candidate set] under the combined "
                                       "proposal; neg_pos_ratio: log(times j was a negative / times j was a positive), tracked")
+    corrected_logq: bool = Field(False, description=(
+        "the logQ correction of Khrylchenko et al., RecSys 2025 (\"Correcting the LogQ Correction\"): the positive is "
+        "in the candidate set with probability 1, not sampled, so it is left uncorrected and each negative j of row b "
+        "is corrected by log(n_b q(j) / (1 - q(i_b))), n_b the row's unmasked negatives and q the per-draw proposal "
+        "(docs/design.md). Needs logq with logq_form = \"expected_count\"; correct_positive is then ignored"))
     frequency: Literal["counts", "streaming"] = Field(
         "counts", description="p(j) from exact counts over the training data, or the streaming estimator of Yi et al. 2019")
     streaming_lr: float = Field(0.05, gt=0.0, le=1.0, description="streaming estimator: learning rate a of the gap estimate")
@@ -270,6 +277,14 @@ class TrainConfig(_Section):
         "take the compiled kernels (fused softmax, top-k, DeferredAdam's row passes) where built; false: their "
         "PyTorch paths (same results to float rounding). TWOTOWER_NATIVE=0 in the environment turns them off "
         "whatever this says; `twotower info` shows which run"))
+
+    @model_validator(mode="after")
+    def _logq_forms(self):
+        if self.logq_weight < 0 and self.logq_form != "neg_pos_ratio":
+            raise ValueError(f"logq_weight = {self.logq_weight}: a negative weight only with logq_form = \"neg_pos_ratio\"")
+        if self.corrected_logq and not (self.logq and self.logq_form == "expected_count"):
+            raise ValueError("corrected_logq needs logq = true and logq_form = \"expected_count\"")
+        return self
 
     @field_validator("monitor")
     @classmethod
@@ -312,7 +327,11 @@ class NegativesConfig(_Section):
     hard_warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="curriculum: steps before hard negatives begin")
     hard_ramp_steps: int = Field(0, ge=0, le=MAX_STEPS, description="curriculum: steps over which hard negatives ramp up after the warm-up")
     hard_ramp: Literal["count", "weight"] = Field("count", description="ramp the number of hard negatives, or their weight")
-    hard_weight: float = Field(1.0, gt=0.0, le=1e6, description="weight w of a hard negative in the softmax (its logit + log w)")
+    hard_weight: float = Field(1.0, gt=0.0, le=1000.0, description="weight w of a hard negative in the softmax (its logit + log w)")
+    hard_margin: float | None = Field(None, ge=-100.0, le=100.0, description=(
+        "false-negative filter: a hard negative h of row b is masked where its score is within this margin of the "
+        "positive's, s(u_b, h) > s(u_b, i_b) - margin (scores in logit units, cosine / tau + bias); a negative margin "
+        "masks only those above the positive by more than |margin|. None: no filter"))
 
     @model_validator(mode="after")
     def _hard_is_complete(self):
@@ -320,6 +339,8 @@ class NegativesConfig(_Section):
             raise ValueError(f"hard = {self.hard!r} needs hard_k > 0 (hard negatives per row)")
         if self.hard == "exposure" and not self.exposure_file:
             raise ValueError("hard = 'exposure' needs exposure_file (user, item impressions)")
+        if self.hard_margin is not None and self.hard == "none":
+            raise ValueError("hard_margin filters hard negatives: it needs hard = category, mined or exposure")
         return self
 
 
@@ -334,6 +355,24 @@ class MiningConfig(_Section):
     window_lo: int = Field(10, ge=0, le=MAX_K, description="skip the very top, where unlabelled positives (false negatives) live")
     window_hi: int = Field(200, ge=1, le=MAX_K, description="ranks from window_lo up to, not including, window_hi are kept "
                                                      "(window_lo < window_hi <= top_r)")
+    window_scale: float = Field(1.0, gt=0.0, le=1.0, description=(
+        "curriculum over rounds: round r keeps ranks [window_lo * s^(r-1), window_hi * s^(r-1)) (at least one rank "
+        "wide), so s < 1 moves the window toward the top, harder, round after round; 1: the same window every round"))
+    source: Literal["model", "content"] = Field("model", description=(
+        "what ranks the items: model: the model's own score (the previous round's weights, frozen for the round); "
+        "content: the item tower's feature part alone, each user as the mean of its items' feature vectors, so the "
+        "mined items resemble the user's in content but were not taken (needs item features)"))
+    cooccurrence_drop: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "false-negative filter: per user, drop this share of the mined items that co-occur most with the user's "
+        "training items (the sum of the item-item cosines of the interaction matrix: what an item-based "
+        "collaborative filter would recommend); 0: no filter"))
+    patience: int | None = Field(None, ge=0, le=MAX_EPOCHS, description=(
+        "validations without improvement that end training during the rounds; each round starts with the whole "
+        "patience (None: train.patience; 0: never stop during the rounds)"))
+    restart_schedule: bool = Field(False, description=(
+        "each round restarts train.schedule over its own epochs (the first phase's spans train.epochs): with a "
+        "decaying schedule the rounds otherwise train at the tail of the learning rate"))
+    lr_scale: float = Field(1.0, gt=0.0, le=10.0, description="the rounds' learning rate as a multiple of train.lr")
 
     @model_validator(mode="after")
     def _window(self):

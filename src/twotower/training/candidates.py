@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from . import losses
 from .frequency import NegPosRatio, StreamingFrequency
 from .losses import CandidateSet
-from .hard_negatives import CategorySampler, ListSampler, hard_schedule
+from .hard_negatives import CategorySampler, ListSampler, hard_schedule, margin_mask
 from .memory_bank import MemoryBank
 
 if TYPE_CHECKING:
@@ -91,6 +91,7 @@ class CandidateBuilder:
                 self.r[self.allowed] = 1.0 / len(self.allowed)
         self.bank = MemoryBank(neg.bank_size, dim, neg.bank_warmup_steps, device) if neg.bank_size else None
         self.exclude = exclude if exclude is not None and exclude.any() else None
+        self._stats: dict[str, int] = {}
         self.hard = None
         if neg.hard == "category":
             self.hard = _category_sampler(dataset, neg.category_feature, device, self.exclude)
@@ -98,14 +99,20 @@ class CandidateBuilder:
             if exposure is None:
                 raise ConfigError("negatives.hard = \"exposure\": no impressions were loaded")
             self.hard = ListSampler(*self._kept(*exposure), device=device)
+        # The curriculum counts its steps from the first step that had hard negatives to draw: step 0
+        # for the fixed sources, the first mining round's first step for mined ones.
+        self.hard_start = 0
         self.seen_keys: torch.Tensor | None = None
         if t.mask_user_history or neg.hard != "none":
             h = dataset.history("train")
             rows = np.repeat(np.arange(h.n_rows), h.lengths())
             self.seen_keys = torch.from_numpy(np.unique(rows * dataset.n_items + h.indices)).to(device)
 
-    def set_mined(self, indptr: np.ndarray, indices: np.ndarray) -> None:
-        """Hard negatives for the next mining round (``mining.mine_negatives``' CSR)."""
+    def set_mined(self, indptr: np.ndarray, indices: np.ndarray, step: int | None = None) -> None:
+        """Hard negatives for the next mining round (``mining.mine_negatives``' CSR); ``step``: the
+        step the round begins with (the first round's starts the curriculum)."""
+        if self.hard is None and step is not None:
+            self.hard_start = int(step)
         self.hard = ListSampler(*self._kept(indptr, indices), device=self.device)
 
     def _kept(self, indptr: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -168,7 +175,7 @@ class CandidateBuilder:
                     p = self.p[cand_ids]
                 cand.log_q = losses.log_expected_count(p, n, m, self.r[cand_ids] if m else None, q)
         if self.hard is not None:
-            k, w = hard_schedule(step, neg.hard_k, neg.hard_warmup_steps, neg.hard_ramp_steps, neg.hard_ramp, neg.hard_weight)
+            k, w = hard_schedule(step - self.hard_start, neg.hard_k, neg.hard_warmup_steps, neg.hard_ramp_steps, neg.hard_ramp, neg.hard_weight)
             if k and w > 0:
                 hard = self.hard.sample(users if isinstance(self.hard, ListSampler) else items, k, gen)
                 cand.hard_ids = hard
@@ -217,6 +224,44 @@ class CandidateBuilder:
         if self.bank is not None:
             self.bank.push(all_vecs.detach(), all_items)
 
+    # ---- what the sources did (diagnostics, reported per epoch) ----------------------------------
+    def filter_hard(self, cand: CandidateSet, hard_scores: torch.Tensor, positive_scores: torch.Tensor) -> None:
+        """``negatives.hard_margin``: mask the hard columns within the margin of the row's positive
+        (``hard_negatives.margin_mask``), and count them (``take_stats``)."""
+        margin = self.cfg.negatives.hard_margin
+        if margin is None or cand.hard_mask is None:
+            return
+        close = margin_mask(hard_scores.detach(), positive_scores.detach(), margin)
+        live = ~cand.hard_mask
+        self._stats["hard_live"] = self._stats.get("hard_live", 0) + int(live.sum())
+        self._stats["hard_margin_masked"] = self._stats.get("hard_margin_masked", 0) + int((close & live).sum())
+        cand.hard_mask = cand.hard_mask | close
+
+    def take_stats(self) -> dict[str, float]:
+        """The counts gathered since the last call, as shares: ``hard_margin_masked`` is the share of
+        the drawn hard negatives that the margin filter masked."""
+        st, self._stats = self._stats, {}
+        out = {}
+        if st.get("hard_live"):
+            out["hard_margin_masked"] = st["hard_margin_masked"] / st["hard_live"]
+        return out
+
+    @torch.no_grad()
+    def bank_staleness(self, model) -> dict[str, float]:
+        """How far the bank's stored item vectors are from what the item tower gives now: the mean
+        cosine between each entry and the current ``g(j)`` of its item, over all entries and over the
+        oldest and newest tenth (1: not stale at all). Empty without a filled bank."""
+        if self.bank is None or self.bank.filled == 0:
+            return {}
+        vecs, ids = self.bank.entries()  # oldest first
+        was_training = model.training
+        model.eval()
+        cos = (torch.nn.functional.normalize(vecs.float(), dim=-1) * model.encode_items(ids).float()).sum(-1)
+        model.train(was_training)
+        tenth = max(1, len(cos) // 10)
+        return {"bank_cosine": float(cos.mean()), "bank_cosine_oldest": float(cos[:tenth].mean()),
+                "bank_cosine_newest": float(cos[-tenth:].mean())}
+
     # ---- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -225,6 +270,7 @@ class CandidateBuilder:
                 out.update({f"{name}.{k}": v.detach().cpu() for k, v in part.state_dict().items()})
         if isinstance(self.hard, ListSampler) and self.cfg.negatives.hard == "mined":
             out["mined.indptr"], out["mined.indices"] = self.hard.indptr.cpu(), self.hard.indices.cpu()
+            out["mined.start"] = torch.tensor([self.hard_start])
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -233,6 +279,7 @@ class CandidateBuilder:
                 part.load_state_dict({k.split(".", 1)[1]: v.to(self.device) for k, v in state.items() if k.startswith(name + ".")})
         if "mined.indptr" in state:
             self.set_mined(state["mined.indptr"].numpy(), state["mined.indices"].numpy())
+            self.hard_start = int(state["mined.start"][0]) if "mined.start" in state else 0
 
 
 def _category_sampler(dataset: Dataset, feature: str | None, device, exclude: np.ndarray | None = None) -> CategorySampler:

@@ -34,6 +34,15 @@ def hard_schedule(step: int, k: int, warmup_steps: int, ramp_steps: int, ramp: s
     return int(k), float(weight) * f
 
 
+def margin_mask(hard_scores: torch.Tensor, positive_scores: torch.Tensor, margin: float) -> torch.Tensor:
+    """``[B, K]`` True where hard negative ``k`` of row ``b`` scores within ``margin`` of the row's
+    positive, ``s(u_b, h_bk) > s(u_b, i_b) - margin``: a negative the model already ranks with (or
+    above) the positive is as likely an unlabelled positive as a hard negative, and training against
+    it hurts (the false negatives of implicit feedback; Huang et al., "Embedding-based Retrieval in
+    Facebook Search", KDD 2020, skip the top ranks for the same reason)."""
+    return hard_scores > (positive_scores[:, None] - margin)
+
+
 class CategorySampler:
     """Uniform over one of the positive's categories (chosen uniformly), then uniform over that
     category's items; a draw that hits the positive moves to the next item of the category (so the

@@ -11,6 +11,7 @@ vectors; it knows nothing of where a column came from or which correction shifte
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +164,61 @@ def logq_correction(log_q: torch.Tensor | None, weight: float = 1.0, correct_pos
     return LogitTerm(column=-correction, positive=None if correct_positive else 0.0)
 
 
+def corrected_logq(log_q: torch.Tensor | None, target: torch.Tensor, n_negatives: torch.Tensor, n_draws: float,
+                   weight: float = 1.0) -> LogitTerm:
+    """The logQ correction of Khrylchenko et al., "Correcting the LogQ Correction: Revisiting Sampled
+    Softmax for Large-Scale Retrieval" (RecSys 2025), which accounts for the positive being in the
+    candidate set with probability 1 instead of as a Monte-Carlo draw (docs/design.md, "The corrected
+    logQ"). Their loss for row ``b`` (positive ``i``, score ``s``)::
+
+        l_b = - sg(1 - P_b) * ( s_i - log sum_{j in N_b} exp(s_j - log Q'_b(j)) )
+        Q'_b(j) = q(j) / (1 - q(i)),    P_b = e^{s_i} / (e^{s_i} + sum_{j in N_b} e^{s_j - log(n_b Q'_b(j))})
+
+    with ``N_b`` the row's unmasked shared negatives, ``n_b = |N_b|`` (``n_negatives``), ``q`` the
+    per-draw proposal (``q(j) = E[count of j] / n_draws``, ``log_q`` being ``log E[count]``) and
+    ``sg`` a stop-gradient. With ``S = sum_{j in N_b} e^{z_j}``, the positive-free term has gradient
+    ``-grad s_i + grad S / S``, and ``1 - P_b = S / (e^{s_i} + S)`` turns it into
+    ``-(1 - P_b) grad s_i + grad S / (e^{s_i} + S)``: the gradient of the plain softmax cross-entropy
+    over ``{i} + N_b`` with the positive uncorrected and each negative at ``z_j = s_j - log(n_b Q'_b(j))``
+    (design.md). That is what this term composes; the per-row constant between the two forms changes
+    no softmax::
+
+        column[c]    = - w log E[count of j_c]                   (every negative, as logq_correction)
+        positive[b]  =   w ( log n_b - log n_draws - log(1 - q(i_b)) )
+
+    ``w`` is ``train.logq_weight`` (1: the paper's form). ``log_q`` None (logQ off): nothing.
+    """
+    if log_q is None:
+        return LogitTerm()
+    log_draws = math.log(max(float(n_draws), 1.0))
+    q_pos = torch.exp(log_q[target].to(torch.float64) - log_draws).clamp_max(1.0 - 1e-6)
+    own = torch.log(n_negatives.to(torch.float64).clamp_min(1.0)) - log_draws - torch.log1p(-q_pos)
+    return LogitTerm(column=-weight * log_q, positive=(weight * own).to(log_q.dtype))
+
+
+def column_copies(log_count: torch.Tensor | None, n_cols: int, device=None) -> torch.Tensor:
+    """``[C]`` how many draws each shared column stands for: ``k`` for ``k`` merged in-batch copies
+    (``merged_copies``), else 1."""
+    if log_count is None:
+        return torch.ones(n_cols, dtype=torch.float64, device=device)
+    return log_count.to(torch.float64).exp()
+
+
+def negatives_per_row(target: torch.Tensor, copies: torch.Tensor,
+                      excluded: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """``[B]`` the draws each row scores as negatives: every column's copies, less the target
+    column's (the positive and its merged copies) and the excluded entries' (accidental hits, the
+    user's own items)::
+
+        n_b = sum_c k_c - k_{t_b} - sum_{(b, c) excluded} k_c
+    """
+    n = copies.sum() - copies[target]
+    if excluded is not None and len(excluded[0]):
+        rows, cols = excluded
+        n = n - torch.zeros_like(n).index_add_(0, rows, copies[cols])
+    return n
+
+
 def merged_copies(log_count: torch.Tensor | None) -> LogitTerm:
     """``+ log k_c`` on a column standing for ``k`` in-batch copies of one item
     (``candidates.distinct_positives``): ``k e^z = e^(z + log k)``, so it weighs what the ``k`` columns
@@ -202,7 +258,7 @@ class LogitInputs:
 
 
 def logit_inputs(cand: CandidateSet, item_bias: torch.Tensor | None = None, hard_scores: torch.Tensor | None = None,
-                 logq_weight: float = 1.0, correct_positive: bool = True) -> LogitInputs:
+                 logq_weight: float = 1.0, correct_positive: bool = True, corrected: bool = False) -> LogitInputs:
     """The logit of every (row, candidate) pair of a step, less the score product: the one place where
     the corrections are composed.
 
@@ -226,6 +282,10 @@ def logit_inputs(cand: CandidateSet, item_bias: torch.Tensor | None = None, hard
       Two-Tower Recommenders", SIGIR 2021); the correction is Yi et al.'s ("Sampling-Bias-Corrected
       Neural Modeling for Large Corpus Item Recommendations", RecSys 2019: ``logq_correction``), or
       the tracked neg/pos ratio. ``w`` is ``logq_weight``.
+    - ``corrected``: the positive is no Monte-Carlo draw (Khrylchenko et al., RecSys 2025,
+      ``corrected_logq``): the positive uncorrected, each negative of row ``b`` at
+      ``s - w log(n_b q(j) / (1 - q(i_b)))`` with ``n_b`` the row's negatives (``negatives_per_row``);
+      ``correct_positive`` is then not read.
     - ``log k_c``: the copies a merged in-batch column stands for (``merged_copies``); the positive's
       own column counts once.
     - ``log w_hard``: the curriculum's weight of the hard negatives (``hard_negative_weight``);
@@ -236,9 +296,15 @@ def logit_inputs(cand: CandidateSet, item_bias: torch.Tensor | None = None, hard
     A new correction is one more small function returning a ``LogitTerm``, listed in ``terms`` below
     (``sum_terms`` adds them up); the loss does not change.
     """
+    if corrected and cand.log_q is not None:
+        copies = column_copies(cand.log_count, len(cand.ids), cand.target.device)
+        logq = corrected_logq(cand.log_q, cand.target, negatives_per_row(cand.target, copies, cand.excluded),
+                              float(copies.sum()), logq_weight)
+    else:
+        logq = logq_correction(cand.log_q, logq_weight, correct_positive)
     terms = (
         learned_bias(item_bias),
-        logq_correction(cand.log_q, logq_weight, correct_positive),
+        logq,
         merged_copies(cand.log_count),
         hard_negative_weight(cand.hard_log_weight),
     )

@@ -23,6 +23,9 @@ class TrainState:
     # With mining rounds: the best epoch of a first phase that early-stopped, whose weights the
     # rounds started from (a refit replays the same jump).
     phase_one_best: int | None = None
+    # The step the current mining round began with (None before the first round): the rounds' own
+    # patience and learning-rate schedule count from it.
+    round_start_step: int | None = None
 
 
 class EarlyStopping:

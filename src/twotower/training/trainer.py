@@ -31,6 +31,7 @@ from ..run_dir import RunDir
 from . import distributed, losses
 from .batching import epoch_batches
 from .candidates import CandidateBuilder
+from . import mining
 from .mining import mine_negatives
 from .optim import DeferredAdam, RowAdam
 from .schedule import EarlyStopping, MiningSchedule, TrainState
@@ -259,8 +260,12 @@ class Trainer:
         # The logit of every (row, candidate) pair: bias, logQ, merged copies, hard weight, masks.
         bias = model.bias(cand.ids)
         hard = None if cand.hard_ids is None else model.score_rows(u, cand.hard_vectors, cand.hard_ids.clamp_min(0))
+        if hard is not None and self.cfg.negatives.hard_margin is not None:
+            # the false-negative filter: hard negatives scored within the margin of the row's positive
+            positive = model.score_rows(u, v[:, None, :], items[:, None])[:, 0]
+            self.candidates.filter_hard(cand, hard, positive)
         logits = losses.logit_inputs(cand, item_bias=bias, hard_scores=hard, logq_weight=train.logq_weight,
-                                     correct_positive=train.correct_positive)
+                                     correct_positive=train.correct_positive, corrected=train.corrected_logq)
         # The product, the softmax and its gradients are fused in blocks of rows: no [B, C] matrix
         # is stored, and the masks are coordinates of the few excluded entries.
         loss = losses.shared_softmax_loss(u / model.tau(), cand.vectors, logits,
@@ -292,10 +297,23 @@ class Trainer:
         if t.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.dense_parameters() if p.grad is not None] if t.sparse_embeddings
                                            else model.parameters(), t.grad_clip)
-        factor = lr_factor(self.state.step, self.total_steps, t.warmup_steps, t.schedule)
         for g in self.optimizer.param_groups:
-            g["lr"] = t.lr * factor
+            g["lr"] = t.lr * self._lr_factor()
         self.optimizer.step()
+
+    def _lr_factor(self) -> float:
+        """The learning-rate multiplier of this step: one schedule over every epoch (the rounds at its
+        tail), or with ``mining.restart_schedule`` one over the first phase's ``train.epochs`` and one per
+        round over its own epochs; ``mining.lr_scale`` in the rounds."""
+        t, mc, st = self.cfg.train, self.cfg.mining, self.state
+        in_round = st.round_start_step is not None
+        if mc.restart_schedule and in_round:
+            f = lr_factor(st.step - st.round_start_step, mc.epochs_per_round * self.steps_per_epoch, 0, t.schedule)
+        elif mc.restart_schedule and mc.rounds:
+            f = lr_factor(st.step, t.epochs * self.steps_per_epoch, t.warmup_steps, t.schedule)
+        else:
+            f = lr_factor(st.step, self.total_steps, t.warmup_steps, t.schedule)
+        return f * (mc.lr_scale if in_round else 1.0)
 
     # ---- epochs ----------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
@@ -321,7 +339,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{total / n:.4f}", ex_s=f"{n / (time.perf_counter() - t0):,.0f}")
         self.optimizer.flush()  # validation, mining and checkpoints read every row
         seconds = time.perf_counter() - t0
-        return {"epoch": epoch, "loss": total / max(n, 1), "seconds": seconds, "examples_per_s": n / max(seconds, 1e-9)}
+        record = {"epoch": epoch, "loss": total / max(n, 1), "seconds": seconds, "examples_per_s": n / max(seconds, 1e-9)}
+        # what the sources did: the bank's staleness, the share of hard negatives the margin filter masked
+        record.update(self.candidates.bank_staleness(self.model))
+        record.update(self.candidates.take_stats())
+        self.model.train()
+        return record
 
     def validate(self) -> dict[str, float]:
         # Per-epoch validation ranks only as deep as the monitored cut-off: a top-20 costs far
@@ -330,29 +353,73 @@ class Trainer:
         quick = self.cfg.eval.model_copy(update={"ks": [k]})
         return self.par.on_main(lambda: evaluate(self.model, self.dataset, "valid", quick, self.cfg.model.history_length))
 
-    def mine(self) -> dict:
-        """One mining round (docs/design.md): embed every item with the current model, take each training
-        user's top R, drop the user's positives, keep ranks in the window; the next epochs sample
-        their hard negatives from these lists."""
+    def mine(self, round_: int = 1) -> dict:
+        """One mining round (docs/design.md): embed every item with the current model (frozen for the
+        round), take each training user's top R, drop the user's positives, keep the round's rank
+        window; optionally drop the items that co-occur most with the user's own; the next epochs sample
+        their hard negatives from these lists. With ``mining.source = "content"`` the ranking is by the
+        item tower's feature part instead of the model's score."""
         mc, ds = self.cfg.mining, self.dataset
         t0 = time.perf_counter()
         users = np.unique(ds.train.users)
+        lo, hi = mining.round_window(mc.window_lo, mc.window_hi, mc.window_scale, round_)
+        hi = min(hi, mc.top_r)
+        lo = min(lo, hi - 1)
 
         def lists():
             hist = ds.history("train")
             with torch.no_grad():
-                items = embed_items(self.model).float().cpu().numpy()
-                uv = embed_users(self.model, users, hist, self.cfg.model.history_length).float().cpu().numpy()
-                uv, items = ServedScore.of(self.model).inner_product(uv, items)
-            return mine_negatives(uv, items, users, hist.indptr, hist.indices, mc.top_r, mc.window_lo, mc.window_hi, ds.n_users)
+                if mc.source == "content":
+                    items = self._content_vectors()
+                    uv = mining.content_queries(items, users, hist.indptr, hist.indices)
+                    # a global random order among items of equal content (coarse categories tie)
+                    jitter = np.random.default_rng([self.cfg.train.seed, round_]).random(len(items), dtype=np.float32)
+                    items = np.c_[items, jitter]
+                    uv = np.c_[uv, np.full(len(uv), 1e-3, dtype=np.float32)]
+                else:
+                    items = embed_items(self.model).float().cpu().numpy()
+                    uv = embed_users(self.model, users, hist, self.cfg.model.history_length).float().cpu().numpy()
+                    uv, items = ServedScore.of(self.model).inner_product(uv, items)
+            indptr, indices = mine_negatives(uv, items, users, hist.indptr, hist.indices, mc.top_r, lo, hi, ds.n_users)
+            out = {}
+            if len(ds.valid):  # measured on validation items: read, never trained on
+                valid = ds.valid.csr(ds.n_users)
+                out["mined_valid_rate"] = mining.heldout_rate(indptr, indices, valid.indptr, valid.indices, ds.n_items)
+            if mc.cooccurrence_drop:
+                rows = np.repeat(np.arange(ds.n_users), np.diff(indptr))
+                scores = mining.cooccurrence_scores(hist.indptr, hist.indices, ds.n_items, rows, indices)
+                indptr, indices, kept = mining.drop_cooccurring(indptr, indices, scores, mc.cooccurrence_drop)
+                if len(ds.valid):
+                    out["kept_valid_rate"] = mining.heldout_rate(indptr, indices, valid.indptr, valid.indices, ds.n_items)
+            return indptr, indices, out
 
-        indptr, indices = self.par.on_main(lists)  # every rank samples from the lists rank 0 mined
+        indptr, indices, rates = self.par.on_main(lists)  # every rank samples from the lists rank 0 mined
         self.model.train()
-        self.candidates.set_mined(indptr, indices)
-        info = {"mined_negatives": int(len(indices)), "mining_seconds": time.perf_counter() - t0}
-        self.log(f"mining: {len(indices):,} negatives for {len(users):,} users (ranks {mc.window_lo} to {mc.window_hi - 1} "
-                 f"of the top {mc.top_r}, positives dropped) in {info['mining_seconds']:.1f}s")
+        self.candidates.set_mined(indptr, indices, self.state.step)
+        info = {"mined_negatives": int(len(indices)), "mining_seconds": time.perf_counter() - t0,
+                "mining_window": [lo, hi], **rates}
+        fn = ""
+        if "mined_valid_rate" in rates:
+            fn = f"; {rates['mined_valid_rate']:.2%} of them are validation positives"
+            if "kept_valid_rate" in rates:
+                fn += f", {rates['kept_valid_rate']:.2%} after the co-occurrence filter"
+        self.log(f"mining: round {round_}, {len(indices):,} negatives for {len(users):,} users (ranks {lo} to {hi - 1} "
+                 f"of the top {mc.top_r} by {mc.source}, positives dropped{fn}) in {info['mining_seconds']:.1f}s")
         return info
+
+    def _content_vectors(self) -> np.ndarray:
+        """``[n_items, d]``: each item's feature part of the item tower, L2-normalised (no id, no MLP)."""
+        from ..errors import ConfigError
+        from ..model.towers import TowerInputs
+
+        tower = self.model.item_tower
+        if tower.features is None:
+            raise ConfigError("mining.source = \"content\" needs item features in the item tower (model.item_features)")
+        self.model.eval()
+        ids = torch.arange(self.dataset.n_items, device=self.device)
+        vecs = torch.cat([tower.feature_vectors(TowerInputs(ids[s : s + 65536], all_known=True))
+                          for s in range(0, len(ids), 65536)])
+        return torch.nn.functional.normalize(vecs.float(), dim=-1).cpu().numpy()
 
     def _schedule(self, jump_after: int | None = None) -> MiningSchedule:
         return MiningSchedule(self.cfg.train.epochs, self.cfg.mining.rounds, self.cfg.mining.epochs_per_round, jump_after)
@@ -368,27 +435,33 @@ class Trainer:
         rounds (a refit replaying a run whose first phase early-stopped; ``TrainState.phase_one_best``)."""
         self._open_run(resume)
         schedule = self._schedule(jump_after)
-        stopping = EarlyStopping(self.state, self.cfg.train.patience)
+        stopping = EarlyStopping(self.state, self._patience())
         last = schedule.total_epochs if max_epochs is None else min(max_epochs, schedule.total_epochs)
         if self.state.stopped_early:  # resumed after early stopping: training ended there
             last = self.state.epoch
         epoch = self.state.epoch
         while epoch < last:
             epoch += 1
+            if schedule.round_at(epoch) is not None:
+                # Every round gets the whole of its own patience, whatever the evaluations before it.
+                self.state.round_start_step = self.state.step
+                stopping.restart()
+                stopping.patience = self._patience()
             record = self._train_scheduled_epoch(epoch, schedule)
             self._select(epoch, last, record, stopping)
             self.state.epoch = epoch
             self.state.history.append(record)
             self._log_epoch(record)
-            if stopping.spent and schedule.in_first_phase(epoch):
-                # The first phase has converged: go on to the mining rounds from its best weights
-                # rather than skip them.
+            next_round = schedule.round_at(epoch + 1) if epoch < last else None
+            if stopping.spent and (schedule.in_first_phase(epoch) or next_round == 1):
+                # The first phase has converged (before its last epoch, or on it): go on to the mining
+                # rounds from its best weights rather than skip them.
                 self.log(f"early stop of the first phase at epoch {epoch}; mining rounds begin from epoch "
                          f"{self.state.best_epoch}'s weights")
                 self.model.load_state_dict(self.best_weights)
                 stopping.restart()
                 epoch = schedule.end_first_phase(self.state, self.state.best_epoch)
-            elif stopping.spent:
+            elif stopping.spent and next_round is None:
                 self.state.stopped_early = True
             elif schedule.replays_jump(epoch):
                 self.log(f"first phase ends at epoch {epoch}, as in the run being replayed"
@@ -402,17 +475,40 @@ class Trainer:
                 self.log(f"stopped by the caller after epoch {epoch}; best epoch {self.state.best_epoch}")
                 break
             if self.state.stopped_early:
-                self.log(f"early stop: no {self.cfg.train.monitor} improvement for {self.cfg.train.patience} evaluations; "
+                self.log(f"early stop: no {self.cfg.train.monitor} improvement for {stopping.patience} evaluations; "
                          f"best epoch {self.state.best_epoch}")
                 break
+        self._warn_if_rounds_lost(schedule)
         if self.best_weights is not None:
             self.model.load_state_dict(self.best_weights)
         return self.state
 
+    def _patience(self) -> int:
+        """The patience of the current phase: ``mining.patience`` once the rounds have begun (default
+        ``train.patience``), ``train.patience`` before."""
+        mc = self.cfg.mining
+        if self.state.round_start_step is not None and mc.patience is not None:
+            return mc.patience
+        return self.cfg.train.patience
+
+    def _warn_if_rounds_lost(self, schedule: MiningSchedule) -> None:
+        """A warning in the log when mining rounds ran but validation chose a model from before them."""
+        rounds = [r for r in self.state.history if "mining_round" in r]
+        if not rounds or not len(self.dataset.valid):
+            return
+        first = rounds[0]["epoch"]
+        if self.state.best_epoch < first:
+            m = self.cfg.train.monitor
+            best_round = max((r.get(f"valid/{m}", float("-inf")) for r in self.state.history if r["epoch"] >= first),
+                             default=float("nan"))
+            self.log(f"warning: the mining rounds did not improve validation {m} ({best_round:.4f} at best, against "
+                     f"{self.state.best_value:.4f} at epoch {self.state.best_epoch}, before them): the model from "
+                     f"before mining is kept")
+
     def _train_scheduled_epoch(self, epoch: int, schedule: MiningSchedule) -> dict:
         """A mining pass first if a round starts with ``epoch``, then the epoch's training."""
         round_ = schedule.round_at(epoch)
-        mined = self.mine() if round_ is not None else {}
+        mined = self.mine(round_) if round_ is not None else {}
         record = self.train_epoch(epoch)
         if round_ is not None:
             record.update({"mining_round": round_, **mined})
