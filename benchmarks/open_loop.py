@@ -261,7 +261,7 @@ def breakdown(run: Path, core: int, k: int, log, n: int = 400) -> dict:
         users = np.random.default_rng(1).choice(users, min(n, len(users)), replace=False)
         raw = rec.run.users.decode(users).tolist()
         seen = rec.run.known.lengths()[users]
-        q = rec.index.layout.queries(rec._known_user_vectors(users), 0.0)
+        q = rec.index.layout.queries(rec._known_user_vectors(users, [None] * len(users)), 0.0)
 
         def per_call(fn, reps):
             fn(0)
@@ -271,7 +271,7 @@ def breakdown(run: Path, core: int, k: int, log, n: int = 400) -> dict:
             return (time.perf_counter() - t) * 1e3 / reps
 
         out = {"search_ms": per_call(lambda i: rec.index.search(q[i : i + 1], k + int(seen[i])), len(users)),
-               "user_tower_ms": per_call(lambda i: rec._known_user_vectors(users[i : i + 1]), len(users)),
+               "user_tower_ms": per_call(lambda i: rec._known_user_vectors(users[i : i + 1], [None]), len(users)),
                "serving_code_ms": per_call(lambda i: _encode(rec.recommend_many([Query(user=raw[i], k=k)])[0]), len(users)),
                "serving_code_batch8_ms_per_request": per_call(
                    lambda i: [_encode(r) for r in rec.recommend_many([Query(user=u, k=k) for u in raw[8 * i : 8 * i + 8]])],
