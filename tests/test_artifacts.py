@@ -28,6 +28,7 @@ def run_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_manifest_lists_every_artifact(run_dir):
     m = json.loads((run_dir / "manifest.json").read_text())["sha256"]
     for name in ("config.json", "model.safetensors", "items.json", "users.json", "metrics.json", "known.safetensors"):

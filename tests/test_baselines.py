@@ -168,6 +168,7 @@ def test_run_baseline_chooses_on_validation_and_scores_test_after_a_refit(tmp_pa
     assert m["baseline"] == "ease" and m["test"]["recall@20"] == pytest.approx(res.test["recall@20"])
 
 
+@pytest.mark.slow
 def test_baseline_cli_and_compare_with_it(tmp_path):
     cfg = tmp_path / "s.toml"
     cfg.write_text('[data]\ndataset = "synthetic"\nsynthetic_users = 200\nsynthetic_items = 80\n'

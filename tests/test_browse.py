@@ -79,6 +79,7 @@ def _error(r, status: int, *needles: str) -> str:
 
 
 # ---- items --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_item_search_matches_id_or_title_most_popular_first(client, run):
     items = _ok(client.get("/items", params={"q": "StAr", "limit": 100}))["items"]
     titles = np.asarray(run.titles, dtype=object)

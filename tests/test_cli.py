@@ -155,6 +155,7 @@ def test_unknown_user_is_a_clear_error(ml_run, capsys):
     assert "not in this run" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_help():
     r = subprocess.run([sys.executable, "-m", "twotower.cli", "train", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--resume" in r.stdout and "examples" in r.stdout

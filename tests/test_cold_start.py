@@ -209,6 +209,7 @@ def features_run(tmp_path_factory, data_dir):
     return out
 
 
+@pytest.mark.slow
 def test_new_items_are_admitted_without_retraining_and_served_at_once(features_run, tmp_path, capsys):
     from twotower.cli import main
     from twotower.run import Run

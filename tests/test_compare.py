@@ -24,6 +24,7 @@ def test_bad_variant_is_refused_before_training(tmp_path):
         load_variants([cfg], [], ["model.dim=8"])
 
 
+@pytest.mark.slow
 def test_compare_writes_table_and_plots(tmp_path, capsys):
     cfg = tmp_path / "syn.toml"
     cfg.write_text('[data]\ndataset = "synthetic"\nsynthetic_users = 400\nsynthetic_items = 200\n'

@@ -47,6 +47,7 @@ class _Bags(torch.nn.Module):
 
 @onnx_missing
 @pytest.mark.parametrize("mode", ["mean", "sum"])
+@pytest.mark.slow
 def test_embedding_bag_lowering_matches_pytorch_without_a_loop(tmp_path, mode):
     import onnx
     import onnxruntime as ort

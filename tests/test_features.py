@@ -708,6 +708,7 @@ def test_every_encoder_runs_on_plain_tensors_and_exports(trained):
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.slow
 def test_every_kind_and_the_context_export_with_the_towers(trained, tmp_path, fmt):
     """``twotower export`` takes a run with every kind: each feature's tensors are inputs of its
     tower (context ones named ``context.NAME.FIELD``), and the exported towers give the Python

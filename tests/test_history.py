@@ -135,6 +135,7 @@ def test_history_settings_are_checked_at_load():
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.slow
 def test_an_attention_history_tower_with_id_dropout_exports(tmp_path, fmt):
     """The history encoders are plain tensor operations: `twotower export` traces a user tower with
     two attention layers (and an item tower with id dropout) and the exported towers give the

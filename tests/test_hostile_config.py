@@ -465,6 +465,7 @@ def _deep_texts() -> dict[str, tuple[str, str]]:
 
 
 @pytest.mark.parametrize("case", list(_deep_texts()))
+@pytest.mark.slow
 def test_configs_nested_deeply_are_one_message(tmp_path, case):
     suffix, text = _deep_texts()[case]
     path = tmp_path / f"deep{suffix}"

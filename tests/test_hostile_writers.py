@@ -139,6 +139,7 @@ def test_two_index_builds_at_once(base, run_copy):
 
 @pytest.mark.parametrize("case", ["index", "index_out", "index_update", "embed", "embed_same_job", "recommend_out", "mine_out",
                                   "compare", "train_resume", "export"])
+@pytest.mark.slow
 def test_every_writer_is_refused_while_another_process_holds_its_lock(base, run_copy, tmp_path, case):
     target, folder, name, args = {
         "index": (run_copy / "index", True, None, ["index", run_copy, "--quiet"]),
@@ -171,6 +172,7 @@ def test_every_writer_is_refused_while_another_process_holds_its_lock(base, run_
             holder.wait()
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_training_is_taken_over(base, tmp_path):
     """SIGKILL after the first epoch line: the lock file stays (no cleanup code ran); --resume
     takes it over, says so, and completes."""
@@ -397,6 +399,7 @@ def test_index_sample_users_zero_is_refused(base):
     assert not (base / "never").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_index_leaves_temporaries_the_next_build_removes(run_copy):
     """SIGKILL in the middle of writing the FAISS file: a hidden temporary and the lock stay behind;
     the next ``index`` takes the lock over, removes them, and leaves none of its own."""
@@ -414,6 +417,7 @@ def test_a_killed_index_leaves_temporaries_the_next_build_removes(run_copy):
 
 
 @pytest.mark.parametrize("command", ["recommend", "mine"])
+@pytest.mark.slow
 def test_a_killed_file_writer_leaves_temporaries_the_next_run_removes(base, tmp_path, command):
     """SIGKILL while ``recommend --out`` / ``mine --out`` writes its Parquet file: the next run of the
     command on that file takes its lock over and removes the temporary; another file's stays."""
@@ -444,6 +448,7 @@ def test_resume_of_a_finished_run_keeps_its_training_time(run_copy, base):
     assert after["test"] == before["test"]
 
 
+@pytest.mark.slow
 def test_resume_of_an_interrupted_run_counts_the_epochs_it_carries(base, tmp_path):
     out = tmp_path / "run"
     die = ("import os, signal\nfrom twotower.run_dir import RunDir\n_s = RunDir.save_checkpoint\n_n = [0]\n"

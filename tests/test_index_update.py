@@ -44,6 +44,7 @@ def test_hand_computed_flat_update():
 
 
 @pytest.mark.parametrize("kind,params", KINDS)
+@pytest.mark.slow
 def test_add_replace_remove_against_exact_search(kind, params):
     x, users = _catalog()
     base, new = 5000, np.arange(5000, 6000)

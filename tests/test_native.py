@@ -207,6 +207,7 @@ def test_rowadam_wrappers_check_the_table_and_the_gradient():
     ({"GOMP_SPINCOUNT": "300000"}, "twotower",
      {"GOMP_SPINCOUNT": "300000", "OMP_WAIT_POLICY": None, "set_by": "environment", "in_effect": True}),
 ])
+@pytest.mark.slow
 def test_import_twotower_bounds_the_openmp_spin_unless_the_environment_chose(env, first, expected):
     """In a fresh process (OpenMP reads its environment once): twotower's default, a user's choice
     kept, and the default reported as too late when torch was imported first."""

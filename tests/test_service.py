@@ -238,6 +238,7 @@ def test_client_mistakes_in_batches_and_similar_requests_are_4xx(client):
     assert client.put("/recommend").status_code == 405 and client.get("/no-such-route").status_code == 404
 
 
+@pytest.mark.slow
 def test_500_concurrent_mixed_requests_get_no_5xx(server, recommender):
     """Behaviour under load, not timing: 500 requests from 32 concurrent clients over real HTTP, a mix
     of known users, new users by history, batches, similar items and deliberately bad requests (in

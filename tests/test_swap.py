@@ -131,6 +131,7 @@ def _under_load(url, action):
     return out, answers
 
 
+@pytest.mark.slow
 def test_three_swaps_under_concurrent_requests_drop_nothing(runs):
     from twotower.run_dir import RunDir
 
@@ -189,6 +190,7 @@ def _broken(runs, tmp_path):
     return out
 
 
+@pytest.mark.slow
 def test_a_broken_run_never_takes_the_service_down(runs, tmp_path):
     from twotower.run_dir import RunDir
 
@@ -284,6 +286,7 @@ def _wait_for(fn, timeout=20.0):
     return False
 
 
+@pytest.mark.slow
 def test_a_watched_symlink_and_an_index_updated_in_place_are_picked_up(runs, tmp_path):
     from twotower.index.run_index import update_run_index
     from twotower.run import Run

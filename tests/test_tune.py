@@ -69,6 +69,7 @@ def test_early_batches_change_the_steps_and_the_schedule():
     assert tr.state.step == tr.total_steps
 
 
+@pytest.mark.slow
 def test_a_tiny_budget_ends_on_time_with_a_valid_run(tmp_path):
     cfg = _cfg(train__epochs=30, train__refit=True)
     budget = 12.0
@@ -125,6 +126,7 @@ def test_a_pruned_trial_leaves_nothing_half_written(tmp_path, monkeypatch):
     assert "| 1 | pruned |" in table and "| 2 | pruned |" in table
 
 
+@pytest.mark.slow
 def test_the_refit_reproduces_the_best_trials_validation_figure(tmp_path):
     cfg = _cfg()
     res = T.tune(cfg, tmp_path / "t", 600, max_trials=3, log=lambda m: None, quiet=True)
@@ -167,6 +169,7 @@ def test_importance_falls_back_to_a_stated_simple_method():
     assert imp["temperature"] < 0.5
 
 
+@pytest.mark.slow
 def test_tune_cli_refuses_a_bad_budget_and_a_bad_baseline_folder(tmp_path):
     cfg = tmp_path / "s.toml"
     cfg.write_text('[data]\ndataset = "synthetic"\n')
@@ -205,6 +208,7 @@ def test_svd_init_sets_the_id_tables(tmp_path):
     assert not np.allclose(w.numpy(), normal.model.item_tower.id_embedding.weight.detach().numpy())
 
 
+@pytest.mark.slow
 def test_trials_in_parallel_threads(tmp_path):
     res = T.tune(_cfg(), tmp_path / "t", 600, jobs=2, max_trials=4, log=lambda m: None, quiet=True)
     assert len(res.trials) == 4 and sorted(t.number for t in res.trials) == [0, 1, 2, 3]

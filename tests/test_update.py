@@ -105,6 +105,7 @@ def base_run(tmp_path_factory, data_dir):
     return d
 
 
+@pytest.mark.slow
 def test_update_admits_new_users_and_items_and_serves_them_at_once(base_run, tmp_path, capsys):
     from twotower.cli import main
     from twotower.run import Run

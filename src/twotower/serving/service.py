@@ -57,7 +57,8 @@ class RecommendRequest(BaseModel):
     context: dict[str, Any] | None = Field(None, description="the request's context features: {name: value}; one left "
                                                              "out takes its default (GET /metadata lists them)")
     k: StrictInt = Field(10, ge=1, le=MAX_K, description=f"number of items, 1 to {MAX_K}")
-    alpha: float = Field(0.0, ge=-1e4, le=1e4, allow_inf_nan=False,
+    # strict: a JSON true or "0.5" is refused (a lax float would take true as 1.0), an integer is taken
+    alpha: float = Field(0.0, ge=-1e4, le=1e4, allow_inf_nan=False, strict=True,
                          description="popularity correction: score - alpha * log p(item); larger favours less popular items")
     exclude_seen: StrictBool = Field(True, description="leave out items the user has interacted with")
     category: StrictStr | None = Field(None, description="only items of this category (GET /metadata lists them)")
