@@ -14,7 +14,7 @@ Protocol (temporal, full ranking), per dataset (MovieLens 100K, Amazon Grocery):
 - the update's settings (epochs, replay, lr) are chosen on a validation period carved from the
   training period (the base's first 70 % split again 64 % / 3 % / 3 %: the same protocol on two
   validation slices), never on an evaluated slice; the retrain's epoch count likewise
-  (``--choose``); the chosen settings are written beside the results;
+  (``--epochs-grid``); the chosen settings are written beside the results;
 - time: wall seconds of each update call (admission, training, writing the run directory) and of
   each retrain (training, writing the run directory), measured in the same process one after the
   other at every step; the ratio is what the acceptance reads.
@@ -145,8 +145,11 @@ def run_steps(cfg: RunConfig, frame: pd.DataFrame, bounds: list[int], ucfg: Upda
     return rows
 
 
-def choose(name: str, frame: pd.DataFrame, work: Path, log, epochs_grid: list[int]) -> tuple[int, dict]:
-    """The retrain's epochs and the update's settings, on validation slices inside the training period."""
+def choose(name: str, frame: pd.DataFrame, work: Path, log, epochs_grid: list[int],
+           record: list | None = None) -> tuple[int, dict]:
+    """The retrain's epochs and the update's settings, on validation slices inside the training period
+    (every score tried is appended to ``record``, so the results file shows what the choice saw)."""
+    record = [] if record is None else record
     n70 = int(round(len(frame) * 0.7))
     bounds = [int(round(n70 * x)) for x in (0.9143, 0.9571, 1.0)]  # 64 %, 67 %, 70 % of all
     # the retrain's epochs: the best Recall@20 on the first validation slice
@@ -155,6 +158,7 @@ def choose(name: str, frame: pd.DataFrame, work: Path, log, epochs_grid: list[in
         _, d = retrain(base_config(name, e), frame.iloc[: bounds[0]], work / f"e{e}")
         r = recall_of_run(d, frame.iloc[: bounds[0]], frame.iloc[bounds[0]: bounds[1]])
         log(f"{name} validation: retrain {e} epochs recall@20 {r:.4f}")
+        record.append({"what": "retrain", "epochs": e, "recall@20": r})
         if r > best_r:
             best_e, best_r = e, r
     cfg = base_config(name, best_e)
@@ -169,10 +173,13 @@ def choose(name: str, frame: pd.DataFrame, work: Path, log, epochs_grid: list[in
         r = recall_of_run(out, seen, nxt)
         shutil.rmtree(out, ignore_errors=True)
         log(f"{name} validation: update epochs={ep} replay={rp} lr={lr} recall@20 {r:.4f}")
+        record.append({"what": "update", "epochs": ep, "replay": rp, "lr": lr, "recall@20": r})
         if r > best_r:
             best_u, best_r = u, r
     _, rd = retrain(cfg, seen, work / "vretrain")
-    log(f"{name} validation: retrain on both recall@20 {recall_of_run(rd, seen, nxt):.4f}; chosen update {best_u}")
+    r = recall_of_run(rd, seen, nxt)
+    record.append({"what": "retrain on both validation slices", "epochs": best_e, "recall@20": r})
+    log(f"{name} validation: retrain on both recall@20 {r:.4f}; chosen update {best_u}")
     return best_e, best_u.model_dump()
 
 
@@ -184,6 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, help="the retrain's epochs (skips choosing them)")
     p.add_argument("--update", help="the update's settings as JSON (skips choosing them)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("TWOTOWER_THREADS", "2")))
+    p.add_argument("--suffix", default="", help="results go to freshness-<dataset><suffix>.json (e.g. -10slices), "
+                   "so that a run with other settings does not overwrite the reference file")
     args = p.parse_args(argv)
     import torch
 
@@ -195,8 +204,9 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="freshness-") as tmp:
             work = Path(tmp)
             t0 = time.perf_counter()
+            validation: list[dict] = []
             if args.epochs is None or args.update is None:
-                epochs, ucfg = choose(name, frame, work / "choose", log, args.epochs_grid)
+                epochs, ucfg = choose(name, frame, work / "choose", log, args.epochs_grid, validation)
             if args.epochs is not None:
                 epochs = args.epochs
             if args.update is not None:
@@ -209,6 +219,8 @@ def main(argv=None) -> int:
         result = {
             "dataset": name, "interactions": len(frame), "slices": args.slices, "retrain_epochs": epochs,
             "update": ucfg, "base": BASE[name], "choose_seconds": choose_s, "threads": args.threads,
+            "grid": GRID, "epochs_grid": args.epochs_grid, "argv": list(sys.argv[1:] if argv is None else argv),
+            "validation": validation,
             "steps": rows,
             "worst_relative": min(r["relative"] for r in steps),
             "mean_relative": float(np.mean([r["relative"] for r in steps])),
@@ -217,7 +229,7 @@ def main(argv=None) -> int:
             "accepted": all(r["relative"] >= 0.98 and r["time_ratio"] <= 0.2 for r in steps),
         }
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"freshness-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / f"freshness-{name}{args.suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(table(result))
     return 0
 
