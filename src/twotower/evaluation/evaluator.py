@@ -170,6 +170,15 @@ def evaluate_split(model: TwoTowerModel, truth_split: Split, known: CSR, item_co
     return ranker_metrics(ranker, truth_split, known, item_counts, cfg, progress, groups)
 
 
+HIT_METRICS = ("recall", "ndcg", "hr", "precision", "mrr")
+
+
+def hit_metrics(hits: torch.Tensor, n_rel: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """Each user's metrics at ``k`` from the hit matrix (``HIT_METRICS``, formulas in ``metrics``)."""
+    return {"recall": M.recall_at_k(hits, n_rel, k), "ndcg": M.ndcg_at_k(hits, n_rel, k),
+            "hr": M.hit_rate_at_k(hits, k), "precision": M.precision_at_k(hits, k), "mrr": M.mrr_at_k(hits, k)}
+
+
 @torch.no_grad()
 def ranker_metrics(ranker: Ranker, truth_split: Split, known: CSR, item_counts: np.ndarray, cfg: EvalConfig,
                    progress=None, groups: dict[str, tuple[str, np.ndarray]] | None = None) -> dict[str, float]:
@@ -211,11 +220,8 @@ def ranker_metrics(ranker: Ranker, truth_split: Split, known: CSR, item_counts: 
         bucket_total += torch.bincount(bucket[torch.from_numpy(truth.gather(block)[0])], minlength=n_buckets).double()
         for k in ks:
             kk = min(k, max_k)
-            add(f"recall@{k}", M.recall_at_k(hits, n_rel, kk))
-            add(f"ndcg@{k}", M.ndcg_at_k(hits, n_rel, kk))
-            add(f"hr@{k}", M.hit_rate_at_k(hits, kk))
-            add(f"precision@{k}", M.precision_at_k(hits, kk))
-            add(f"mrr@{k}", M.mrr_at_k(hits, kk))
+            for metric, values in hit_metrics(hits, n_rel, kk).items():
+                add(f"{metric}@{k}", values)
             add(f"popularity@{k}", counts[top[:, :kk]].mean(1))
             add(f"tail_share@{k}", (top_bucket[:, :kk] == tail).double().mean(1))
             covered[k][top[:, :kk].reshape(-1)] = True
@@ -227,11 +233,8 @@ def ranker_metrics(ranker: Ranker, truth_split: Split, known: CSR, item_counts: 
             group_users[name] += int(rows.sum())
             for k in ks:
                 kk = min(k, max_k)
-                add(f"{name}/recall@{k}", M.recall_at_k(g_hits, g_rel, kk))
-                add(f"{name}/ndcg@{k}", M.ndcg_at_k(g_hits, g_rel, kk))
-                add(f"{name}/hr@{k}", M.hit_rate_at_k(g_hits, kk))
-                add(f"{name}/precision@{k}", M.precision_at_k(g_hits, kk))
-                add(f"{name}/mrr@{k}", M.mrr_at_k(g_hits, kk))
+                for metric, values in hit_metrics(g_hits, g_rel, kk).items():
+                    add(f"{name}/{metric}@{k}", values)
         if progress is not None:
             progress(len(block))
 
@@ -239,7 +242,7 @@ def ranker_metrics(ranker: Ranker, truth_split: Split, known: CSR, item_counts: 
     out = {key: value / n for key, value in sums.items() if key.partition("/")[0] not in groups}
     for name, n_g in group_users.items():  # a group without users in this split has no figure (nan)
         for k in ks:
-            for metric in ("recall", "ndcg", "hr", "precision", "mrr"):
+            for metric in HIT_METRICS:
                 key = f"{name}/{metric}@{k}"
                 out[key] = sums.get(key, 0.0) / n_g if n_g else float("nan")
         out[f"{name}/users"] = float(n_g)
