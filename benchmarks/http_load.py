@@ -61,21 +61,27 @@ def free_port() -> int:
 
 
 def start_server(run: Path, port: int, extra: list[str]) -> subprocess.Popen:
-    import httpx
-
     proc = subprocess.Popen([sys.executable, "-m", "twotower.cli", "serve", str(run), "--port", str(port),
                              "--log-level", "warning", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
+    return wait_healthy(proc, port)
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, seconds: float = 300, name: str = "server") -> subprocess.Popen:
+    """``proc`` once ``GET /health`` on ``port`` answers 200; its output in the error if it exits first,
+    terminated if it is not up within ``seconds``."""
+    import httpx
+
+    deadline = time.time() + seconds
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+            raise RuntimeError(f"{name} exited: {proc.stdout.read()}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc
         except httpx.TransportError:
             time.sleep(0.3)
     proc.terminate()
-    raise RuntimeError("server did not start in 300 s")
+    raise RuntimeError(f"{name} did not start in {seconds:.0f} s")
 
 
 def run_wrk(url: str, ids: list, k: int, concurrency: int, duration: float, seed: int) -> dict:

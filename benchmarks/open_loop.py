@@ -175,24 +175,14 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_server(run: Path, port: int, core: int, extra: list[str], log) -> subprocess.Popen:
-    import httpx
-
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     cmd = ["taskset", "-c", str(core), sys.executable, "-m", "twotower.cli", "serve", str(run), "--port", str(port),
            "--log-level", "warning", *extra]
     log("server: " + " ".join(cmd[:3]) + " OMP_NUM_THREADS=1 twotower serve " + " ".join(cmd[7:]))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError("server did not start in 600 s")
+    from http_load import wait_healthy
+
+    return wait_healthy(proc, port, seconds=600)
 
 
 def run_level(port: int, core: int, users_file: str, rate: float, duration: float, k: int, connections: int, pid: int,

@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import load_test  # noqa: E402
-from http_load import free_port, start_server  # noqa: E402
+from http_load import free_port, start_server, wait_healthy  # noqa: E402
 
 APP = """import os
 from twotower.serving.query import Recommender
@@ -40,24 +39,12 @@ KEYS = ("p50_ms", "p95_ms", "p99_ms", "throughput_rps", "server_errors_5xx", "co
 
 
 def start_granian(run: Path, port: int, lib: Path, app_dir: Path) -> subprocess.Popen:
-    import httpx
-
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(app_dir), str(lib), str(ROOT / "src")]),
            "TWOTOWER_AB_RUN": str(run)}
     proc = subprocess.Popen([sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port),
                              "--workers", "1", "--loop", "uvloop", "--log-level", "warning", "--no-ws", "ab_app:app"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"granian exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.3)
-    proc.terminate()
-    raise RuntimeError("granian did not start in 300 s")
+    return wait_healthy(proc, port, name="granian")
 
 
 def one_run(kind: str, run: Path, lib: Path, app_dir: Path, requests: int, concurrency: int) -> dict:
