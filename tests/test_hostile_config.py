@@ -279,6 +279,9 @@ BAD_VALUES += [
     ("update.lr", "inf", "update.lr: must be a finite number"),
     ("update.count_decay", "1.5", "update.count_decay"),
     ("update.new_rows", '"zeros"', "update.new_rows"),
+    ("update.retire_after", "0", "update.retire_after"),
+    ("update.retire_after", "2.5", "update.retire_after"),
+    ("update.retire_after", "10000000", "update.retire_after"),
     ("update.seed", "-1", "update.seed"),
     ("update.seed", "18446744073709551616", "update.seed"),
 ]

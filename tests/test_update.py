@@ -311,3 +311,110 @@ def test_fold_in_rows_by_hand():
     have, rows = fold_in_rows(v, np.array([0, 0, 2]), np.array([0, 1, 2]), 3, 2.0)
     assert have.tolist() == [0, 2]
     torch.testing.assert_close(rows, torch.tensor([[2 ** 0.5, 2 ** 0.5], [-2.0, 0.0]]))
+
+
+# ---- retirement (update.retire_after) --------------------------------------------------------------
+def test_retired_by_hand():
+    from twotower.update import retired
+
+    seen = np.array([0, 1, 2, 3, 0])
+    # generation 3, horizon 2: untouched for 2 updates or more (seen at 0 or 1) -> retired
+    assert retired(seen, 3, 2).tolist() == [True, True, False, False, True]
+    assert retired(seen, 3, None).tolist() == [False] * 5                     # never
+    before = np.array([False, False, True, False, False])
+    assert retired(seen, 3, None, before).tolist() == [False, False, True, False, False]  # stays retired
+    touched = np.array([True, False, True, False, False])                      # came back: active again
+    assert retired(seen, 3, 2, before, touched).tolist() == [False, True, False, False, True]
+
+
+def test_retirement_of_an_ids_only_run(synthetic_run, tmp_path):
+    """Users and items no update touched for ``retire_after`` updates: rows reset, pairs out of the
+    replay, items out of the index and the recommendations, users of an ids-only tower refused
+    clearly; one that comes back is active again."""
+    from twotower.config import UpdateConfig
+    from twotower.run import Run
+    from twotower.serving.query import Query, Recommender
+    from twotower.update import update
+
+    parent = Run(synthetic_run)
+    rng = np.random.default_rng(0)
+    users, items = parent.users.ids[:40], parent.items.ids[:50]
+    new = pd.DataFrame({"user": rng.choice(users, 400), "item": rng.choice(items, 400)})
+    res = update(synthetic_run, new, tmp_path / "r1", cfg=UpdateConfig(epochs=1, retire_after=1), build_index=True,
+                 log=lambda m: None)
+    run = Run(tmp_path / "r1")
+    act = run.activity
+    touched_u = np.isin(run.users.ids, new["user"].unique())
+    touched_i = np.isin(run.items.ids, new["item"].unique())
+    np.testing.assert_array_equal(act.users_retired, ~touched_u)
+    np.testing.assert_array_equal(act.items_retired, ~touched_i)
+    assert (act.users_seen[touched_u] == 1).all() and (act.users_seen[~touched_u] == 0).all()
+    assert res.retired_items == int((~touched_i).sum()) > 0 and run.dir.read_lineage()["retired_users"] == res.retired_users
+    # the replay drew only pairs whose user and item are both still active
+    known = parent.known
+    pairs_u = np.repeat(np.arange(known.n_rows), known.lengths())
+    live = int((touched_u[pairs_u] & touched_i[known.indices]).sum())
+    assert 0 < res.replayed <= live
+    # the retired rows are the unknown entity's (zero in a tower without id dropout)
+    w = run.model.item_tower.id_embedding.weight.detach()
+    assert not w[torch.from_numpy(act.items_retired)].any() and w[torch.from_numpy(~act.items_retired)].abs().sum() > 0
+    # retired items: out of the saved index, the exact index and Run.recommend
+    rec = Recommender.load(run)
+    assert rec.index.kind == "flat" and not rec.index.contains(np.flatnonzero(act.items_retired)).any()
+    active_user = run.users.ids[np.flatnonzero(touched_u)[0]]
+    got = rec.recommend(Query(user=active_user, k=30, exclude_seen=False))
+    assert not np.isin(got.items, run.items.ids[act.items_retired]).any()
+    tops = run.recommend([active_user], k=200, exclude_seen=False)
+    assert len(tops) == int(touched_i.sum()) and not tops["item"].isin(run.items.ids[act.items_retired]).any()
+    # a retired user of an ids-only tower is refused with what to do instead
+    gone = run.users.ids[np.flatnonzero(act.users_retired)[0]]
+    from twotower.serving.query import UnknownUserError
+    with pytest.raises(UnknownUserError, match=r"retired by an update .* reads ids alone\. Send \{\"history\""):
+        rec.recommend(Query(user=gone, k=5))
+    # the next update brings one back: active again, the others stay retired
+    back = pd.DataFrame({"user": [gone, gone], "item": [run.items.ids[np.flatnonzero(act.items_retired)[0]], items[0]]})
+    update(tmp_path / "r1", back, tmp_path / "r2", cfg=UpdateConfig(epochs=1, retire_after=5), log=lambda m: None)
+    act2 = Run(tmp_path / "r2").activity
+    g = run.users.encode([gone])[0]
+    assert not act2.users_retired[g] and act2.users_seen[g] == 2
+    assert act2.users_retired.sum() == act.users_retired.sum() - 1 and act2.items_retired.sum() == act.items_retired.sum() - 1
+
+
+@pytest.mark.slow
+def test_a_retired_user_of_a_history_tower_is_answered_from_its_history(base_run, tmp_path):
+    from twotower.config import UpdateConfig
+    from twotower.run import Run
+    from twotower.serving.query import Query, Recommender
+    from twotower.update import update
+
+    d = base_run
+    new = pd.read_csv(d / "new.csv")
+    update(d / "run", new, tmp_path / "r", items=d / "new_items.csv", cfg=UpdateConfig(epochs=1, retire_after=1),
+           log=lambda m: None)
+    run = Run(tmp_path / "r")
+    act = run.activity
+    assert act.users_retired.any() and act.items_retired.any() and not act.users_retired[np.isin(run.users.ids, new["user"])].any()
+    # admitted from the item table without interactions: touched now (new), not retired
+    assert not act.items_retired[len(Run(d / "run").items):].any()
+    gone = run.users.ids[np.flatnonzero(act.users_retired)[0]]
+    r = Recommender.load(run).recommend(Query(user=gone, k=20))
+    assert len(r.items) == 20
+    assert not np.isin(r.items, run.items.ids[act.items_retired]).any()
+
+
+def test_served_score_without_items_by_hand():
+    """``ServedScore.without``: the masked items' term is -inf, the others score and rank as before."""
+    from twotower.model.scoring import ServedScore
+
+    f = torch.tensor([[1.0, 0.0]])
+    g = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.1, 0.9]])
+    mask = np.array([True, False, False])
+    plain = ServedScore(0.5)
+    s = plain.without(mask, 3)
+    ranked = s.query(f) @ g.T + s.terms
+    assert torch.isinf(ranked[0, 0]) and ranked[0, 0] < 0
+    torch.testing.assert_close(s.finish(ranked)[0, 1:], torch.tensor([1.0, 0.2]))     # <f, g>/tau, as without the mask
+    biased = ServedScore(0.5, torch.tensor([0.0, 1.0, -1.0]))
+    b = biased.without(mask, 3)
+    torch.testing.assert_close((b.query(f) @ g.T + b.terms)[0, 1:], torch.tensor([2.0, -0.8]))  # <f, g>/tau + b_j
+    assert biased.without(np.zeros(3, bool), 3) is biased and biased.terms[0] == 0.0  # nothing masked; never in place

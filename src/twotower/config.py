@@ -505,6 +505,12 @@ class UpdateConfig(_Section):
                                                          "starts each at the mean direction of what it interacted with "
                                                          "(its items' vectors for a user, its users' for an item); "
                                                          "initialiser draws them as training does (model.init_std)")
+    retire_after: int | None = Field(None, ge=1, le=10**6, description="retire the users and items that no update's new "
+                                     "interactions touched in this many updates in a row (the training data counts as "
+                                     "update 0): their id rows are reset to the unknown entity's, their pairs leave the "
+                                     "replay pool, retired items leave the index and recommendations, and a retired user "
+                                     "is answered from its features or history, or refused when its tower reads ids alone; "
+                                     "an entity that comes back in new interactions is active again (none: never retire)")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the replay sample, batch order and negative sampling of the update")
 
 FEATURE_KINDS = ("categorical", "multi_categorical", "numeric", "vector", "text")

@@ -14,6 +14,7 @@ import torch
 from .data.dataset import CSR
 from .errors import ArtifactError
 from .evaluation.ranking import top_k_blocks
+from .model.scoring import ServedScore
 from .model.towers import TwoTowerModel, embed_items
 from .run_dir import RunDir
 from .data.popularity import log_popularity
@@ -59,6 +60,14 @@ class Run:
         return self._item_vecs
 
     @property
+    def activity(self):
+        """When each user and item was last touched by new interactions, and which are retired
+        (``run_dir.Activity``; ``twotower update`` with ``update.retire_after``)."""
+        if not hasattr(self, "_activity"):
+            self._activity = self.dir.read_activity(len(self.users), len(self.items))
+        return self._activity
+
+    @property
     def log_popularity(self) -> np.ndarray:
         """``log p(j)`` of every item, the popularity the served score corrects by (add-one
         smoothed share of training positives)."""
@@ -74,14 +83,15 @@ class Run:
         ``score`` the served score (``<f(u), g(j)> / tau + b_j``, as ``twotower recommend`` and the
         service report it).
 
-        Every item the user has in the training data (validation part included) is excluded.
-        Unknown user ids raise ``KeyError``.
+        Every item the user has in the training data (validation part included) is excluded, and
+        so is every retired item (``update.retire_after``). Unknown user ids raise ``KeyError``.
         """
         idx = self.users.encode(np.asarray(users), strict=True)
         frames = []
         hist_len = self.config.model.history_length
+        score = ServedScore.of(self.model).without(self.activity.items_retired, len(self.items))
         for block, scores, items in top_k_blocks(self.model, idx, self.known, self.known if exclude_seen else None, k,
-                                                hist_len, batch_users, self.item_vectors):
+                                                hist_len, batch_users, self.item_vectors, score=score):
             kk = items.shape[1]
             s = scores.numpy().ravel()
             ok = np.isfinite(s)  # a user who has seen almost everything gets fewer than k items

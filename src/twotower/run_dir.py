@@ -17,6 +17,9 @@
       item_embeddings.npy    g(j) of every item at the final weights
       lineage.json           a run made by ``twotower update``: its parent run (path, weights'
                              digest), its generation, what the update added
+      activity.safetensors   a run made by ``twotower update``: per user and per item the generation
+                             whose new interactions last touched it, and which are retired
+                             (``update.retire_after``); absent: generation 0 for all, none retired
       manifest.json          the sha256 of every file above; written last (the run is complete)
       checkpoint/            working state for --resume: last.safetensors, best.safetensors,
                              optimizer.pt, negatives.safetensors, state.json (written last); each
@@ -68,6 +71,7 @@ BASELINE = "baseline.json"
 METRICS = "metrics.json"
 ITEM_EMBEDDINGS = "item_embeddings.npy"
 LINEAGE = "lineage.json"
+ACTIVITY = "activity.safetensors"
 MANIFEST = "manifest.json"
 CHECKPOINT = "checkpoint"
 REFIT = "refit"
@@ -103,6 +107,30 @@ class Checkpoint:
     optimizer: Any
     state: dict
     negatives: dict[str, torch.Tensor] | None
+
+
+@dataclass
+class Activity:
+    """Per user and per item: the generation whose new interactions last touched it (0: the
+    training data, ``k``: the ``k``-th update) and whether it is retired. An entity admitted since
+    (``add-items``) counts as touched at the run's generation and is not retired."""
+
+    users_seen: np.ndarray     # int64 [n_users]
+    items_seen: np.ndarray     # int64 [n_items]
+    users_retired: np.ndarray  # bool [n_users]
+    items_retired: np.ndarray  # bool [n_items]
+
+    @classmethod
+    def fresh(cls, n_users: int, n_items: int) -> "Activity":
+        """A run trained from scratch: everything seen at generation 0, nothing retired."""
+        return cls(np.zeros(n_users, np.int64), np.zeros(n_items, np.int64), np.zeros(n_users, bool), np.zeros(n_items, bool))
+
+    def grown(self, n_users: int, n_items: int, generation: int) -> "Activity":
+        """Padded to the vocabularies' sizes (entities admitted since, seen at ``generation``)."""
+        def pad(a: np.ndarray, n: int, fill) -> np.ndarray:
+            return a.copy() if len(a) >= n else np.r_[a, np.full(n - len(a), fill, dtype=a.dtype)]
+        return Activity(pad(self.users_seen, n_users, generation), pad(self.items_seen, n_items, generation),
+                        pad(self.users_retired, n_users, False), pad(self.items_retired, n_items, False))
 
 
 class RunDir:
@@ -337,6 +365,27 @@ class RunDir:
         """``lineage.json``, or ``None`` for a run trained from scratch."""
         p = self.path / LINEAGE
         return artifacts.read_json(p) if p.is_file() else None
+
+    def write_activity(self, activity: Activity) -> None:
+        """``activity.safetensors`` (``Activity``)."""
+        artifacts.save_tensors(self.path / ACTIVITY, {
+            "users_seen": torch.from_numpy(np.ascontiguousarray(activity.users_seen, dtype=np.int64)),
+            "items_seen": torch.from_numpy(np.ascontiguousarray(activity.items_seen, dtype=np.int64)),
+            "users_retired": torch.from_numpy(np.ascontiguousarray(activity.users_retired, dtype=np.uint8)),
+            "items_retired": torch.from_numpy(np.ascontiguousarray(activity.items_retired, dtype=np.uint8)),
+        })
+
+    def read_activity(self, n_users: int, n_items: int) -> Activity:
+        """The run's ``Activity`` over ``n_users`` / ``n_items`` (the vocabularies' sizes): the
+        stored one grown to them, or ``Activity.fresh`` for a run without the file."""
+        p = self.path / ACTIVITY
+        if not p.is_file():
+            return Activity.fresh(n_users, n_items)
+        t = artifacts.load_tensors(p)
+        act = Activity(t["users_seen"].numpy().astype(np.int64), t["items_seen"].numpy().astype(np.int64),
+                       t["users_retired"].numpy().astype(bool), t["items_retired"].numpy().astype(bool))
+        generation = int((self.read_lineage() or {}).get("generation", 0))
+        return act.grown(n_users, n_items, generation)
 
     def read_summary(self) -> dict | None:
         """``dataset.json`` (the training data's summary), or ``None``."""

@@ -20,9 +20,15 @@ A run in production is never trained once. ``update(RUN, NEW, OUT)`` makes a new
    rebuilt in the parent's kind when the parent had one) and renamed into place last, so it is
    complete and verifiable like any trained run, or absent.
 
+Retirement (``update.retire_after``, ``retired``): the users and items no update's new
+interactions touched for that many updates are retired: their id rows are reset to the unknown
+entity's (``forget_ids``), their pairs leave the replay pool, retired items leave the index and
+every recommendation, and a retired user is answered from its features or history, or refused
+clearly when its tower reads ids alone. ``activity.safetensors`` keeps per entity the generation
+that last touched it.
+
 Not done: runs with context features (refused: the new interactions' context is not read yet);
-retiring rows that no update touched for a while (every id stays answerable); the update's
-settings are chosen by ``benchmarks/freshness.py`` on a validation slice, not here.
+the update's settings are chosen by ``benchmarks/freshness.py`` on validation slices, not here.
 """
 from __future__ import annotations
 
@@ -71,6 +77,22 @@ def continued_counts(old: np.ndarray, new: np.ndarray, decay: float = 1.0) -> np
     base = np.zeros(len(new), dtype=np.int64)
     base[:len(old)] = np.rint(old * float(decay)).astype(np.int64) if decay != 1.0 else old
     return base + new
+
+
+def retired(last_seen: np.ndarray, generation: int, horizon: int | None, before: np.ndarray | None = None,
+            touched: np.ndarray | None = None) -> np.ndarray:
+    """Which entities are retired after update ``generation``: those no new interactions touched in
+    the last ``horizon`` updates, ``generation - last_seen >= horizon``, plus those retired
+    ``before``, less those ``touched`` now (an entity that comes back is active again). The expiry
+    of embedding rows unseen for a while is Monolith's (Liu et al., 2022, "Monolith: Real Time
+    Recommendation System With Collisionless Embedding Table"); ``horizon = None`` retires nothing
+    new."""
+    out = np.zeros(len(last_seen), bool) if before is None else np.asarray(before, bool).copy()
+    if horizon is not None:
+        out |= (int(generation) - np.asarray(last_seen, np.int64)) >= int(horizon)
+    if touched is not None:
+        out &= ~np.asarray(touched, bool)
+    return out
 
 
 def grown_optimizer_state(state: dict, params: list[torch.Tensor]) -> dict:
@@ -165,6 +187,8 @@ class UpdateResult:
     seconds: float
     train_seconds: float
     index: str | None = None
+    retired_users: int = 0
+    retired_items: int = 0
 
 
 def update(run_dir: str | Path, interactions: str | Path | pd.DataFrame, out: str | Path,
@@ -231,10 +255,12 @@ def _update(run_dir, interactions, out: Path, items, users, cfg: UpdateConfig | 
         raise
     seconds = time.perf_counter() - t0
     result = UpdateResult(out, parent.path, len(new_users), len(new_items), res["new_pairs"], res["replayed"], seconds,
-                          res["train_seconds"], index)
+                          res["train_seconds"], index, res["retired_users"], res["retired_items"])
     log(f"updated {parent.path} -> {out}: {result.new_pairs:,} new interactions + {result.replayed:,} replayed, "
         f"{result.new_users:,} new users, {result.new_items:,} new items, {cfg.epochs} epoch(s) in "
-        f"{result.train_seconds:.1f}s ({seconds:.1f}s in all)" + (f"; index {index} built" if index else ""))
+        f"{result.train_seconds:.1f}s ({seconds:.1f}s in all)" + (f"; index {index} built" if index else "")
+        + (f"; retired (update.retire_after): {result.retired_users:,} users, {result.retired_items:,} items"
+           if result.retired_users or result.retired_items else ""))
     return result
 
 
@@ -258,8 +284,19 @@ def _train_and_write(parent, run, frame: pd.DataFrame, u: UpdateConfig, folder: 
     once = np.zeros(len(key), dtype=bool)
     once[first] = True
     keep = fresh & once
+    # who the new interactions touched (repeats too), and who is retired after this update
+    generation = int((parent.dir.read_lineage() or {}).get("generation", 0)) + 1
+    act = parent.activity.grown(n_users, n_items, generation)
+    touched_u, touched_i = np.zeros(n_users, bool), np.zeros(n_items, bool)
+    touched_u[users], touched_i[items] = True, True
+    act.users_seen[touched_u], act.items_seen[touched_i] = generation, generation
+    act.users_retired = retired(act.users_seen, generation, u.retire_after, act.users_retired, touched_u)
+    act.items_retired = retired(act.items_seen, generation, u.retire_after, act.items_retired, touched_i)
     users, items = users[keep], items[keep]
     ts = frame["timestamp"].to_numpy(dtype=np.float64)[keep] if has_time else None
+    if act.users_retired.any() or act.items_retired.any():  # a retired entity's pairs are not replayed
+        live = ~(act.users_retired[old_users] | act.items_retired[old_items])
+        old_users, old_items = old_users[live], old_items[live]
     picked = replay_sample(len(old_items), len(users), u.replay, u.replay_max, rng)
     # Replayed pairs come before every new one in time, in the order the run knows them in, so
     # that a pair's history (Dataset.pair_history) holds only what came before it.
@@ -289,6 +326,7 @@ def _train_and_write(parent, run, frame: pd.DataFrame, u: UpdateConfig, folder: 
     state = trainer.fit()
     train_seconds = time.perf_counter() - t0
     trainer.model.eval()
+    trainer.model.forget_ids(items=act.items_retired, users=act.users_retired)
 
     d = RunDir(folder)
     new_csr = CSR.from_pairs(users, items, n_users, key=ts)
@@ -300,6 +338,7 @@ def _train_and_write(parent, run, frame: pd.DataFrame, u: UpdateConfig, folder: 
     summary.update({"users": n_users, "items": n_items})
     d.write_description(cfg_out, run.users, run.items, known2, counts, run.test_users, trainer.model.feature_state(),
                         summary, run.titles)
+    d.write_activity(act)
     d.write_epochs(state.history)
     d.save_checkpoint(trainer.model.state_dict(), None, trainer.optimizer.state_dict(),
                       {**state.__dict__, "best_value": None}, trainer.candidates.state_dict())
@@ -307,8 +346,9 @@ def _train_and_write(parent, run, frame: pd.DataFrame, u: UpdateConfig, folder: 
     d.write_lineage({
         "parent": str(parent.path.resolve()),
         "parent_model_sha256": parent.dir.model_digest(),
-        "generation": int(lineage.get("generation", 0)) + 1,
+        "generation": generation,
         "new_interactions": int(len(users)), "replayed": int(len(picked)),
+        "retired_users": int(act.users_retired.sum()), "retired_items": int(act.items_retired.sum()),
         "new_users": int(n_users - len(parent.users)), "new_items": int(n_items - len(parent.items)),
         "optimizer_state": optimizer_from,
         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -319,7 +359,8 @@ def _train_and_write(parent, run, frame: pd.DataFrame, u: UpdateConfig, folder: 
     with torch.no_grad():
         vecs = embed_items(trainer.model).float().cpu().numpy()
     d.finish(metrics, vecs, weights=trainer.model.state_dict())
-    return {"new_pairs": int(len(users)), "replayed": int(len(picked)), "train_seconds": train_seconds}
+    return {"new_pairs": int(len(users)), "replayed": int(len(picked)), "train_seconds": train_seconds,
+            "retired_users": int(act.users_retired.sum()), "retired_items": int(act.items_retired.sum())}
 
 
 def fold_in_rows(vectors: torch.Tensor, owners: np.ndarray, targets: np.ndarray, n: int, norm: float) -> tuple[np.ndarray, torch.Tensor]:

@@ -103,8 +103,8 @@ def log_popularity_over(counts: np.ndarray, denominator: float) -> np.ndarray:
 
 def build_run_index(run, params: IndexParams, folder: str | Path | None = None, sample: int = 1000, seed: int = 0,
                     progress: bool = True, log=None) -> ItemIndex:
-    """Embed every item, build the index of ``params`` and save it with the embeddings in ``folder``
-    (default ``RUN/index``). Search knobs left unset are tuned on half of a sample of
+    """Embed every item, build the index of ``params`` over those not retired and save it with the
+    embeddings in ``folder`` (default ``RUN/index``). Search knobs left unset are tuned on half of a sample of
     real users to reach ``params.target_recall``; recall@10/@100 against exact search (at
     ``alpha = 0``, and also at 0.5 and 1) and per-query latency are measured on the other half and
     stored with the index."""
@@ -122,6 +122,10 @@ def build_run_index(run, params: IndexParams, folder: str | Path | None = None, 
         idx = ItemIndex.build(vecs, params, layout, seed=seed)
         p = idx.params
         log(f"index: {p.kind} over {idx.n_items:,} items x {idx.dim} dims built in {idx.info['build_seconds']:.1f}s")
+        retired = np.flatnonzero(run.activity.items_retired)  # updates retire items untouched for a while
+        if len(retired):
+            idx.update(remove=retired, seed=seed)
+            log(f"index: {len(retired):,} retired item(s) left out (update.retire_after)")
         extra = {"embed_seconds": embed_s, "model_sha256": run.dir.model_digest(),
                  "popularity_denominator": popularity_denominator(run.item_counts)}
         tune = p.kind == "hnsw" and params.ef_search is None or p.kind in ("ivf", "ivfpq") and params.nprobe is None
@@ -360,8 +364,12 @@ def _update_run_index(run, final: Path, add, replace, remove, add_vectors, repla
 
 
 def exact_run_index(run) -> ItemIndex:
-    """An in-memory exact index of the run's items (what serving uses when no index was saved)."""
+    """An in-memory exact index of the run's items (what serving uses when no index was saved),
+    without the retired ones (``update.retire_after``)."""
     vecs, layout = item_vectors(run, run.item_vectors.float().cpu().numpy())
     idx = ItemIndex.build(vecs, IndexParams(kind="flat"), layout)
+    retired = np.flatnonzero(run.activity.items_retired)
+    if len(retired):
+        idx.update(remove=retired)
     idx.info["saved"] = False
     return idx

@@ -78,6 +78,17 @@ class ServedScore:
             terms = pop if bias is None else bias + pop
         return cls(float(model.temperature), terms)
 
+    def without(self, items: np.ndarray, n_items: int) -> "ServedScore":
+        """The same score with ``items`` (a bool mask over the ``n_items`` items, e.g. retired ones)
+        never ranked: their term is ``-inf``. The others' scores and order are unchanged (a zero
+        term where there was none: ``<f, g>/tau`` is then ranked as it is reported)."""
+        mask = torch.from_numpy(np.asarray(items, dtype=bool))
+        if not mask.any():
+            return self
+        terms = torch.zeros(n_items) if self.terms is None else self.terms.detach().clone()
+        terms[mask.to(terms.device)] = float("-inf")
+        return ServedScore(self.temperature, terms)
+
     def query(self, f: torch.Tensor) -> torch.Tensor:
         """The query side of the ranking product: ``f / tau`` with per-item terms, else ``f``."""
         return f if self.terms is None else f / self.temperature

@@ -122,6 +122,11 @@ class Recommender:
         context = self.model.user_tower.context
         self.context_names = list(context.names) if context is not None else []
         self._item_vecs_t: torch.Tensor | None = None  # g(j) as a tensor, for folding in new users of an ids-only tower
+        # Retired users (update.retire_after) lost their id rows: a tower that also reads features or
+        # the history still answers for them from those; one of ids alone has nothing left to say.
+        ut = self.model.user_tower
+        ids_only = ut.features is None and not ut.use_history
+        self._unanswerable = run.activity.users_retired if ids_only and run.activity.users_retired.any() else None
 
     @classmethod
     def load(cls, run, index_dir: str | Path | None = None, category_feature: str | None = None,
@@ -164,6 +169,11 @@ class Recommender:
                     results[i] = UnknownUserError(
                         f"user {queries[i].user!r} is not known to this model ({len(self.run.users):,} users). "
                         "For a new user send {\"history\": [item ids, oldest first]} instead of \"user\"")
+                elif self._unanswerable is not None and self._unanswerable[u]:
+                    results[i] = UnknownUserError(
+                        f"user {queries[i].user!r} was retired by an update (no interactions in "
+                        f"{self.run.config.update.retire_after} update(s) in a row) and this model's user tower reads ids alone. "
+                        "Send {\"history\": [its item ids, oldest first]} to be answered as a new user")
                 else:
                     plans[i]["uidx"] = int(u)
             user_rows = [i for i in user_rows if results[i] is None]
