@@ -954,10 +954,13 @@ def add_update_parser(sub) -> None:
                                    "sample of the ones RUN knows (so the model does not forget), the item counts continue\n"
                                    "(optionally decayed), and OUT is written whole (manifest, checkpoint for the next\n"
                                    "update, lineage.json naming RUN, the index rebuilt when RUN has one), then renamed\n"
-                                   "into place. RUN is not changed.",
-                       epilog="examples:\n  twotower update runs/ml100k new.csv --out runs/ml100k-2\n"
-                              "  twotower update runs/ml100k new.csv --items new_movies.csv --out runs/ml100k-2 \\\n"
-                              "      --set update.epochs=2 --set update.replay=1.5 --set update.lr=0.002\n\n"
+                                   "into place. RUN is not changed. With update.retire_after = N, the users and items no\n"
+                                   "update touched in N updates in a row are retired (out of the index and the\n"
+                                   "recommendations; answered from their features or history, else refused).",
+                       epilog="examples:\n  twotower update runs/ml100k --interactions new.csv --out runs/ml100k-2\n"
+                              "  twotower update runs/ml100k --interactions new.csv --items new_movies.csv --out runs/ml100k-2 \\\n"
+                              "      --set update.epochs=2 --set update.replay=1.5 --set update.lr=0.002\n"
+                              "  twotower update runs/ml100k-2 --interactions week3.csv --out runs/ml100k-3 --set update.retire_after=4\n\n"
                               "The settings are the [update] section of the run's config (docs/config.md); --set changes\n"
                               "them for this update. The interactions file has the run's user and item columns\n"
                               "(data.user_col, data.item_col; --user-col, --item-col) and, with data.time_col or\n"
