@@ -1,6 +1,9 @@
-"""The tables of docs/tuning.md from the folder of benchmarks/tune_acceptance.sh (Markdown on stdout).
+"""The tables of docs/tuning.md from the folder of benchmarks/tune_acceptance.sh (Markdown on stdout),
+and their figures as one JSON file (``--json``, e.g. benchmarks/results/tune-acceptance.json: the
+baselines, each tune's best trial, its test figures and what the budget bought, the time-to-quality
+summaries), small enough to commit where the run folders are not.
 
-    .venv/bin/python benchmarks/tune_tables.py reports/tune-acceptance
+    .venv/bin/python benchmarks/tune_tables.py reports/tune-acceptance [--json benchmarks/results/tune-acceptance.json]
 """
 from __future__ import annotations
 
@@ -54,11 +57,46 @@ def main(out: Path) -> int:
             load = t.get("load", {})
             print(f"| {name} | {len(states)} ({counts}) | {cells} | {load.get('start', [0])[0]:.1f} / "
                   f"{load.get('end', [0])[0]:.1f} |")
-    ttq = _read(out / "time_to_quality-gowalla.json")
+    for path in sorted(out.glob("time_to_quality-gowalla*.json")):
+        ttq_table(_read(path), path.stem)
+    return 0
+
+
+def summary(out: Path) -> dict:
+    """The figures behind the tables, per data set and per time-to-quality run."""
+    res: dict = {"datasets": {}, "time_to_quality": {}}
+    for name in DATASETS:
+        d: dict = {"baselines": {}}
+        for method in ("popularity", "als", "ease"):
+            m = _read(out / f"{name}-{method}" / "metrics.json")
+            if m is not None:
+                d["baselines"][method] = {"settings": m.get("settings"), "valid_recall@20": m["valid"].get("recall@20"),
+                                          "test": {k: m["test"][k] for k in ("recall@20", "ndcg@20")},
+                                          "fit_seconds": m.get("fit_seconds")}
+        t = _read(out / f"tune-{name}" / "tune.json")
+        if t is not None and t.get("best"):
+            states = [tr["state"] for tr in t["trials"]]
+            d["tune"] = {"budget": t["budget"], "seconds": t["seconds"], "best_trial": t["best"]["number"],
+                         "params": t["best"]["params"], "valid_recall@20": t["valid"].get("recall@20"),
+                         "test": {k: t["test"][k] for k in ("recall@20", "ndcg@20")},
+                         "trials": {s: states.count(s) for s in ("complete", "cut", "pruned", "failed")},
+                         "best_by_time": t["best_by_time"], "load": t.get("load")}
+        if d["baselines"] or "tune" in d:
+            res["datasets"][name] = d
+    for path in sorted(out.glob("time_to_quality-gowalla*.json")):
+        r = _read(path)
+        res["time_to_quality"][path.stem] = {k: r.get(k) for k in ("config", "overrides", "train_on", "als", "summary", "load")}
+        res["time_to_quality"][path.stem]["curves"] = {n: [{k: q.get(k) for k in ("epoch", "seconds", "valid", "test")}
+                                                          for q in pts] for n, pts in r["curves"].items()}
+    return res
+
+
+def ttq_table(ttq: dict, stem: str) -> None:
     if ttq is not None:
         als = ttq["als"]
         full = als.get("train_and_valid_fit", {})
-        print("\n### Time to quality on Gowalla (one run)\n")
+        on = ttq.get("train_on", "train")
+        print(f"\n### Time to quality on Gowalla (one run: {stem}, curves and ALS fit {on.replace('+', ' + ')})\n")
         fits = ", ".join(f"{a['seconds']:.1f}" for a in als["fits"])
         print(f"ALS {als['settings']}: fit on training {als['median_fit_seconds']:.1f} s (median of "
               f"{fits}), test Recall@20 {als['test_target']:.4f}; "
@@ -72,9 +110,18 @@ def main(out: Path) -> int:
                 return "not reached" if v is None else f"{v:.1f}{unit}"
             print(f"| {name} | {f(s['reaches_als_test_at_seconds'], ' s')} | {f(s['multiple_of_als_fit'])} | "
                   f"{f(s.get('reaches_als_full_test_at_seconds'), ' s')} | {f(s.get('multiple_of_als_full_fit'))} | "
-                  f"{s['best_valid']:.4f} | {s['last_test']:.4f} |")
-    return 0
+                  f"{'-' if s['best_valid'] is None else format(s['best_valid'], '.4f')} | {s['last_test']:.4f} |")
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1] if len(sys.argv) > 1 else "reports/tune-acceptance")))
+    args = sys.argv[1:]
+    dump = None
+    if "--json" in args:
+        i = args.index("--json")
+        dump, args = Path(args[i + 1]), args[:i] + args[i + 2:]
+    folder = Path(args[0] if args else "reports/tune-acceptance")
+    code = main(folder)
+    if dump is not None:
+        dump.parent.mkdir(parents=True, exist_ok=True)
+        dump.write_text(json.dumps(summary(folder), indent=1) + "\n")
+    sys.exit(code)
