@@ -61,6 +61,9 @@ BASE = {
     "grocery": {"model": {"dim": 64, "temperature": 0.1}, "train": {"batch_size": 512, "lr": 0.005, "seed": 0}},
 }
 GRID = {"epochs": [1, 2, 4], "replay": [1.0, 3.0], "lr": [None, 0.002]}
+# Settings whose pair-passes per new interaction, (1 + replay) * epochs, pass this are not tried
+# (--max-passes): what the time budget (a fifth of a retrain's) cannot pay is known before training.
+MAX_PASSES: float | None = None
 
 
 def load_frame(name: str, data_dir: Path) -> pd.DataFrame:
@@ -192,6 +195,8 @@ def choose(name: str, frame: pd.DataFrame, work: Path, log, epochs_grid: list[in
     bases = {seed: retrain(base_config(name, best_e, seed), first, work / f"vbase-s{seed}")[1] for seed in seeds}
     best_u, best_r = None, -1.0
     for ep, rp, lr in itertools.product(GRID["epochs"], GRID["replay"], GRID["lr"]):
+        if MAX_PASSES is not None and (1 + rp) * ep > MAX_PASSES:
+            continue
         rs = []
         for seed in seeds:
             u = UpdateConfig(epochs=ep, replay=rp, lr=lr, seed=seed)
@@ -256,12 +261,20 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=int(os.environ.get("TWOTOWER_THREADS", "2")))
     p.add_argument("--validation-steps", type=int, default=1,
                    help="update steps the update's settings are averaged over on validation (slices of 3 %% before 70 %%)")
+    p.add_argument("--grid", help="the update settings validation chooses among, as JSON lists of epochs, replay "
+                   f"and lr (null: the run's), e.g. '{{\"epochs\": [2, 4], \"replay\": [1, 3, 7]}}' (default {json.dumps(GRID)})")
+    p.add_argument("--max-passes", type=float, help="leave out of the grid the settings with more than this many "
+                   "pair-passes per new interaction, (1 + replay) * epochs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="run the protocol (and the validation choice) once per seed and report means, with the "
                    "retrain-against-retrain spread across seeds (e.g. --seeds 0 1 2)")
     p.add_argument("--suffix", default="", help="results go to freshness-<dataset><suffix>.json (e.g. --suffix=-10slices), "
                    "so that a run with other settings does not overwrite the reference file")
     args = p.parse_args(argv)
+    global MAX_PASSES
+    if args.grid:
+        GRID.update({k: list(v) for k, v in json.loads(args.grid).items() if k in GRID})
+    MAX_PASSES = args.max_passes
     import torch
 
     torch.set_num_threads(args.threads)
@@ -292,7 +305,7 @@ def main(argv=None) -> int:
         result = {
             "dataset": name, "interactions": len(frame), "slices": args.slices, "retrain_epochs": epochs,
             "update": ucfg, "base": BASE[name], "choose_seconds": choose_s, "threads": args.threads,
-            "seeds": args.seeds, "grid": GRID, "epochs_grid": args.epochs_grid, "validation_steps": args.validation_steps, "argv": list(sys.argv[1:] if argv is None else argv),
+            "seeds": args.seeds, "grid": GRID, "max_passes": MAX_PASSES, "epochs_grid": args.epochs_grid, "validation_steps": args.validation_steps, "argv": list(sys.argv[1:] if argv is None else argv),
             "validation": validation,
             "steps": rows,
             "worst_relative": min(r["relative"] for r in steps),

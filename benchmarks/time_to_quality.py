@@ -104,9 +104,10 @@ def main() -> int:
                             int(als_cfg["iterations"]), base.train.seed, base.train.threads)
         seconds = time.perf_counter() - t
         out = {"seconds": seconds, "test": evaluate_ranker(ranker, ds, "test", ev)[f"recall@{k}"]}
-        if data is ds:
+        if data is ds and len(ds.valid):
             out["valid"] = evaluate_ranker(ranker, ds, "valid", ev)[f"recall@{k}"]
-        log(f"ALS {args.als} on {'training' if data is ds else 'training + validation'}: fit {seconds:.1f}s, "
+        on = "training" if data is ds and args.train_on == "train" else "training + validation"
+        log(f"ALS {args.als} on {on}: fit {seconds:.1f}s, "
             f"test {out['test']:.4f}")
         return out
 

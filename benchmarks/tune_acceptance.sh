@@ -6,7 +6,7 @@
 #   TWOTOWER_DATA=/path/to/data bash benchmarks/tune_acceptance.sh [STEP ...]
 #
 # STEPs (default: all, in this order): baselines-ml-100k tune-ml-100k baselines-grocery tune-grocery
-# baselines-gowalla ttq-gowalla tune-gowalla. OUT (default reports/tune-acceptance) holds
+# baselines-gowalla ttq-gowalla ttq-gowalla-trainvalid tune-gowalla. OUT (default reports/tune-acceptance) holds
 # one folder per step and load.txt, the machine's load average before and after each.
 # Each step holds the heavy lock (one long job at a time on a shared machine) from start to end, and
 # the timed ones (tune, time to quality) the bench lock too; no step lasts over ~25 minutes.
@@ -21,7 +21,7 @@ TT=.venv/bin/twotower
 mkdir -p "$OUT"
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(baselines-ml-100k tune-ml-100k baselines-grocery tune-grocery baselines-gowalla
-                                  ttq-gowalla tune-gowalla)
+                                  ttq-gowalla ttq-gowalla-trainvalid tune-gowalla)
 
 heavy() { flock /tmp/twotower-heavy.lock "$@"; }
 timed() { flock /tmp/twotower-bench.lock flock /tmp/twotower-heavy.lock "$@"; }
@@ -43,6 +43,11 @@ tune() {  # NAME CONFIG [ARGS...]
   $TT tune "$config" --budget "$BUDGET" --out "$OUT/tune-$name" "${dirs[@]}" "$@"
 }
 
+als_settings() {  # the ALS settings twotower baseline chose on Gowalla's validation split
+  .venv/bin/python -c "import json,sys; s=json.load(open(sys.argv[1]))['settings']; print(','.join(f'{k}={v}' for k,v in s.items()))" \
+      "$OUT/gowalla-als/baseline.json" 2>/dev/null || echo "factors=256,regularization=0.1,alpha=5,iterations=15"
+}
+
 run_step() {
   case $1 in
     baselines-ml-100k) baselines ml-100k configs/tune-ml-100k.toml popularity ease als ;;
@@ -50,10 +55,11 @@ run_step() {
     # EASE refuses Gowalla's 40,981 items (a 31 GiB dense inverse): the message says so.
     baselines-gowalla) baselines gowalla configs/tune-gowalla.toml popularity als ;;
     ttq-gowalla)
-      als=$(.venv/bin/python -c "import json,sys; s=json.load(open(sys.argv[1]))['settings']; print(','.join(f'{k}={v}' for k,v in s.items()))" \
-            "$OUT/gowalla-als/baseline.json" 2>/dev/null || echo "factors=256,regularization=0.1,alpha=5,iterations=15")
       .venv/bin/python benchmarks/time_to_quality.py configs/gowalla.toml --out "$OUT/time_to_quality-gowalla" \
-            --als "$als" --settings normal,svd,svd+early-batch --set train.epochs=6 --set train.refit=false ;;
+            --als "$(als_settings)" --settings normal,svd,svd+early-batch --set train.epochs=6 --set train.refit=false ;;
+    ttq-gowalla-trainvalid)  # like for like with ALS's test figure: the curves and ALS fit training + validation
+      .venv/bin/python benchmarks/time_to_quality.py configs/gowalla.toml --out "$OUT/time_to_quality-gowalla-trainvalid" \
+            --als "$(als_settings)" --settings normal,svd --set train.epochs=6 --set train.refit=false --train-on train+valid ;;
     tune-ml-100k) tune ml-100k configs/tune-ml-100k.toml --enqueue configs/ml-100k.toml ;;
     tune-grocery) tune grocery configs/tune-grocery.toml --enqueue configs/grocery.toml ;;
     tune-gowalla) tune gowalla configs/tune-gowalla.toml --enqueue configs/tune-gowalla.toml ;;
