@@ -23,7 +23,7 @@ Protocol (temporal, full ranking), per dataset (MovieLens 100K, Amazon Grocery):
   the noise floor: the worst ratio between two full retrains that differ only in their seed, which
   is what the acceptance would read if the "update" were itself a full retrain.
 
-    TWOTOWER_DATA=/work/shared/data flock /tmp/twotower-heavy.lock \
+    TWOTOWER_DATA=/path/to/data flock /tmp/twotower-heavy.lock \
         .venv/bin/python benchmarks/freshness.py --datasets ml-100k grocery --slices 10
 
 Writes benchmarks/results/freshness-<dataset>.json and prints the table of docs/freshness.md.

@@ -3,7 +3,7 @@
 slice just seen (the update trains them on all they did) against older users (whom the update sees
 only through the replay sample), for the retrain and three update settings.
 
-    TWOTOWER_DATA=/work/shared/data flock /tmp/twotower-heavy.lock .venv/bin/python benchmarks/freshness_groups.py
+    TWOTOWER_DATA=/path/to/data flock /tmp/twotower-heavy.lock .venv/bin/python benchmarks/freshness_groups.py
 """
 import os
 import sys
