@@ -361,6 +361,8 @@ def test_retirement_of_an_ids_only_run(synthetic_run, tmp_path):
     # retired items: out of the saved index, the exact index and Run.recommend
     rec = Recommender.load(run)
     assert rec.index.kind == "flat" and not rec.index.contains(np.flatnonzero(act.items_retired)).any()
+    counts = rec.metadata()["counts"]  # GET /metadata says how many are retired
+    assert counts["retired_items"] == res.retired_items and counts["retired_users"] == res.retired_users
     active_user = run.users.ids[np.flatnonzero(touched_u)[0]]
     got = rec.recommend(Query(user=active_user, k=30, exclude_seen=False))
     assert not np.isin(got.items, run.items.ids[act.items_retired]).any()

@@ -489,7 +489,10 @@ class Recommender:
                       "learned_item_bias": idx.layout.bias_scale is not None},
             "dataset": {"name": cfg.data.dataset, "split": cfg.data.split},
             "counts": {"users": len(self.run.users), "items": len(self.run.items),
-                       "known_interactions": int(len(self.run.known.indices))},
+                       "known_interactions": int(len(self.run.known.indices)),
+                       # retired by updates (update.retire_after): out of every recommendation
+                       "retired_users": int(self.run.activity.users_retired.sum()),
+                       "retired_items": int(self.run.activity.items_retired.sum())},
             "index": {"kind": idx.kind, "params": idx.params.to_dict(), "dim": idx.dim, "layout": idx.layout.to_dict(),
                       "saved": info.pop("saved", True), **info},
             "score": "<f(u), g(j)> / temperature + b_j - alpha * log p(j), p(j) = (count_j + 1) / (N + n_items)",
