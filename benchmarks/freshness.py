@@ -177,14 +177,20 @@ def choose(name: str, frame: pd.DataFrame, work: Path, log, epochs_grid: list[in
     if steps == 1:  # the rounding the recorded results were chosen with (64 % is 64,001 of ML-100K's 70,000)
         bounds = [int(round(n70 * x)) for x in (0.9143, 0.9571, 1.0)]
     first, first_next = frame.iloc[: bounds[0]], frame.iloc[bounds[0]: bounds[1]]
+
+    def retrain_recalls(epochs: int, seen: pd.DataFrame, nxt: pd.DataFrame, tag: str) -> list[float]:
+        """Recall@20 on ``nxt`` of a retrain on ``seen``, one per seed (each run removed after)."""
+        rs = []
+        for seed in seeds:
+            _, d = retrain(base_config(name, epochs, seed), seen, work / f"{tag}-s{seed}")
+            rs.append(recall_of_run(d, seen, nxt))
+            shutil.rmtree(d, ignore_errors=True)
+        return rs
+
     # the retrain's epochs: the best mean Recall@20 on the first validation slice
     best_e, best_r = None, -1.0
     for e in epochs_grid:
-        rs = []
-        for seed in seeds:
-            _, d = retrain(base_config(name, e, seed), first, work / f"e{e}-s{seed}")
-            rs.append(recall_of_run(d, first, first_next))
-            shutil.rmtree(d, ignore_errors=True)
+        rs = retrain_recalls(e, first, first_next, f"e{e}")
         r = float(np.mean(rs))
         log(f"{name} validation: retrain {e} epochs recall@20 {r:.4f} (per seed {[round(x, 4) for x in rs]})")
         record.append({"what": "retrain", "epochs": e, "recall@20": r, "per_seed": rs})
@@ -216,12 +222,7 @@ def choose(name: str, frame: pd.DataFrame, work: Path, log, epochs_grid: list[in
         record.append({"what": "update", "epochs": ep, "replay": rp, "lr": lr, "recall@20": r, "per_step": rs})
         if r > best_r:
             best_u, best_r = UpdateConfig(epochs=ep, replay=rp, lr=lr), r
-    seen, nxt = frame.iloc[: bounds[1]], frame.iloc[bounds[1]: bounds[2]]
-    rs = []
-    for seed in seeds:
-        _, rd = retrain(base_config(name, best_e, seed), seen, work / f"vretrain-s{seed}")
-        rs.append(recall_of_run(rd, seen, nxt))
-        shutil.rmtree(rd, ignore_errors=True)
+    rs = retrain_recalls(best_e, frame.iloc[: bounds[1]], frame.iloc[bounds[1]: bounds[2]], "vretrain")
     r = float(np.mean(rs))
     record.append({"what": "retrain on the first two validation slices", "epochs": best_e, "recall@20": r, "per_seed": rs})
     log(f"{name} validation: retrain on both recall@20 {r:.4f}; chosen update {best_u}")

@@ -101,6 +101,15 @@ def log_popularity_over(counts: np.ndarray, denominator: float) -> np.ndarray:
     return np.log(np.asarray(counts, dtype=np.float64) + 1.0) - np.log(denominator)
 
 
+def without_retired(run, idx: ItemIndex, seed: int = 0) -> int:
+    """Remove from ``idx`` the run's retired items (updates retire items untouched for
+    ``update.retire_after`` updates); returns how many."""
+    retired = np.flatnonzero(run.activity.items_retired)
+    if len(retired):
+        idx.update(remove=retired, seed=seed)
+    return len(retired)
+
+
 def build_run_index(run, params: IndexParams, folder: str | Path | None = None, sample: int = 1000, seed: int = 0,
                     progress: bool = True, log=None) -> ItemIndex:
     """Embed every item, build the index of ``params`` over those not retired and save it with the
@@ -122,10 +131,8 @@ def build_run_index(run, params: IndexParams, folder: str | Path | None = None, 
         idx = ItemIndex.build(vecs, params, layout, seed=seed)
         p = idx.params
         log(f"index: {p.kind} over {idx.n_items:,} items x {idx.dim} dims built in {idx.info['build_seconds']:.1f}s")
-        retired = np.flatnonzero(run.activity.items_retired)  # updates retire items untouched for a while
-        if len(retired):
-            idx.update(remove=retired, seed=seed)
-            log(f"index: {len(retired):,} retired item(s) left out (update.retire_after)")
+        if retired := without_retired(run, idx, seed):
+            log(f"index: {retired:,} retired item(s) left out (update.retire_after)")
         extra = {"embed_seconds": embed_s, "model_sha256": run.dir.model_digest(),
                  "popularity_denominator": popularity_denominator(run.item_counts)}
         tune = p.kind == "hnsw" and params.ef_search is None or p.kind in ("ivf", "ivfpq") and params.nprobe is None
@@ -368,8 +375,6 @@ def exact_run_index(run) -> ItemIndex:
     without the retired ones (``update.retire_after``)."""
     vecs, layout = item_vectors(run, run.item_vectors.float().cpu().numpy())
     idx = ItemIndex.build(vecs, IndexParams(kind="flat"), layout)
-    retired = np.flatnonzero(run.activity.items_retired)
-    if len(retired):
-        idx.update(remove=retired)
+    without_retired(run, idx)
     idx.info["saved"] = False
     return idx
