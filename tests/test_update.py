@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from twotower.update import continued_counts, grown_optimizer_state, replay_sample
+from twotower.update import continued_counts, focused_replay_sample, grown_optimizer_state, replay_sample
 
 
 # ---- the maths ----------------------------------------------------------------------------------------
@@ -41,6 +41,27 @@ def test_replay_sample_sizes_and_uniqueness():
     hits = np.bincount(np.concatenate([replay_sample(20, 5, 1.0, None, np.random.default_rng(k)) for k in range(2000)]),
                        minlength=20)
     assert abs(hits / 2000 - 0.25).max() < 0.05
+
+
+def test_focused_replay_sample_by_hand():
+    prefer = np.array([0, 1, 0, 1, 1, 0, 0, 0, 0, 0], dtype=bool)   # pairs 1, 3, 4: users of the new interactions
+    rng = np.random.default_rng(0)
+    # share 1, m 3: exactly the preferred pairs
+    assert focused_replay_sample(prefer, 3, 1.0, rng).tolist() == [1, 3, 4]
+    # share 1, m 5: the 3 preferred, then 2 of the rest, no repeats
+    s = focused_replay_sample(prefer, 5, 1.0, rng)
+    assert len(s) == 5 and set(s.tolist()) >= {1, 3, 4} and len(set(s.tolist())) == 5 and (np.diff(s) > 0).all()
+    # share 0.5 of m 4: round(2) preferred + 2 drawn from everything else
+    draws = [focused_replay_sample(prefer, 4, 0.5, np.random.default_rng(k)) for k in range(3000)]
+    assert all(len(d) == 4 and len(set(d.tolist())) == 4 for d in draws)
+    hits = np.bincount(np.concatenate(draws), minlength=10) / 3000
+    # a preferred pair: in the 2 of 3 drawn first, or else (1/3) among the 2 of the 8 left: 2/3 + 1/3 * 2/8
+    assert abs(hits[prefer] - (2 / 3 + 1 / 3 * 2 / 8)).max() < 0.03
+    # any other pair: 2 of the 8 left
+    assert abs(hits[~prefer] - 2 / 8).max() < 0.03
+    # share 0: uniform over all; m past the pool: all of them
+    assert focused_replay_sample(prefer, 20, 0.0, rng).tolist() == list(range(10))
+    assert len(focused_replay_sample(prefer, 0, 1.0, rng)) == 0
 
 
 def test_grown_optimizer_state_pads_rows_with_zero_moments():

@@ -495,6 +495,9 @@ class UpdateConfig(_Section):
     replay: float = Field(1.0, ge=0.0, le=1000.0, description="replayed old interactions per new one, drawn uniformly "
                           "without replacement from what the run knows (0: train on the new interactions alone)")
     replay_max: int | None = Field(None, ge=0, le=10**12, description="at most this many replayed interactions (none: no cap)")
+    replay_focus: float = Field(0.0, ge=0.0, le=1.0, description="share of the replay sample drawn from the earlier "
+                                "interactions of the users in the new ones (their histories), the rest uniformly from "
+                                "all (0: uniform replay)")
     lr: float | None = Field(None, gt=0.0, le=10.0, description="learning rate of the update (none: the run's train.lr); constant, "
                              "no warm-up")
     count_decay: float = Field(1.0, ge=0.0, le=1.0, description="the run's item counts are multiplied by this (rounded) "

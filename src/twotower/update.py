@@ -67,6 +67,26 @@ def replay_sample(n_old: int, n_new: int, ratio: float, cap: int | None, rng: np
     return np.sort(rng.choice(int(n_old), size=m, replace=False)) if m else np.zeros(0, dtype=np.int64)
 
 
+def focused_replay_sample(prefer: np.ndarray, m: int, share: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``m`` old interactions (``prefer``: a mask over them) of which ``m_f = min(round(share
+    * m), |prefer|)`` are drawn uniformly without replacement among the preferred ones and the other
+    ``m - m_f`` uniformly among all the rest, sorted. With ``prefer`` the pairs of the users active
+    in the new interactions, ``share`` of the replay goes to their histories: their rows are trained
+    against what they did before as well as what they did now, while the uniform part keeps every
+    other row's place (a recency-focused replay, in the spirit of prioritised experience replay:
+    Schaul et al., ICLR 2016; ``share = 0`` is ``replay_sample``'s uniform draw)."""
+    prefer = np.asarray(prefer, dtype=bool)
+    m = max(0, min(int(m), len(prefer)))
+    pool = np.flatnonzero(prefer)
+    m_f = min(int(round(share * m)), len(pool))
+    first = rng.choice(pool, size=m_f, replace=False) if m_f else np.zeros(0, dtype=np.int64)
+    rest = np.ones(len(prefer), dtype=bool)
+    rest[first] = False
+    rest_idx = np.flatnonzero(rest)
+    second = rng.choice(rest_idx, size=m - m_f, replace=False) if m > m_f else np.zeros(0, dtype=np.int64)
+    return np.sort(np.concatenate([first, second]).astype(np.int64))
+
+
 def continued_counts(old: np.ndarray, new: np.ndarray, decay: float = 1.0) -> np.ndarray:
     """Item counts after an update: ``n'_j = round(decay * n_j) + new_j`` (``old`` padded with zeros
     for admitted items). ``decay = 1`` counts all history; ``decay < 1`` is an exponential forgetting
@@ -298,6 +318,10 @@ def _train_and_write(parent, run, frame: pd.DataFrame, u: UpdateConfig, folder: 
         live = ~(act.users_retired[old_users] | act.items_retired[old_items])
         old_users, old_items = old_users[live], old_items[live]
     picked = replay_sample(len(old_items), len(users), u.replay, u.replay_max, rng)
+    if u.replay_focus > 0 and len(picked):
+        active = np.zeros(n_users, dtype=bool)
+        active[users] = True
+        picked = focused_replay_sample(active[old_users], len(picked), u.replay_focus, rng)
     # Replayed pairs come before every new one in time, in the order the run knows them in, so
     # that a pair's history (Dataset.pair_history) holds only what came before it.
     start = float(ts.min()) if has_time and len(ts) else 0.0
