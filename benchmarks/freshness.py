@@ -11,8 +11,8 @@ Protocol (temporal, full ranking), per dataset (MovieLens 100K, Amazon Grocery):
   new model from scratch on everything so far, with the base run's settings; both are scored on
   slice ``s`` (the next one): Recall@20 over every item, the pairs whose user and item the models
   know and that are not repeats, each user's known items masked;
-- the update's settings (epochs, replay, lr) are chosen on a validation period carved from the
-  training period (the base's first 70 % split again 64 % / 3 % / 3 %: the same protocol on two
+- the update's settings (epochs, replay, lr, replay_focus) are chosen on a validation period carved
+  from the training period (the base's first 70 % split again 64 % / 3 % / 3 %: the same protocol on two
   validation slices), never on an evaluated slice; the retrain's epoch count likewise
   (``--epochs-grid``); the chosen settings are written beside the results;
 - time: wall seconds of each update call (admission, training, writing the run directory) and of
@@ -26,7 +26,8 @@ Protocol (temporal, full ranking), per dataset (MovieLens 100K, Amazon Grocery):
     TWOTOWER_DATA=/path/to/data flock /tmp/twotower-heavy.lock \
         .venv/bin/python benchmarks/freshness.py --datasets ml-100k grocery --slices 10
 
-Writes benchmarks/results/freshness-<dataset>.json and prints the table of docs/freshness.md.
+Writes benchmarks/results/freshness-<dataset>.json, draws docs/img/freshness-<dataset>.png (Recall@20
+and seconds per step) and prints the table of docs/freshness.md.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ from twotower.run import Run
 from twotower.update import update
 
 RESULTS = Path(__file__).resolve().parent / "results"
+IMAGES = Path(__file__).resolve().parent.parent / "docs" / "img"
 
 # The base settings per dataset (ids only, in-batch softmax with logQ): the same for the base run,
 # every retrain and (through the run's config) every update.
@@ -60,7 +62,7 @@ BASE = {
     "ml-100k": {"model": {"dim": 64, "temperature": 0.1}, "train": {"batch_size": 512, "lr": 0.005, "seed": 0}},
     "grocery": {"model": {"dim": 64, "temperature": 0.1}, "train": {"batch_size": 512, "lr": 0.005, "seed": 0}},
 }
-GRID = {"epochs": [1, 2, 4], "replay": [1.0, 3.0], "lr": [None, 0.002]}
+GRID = {"epochs": [1, 2, 4], "replay": [1.0, 3.0], "lr": [None, 0.002], "replay_focus": [0.0]}
 # Settings whose pair-passes per new interaction, (1 + replay) * epochs, pass this are not tried
 # (--max-passes): what the time budget (a fifth of a retrain's) cannot pay is known before training.
 MAX_PASSES: float | None = None
@@ -200,16 +202,17 @@ def choose(name: str, frame: pd.DataFrame, work: Path, log, epochs_grid: list[in
     # a slice, score on the next, continue from that run)
     bases = {seed: retrain(base_config(name, best_e, seed), first, work / f"vbase-s{seed}")[1] for seed in seeds}
     best_u, best_r = None, -1.0
-    for ep, rp, lr in itertools.product(GRID["epochs"], GRID["replay"], GRID["lr"]):
-        if MAX_PASSES is not None and (1 + rp) * ep > MAX_PASSES:
+    for combo in itertools.product(*GRID.values()):
+        setting = dict(zip(GRID, combo))
+        if MAX_PASSES is not None and (1 + setting["replay"]) * setting["epochs"] > MAX_PASSES:
             continue
         rs = []
         for seed in seeds:
-            u = UpdateConfig(epochs=ep, replay=rp, lr=lr, seed=seed)
+            u = UpdateConfig(**setting, seed=seed)
             prev = bases[seed]
             for k in range(1, len(bounds) - 1):
                 seen, sl, nxt = frame.iloc[: bounds[k]], frame.iloc[bounds[k - 1]: bounds[k]], frame.iloc[bounds[k]: bounds[k + 1]]
-                out = work / f"u-{ep}-{rp}-{lr}-{k}-s{seed}"
+                out = work / ("u-" + "-".join(map(str, combo)) + f"-{k}-s{seed}")
                 update(prev, sl, out, cfg=u, log=lambda m: None)
                 rs.append(recall_of_run(out, seen, nxt))
                 if prev != bases[seed]:
@@ -217,16 +220,42 @@ def choose(name: str, frame: pd.DataFrame, work: Path, log, epochs_grid: list[in
                 prev = out
             shutil.rmtree(prev, ignore_errors=True)
         r = float(np.mean(rs))
-        log(f"{name} validation: update epochs={ep} replay={rp} lr={lr} recall@20 {r:.4f} "
-            f"(per seed and step {[round(x, 4) for x in rs]})")
-        record.append({"what": "update", "epochs": ep, "replay": rp, "lr": lr, "recall@20": r, "per_step": rs})
+        log(f"{name} validation: update {setting} recall@20 {r:.4f} (per seed and step {[round(x, 4) for x in rs]})")
+        record.append({"what": "update", **setting, "recall@20": r, "per_step": rs})
         if r > best_r:
-            best_u, best_r = UpdateConfig(epochs=ep, replay=rp, lr=lr), r
+            best_u, best_r = UpdateConfig(**setting), r
     rs = retrain_recalls(best_e, frame.iloc[: bounds[1]], frame.iloc[bounds[1]: bounds[2]], "vretrain")
     r = float(np.mean(rs))
     record.append({"what": "retrain on the first two validation slices", "epochs": best_e, "recall@20": r, "per_seed": rs})
     log(f"{name} validation: retrain on both recall@20 {r:.4f}; chosen update {best_u}")
     return best_e, best_u.model_dump(exclude={"seed"})
+
+
+def geometric_mean_interval(ratios: list[float]) -> dict:
+    """The geometric mean of update / retrain over every (seed, step) pair and its 95 % interval,
+    ``exp(mean(log r) +- t_{0.975, n-1} sd(log r) / sqrt(n))``: the average gap, which one slice's
+    ratio is too noisy to show."""
+    from scipy import stats
+
+    logs = np.log(np.asarray([r for r in ratios if r > 0], dtype=np.float64))
+    m, se = float(logs.mean()), float(logs.std(ddof=1) / np.sqrt(len(logs)))
+    t = float(stats.t.ppf(0.975, len(logs) - 1))
+    return {"pairs": int(len(logs)), "mean": float(np.exp(m)), "low": float(np.exp(m - t * se)),
+            "high": float(np.exp(m + t * se))}
+
+
+def rule_pass_rates(per_seed: list[list[dict]], bound: float = 0.98) -> dict:
+    """How often the per-slice rule "at least ``bound`` of the retrain's Recall@20" holds for the
+    update against the retrain of its own seed, and for a retrain against the retrain of another
+    seed (every ordered pair): if a retrain passes against itself no more often than the update
+    does, the rule cannot tell the update from a retrain on this data."""
+    up = [[r["recall_update"] for r in rows if r["step"] > 0] for rows in per_seed]
+    re = [[r["recall_retrain"] for r in rows if r["step"] > 0] for rows in per_seed]
+    n, steps = len(per_seed), range(len(up[0]))
+    mine = [up[a][s] >= bound * re[a][s] for a in range(n) for s in steps]
+    theirs = [re[a][s] >= bound * re[b][s] for a in range(n) for b in range(n) if a != b for s in steps]
+    return {"bound": bound, "update_vs_retrain": float(np.mean(mine)), "update_pairs": len(mine),
+            "retrain_vs_retrain": float(np.mean(theirs)), "retrain_pairs": len(theirs)}
 
 
 def combine(per_seed: list[list[dict]]) -> list[dict]:
@@ -262,8 +291,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=int(os.environ.get("TWOTOWER_THREADS", "2")))
     p.add_argument("--validation-steps", type=int, default=1,
                    help="update steps the update's settings are averaged over on validation (slices of 3 %% before 70 %%)")
-    p.add_argument("--grid", help="the update settings validation chooses among, as JSON lists of epochs, replay "
-                   f"and lr (null: the run's), e.g. '{{\"epochs\": [2, 4], \"replay\": [1, 3, 7]}}' (default {json.dumps(GRID)})")
+    p.add_argument("--grid", help="the update settings validation chooses among, as JSON lists of epochs, replay, "
+                   f"lr (null: the run's) and replay_focus, e.g. '{{\"epochs\": [2, 4], \"replay_focus\": [0, 1]}}' "
+                   f"(default {json.dumps(GRID)})")
     p.add_argument("--max-passes", type=float, help="leave out of the grid the settings with more than this many "
                    "pair-passes per new interaction, (1 + replay) * epochs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
@@ -271,7 +301,19 @@ def main(argv=None) -> int:
                    "retrain-against-retrain spread across seeds (e.g. --seeds 0 1 2)")
     p.add_argument("--suffix", default="", help="results go to freshness-<dataset><suffix>.json (e.g. --suffix=-10slices), "
                    "so that a run with other settings does not overwrite the reference file")
+    p.add_argument("--plot", type=Path, nargs="+", metavar="RESULTS_JSON",
+                   help="only draw the figure (docs/img/<name>.png) and print the table of results files written before")
     args = p.parse_args(argv)
+    if args.plot:
+        for f in args.plot:
+            result = json.loads(f.read_text())
+            if len(result.get("seeds", [0])) > 1:  # the summaries of files written before they existed
+                result.setdefault("geometric_mean_relative", geometric_mean_interval(
+                    [r["relative"] for rows in result["per_seed_steps"] for r in rows if r["step"] > 0]))
+                result.setdefault("within_2_percent", rule_pass_rates(result["per_seed_steps"]))
+            plot(result, IMAGES / f"{f.stem}.png")
+            print(table(result))
+        return 0
     global MAX_PASSES
     if args.grid:
         GRID.update({k: list(v) for k, v in json.loads(args.grid).items() if k in GRID})
@@ -318,10 +360,54 @@ def main(argv=None) -> int:
         if len(args.seeds) > 1:
             result["per_seed_steps"] = per_seed
             result["retrain_pairwise_worst"] = min(r["retrain_pairwise_worst"] for r in steps)
+            result["geometric_mean_relative"] = geometric_mean_interval(
+                [r["relative"] for rows_ in per_seed for r in rows_ if r["step"] > 0])
+            result["within_2_percent"] = rule_pass_rates(per_seed)
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"freshness-{name}{args.suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot(result, IMAGES / f"freshness-{name}{args.suffix}.png")
         print(table(result))
     return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    """Recall@20 per step, update against retrain (means over seeds, each seed's figure as a dot),
+    and the seconds of each (log scale, the budget of a fifth of the retrain dotted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = result["steps"]
+    xs = [r["step"] for r in steps]
+    fig, (q, t) = plt.subplots(1, 2, figsize=(12, 4.4))
+    for key, label, colour in (("recall_update", "update", "tab:blue"), ("recall_retrain", "full retrain", "tab:orange")):
+        q.plot(xs, [r[key] for r in steps], marker="o", color=colour, label=label)
+        for r in steps:
+            per = r.get("per_seed", {}).get(key, [])
+            q.scatter([r["step"]] * len(per), per, s=8, color=colour, alpha=0.35)
+    q.set_xlabel("step (0: the base run; s: trained up to slice s, scored on slice s + 1)")
+    q.set_ylabel("Recall@20 on the next slice")
+    q.legend(fontsize=8)
+    q.grid(alpha=0.3)
+    later = [r for r in steps if r["step"] > 0]
+    t.plot([r["step"] for r in later], [r["update_seconds"] for r in later], marker="o", color="tab:blue", label="update")
+    t.plot([r["step"] for r in later], [r["retrain_seconds"] for r in later], marker="o", color="tab:orange",
+           label="full retrain")
+    t.plot([r["step"] for r in later], [r["retrain_seconds"] / 5 for r in later], ls=":", color="gray",
+           label="a fifth of the retrain")
+    t.set_yscale("log")
+    t.set_xlabel("step")
+    t.set_ylabel("wall seconds")
+    t.legend(fontsize=8)
+    t.grid(alpha=0.3)
+    seeds = result.get("seeds", [0])
+    u = {k: v for k, v in result["update"].items() if k in ("epochs", "replay", "lr", "replay_focus") and v is not None}
+    fig.suptitle(f"{result['dataset']}: update {u} against a {result['retrain_epochs']}-epoch retrain, "
+                 f"{result['slices']} slices, seeds {seeds}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def table(result: dict) -> str:
@@ -343,6 +429,15 @@ def table(result: dict) -> str:
     lines.append(f"worst update/retrain {result['worst_relative']:.3f}, worst time ratio {result['worst_time_ratio']:.3f}; "
                  f"accepted: {result['accepted']}"
                  + (f"; worst retrain/retrain across seeds {result['retrain_pairwise_worst']:.3f}" if noise else ""))
+    g = result.get("geometric_mean_relative")
+    if g:
+        lines.append(f"geometric mean update/retrain over {g['pairs']} (seed, step) pairs {g['mean']:.3f} "
+                     f"(95 % interval {g['low']:.3f} to {g['high']:.3f})")
+    w = result.get("within_2_percent")
+    if w:
+        lines.append(f"at least {w['bound']} of the retrain: update against its seed's retrain in "
+                     f"{w['update_vs_retrain']:.0%} of {w['update_pairs']} (seed, step) pairs; a retrain against "
+                     f"another seed's in {w['retrain_vs_retrain']:.0%} of {w['retrain_pairs']}")
     return "\n".join(lines)
 
 
