@@ -104,6 +104,17 @@ def as_dataset(frame: pd.DataFrame, users: Vocabulary | None = None, items: Voca
     return Dataset("slice", users, items, tr, empty, te)
 
 
+def scored(frame: pd.DataFrame, bounds: list[int]) -> list[dict]:
+    """Per step, what Recall@20 is averaged over: the next slice's pairs whose user and item were
+    seen, that are not repeats, and the users they belong to (few users make a noisy figure)."""
+    out = []
+    for s in range(1, len(bounds) - 1):
+        seen, nxt = frame.iloc[: bounds[s]], frame.iloc[bounds[s]: bounds[s + 1]]
+        ds = as_dataset(seen, test=nxt)
+        out.append({"step": s, "pairs": int(len(ds.test)), "users": int(len(np.unique(ds.test.users)))})
+    return out
+
+
 def retrain(cfg: RunConfig, frame: pd.DataFrame, out: Path, split: dict | None = None) -> tuple[float, Path]:
     """Train from scratch on ``frame``; the wall seconds (``split["train_seconds"]``: the epochs alone)."""
     t0 = time.perf_counter()
@@ -301,9 +312,17 @@ def main(argv=None) -> int:
                    "retrain-against-retrain spread across seeds (e.g. --seeds 0 1 2)")
     p.add_argument("--suffix", default="", help="results go to freshness-<dataset><suffix>.json (e.g. --suffix=-10slices), "
                    "so that a run with other settings does not overwrite the reference file")
+    p.add_argument("--describe", action="store_true",
+                   help="only print, per step, how many pairs and users the next slice scores (no training)")
     p.add_argument("--plot", type=Path, nargs="+", metavar="RESULTS_JSON",
                    help="only draw the figure (docs/img/<name>.png) and print the table of results files written before")
     args = p.parse_args(argv)
+    if args.describe:
+        for name in args.datasets:
+            frame = load_frame(name, Path(os.environ.get("TWOTOWER_DATA", "data")))
+            for r in scored(frame, cuts(len(frame), 0.7, args.slices)):
+                print(f"{name} step {r['step']}: {r['pairs']:,} scored pairs from {r['users']:,} users")
+        return 0
     if args.plot:
         for f in args.plot:
             result = json.loads(f.read_text())
@@ -351,6 +370,7 @@ def main(argv=None) -> int:
             "seeds": args.seeds, "grid": GRID, "max_passes": MAX_PASSES, "epochs_grid": args.epochs_grid, "validation_steps": args.validation_steps, "argv": list(sys.argv[1:] if argv is None else argv),
             "validation": validation,
             "steps": rows,
+            "scored": scored(frame, bounds),
             "worst_relative": min(r["relative"] for r in steps),
             "mean_relative": float(np.mean([r["relative"] for r in steps])),
             "worst_time_ratio": max(r["time_ratio"] for r in steps),
