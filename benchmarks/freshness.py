@@ -419,7 +419,7 @@ def plot(result: dict, path: Path) -> None:
     t.set_yscale("log")
     t.set_xlabel("step")
     t.set_ylabel("wall seconds")
-    t.legend(fontsize=8)
+    t.legend(fontsize=8, loc="center right")
     t.grid(alpha=0.3)
     seeds = result.get("seeds", [0])
     u = {k: v for k, v in result["update"].items() if k in ("epochs", "replay", "lr", "replay_focus") and v is not None}
