@@ -269,6 +269,20 @@ def rule_pass_rates(per_seed: list[list[dict]], bound: float = 0.98) -> dict:
             "retrain_vs_retrain": float(np.mean(theirs)), "retrain_pairs": len(theirs)}
 
 
+def summarise_seeds(result: dict) -> None:
+    """What several seeds let one say, added to ``result`` (derived from ``per_seed_steps`` alone):
+    the retrain-against-retrain floor, per step the 95 % interval of update / retrain over the
+    seeds, over all steps the geometric mean and interval, and the per-slice rule's pass rates."""
+    per_seed = result["per_seed_steps"]
+    for s, row in enumerate(result["steps"]):
+        if row["step"] > 0:
+            row["relative_interval"] = geometric_mean_interval([rows[s]["relative"] for rows in per_seed])
+    result["retrain_pairwise_worst"] = min(r["retrain_pairwise_worst"] for r in result["steps"] if r["step"] > 0)
+    result["geometric_mean_relative"] = geometric_mean_interval(
+        [r["relative"] for rows in per_seed for r in rows if r["step"] > 0])
+    result["within_2_percent"] = rule_pass_rates(per_seed)
+
+
 def combine(per_seed: list[list[dict]]) -> list[dict]:
     """One row per step from the rows of every seed: Recall@20 and seconds are means over seeds, the
     relative and time ratio are of those means, and ``retrain_pairwise_worst`` is the smallest
@@ -326,10 +340,9 @@ def main(argv=None) -> int:
     if args.plot:
         for f in args.plot:
             result = json.loads(f.read_text())
-            if len(result.get("seeds", [0])) > 1:  # the summaries of files written before they existed
-                result.setdefault("geometric_mean_relative", geometric_mean_interval(
-                    [r["relative"] for rows in result["per_seed_steps"] for r in rows if r["step"] > 0]))
-                result.setdefault("within_2_percent", rule_pass_rates(result["per_seed_steps"]))
+            if len(result.get("seeds", [0])) > 1:  # files written before a summary existed get it
+                summarise_seeds(result)
+                f.write_text(json.dumps(result, indent=2) + "\n")
             plot(result, IMAGES / f"{f.stem}.png")
             print(table(result))
         return 0
@@ -379,10 +392,7 @@ def main(argv=None) -> int:
         }
         if len(args.seeds) > 1:
             result["per_seed_steps"] = per_seed
-            result["retrain_pairwise_worst"] = min(r["retrain_pairwise_worst"] for r in steps)
-            result["geometric_mean_relative"] = geometric_mean_interval(
-                [r["relative"] for rows_ in per_seed for r in rows_ if r["step"] > 0])
-            result["within_2_percent"] = rule_pass_rates(per_seed)
+            summarise_seeds(result)
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"freshness-{name}{args.suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
         plot(result, IMAGES / f"freshness-{name}{args.suffix}.png")
@@ -436,16 +446,18 @@ def table(result: dict) -> str:
     lines = [f"{result['dataset']}: retrain {result['retrain_epochs']} epochs; update {result['update']}"
              + (f"; means over seeds {seeds}" if noise else ""),
              "| step | trained on | Recall@20 update | Recall@20 retrain | update / retrain | update s | retrain s | time ratio |"
-             + (" retrain / retrain, worst seed pair |" if noise else ""),
-             "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if noise else "")]
+             + (" 95 % interval over seeds | retrain / retrain, worst seed pair |" if noise else ""),
+             "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if noise else "")]
     for r in result["steps"]:
         if r["step"] == 0:
             lines.append(f"| 0 (base) | {r['train_until']:,} | {r['recall_update']:.4f} | {r['recall_retrain']:.4f} | | | | |"
-                         + (" |" if noise else ""))
+                         + (" | |" if noise else ""))
             continue
+        iv = r.get("relative_interval")
         lines.append(f"| {r['step']} | {r['train_until']:,} | {r['recall_update']:.4f} | {r['recall_retrain']:.4f} | "
                      f"{r['relative']:.3f} | {r['update_seconds']:.1f} | {r['retrain_seconds']:.1f} | {r['time_ratio']:.3f} |"
-                     + (f" {r['retrain_pairwise_worst']:.3f} |" if noise else ""))
+                     + (f" {iv['low']:.2f} to {iv['high']:.2f} | {r['retrain_pairwise_worst']:.3f} |"
+                        if noise and iv else (f" | {r['retrain_pairwise_worst']:.3f} |" if noise else "")))
     lines.append(f"worst update/retrain {result['worst_relative']:.3f}, worst time ratio {result['worst_time_ratio']:.3f}; "
                  f"accepted: {result['accepted']}"
                  + (f"; worst retrain/retrain across seeds {result['retrain_pairwise_worst']:.3f}" if noise else ""))
