@@ -176,3 +176,45 @@ def test_every_command_and_argument_has_help():
             if not isinstance(action, argparse._HelpAction) and not action.help:
                 missing.append(f"twotower {name} {'/'.join(action.option_strings) or action.dest}")
     assert not missing, "arguments without a help string: " + ", ".join(missing)
+
+
+def _help_examples(parser) -> list[tuple[str, str]]:
+    """Every ``twotower ...`` line in the help texts of the subcommands (with the subcommand), with
+    continuation lines (ending in a backslash) joined."""
+    import argparse
+
+    texts = []
+    for action in parser._actions:  # argparse keeps its subparsers here; no public accessor exists
+        if isinstance(action, argparse._SubParsersAction):
+            texts += [(name, (sp.description or "") + "\n" + (sp.epilog or "")) for name, sp in action.choices.items()]
+    out = []
+    for name, text in texts:
+        joined = text.replace("\\\n", " ")
+        for line in joined.splitlines():
+            line = line.strip()
+            if line.startswith("twotower "):
+                out.append((name, line))
+    return out
+
+
+def test_every_help_example_parses():
+    """The examples that --help shows are commands a user will paste: each must get past the
+    parser (an earlier `update --help` showed an argument the parser refused)."""
+    import shlex
+
+    from twotower.cli import build_parser
+
+    examples = _help_examples(build_parser())
+    assert len(examples) >= 20 and any(name == "update" for name, _ in examples)
+    for name, line in examples:
+        lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lex.whitespace_split, lex.commenters = True, "#"
+        words = []
+        for w in list(lex)[1:]:
+            if w in {">", ">>", "<", "|", "||", "&&", ";", "&"}:  # the shell's part of the line
+                break
+            words.append(w)
+        try:
+            build_parser().parse_args(words)
+        except SystemExit as e:
+            raise AssertionError(f"`{line}` from `twotower {name} --help` is refused by the parser") from e
