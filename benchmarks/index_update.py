@@ -130,7 +130,8 @@ def markdown(results: list[dict]) -> str:
              "links a graph (IVF, HNSW, the kinds chosen for large catalogs).", ""]
     for res in results:
         kinds = "" if sorted(res["kinds"]) == sorted(KINDS) else f" ({', '.join(res['kinds'])})"
-        lines += [f"### {res['catalog']}{kinds}", "", "```bash", res["command"], "```", "",
+        base = next(iter(res["kinds"].values()))["base_items"]
+        lines += [f"### {res['catalog']}, {base:,} items{kinds}", "", "```bash", res["command"], "```", "",
                   f"Machine: {res['machine']}; load average before: {res.get('load_before', '?')}. {res.get('note', '')}", "",
                   "| kind | knob | items: base + new - removed | update (s) | fresh build (s) | update / build | recall@100 updated | recall@100 fresh | difference | recall@10 updated / fresh | ms/query updated / fresh | accepted |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
