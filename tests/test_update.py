@@ -64,6 +64,37 @@ def test_focused_replay_sample_by_hand():
     assert len(focused_replay_sample(prefer, 0, 1.0, rng)) == 0
 
 
+def test_update_with_replay_focus_replays_the_active_users_histories(synthetic_run, tmp_path, monkeypatch):
+    """``update.replay_focus = 1``: the replay is drawn from the earlier pairs of the users in the
+    new interactions (the preferred mask ``update`` builds is exactly theirs), its size unchanged."""
+    import twotower.update as upd
+    from twotower.config import UpdateConfig
+    from twotower.run import Run
+
+    parent = Run(synthetic_run)
+    known = parent.known
+    rng = np.random.default_rng(1)
+    active = parent.users.ids[:5]
+    new = pd.DataFrame({"user": rng.choice(active, 30), "item": rng.choice(parent.items.ids, 30)})
+    seen = {}
+    real = upd.focused_replay_sample
+
+    def spy(prefer, m, share, rng_):
+        picked = real(prefer, m, share, rng_)
+        seen.update(prefer=prefer.copy(), m=m, share=share, picked=picked)
+        return picked
+
+    monkeypatch.setattr(upd, "focused_replay_sample", spy)
+    res = upd.update(synthetic_run, new, tmp_path / "r", cfg=UpdateConfig(epochs=1, replay=2.0, replay_focus=1.0),
+                     log=lambda m: None)
+    pairs_u = np.repeat(np.arange(known.n_rows), known.lengths())
+    expected = np.isin(pairs_u, parent.users.encode(active))
+    np.testing.assert_array_equal(seen["prefer"], expected)
+    assert seen["share"] == 1.0 and res.replayed == seen["m"] == len(seen["picked"])
+    # the five users have more earlier pairs than the sample asks for: every replayed pair is theirs
+    assert expected.sum() >= seen["m"] and expected[seen["picked"]].all()
+
+
 def test_grown_optimizer_state_pads_rows_with_zero_moments():
     p = torch.nn.Parameter(torch.ones(2, 3))
     opt = torch.optim.Adam([p], lr=0.1)
