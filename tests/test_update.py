@@ -331,10 +331,13 @@ def test_bad_inputs_are_refused_with_nothing_written(features_only_run, syntheti
     # an update setting out of bounds, or not an update setting
     (tmp_path / "ok.csv").write_text(f"user,item\n{u},{i}\n")
     before = set(p.name for p in tmp_path.iterdir())
-    for bad in ("update.replay=-1", "train.lr=0.1"):
+    for bad, said in (("update.replay=-1", "update.replay:"), ("train.lr=0.1", "update.* settings"),
+                      ("update.replay_focus=2", "update.replay_focus: Input should be less than or equal to 1 (got 2)"),
+                      ("update.replay_fokus=1", "update.replay_fokus: unknown setting")):
         assert main(["update", str(synthetic_run), "--interactions", str(tmp_path / "ok.csv"), "--out",
                      str(tmp_path / "o"), "--set", bad]) == 2
-        assert capsys.readouterr().err.startswith("twotower update: error:")
+        err = capsys.readouterr().err
+        assert err.startswith("twotower update: error:") and said in err, err
     assert _nothing_written(tmp_path, before)
 
     # --out that exists

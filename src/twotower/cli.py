@@ -934,10 +934,7 @@ def cmd_update(args) -> int:
         if bad:
             raise TwotowerError(f"--set {bad[0]!r}: update takes only update.* settings (the run's other settings are its own)")
         d = apply_overrides({"update": Run(args.run).config.update.model_dump()}, args.set)
-        try:
-            cfg = UpdateConfig(**d["update"])
-        except Exception as e:  # pydantic's ValidationError: one message
-            raise TwotowerError(f"--set: invalid update setting: {str(e).splitlines()[-2].strip() if len(str(e).splitlines()) > 1 else e}") from None
+        cfg = UpdateConfig.from_values(d["update"], source="--set", section="update")
     else:
         cfg = None
     update(args.run, args.interactions, args.out, items=args.items, users=args.users, cfg=cfg, user_col=args.user_col,

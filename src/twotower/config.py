@@ -69,12 +69,13 @@ class _Section(BaseModel):
         return v
 
     @classmethod
-    def from_values(cls, d: dict[str, Any], source: str = "config"):
-        """This section from a dict, validated, or one ``ConfigError`` with a line per bad field."""
+    def from_values(cls, d: dict[str, Any], source: str = "config", section: str | None = None):
+        """This section from a dict, validated, or one ``ConfigError`` with a line per bad field
+        (named ``section.key`` when the section's name is given)."""
         try:
             return cls.model_validate(d)
         except ValidationError as e:
-            raise ConfigError(_format_validation(e, source)) from None
+            raise ConfigError(_format_validation(e, source, section)) from None
 
 
 class DataConfig(_Section):
@@ -872,13 +873,13 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return d
 
 
-def _format_validation(e: ValidationError, source: str) -> str:
+def _format_validation(e: ValidationError, source: str, section: str | None = None) -> str:
     """One line per bad field: where (``section.key``, a list item by position), what was given, and
     what is allowed. A union type's alternatives each report the same field, and a list may have
     several bad items: the first says it (with how many more)."""
     lines: dict[str, list] = {}
     for err in e.errors():
-        parts = [str(x) for x in err["loc"] if not _is_union_tag(x)]
+        parts = ([section] if section else []) + [str(x) for x in err["loc"] if not _is_union_tag(x)]
         field = ".".join(parts[:2])
         if field in lines:
             lines[field][1] += 1
