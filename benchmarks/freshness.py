@@ -21,10 +21,15 @@ Protocol (temporal, full ranking), per dataset (MovieLens 100K, Amazon Grocery):
 - seeds (``--seeds 0 1 2``): the whole protocol (base run, every update and every retrain, and the
   validation choice) once per seed; a step's figures are the means over seeds, and the table adds
   the noise floor: the worst ratio between two full retrains that differ only in their seed, which
-  is what the acceptance would read if the "update" were itself a full retrain.
+  is what the acceptance would read if the "update" were itself a full retrain; the results add
+  each step's 95 % interval over the seeds, the geometric mean over every (seed, step) pair, and
+  how often the per-slice 2 % rule holds for the update and for a retrain against another seed's.
 
-    TWOTOWER_DATA=/path/to/data flock /tmp/twotower-heavy.lock \
-        .venv/bin/python benchmarks/freshness.py --datasets ml-100k grocery --slices 10
+    TWOTOWER_DATA=/path/to/data flock /tmp/twotower-heavy.lock .venv/bin/python benchmarks/freshness.py \
+        --datasets ml-100k grocery --slices 10 --epochs-grid 5 10 --validation-steps 3 --seeds 0 1 2 \
+        --grid '{"replay_focus": [0.0, 1.0]}' --suffix=-focus
+    .venv/bin/python benchmarks/freshness.py --describe          # pairs and users each step scores
+    .venv/bin/python benchmarks/freshness.py --plot benchmarks/results/freshness-ml-100k-focus.json
 
 Writes benchmarks/results/freshness-<dataset>.json, draws docs/img/freshness-<dataset>.png (Recall@20
 and seconds per step) and prints the table of docs/freshness.md.
