@@ -318,7 +318,7 @@ def _train_and_write(parent, run, frame: pd.DataFrame, u: UpdateConfig, folder: 
         live = ~(act.users_retired[old_users] | act.items_retired[old_items])
         old_users, old_items = old_users[live], old_items[live]
     picked = replay_sample(len(old_items), len(users), u.replay, u.replay_max, rng)
-    if u.replay_focus > 0 and len(picked):
+    if u.replay_focus > 0 and len(picked):  # the uniform draw has fixed the size (ratio, cap, pool); redraw it focused
         active = np.zeros(n_users, dtype=bool)
         active[users] = True
         picked = focused_replay_sample(active[old_users], len(picked), u.replay_focus, rng)
