@@ -366,13 +366,13 @@ def _train_and_write(parent, run, frame: pd.DataFrame, u: UpdateConfig, folder: 
     d.write_epochs(state.history)
     d.save_checkpoint(trainer.model.state_dict(), None, trainer.optimizer.state_dict(),
                       {**state.__dict__, "best_value": None}, trainer.candidates.state_dict())
-    lineage = parent.dir.read_lineage() or {}
+    retired_counts = {"retired_users": int(act.users_retired.sum()), "retired_items": int(act.items_retired.sum())}
     d.write_lineage({
         "parent": str(parent.path.resolve()),
         "parent_model_sha256": parent.dir.model_digest(),
         "generation": generation,
         "new_interactions": int(len(users)), "replayed": int(len(picked)),
-        "retired_users": int(act.users_retired.sum()), "retired_items": int(act.items_retired.sum()),
+        **retired_counts,
         "new_users": int(n_users - len(parent.users)), "new_items": int(n_items - len(parent.items)),
         "optimizer_state": optimizer_from,
         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -383,8 +383,7 @@ def _train_and_write(parent, run, frame: pd.DataFrame, u: UpdateConfig, folder: 
     with torch.no_grad():
         vecs = embed_items(trainer.model).float().cpu().numpy()
     d.finish(metrics, vecs, weights=trainer.model.state_dict())
-    return {"new_pairs": int(len(users)), "replayed": int(len(picked)), "train_seconds": train_seconds,
-            "retired_users": int(act.users_retired.sum()), "retired_items": int(act.items_retired.sum())}
+    return {"new_pairs": int(len(users)), "replayed": int(len(picked)), "train_seconds": train_seconds, **retired_counts}
 
 
 def fold_in_rows(vectors: torch.Tensor, owners: np.ndarray, targets: np.ndarray, n: int, norm: float) -> tuple[np.ndarray, torch.Tensor]:
