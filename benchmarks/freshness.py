@@ -147,13 +147,17 @@ def base_config(name: str, epochs: int, seed: int = 0) -> RunConfig:
 
 
 def run_steps(cfg: RunConfig, frame: pd.DataFrame, bounds: list[int], ucfg: UpdateConfig, work: Path, log,
-              do_retrain: bool = True) -> list[dict]:
-    """The protocol over ``bounds`` (base = frame[:bounds[0]], slices between the others)."""
+              do_retrain: bool = True, base: Path | None = None) -> list[dict]:
+    """The protocol over ``bounds`` (base = frame[:bounds[0]], slices between the others): the
+    chain of updates, each scored on the next slice, beside a retrain at every step unless
+    ``do_retrain`` is off. ``base``: a run already trained on frame[:bounds[0]] to start from (left
+    in place, step 0 not scored) instead of training one."""
     rows = []
-    _, prev = retrain(cfg, frame.iloc[: bounds[0]], work / "base")
-    rows.append({"step": 0, "train_until": bounds[0], "recall_update": recall_of_run(prev, frame.iloc[: bounds[0]],
-                                                                                     frame.iloc[bounds[0]: bounds[1]])})
-    rows[0]["recall_retrain"] = rows[0]["recall_update"]
+    if base is None:
+        _, base = retrain(cfg, frame.iloc[: bounds[0]], work / "base")
+        r0 = recall_of_run(base, frame.iloc[: bounds[0]], frame.iloc[bounds[0]: bounds[1]])
+        rows.append({"step": 0, "train_until": bounds[0], "recall_update": r0, "recall_retrain": r0})
+    prev = base
     for s in range(1, len(bounds) - 1):
         seen, sl, nxt = frame.iloc[: bounds[s]], frame.iloc[bounds[s - 1]: bounds[s]], frame.iloc[bounds[s]: bounds[s + 1]]
         t0 = time.perf_counter()
@@ -171,7 +175,8 @@ def run_steps(cfg: RunConfig, frame: pd.DataFrame, bounds: list[int], ucfg: Upda
             shutil.rmtree(rdir, ignore_errors=True)
             row["relative"] = row["recall_update"] / row["recall_retrain"] if row["recall_retrain"] else float("nan")
             row["time_ratio"] = t_up / t_re
-        shutil.rmtree(prev, ignore_errors=True) if prev.name != "base" else None
+        if prev != base:
+            shutil.rmtree(prev, ignore_errors=True)
         prev = work / f"update-{s}"
         rows.append(row)
         log(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
@@ -224,17 +229,11 @@ def choose(name: str, frame: pd.DataFrame, work: Path, log, epochs_grid: list[in
             continue
         rs = []
         for seed in seeds:
-            u = UpdateConfig(**setting, seed=seed)
-            prev = bases[seed]
-            for k in range(1, len(bounds) - 1):
-                seen, sl, nxt = frame.iloc[: bounds[k]], frame.iloc[bounds[k - 1]: bounds[k]], frame.iloc[bounds[k]: bounds[k + 1]]
-                out = work / ("u-" + "-".join(map(str, combo)) + f"-{k}-s{seed}")
-                update(prev, sl, out, cfg=u, log=lambda m: None)
-                rs.append(recall_of_run(out, seen, nxt))
-                if prev != bases[seed]:
-                    shutil.rmtree(prev, ignore_errors=True)
-                prev = out
-            shutil.rmtree(prev, ignore_errors=True)
+            chain = work / ("u-" + "-".join(map(str, combo)) + f"-s{seed}")
+            rows = run_steps(base_config(name, best_e, seed), frame, bounds, UpdateConfig(**setting, seed=seed), chain,
+                             lambda m: None, do_retrain=False, base=bases[seed])
+            rs += [r["recall_update"] for r in rows]
+            shutil.rmtree(chain, ignore_errors=True)
         r = float(np.mean(rs))
         log(f"{name} validation: update {setting} recall@20 {r:.4f} (per seed and step {[round(x, 4) for x in rs]})")
         record.append({"what": "update", **setting, "recall@20": r, "per_step": rs})
@@ -458,11 +457,10 @@ def table(result: dict) -> str:
             lines.append(f"| 0 (base) | {r['train_until']:,} | {r['recall_update']:.4f} | {r['recall_retrain']:.4f} | | | | |"
                          + (" | |" if noise else ""))
             continue
-        iv = r.get("relative_interval")
+        iv = r.get("relative_interval")  # with several seeds: summarise_seeds has added it
         lines.append(f"| {r['step']} | {r['train_until']:,} | {r['recall_update']:.4f} | {r['recall_retrain']:.4f} | "
                      f"{r['relative']:.3f} | {r['update_seconds']:.1f} | {r['retrain_seconds']:.1f} | {r['time_ratio']:.3f} |"
-                     + (f" {iv['low']:.2f} to {iv['high']:.2f} | {r['retrain_pairwise_worst']:.3f} |"
-                        if noise and iv else (f" | {r['retrain_pairwise_worst']:.3f} |" if noise else "")))
+                     + (f" {iv['low']:.2f} to {iv['high']:.2f} | {r['retrain_pairwise_worst']:.3f} |" if noise else ""))
     lines.append(f"worst update/retrain {result['worst_relative']:.3f}, worst time ratio {result['worst_time_ratio']:.3f}; "
                  f"accepted: {result['accepted']}"
                  + (f"; worst retrain/retrain across seeds {result['retrain_pairwise_worst']:.3f}" if noise else ""))
