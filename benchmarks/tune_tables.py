@@ -7,6 +7,7 @@ summaries), small enough to commit where the run folders are not.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -114,14 +115,12 @@ def ttq_table(ttq: dict, stem: str) -> None:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    dump = None
-    if "--json" in args:
-        i = args.index("--json")
-        dump, args = Path(args[i + 1]), args[:i] + args[i + 2:]
-    folder = Path(args[0] if args else "reports/tune-acceptance")
-    code = main(folder)
-    if dump is not None:
-        dump.parent.mkdir(parents=True, exist_ok=True)
-        dump.write_text(json.dumps(summary(folder), indent=1) + "\n")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folder", type=Path, nargs="?", default=Path("reports/tune-acceptance"))
+    p.add_argument("--json", type=Path, help="also write the figures behind the tables to this file")
+    args = p.parse_args()
+    code = main(args.folder)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary(args.folder), indent=1) + "\n")
     sys.exit(code)
